@@ -1,0 +1,1 @@
+"""The small runtime kit every toolmesh server shares: start-up, settings, logs, tracing, errors."""

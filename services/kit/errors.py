@@ -1,0 +1,64 @@
+"""Precise gRPC errors with google.rpc details, so clients learn exactly what was wrong."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc import aio
+from grpc_status import rpc_status
+from pydantic import ValidationError
+
+
+def _rich_status(
+    code: grpc.StatusCode, message: str, details: Iterable[object] = ()
+) -> grpc.Status:
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)  # type: ignore[arg-type]
+        packed.append(any_detail)
+    return rpc_status.to_status(
+        status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=packed)
+    )
+
+
+async def abort(
+    context: aio.ServicerContext, code: grpc.StatusCode, message: str, *details: object
+) -> NoReturn:
+    """Abort the RPC with ``code`` and ``message`` plus any google.rpc detail messages."""
+    status = _rich_status(code, message, details)
+    # context.abort (not abort_with_status) so tracing interceptors see the code.
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+async def abort_invalid(
+    context: aio.ServicerContext, violations: list[tuple[str, str]]
+) -> NoReturn:
+    """INVALID_ARGUMENT naming every bad field, with a google.rpc.BadRequest detail."""
+    bad_request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+            for field, description in violations
+        ]
+    )
+    message = "; ".join(f"{field}: {description}" for field, description in violations)
+    await abort(context, grpc.StatusCode.INVALID_ARGUMENT, message, bad_request)
+
+
+def violations_from(error: ValidationError) -> list[tuple[str, str]]:
+    """Field paths and messages of a pydantic error, without echoing the rejected input."""
+    return [
+        (".".join(str(part) for part in item["loc"]) or "request", item["msg"])
+        for item in error.errors(include_input=False, include_url=False)
+    ]
+
+
+def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    info = error_details_pb2.RetryInfo()
+    info.retry_delay.FromMilliseconds(int(seconds * 1000))
+    return info

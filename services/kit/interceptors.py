@@ -1,0 +1,81 @@
+"""Server-side guard around every unary handler: request id, access log, no leaked exceptions."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from services.kit.context import REQUEST_ID_METADATA_KEY, request_id_var
+
+log = logging.getLogger("toolmesh.rpc")
+
+_Handler = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
+
+
+def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str:
+    for item in details.invocation_metadata or ():
+        if item.key == key:
+            value = item.value
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return ""
+
+
+class GuardInterceptor(aio.ServerInterceptor):
+    """Binds the request id to the handler's context, logs each call, hides internal errors.
+
+    Written here because grpc ships no such interceptor: the wrap has to happen inside the
+    handler (not in intercept_service) for context variables to reach the handler's code.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method
+        request_id = _metadata_value(handler_call_details, REQUEST_ID_METADATA_KEY)
+        inner: _Handler = handler.unary_unary
+
+        async def guarded(request: Any, context: aio.ServicerContext) -> Any:
+            token = request_id_var.set(request_id)
+            started = time.perf_counter()
+            try:
+                return await inner(request, context)
+            except aio.AbortError:
+                raise
+            except Exception:
+                # The exception text may carry secrets or internals: log it, answer generically.
+                incident = uuid.uuid4().hex[:12]
+                log.exception("unhandled error", extra={"method": method, "incident": incident})
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, f"internal error (incident {incident})"
+                )
+            finally:
+                code = context.code()
+                elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+                level = logging.DEBUG if code in (None, grpc.StatusCode.OK) else logging.INFO
+                log.log(
+                    level,
+                    "rpc",
+                    extra={
+                        "method": method,
+                        "code": code.name if isinstance(code, grpc.StatusCode) else "OK",
+                        "duration_ms": elapsed_ms,
+                    },
+                )
+                request_id_var.reset(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,122 @@
+"""Start-up and shutdown shared by every toolmesh server.
+
+One grpc.aio server per process with standard health checking and reflection. SIGTERM or
+SIGINT flips health to NOT_SERVING (so balancers stop sending), stops accepting new calls and
+gives in-flight ones ``grace_period_s`` to finish, then runs the service's own clean-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+from services.kit.interceptors import GuardInterceptor
+from services.kit.logs import configure_logging
+from services.kit.settings import ServiceSettings
+from services.kit.tracing import configure_tracing
+
+log = logging.getLogger("toolmesh.server")
+
+# Registers servicers on the server and returns the full names of the services it added.
+Register = Callable[[aio.Server], Awaitable[Sequence[str]]]
+Cleanup = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class Running:
+    """A started server, for tests and for the process entry point."""
+
+    server: aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    service_names: Sequence[str]
+    cleanups: list[Cleanup] = field(default_factory=list)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        for cleanup in reversed(self.cleanups):
+            try:
+                await cleanup()
+            except Exception:
+                log.exception("clean-up failed")
+
+
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    return [
+        # A port clash must fail loudly, not silently share the port with another server.
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ]
+
+
+async def start(settings: ServiceSettings, register: Register) -> Running:
+    server = aio.server(
+        interceptors=[aio_server_interceptor(), GuardInterceptor()],
+        options=server_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(await register(server))
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(settings.address)
+    if port == 0:
+        raise RuntimeError(f"cannot bind {settings.address}")
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Running(server=server, health=health_servicer, port=port, service_names=names)
+
+
+async def _serve(settings: ServiceSettings, register: Register, cleanups: list[Cleanup]) -> None:
+    running = await start(settings, register)
+    running.cleanups.extend(cleanups)
+    log.info(
+        "serving",
+        extra={"address": f"{settings.host}:{running.port}", "services": list(running.service_names),
+               "env": settings.env.value},
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining", extra={"grace_s": settings.grace_period_s})
+    await running.stop(settings.grace_period_s)
+    log.info("stopped")
+
+
+def run_service(
+    settings: ServiceSettings,
+    build: Callable[[ServiceSettings, list[Cleanup]], Register],
+) -> None:
+    """Process entry point: logs, tracing, serve until a signal, drain, flush spans."""
+    configure_logging(settings.service_name, settings.log_level)
+    provider = configure_tracing(
+        settings.service_name, settings.otlp_endpoint, settings.trace_sample_ratio
+    )
+    cleanups: list[Cleanup] = []
+    try:
+        asyncio.run(_serve(settings, build(settings, cleanups), cleanups))
+    finally:
+        provider.shutdown()
+
+
+__all__ = ["Cleanup", "Register", "Running", "grpc", "run_service", "start"]

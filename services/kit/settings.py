@@ -1,0 +1,77 @@
+"""Settings from the environment: TOOLMESH_<SERVICE>_<NAME>, falling back to TOOLMESH_<NAME>.
+
+The fallback lets one variable (TOOLMESH_DATA_DIR, TOOLMESH_ENV, ...) configure the whole mesh
+while each service can still be set on its own.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+
+class Environment(StrEnum):
+    DEV = "dev"
+    PRODUCTION = "production"
+
+
+DEFAULT_PORTS: dict[str, int] = {
+    "gateway": 50051,
+    "auth": 50052,
+    "router": 50053,
+    "memory": 50054,
+    "telemetry": 50055,
+}
+
+
+class ServiceSettings(BaseSettings):
+    """Settings shared by every server; subclasses set ``service_name`` and add their own."""
+
+    service_name: ClassVar[str] = "service"
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    env: Environment = Environment.DEV
+    host: str = "127.0.0.1"
+    # Subclasses default this to their port from DEFAULT_PORTS; 0 picks a free port.
+    port: int = Field(default=0, ge=0, le=65535)
+    data_dir: Path = Path("var")
+    log_level: str = "INFO"
+    # Seconds that in-flight calls get to finish after SIGTERM.
+    grace_period_s: float = Field(default=10.0, ge=0)
+    # Concurrent RPCs the server accepts before refusing with RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = Field(default=1000, ge=1)
+    # Where spans go over OTLP/gRPC (the telemetry service); empty disables export.
+    otlp_endpoint: str = "127.0.0.1:50055"
+    # Parent-based ratio sampler: share of new traces that are recorded.
+    trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        own = EnvSettingsSource(settings_cls, env_prefix=f"TOOLMESH_{cls.service_name.upper()}_")
+        shared = EnvSettingsSource(settings_cls, env_prefix="TOOLMESH_")
+        return (init_settings, own, shared, file_secret_settings)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def ensure_data_dir(self) -> Path:
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return self.data_dir
