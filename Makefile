@@ -1,19 +1,22 @@
-# toolmesh — every target sets up what it needs; nothing is installed by hand.
+# toolmesh — every target installs what it needs; nothing is installed by hand.
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 BUF := node_modules/.bin/buf
+BASELINE := protos/baseline/toolmesh-v1.binpb
+PYDIRS := services gateway cli bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen run test test-unit test-e2e check lint typecheck buf-lint buf-breaking bench clean
+.PHONY: help install gen run test check lint typecheck buf-lint buf-breaking baseline bench clean
 
 help:
-	@echo "make run    - install, generate code, start the whole mesh on loopback (SQLite)"
-	@echo "make test   - install, generate code, run the whole test suite"
-	@echo "make check  - ruff, mypy, buf lint, buf breaking against the v1 baseline"
-	@echo "make bench  - measure Run against a raw gRPC echo, write BENCHMARKS.md"
+	@echo "make run       install, generate code, start the whole mesh on loopback (SQLite)"
+	@echo "make test      install, generate code, run the whole test suite"
+	@echo "make check     ruff, mypy, buf lint, buf breaking against the committed v1 baseline"
+	@echo "make bench     measure Run beside a raw gRPC echo, write BENCHMARKS.md"
+	@echo "make baseline  record the current contracts as the released baseline (on release only)"
 
 $(VENV)/.stamp-install: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +24,11 @@ $(VENV)/.stamp-install: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	touch $@
 
-install: $(VENV)/.stamp-install
+node_modules/.stamp-install: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(VENV)/.stamp-install node_modules/.stamp-install
 
 # Generated code goes to ./toolmesh (git-ignored), importable from the repository root.
 toolmesh/.stamp-gen: $(VENV)/.stamp-install $(PROTOS)
@@ -31,10 +38,33 @@ toolmesh/.stamp-gen: $(VENV)/.stamp-install $(PROTOS)
 
 gen: toolmesh/.stamp-gen
 
-run: gen
+run: install gen
 	$(BIN)/toolmesh up
 
-test: gen
+test: install gen
 	$(BIN)/pytest -q
 
-.PHONY: FORCE
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check $(PYDIRS) tests
+
+typecheck: install gen
+	$(BIN)/mypy $(PYDIRS)
+
+buf-lint: install
+	$(BUF) lint protos
+
+buf-breaking: install
+	$(BUF) breaking protos --against $(BASELINE)
+
+check: lint typecheck buf-lint buf-breaking
+
+baseline: install
+	mkdir -p $(dir $(BASELINE))
+	$(BUF) build protos -o $(BASELINE)
+
+bench: install gen
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf toolmesh $(VENV) node_modules var

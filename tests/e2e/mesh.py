@@ -1,0 +1,140 @@
+"""The five real services as real processes on free loopback ports, for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+SERVICES = ("telemetry", "auth", "memory", "router", "gateway")
+MODULES = {name: f"services.{name}" for name in SERVICES} | {"gateway": "gateway"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Mesh:
+    data_dir: Path
+    database_urls: dict[str, str] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.ports:
+            self.ports = {name: free_port() for name in SERVICES}
+
+    def target(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    @property
+    def gateway(self) -> str:
+        return self.target("gateway")
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOOLMESH_")}
+        env["PYTHONPATH"] = str(REPO)
+        env["TOOLMESH_DATA_DIR"] = str(self.data_dir)
+        env["TOOLMESH_OTLP_ENDPOINT"] = self.target("telemetry")
+        env["TOOLMESH_GRACE_PERIOD_S"] = "3"
+        for name in SERVICES:
+            env[f"TOOLMESH_{name.upper()}_PORT"] = str(self.ports[name])
+            env[f"TOOLMESH_GATEWAY_{name.upper()}_TARGET"] = self.target(name)
+        env["TOOLMESH_ROUTER_TELEMETRY_TARGET"] = self.target("telemetry")
+        for name, url in self.database_urls.items():
+            env[f"TOOLMESH_{name.upper()}_DATABASE_URL"] = url
+        env.update(self.extra_env)
+        return env
+
+    def log_path(self, name: str) -> Path:
+        return self.data_dir / "logs" / f"{name}.log"
+
+    def start(self, name: str, timeout: float = 30.0) -> None:
+        self.log_path(name).parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path(name).open("ab") as log:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", MODULES[name]],
+                cwd=REPO,
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.wait_serving(name, timeout)
+
+    def start_all(self) -> None:
+        for name in SERVICES:
+            self.start(name)
+
+    def wait_serving(self, name: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target(name)) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                proc = self.procs[name]
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited {proc.returncode}:\n{self.tail(name)}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise TimeoutError(f"{name} not SERVING after {timeout}s:\n{self.tail(name)}")
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        path = self.log_path(name)
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        proc = self.procs.pop(name)
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def stop_all(self) -> dict[str, int]:
+        return {name: self.stop(name) for name in reversed(SERVICES) if name in self.procs}
+
+    def log_records(self, name: str) -> list[dict[str, object]]:
+        records = []
+        for line in self.log_path(name).read_text(errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def dev_credentials(self) -> dict[str, str]:
+        return json.loads((self.data_dir / "auth" / "dev-client.json").read_text())
+
+    def token(self, scopes: tuple[str, ...] = ()) -> str:
+        creds = self.dev_credentials()
+        with grpc.insecure_channel(self.gateway) as channel:
+            reply = gateway_pb2_grpc.GatewayStub(channel).IssueToken(
+                gateway_pb2.IssueTokenRequest(
+                    client_id=creds["client_id"],
+                    client_secret=creds["client_secret"],
+                    scopes=list(scopes),
+                ),
+                timeout=10,
+            )
+        return reply.access_token

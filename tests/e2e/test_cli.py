@@ -1,0 +1,95 @@
+"""`toolmesh up`, `run` and `history` as a user runs them (what `make run` starts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.e2e.mesh import REPO, SERVICES, Mesh
+
+pytestmark = pytest.mark.e2e
+
+TOOLMESH = shutil.which("toolmesh") or str(Path(os.sys.executable).parent / "toolmesh")
+
+
+def _gateway_serving(target: str) -> bool:
+    try:
+        with grpc.insecure_channel(target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1
+            )
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def _up(mesh: Mesh, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [TOOLMESH, "up"], cwd=REPO, env=mesh.env(), stdout=out, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + 60
+    while not _gateway_serving(mesh.gateway):
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    return proc
+
+
+def _down(proc: subprocess.Popen[bytes], log: Path) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, log.read_text()
+
+
+def _cli(mesh: Mesh, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TOOLMESH, *args, "--target", mesh.gateway],
+        cwd=REPO,
+        env=mesh.env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_up_run_restart_history(tmp_path: Path) -> None:
+    mesh = Mesh(data_dir=tmp_path / "var")
+    log = tmp_path / "up.log"
+    proc = _up(mesh, log)
+    try:
+        answer = _cli(mesh, "run", "what is 17 * 23", "--session", "demo")
+        assert answer.returncode == 0, answer.stderr
+        assert "391" in answer.stdout
+        assert "calculator" in answer.stdout
+        as_json = _cli(mesh, "run", "what is 2 + 3", "--session", "demo", "--json")
+        assert as_json.returncode == 0, as_json.stderr
+        reply = json.loads(as_json.stdout)
+        assert reply["tool_name"] == "calculator" and len(reply["trace_id"]) == 32
+        bad = _cli(mesh, "run", "", "--session", "demo")
+        assert bad.returncode != 0
+        assert "INVALID_ARGUMENT" in bad.stderr and "Traceback" not in bad.stderr
+    finally:
+        _down(proc, log)
+    for name in SERVICES:
+        assert not _gateway_serving(mesh.target(name))
+
+    proc = _up(mesh, log)
+    try:
+        history = _cli(mesh, "history", "--session", "demo", "--json")
+        assert history.returncode == 0, history.stderr
+        turns = json.loads(history.stdout)["turns"]
+        contents = [turn["content"] for turn in turns]
+        assert contents[0] == "what is 17 * 23" and "391" in contents[1]
+        assert len(contents) == 4
+    finally:
+        _down(proc, log)

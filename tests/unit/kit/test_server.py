@@ -1,0 +1,145 @@
+"""The runtime kit against a real grpc.aio server on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from services.kit.channels import open_channel
+from services.kit.errors import abort_invalid
+from services.kit.server import start
+from services.kit.settings import ServiceSettings
+
+SERVICE = "toolmesh.test.v1.Echo"
+
+
+class EchoSettings(ServiceSettings):
+    service_name = "echo"
+
+
+async def _slow(request: bytes, context: aio.ServicerContext) -> bytes:
+    await asyncio.sleep(float(request.decode()))
+    return b"done"
+
+
+async def _boom(request: bytes, context: aio.ServicerContext) -> bytes:
+    raise RuntimeError("secret-value-that-must-not-leak")
+
+
+async def _invalid(request: bytes, context: aio.ServicerContext) -> bytes:
+    await abort_invalid(context, [("prompt", "must not be empty")])
+    return b""
+
+
+async def _register(server: aio.Server) -> Sequence[str]:
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(fn)
+        for name, fn in (("Slow", _slow), ("Boom", _boom), ("Invalid", _invalid))
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    return [SERVICE]
+
+
+async def test_sigterm_style_stop_drains_in_flight_calls_and_flips_health() -> None:
+    running = await start(EchoSettings(port=0), _register)
+    channel = open_channel(f"127.0.0.1:{running.port}")
+    slow = channel.unary_unary(f"/{SERVICE}/Slow")
+    in_flight = asyncio.ensure_future(slow(b"0.5", timeout=5))
+    await asyncio.sleep(0.1)
+    stopping = asyncio.ensure_future(running.stop(grace=3))
+    await asyncio.sleep(0.05)
+    health = health_pb2_grpc.HealthStub(channel)
+    with pytest.raises(aio.AioRpcError) as err:
+        # New calls are refused while the in-flight one finishes.
+        await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert await in_flight == b"done"
+    await stopping
+    await channel.close()
+
+
+async def test_health_goes_not_serving_before_the_server_stops() -> None:
+    running = await start(EchoSettings(port=0), _register)
+    channel = open_channel(f"127.0.0.1:{running.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    await running.health.enter_graceful_shutdown()
+    reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2)
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    await running.stop(grace=1)
+    await channel.close()
+
+
+async def test_unhandled_errors_become_internal_without_leaking(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    running = await start(EchoSettings(port=0), _register)
+    channel = open_channel(f"127.0.0.1:{running.port}")
+    with caplog.at_level(logging.ERROR), pytest.raises(aio.AioRpcError) as err:
+        await channel.unary_unary(f"/{SERVICE}/Boom")(b"", timeout=2)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret-value" not in (err.value.details() or "")
+    assert "incident" in (err.value.details() or "")
+    await running.stop(grace=1)
+    await channel.close()
+
+
+async def test_invalid_argument_carries_bad_request_details() -> None:
+    running = await start(EchoSettings(port=0), _register)
+    channel = open_channel(f"127.0.0.1:{running.port}")
+    call = channel.unary_unary(f"/{SERVICE}/Invalid")(b"", timeout=2)
+    with pytest.raises(aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "prompt: must not be empty"
+    status = await rpc_status.aio.from_call(call)
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    assert bad_request.field_violations[0].field == "prompt"
+    await running.stop(grace=1)
+    await channel.close()
+
+
+async def test_a_taken_port_fails_loudly() -> None:
+    first = await start(EchoSettings(port=0), _register)
+    with pytest.raises(RuntimeError):
+        await start(EchoSettings(port=first.port), _register)
+    await first.stop(grace=0)
+
+
+def test_settings_read_service_prefix_before_shared_prefix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TOOLMESH_DATA_DIR", str(tmp_path / "shared"))
+    monkeypatch.setenv("TOOLMESH_LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("TOOLMESH_ECHO_LOG_LEVEL", "WARNING")
+    settings = EchoSettings()
+    assert settings.data_dir == tmp_path / "shared"
+    assert settings.log_level == "WARNING"
+
+
+def test_json_logs_carry_service_and_ids(capsys: pytest.CaptureFixture[str]) -> None:
+    from services.kit.context import request_id_var
+    from services.kit.logs import configure_logging
+
+    configure_logging("echo", "INFO")
+    token = request_id_var.set("req-1")
+    try:
+        logging.getLogger("t").info("hello", extra={"k": 1})
+    finally:
+        request_id_var.reset(token)
+    record = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert record["message"] == "hello" and record["service"] == "echo"
+    assert record["request_id"] == "req-1" and record["k"] == 1
+    assert "trace_id" in record
