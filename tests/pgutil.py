@@ -11,9 +11,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-ADMIN_URL = os.environ.get(
-    "TOOLMESH_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+ADMIN_URL = os.environ.get("TOOLMESH_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def _admin_conninfo() -> str:

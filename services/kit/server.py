@@ -72,8 +72,11 @@ async def start(settings: ServiceSettings, register: Register) -> Running:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(await register(server))
     reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME],
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     port = server.add_insecure_port(settings.address)
@@ -90,8 +93,11 @@ async def _serve(settings: ServiceSettings, register: Register, cleanups: list[C
     running.cleanups.extend(cleanups)
     log.info(
         "serving",
-        extra={"address": f"{settings.host}:{running.port}", "services": list(running.service_names),
-               "env": settings.env.value},
+        extra={
+            "address": f"{settings.host}:{running.port}",
+            "services": list(running.service_names),
+            "env": settings.env.value,
+        },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -54,6 +54,10 @@ def test_adding_a_field_passes_the_gate(tmp_path: Path) -> None:
     protos = _copy_protos(tmp_path)
     gateway = protos / "toolmesh" / "gateway" / "v1" / "gateway.proto"
     text = gateway.read_text()
-    gateway.write_text(text.replace("message ListToolsRequest {}", "message ListToolsRequest {\n  string filter = 1;\n}"))
+    gateway.write_text(
+        text.replace(
+            "message ListToolsRequest {}", "message ListToolsRequest {\n  string filter = 1;\n}"
+        )
+    )
     result = _buf("breaking", str(protos), "--against", str(BASELINE))
     assert result.returncode == 0, result.stdout + result.stderr

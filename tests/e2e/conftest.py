@@ -16,7 +16,9 @@ DB_SERVICES = ("auth", "router", "memory", "telemetry")
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
-def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def mesh(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Mesh]:
     data_dir: Path = tmp_path_factory.mktemp(f"mesh-{request.param}")
     if request.param == "postgres":
         with fresh_databases(*DB_SERVICES) as urls:

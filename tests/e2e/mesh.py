@@ -100,7 +100,11 @@ class Mesh:
 
     def tail(self, name: str, lines: int = 40) -> str:
         path = self.log_path(name)
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+        return (
+            "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+            if path.exists()
+            else ""
+        )
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         proc = self.procs.pop(name)

@@ -50,7 +50,9 @@ def test_health_reflection_and_service_info(mesh: Mesh, service: str, token: str
         stub_class, request_class = INFO[service]
         # The gateway authenticates everything but IssueToken; inner services trust the mesh.
         metadata = bearer(token) if service == "gateway" else ()
-        info = stub_class(channel).GetServiceInfo(request_class(), metadata=metadata, timeout=5).info
+        info = (
+            stub_class(channel).GetServiceInfo(request_class(), metadata=metadata, timeout=5).info
+        )
     assert info.service == service
     assert f"toolmesh.{service}.v1" in info.contract_versions
     assert info.build_version
@@ -129,5 +131,5 @@ def test_history_survives_a_memory_restart(
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
-    assert [turn.content for turn in history.turns][0] == "what is 12 * 12"
+    assert history.turns[0].content == "what is 12 * 12"
     assert "144" in history.turns[1].content

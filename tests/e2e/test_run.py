@@ -112,7 +112,10 @@ def test_missing_or_invalid_token_is_unauthenticated(
     ],
 )
 def test_bad_input_is_invalid_argument_naming_the_field(
-    gateway: gateway_pb2_grpc.GatewayStub, token: str, request_fields: dict[str, str], bad_field: str
+    gateway: gateway_pb2_grpc.GatewayStub,
+    token: str,
+    request_fields: dict[str, str],
+    bad_field: str,
 ) -> None:
     with pytest.raises(grpc.RpcError) as err:
         gateway.Run(gateway_pb2.RunRequest(**request_fields), metadata=bearer(token), timeout=10)
