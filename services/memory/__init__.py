@@ -1,0 +1,1 @@
+"""Memory: persistent conversation turns per tenant and session (toolmesh.memory.v1)."""

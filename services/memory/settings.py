@@ -1,0 +1,30 @@
+"""Memory settings: TOOLMESH_MEMORY_<NAME>, falling back to TOOLMESH_<NAME>."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field, model_validator
+
+from services.kit.db import sqlite_url
+from services.kit.settings import DEFAULT_PORTS, ServiceSettings
+
+
+class MemorySettings(ServiceSettings):
+    service_name: ClassVar[str] = "memory"
+
+    port: int = Field(default=DEFAULT_PORTS["memory"], ge=0, le=65535)
+    # Empty means the SQLite file <data_dir>/memory.db; PostgreSQL for several replicas.
+    database_url: str = ""
+    # GetHistory with limit 0 returns this many turns; larger limits are capped at the maximum.
+    default_history_limit: int = Field(default=100, ge=1)
+    max_history_limit: int = Field(default=1000, ge=1)
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> MemorySettings:
+        if self.default_history_limit > self.max_history_limit:
+            raise ValueError("default_history_limit must not exceed max_history_limit")
+        return self
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or sqlite_url(self.ensure_data_dir(), "memory")

@@ -1,0 +1,232 @@
+"""Turns in SQL (SQLAlchemy 2 async): SQLite by default, PostgreSQL for several replicas.
+
+Sequence numbers come from a per-session counter row. Appending locks that row (SELECT ... FOR
+UPDATE on PostgreSQL; on SQLite every write transaction starts with BEGIN IMMEDIATE, which takes
+the database write lock), so concurrent appends from any number of replicas get strictly
+increasing seq values without gaps, and the idempotency check by request id runs under the same
+lock. The unique constraints back both rules up at the database level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    event,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from services.kit.db import create_engine, session_factory
+
+# Any constant works; it only has to be the same for every memory replica.
+_SCHEMA_LOCK_KEY = 0x6D656D6F7279
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SessionRow(Base):
+    """One row per (tenant, session): the last seq handed out, locked while appending."""
+
+    __tablename__ = "memory_sessions"
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    session_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    last_seq: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class TurnRow(Base):
+    __tablename__ = "memory_turns"
+    __table_args__ = (
+        UniqueConstraint("tenant", "session_id", "seq", name="uq_memory_turns_seq"),
+        UniqueConstraint(
+            "tenant", "session_id", "request_id", "position", name="uq_memory_turns_request"
+        ),
+    )
+
+    # SQLite only auto-increments INTEGER PRIMARY KEY.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    tenant: Mapped[str] = mapped_column(String(128), nullable=False)
+    session_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    request_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    # Position of the turn within its AppendTurns request.
+    position: Mapped[int] = mapped_column(Integer, nullable=False)
+    role: Mapped[str] = mapped_column(String(16), nullable=False)
+    content: Mapped[str] = mapped_column(Text, nullable=False)
+    tool_name: Mapped[str] = mapped_column(String(128), nullable=False, default="")
+    tool_version: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    created_at_ns: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+@dataclass(frozen=True)
+class NewTurn:
+    role: str
+    content: str
+    tool_name: str = ""
+    tool_version: str = ""
+
+
+@dataclass(frozen=True)
+class StoredTurn:
+    seq: int
+    role: str
+    content: str
+    request_id: str
+    tool_name: str
+    tool_version: str
+    created_at_ns: int
+
+
+def _stored(row: TurnRow) -> StoredTurn:
+    return StoredTurn(
+        seq=row.seq,
+        role=row.role,
+        content=row.content,
+        request_id=row.request_id,
+        tool_name=row.tool_name,
+        tool_version=row.tool_version,
+        created_at_ns=row.created_at_ns,
+    )
+
+
+def _begin_immediate(engine: AsyncEngine) -> None:
+    """SQLite: take the write lock at BEGIN, so no two appends read the same last seq."""
+
+    def _no_driver_transactions(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's BEGIN below be the only one (pysqlite would issue its own).
+        dbapi_connection.isolation_level = None
+
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    event.listen(engine.sync_engine, "connect", _no_driver_transactions)
+    event.listen(engine.sync_engine, "begin", _begin)
+
+
+class TurnStore:
+    def __init__(self, url: str) -> None:
+        self._engine = create_engine(url)
+        self._is_sqlite = self._engine.dialect.name == "sqlite"
+        self._sessions = session_factory(self._engine)
+        if self._is_sqlite:
+            # Readers keep the plain engine (WAL readers never wait for the writer); writers get
+            # their own engine that begins with the write lock held.
+            self._write_engine = create_engine(url)
+            _begin_immediate(self._write_engine)
+            self._write_sessions = session_factory(self._write_engine)
+        else:
+            self._write_engine = self._engine
+            self._write_sessions = self._sessions
+        # Within one process, queue SQLite writers here instead of in SQLite's busy-wait loop.
+        self._local_write_lock = asyncio.Lock() if self._is_sqlite else None
+
+    async def create_schema(self) -> None:
+        """Create missing tables; on PostgreSQL replicas starting together take turns."""
+        async with self._write_engine.begin() as conn:
+            if not self._is_sqlite:
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
+                )
+            await conn.run_sync(Base.metadata.create_all)
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+        if self._write_engine is not self._engine:
+            await self._write_engine.dispose()
+
+    async def append(
+        self, tenant: str, session_id: str, request_id: str, turns: list[NewTurn]
+    ) -> tuple[list[StoredTurn], bool]:
+        """Store ``turns`` after the session's last seq; returns (turns, duplicate).
+
+        A request id already stored for this session writes nothing and returns what was
+        stored the first time. Committed before returning.
+        """
+        if self._local_write_lock is None:
+            return await self._append(tenant, session_id, request_id, turns)
+        async with self._local_write_lock:
+            return await self._append(tenant, session_id, request_id, turns)
+
+    async def _append(
+        self, tenant: str, session_id: str, request_id: str, turns: list[NewTurn]
+    ) -> tuple[list[StoredTurn], bool]:
+        insert = sqlite.insert if self._is_sqlite else postgresql.insert
+        async with self._write_sessions() as session, session.begin():
+            await session.execute(
+                insert(SessionRow)
+                .values(tenant=tenant, session_id=session_id, last_seq=0)
+                .on_conflict_do_nothing()
+            )
+            last_seq = (
+                await session.execute(
+                    select(SessionRow.last_seq)
+                    .where(SessionRow.tenant == tenant, SessionRow.session_id == session_id)
+                    .with_for_update()
+                )
+            ).scalar_one()
+            existing = (
+                await session.scalars(
+                    select(TurnRow)
+                    .where(
+                        TurnRow.tenant == tenant,
+                        TurnRow.session_id == session_id,
+                        TurnRow.request_id == request_id,
+                    )
+                    .order_by(TurnRow.position)
+                )
+            ).all()
+            if existing:
+                return [_stored(row) for row in existing], True
+            now_ns = time.time_ns()
+            rows = [
+                TurnRow(
+                    tenant=tenant,
+                    session_id=session_id,
+                    seq=last_seq + position + 1,
+                    request_id=request_id,
+                    position=position,
+                    role=turn.role,
+                    content=turn.content,
+                    tool_name=turn.tool_name,
+                    tool_version=turn.tool_version,
+                    created_at_ns=now_ns,
+                )
+                for position, turn in enumerate(turns)
+            ]
+            session.add_all(rows)
+            await session.execute(
+                update(SessionRow)
+                .where(SessionRow.tenant == tenant, SessionRow.session_id == session_id)
+                .values(last_seq=last_seq + len(rows))
+            )
+        return [_stored(row) for row in rows], False
+
+    async def history(self, tenant: str, session_id: str, limit: int) -> list[StoredTurn]:
+        """The ``limit`` most recent turns of the tenant's session, oldest first."""
+        async with self._sessions() as session:
+            rows = (
+                await session.scalars(
+                    select(TurnRow)
+                    .where(TurnRow.tenant == tenant, TurnRow.session_id == session_id)
+                    .order_by(TurnRow.seq.desc())
+                    .limit(limit)
+                )
+            ).all()
+        return [_stored(row) for row in reversed(rows)]

@@ -1,0 +1,79 @@
+"""Real memory servers in-process on port 0, on SQLite (temp dir) and on a fresh PostgreSQL db."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from services.kit.channels import open_channel
+from services.kit.server import Cleanup, Running, start
+from services.memory.service import build
+from services.memory.settings import MemorySettings
+from toolmesh.memory.v1 import memory_pb2_grpc
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
+
+
+class MemoryServer:
+    """One memory replica plus a client stub; can be stopped and started again."""
+
+    def __init__(self, settings: MemorySettings) -> None:
+        self.settings = settings
+        self.running: Running | None = None
+
+    async def start(self) -> MemoryServer:
+        cleanups: list[Cleanup] = []
+        self.running = await start(self.settings, build(self.settings, cleanups))
+        self.running.cleanups.extend(cleanups)
+        self.channel = open_channel(f"127.0.0.1:{self.running.port}")
+        self.stub = memory_pb2_grpc.MemoryStub(self.channel)
+        return self
+
+    async def stop(self) -> None:
+        if self.running is not None:
+            await self.channel.close()
+            await self.running.stop(0)
+            self.running = None
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database toolmesh_test_mem_<random>, dropped afterwards."""
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"PostgreSQL unreachable: {exc}")
+    name = f"toolmesh_test_mem_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> MemorySettings:
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
+    return MemorySettings(port=0, data_dir=tmp_path, database_url=url, otlp_endpoint="")
+
+
+@pytest.fixture
+async def replicas(settings: MemorySettings) -> AsyncIterator[list[MemoryServer]]:
+    """Two replicas on the same database, as in production behind one Service."""
+    servers = [await MemoryServer(settings).start(), await MemoryServer(settings).start()]
+    yield servers
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+def memory(replicas: list[MemoryServer]) -> memory_pb2_grpc.MemoryStub:
+    return replicas[0].stub
