@@ -1,0 +1,1 @@
+"""The auth service: issues and verifies tokens, publishes keys, revocations and the policy."""

@@ -1,0 +1,122 @@
+"""Wiring of the auth service: database, keys, first-start dev material, production checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from grpc import aio
+from pydantic import SecretStr
+
+from services.auth.keys import KeyFiles
+from services.auth.models import CLIENT_DELETED, CLIENT_ENABLED, KEY_RETIRED, ClientRow
+from services.auth.policy import PolicySource
+from services.auth.servicer import AuthServicer, SecretHasher, new_secret
+from services.auth.settings import AuthSettings
+from services.auth.store import Conflict, Store
+from services.kit.db import create_engine
+from services.kit.server import Cleanup, Register
+from services.kit.settings import Environment, ServiceSettings
+from toolmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+
+log = logging.getLogger("toolmesh.auth")
+
+DEV_CLIENT_ID = "dev"
+DEV_TENANT = "dev"
+DEV_SCOPES = "tools:read tools:write ops:read admin"
+
+
+class StartupRefused(RuntimeError):
+    """The service must not start as configured; the message says what to do."""
+
+
+def write_private_json(path: Path, payload: dict[str, str]) -> None:
+    """Write a file readable by its owner only, replacing any previous one atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle)
+    os.replace(tmp, path)
+
+
+async def ensure_dev_key(store: Store, key_files: KeyFiles) -> None:
+    """First start in dev: create a key pair, flagged dev so production refuses it."""
+    if await store.active_key() is not None:
+        return
+    kid, x = key_files.create()
+    if await store.add_first_key(kid, x, dev=True):
+        log.info("created dev signing key", extra={"kid": kid})
+    else:
+        key_files.remove(kid)  # another replica created one first
+
+
+async def ensure_dev_client(settings: AuthSettings, store: Store, hasher: SecretHasher) -> None:
+    """First start in dev: a client with every scope, its secret in a 0600 file, never logged."""
+    if await store.client(DEV_CLIENT_ID) is not None:
+        return
+    secret: SecretStr = new_secret()
+    now = time.time()
+    row = ClientRow(client_id=DEV_CLIENT_ID, tenant=DEV_TENANT, scopes=DEV_SCOPES, roles="admin",
+                    state=CLIENT_ENABLED, secret_hash=await hasher.hash(secret),
+                    created_at=now, updated_at=now)
+    try:
+        await store.add_client(row)
+    except Conflict:
+        return  # another replica created it and wrote the file
+    write_private_json(settings.dev_client_file(), {
+        "client_id": DEV_CLIENT_ID,
+        "client_secret": secret.get_secret_value(),
+        "tenant": DEV_TENANT,
+    })
+    log.info("created dev client", extra={"client_id": DEV_CLIENT_ID,
+                                          "file": str(settings.dev_client_file())})
+
+
+async def check_production(store: Store) -> None:
+    """Production must not run on material created for a laptop."""
+    active = await store.active_key()
+    if active is None:
+        raise StartupRefused(
+            "no active signing key: run `python -m services.auth rotate-key` with the production "
+            "settings to create one, then start again")
+    dev_keys = [k.kid for k in await store.keys() if k.dev and k.state != KEY_RETIRED]
+    if dev_keys:
+        raise StartupRefused(
+            f"the auto-created dev signing key {dev_keys[0]} is still in use: run `python -m "
+            "services.auth rotate-key`, then `python -m services.auth retire-key <dev kid>`")
+    dev_client = await store.client(DEV_CLIENT_ID)
+    if dev_client is not None and dev_client.state != CLIENT_DELETED:
+        raise StartupRefused(
+            "the dev client exists: run `python -m services.auth delete-client dev` (and create "
+            "real clients with CreateClient), then start again")
+
+
+def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
+    """The kit's entry point: set everything up when the server registers its services."""
+    assert isinstance(settings, AuthSettings)
+
+    async def register(server: aio.Server) -> Sequence[str]:
+        settings.ensure_data_dir()
+        engine = create_engine(settings.db_url())
+        cleanups.append(engine.dispose)
+        store = Store(engine)
+        await store.create_schema()
+        key_files = KeyFiles(settings.resolved_keys_dir())
+        hasher = SecretHasher()
+        if settings.env == Environment.PRODUCTION:
+            await check_production(store)
+        else:
+            await ensure_dev_key(store, key_files)
+            await ensure_dev_client(settings, store, hasher)
+        policy = PolicySource(settings.policy_file, settings.policy_check_interval_s)
+        servicer = AuthServicer(settings, store, key_files, policy, hasher)
+        auth_pb2_grpc.add_AuthServicer_to_server(servicer, server)
+        return [auth_pb2.DESCRIPTOR.services_by_name["Auth"].full_name]
+
+    return register

@@ -1,0 +1,74 @@
+"""Database tables of the auth service; every replica shares them.
+
+Times are stored as UNIX seconds (float) so SQLite and PostgreSQL compare them alike.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Boolean, Float, Index, String, Text, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+KEY_ACTIVE = "active"
+KEY_VERIFYING = "verifying"
+KEY_RETIRED = "retired"
+
+CLIENT_ENABLED = "enabled"
+CLIENT_DISABLED = "disabled"
+CLIENT_REVOKED = "revoked"
+CLIENT_DELETED = "deleted"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SigningKeyRow(Base):
+    """Metadata and public half of a signing key; the private half is a file in the keys dir."""
+
+    __tablename__ = "auth_signing_keys"
+    __table_args__ = (
+        # At most one active key, even when two replicas rotate at once.
+        Index(
+            "auth_one_active_key",
+            "state",
+            unique=True,
+            sqlite_where=text("state = 'active'"),
+            postgresql_where=text("state = 'active'"),
+        ),
+    )
+
+    kid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alg: Mapped[str] = mapped_column(String(16))
+    # Base64url Ed25519 public key (the JWK "x").
+    public_x: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    dev: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)
+    state_changed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ClientRow(Base):
+    """A service account; only an argon2id hash of its secret is kept."""
+
+    __tablename__ = "auth_clients"
+
+    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    # Space-separated, as in the token's scope claim.
+    scopes: Mapped[str] = mapped_column(Text)
+    roles: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    # Empty once the client is revoked or deleted: no secret can match.
+    secret_hash: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class RevokedTokenRow(Base):
+    """A revoked token id, kept until the token would have expired anyway."""
+
+    __tablename__ = "auth_revoked_tokens"
+
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+    revoked_at: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,211 @@
+"""Reads and writes of keys, clients and revocations; the database is shared by all replicas."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.auth.models import (
+    CLIENT_DELETED,
+    CLIENT_ENABLED,
+    CLIENT_REVOKED,
+    KEY_ACTIVE,
+    KEY_RETIRED,
+    KEY_VERIFYING,
+    Base,
+    ClientRow,
+    RevokedTokenRow,
+    SigningKeyRow,
+)
+from services.auth.settings import MAX_TOKEN_LIFETIME_S
+from services.kit.db import session_factory
+
+
+class StoreError(Exception):
+    """A request the current data does not allow; the message is safe to show the caller."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    pass
+
+
+class WrongState(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class VerifyFacts:
+    """What verification needs from the database, read in one session."""
+
+    key: SigningKeyRow | None
+    revoked: bool
+    client_state: str | None
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._sessions = session_factory(engine)
+
+    async def create_schema(self) -> None:
+        async with self._engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+
+    # --- signing keys -------------------------------------------------------------------
+
+    async def active_key(self) -> SigningKeyRow | None:
+        async with self._sessions() as session:
+            query = select(SigningKeyRow).where(SigningKeyRow.state == KEY_ACTIVE)
+            return (await session.scalars(query)).first()
+
+    async def keys(self, *states: str) -> list[SigningKeyRow]:
+        query = select(SigningKeyRow).order_by(SigningKeyRow.created_at.desc())
+        if states:
+            query = query.where(SigningKeyRow.state.in_(states))
+        async with self._sessions() as session:
+            return list(await session.scalars(query))
+
+    async def add_first_key(self, kid: str, x: str, *, dev: bool) -> bool:
+        """Record a key as active if none is; False when another replica got there first."""
+        row = SigningKeyRow(kid=kid, alg="EdDSA", public_x=x, state=KEY_ACTIVE, dev=dev,
+                            created_at=time.time())
+        try:
+            async with self._sessions.begin() as session:
+                session.add(row)
+        except IntegrityError:
+            return False
+        return True
+
+    async def rotate_to(self, kid: str, x: str) -> tuple[SigningKeyRow, SigningKeyRow | None]:
+        """Make a new key active and the active one verifying, in one transaction."""
+        now = time.time()
+        try:
+            async with self._sessions.begin() as session:
+                previous = (
+                    await session.scalars(
+                        select(SigningKeyRow).where(SigningKeyRow.state == KEY_ACTIVE)
+                        .with_for_update()
+                    )
+                ).first()
+                if previous is not None:
+                    previous.state = KEY_VERIFYING
+                    previous.state_changed_at = now
+                    await session.flush()
+                new = SigningKeyRow(kid=kid, alg="EdDSA", public_x=x, state=KEY_ACTIVE,
+                                    dev=False, created_at=now)
+                session.add(new)
+        except IntegrityError as error:
+            raise Conflict("another key rotation ran at the same time; retry") from error
+        return new, previous
+
+    async def retire(self, kid: str) -> SigningKeyRow:
+        async with self._sessions.begin() as session:
+            row = await session.get(SigningKeyRow, kid, with_for_update=True)
+            if row is None:
+                raise NotFound(f"no key {kid}")
+            if row.state == KEY_ACTIVE:
+                raise WrongState("the active key cannot be retired; rotate first")
+            if row.state == KEY_VERIFYING:
+                row.state = KEY_RETIRED
+                row.state_changed_at = time.time()
+            return row
+
+    # --- clients ------------------------------------------------------------------------
+
+    async def client(self, client_id: str) -> ClientRow | None:
+        async with self._sessions() as session:
+            return await session.get(ClientRow, client_id)
+
+    async def add_client(self, row: ClientRow) -> None:
+        try:
+            async with self._sessions.begin() as session:
+                session.add(row)
+        except IntegrityError as error:
+            raise Conflict(f"client {row.client_id} already exists") from error
+
+    async def list_clients(self, tenant: str, include_deleted: bool) -> list[ClientRow]:
+        query = select(ClientRow).order_by(ClientRow.tenant, ClientRow.client_id)
+        if tenant:
+            query = query.where(ClientRow.tenant == tenant)
+        if not include_deleted:
+            query = query.where(ClientRow.state != CLIENT_DELETED)
+        async with self._sessions() as session:
+            return list(await session.scalars(query))
+
+    async def set_client_state(
+        self, client_id: str, state: str, allowed_from: tuple[str, ...]
+    ) -> ClientRow:
+        """Move a client out of the enabled state; revoked and deleted also lose the secret."""
+        async with self._sessions.begin() as session:
+            row = await session.get(ClientRow, client_id, with_for_update=True)
+            if row is None or row.state == CLIENT_DELETED:
+                raise NotFound(f"no client {client_id}")
+            if row.state not in allowed_from:
+                raise WrongState(f"client {client_id} is {row.state}")
+            row.state = state
+            if state in (CLIENT_REVOKED, CLIENT_DELETED):
+                row.secret_hash = ""
+            row.updated_at = time.time()
+            return row
+
+    async def set_secret_hash(self, client_id: str, secret_hash: str) -> ClientRow:
+        async with self._sessions.begin() as session:
+            row = await session.get(ClientRow, client_id, with_for_update=True)
+            if row is None or row.state == CLIENT_DELETED:
+                raise NotFound(f"no client {client_id}")
+            if row.state != CLIENT_ENABLED:
+                raise WrongState(f"client {client_id} is {row.state}")
+            row.secret_hash = secret_hash
+            row.updated_at = time.time()
+            return row
+
+    # --- revocations --------------------------------------------------------------------
+
+    async def revoke_token(self, jti: str, expires_at: float) -> RevokedTokenRow:
+        """Record a revoked token id; revoking twice keeps the later expiry."""
+        async with self._sessions.begin() as session:
+            row = await session.get(RevokedTokenRow, jti, with_for_update=True)
+            if row is None:
+                row = RevokedTokenRow(jti=jti, expires_at=expires_at, revoked_at=time.time())
+                session.add(row)
+            else:
+                row.expires_at = max(row.expires_at, expires_at)
+            return row
+
+    async def revocations(self) -> tuple[list[RevokedTokenRow], list[str], float]:
+        """Revoked ids still unexpired and clients not enabled, pruning what can no longer matter.
+
+        A deleted client's tombstone goes once every token it could hold has expired.
+        """
+        now = time.time()
+        async with self._sessions.begin() as session:
+            await session.execute(delete(RevokedTokenRow).where(RevokedTokenRow.expires_at < now))
+            await session.execute(
+                delete(ClientRow).where(
+                    ClientRow.state == CLIENT_DELETED,
+                    ClientRow.updated_at < now - MAX_TOKEN_LIFETIME_S - 60,
+                )
+            )
+            revoked = list(await session.scalars(
+                select(RevokedTokenRow).order_by(RevokedTokenRow.expires_at)))
+            disabled = list(await session.scalars(
+                select(ClientRow.client_id).where(ClientRow.state != CLIENT_ENABLED)
+                .order_by(ClientRow.client_id)))
+        return revoked, disabled, now
+
+    async def verify_facts(self, kid: str, jti: str, subject: str) -> VerifyFacts:
+        async with self._sessions() as session:
+            key = await session.get(SigningKeyRow, kid)
+            revoked = await session.scalar(
+                select(RevokedTokenRow.jti).where(RevokedTokenRow.jti == jti)) is not None
+            state = await session.scalar(
+                select(ClientRow.state).where(ClientRow.client_id == subject))
+        return VerifyFacts(key=key, revoked=revoked, client_state=state)
