@@ -1,0 +1,1 @@
+"""The router service: tool registry, routing by confidence, and guarded tool execution."""

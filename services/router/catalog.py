@@ -1,0 +1,304 @@
+"""The published tools: each contract as data, bound to its async implementation.
+
+Changing a published contract needs a new version; ``contracts.lock.json`` pins the released
+ones (print the current fingerprints with ``python -m services.router.catalog``).
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from fractions import Fraction
+from typing import Any
+
+from services.router.notes import KeyReusedError
+from services.router.registry import (
+    Registry,
+    SideEffect,
+    ToolConflictError,
+    ToolContext,
+    ToolInputError,
+    ToolOutput,
+    ToolSpec,
+    load_lock,
+)
+from services.router.tools import calculator, clock, units
+
+CALCULATOR = ToolSpec(
+    name="calculator",
+    version="1.0.0",
+    description="Exact arithmetic: + - * / // % ** and parentheses on integers and decimals.",
+    input_schema={
+        "type": "object",
+        "properties": {
+            "expression": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": calculator.MAX_EXPRESSION_CHARS,
+                "pattern": r"^[0-9+\-*/%().\s]+$",
+            }
+        },
+        "required": ["expression"],
+        "additionalProperties": False,
+    },
+    output_schema={
+        "type": "object",
+        "properties": {
+            "expression": {"type": "string"},
+            "value": {"type": "string"},
+            "exact": {"type": "boolean"},
+        },
+        "required": ["expression", "value", "exact"],
+        "additionalProperties": False,
+    },
+    side_effect=SideEffect.READ_ONLY,
+    cost_units=1,
+    timeout_ms=1000,
+    fallback_answer="I could not compute that expression.",
+)
+
+UNIT_CONVERT = ToolSpec(
+    name="unit_convert",
+    version="1.0.0",
+    description="Convert a quantity between units of length, mass, temperature, volume or speed.",
+    input_schema={
+        "type": "object",
+        "properties": {
+            "value": {"type": "number"},
+            "from_unit": {"type": "string", "minLength": 1, "maxLength": 32},
+            "to_unit": {"type": "string", "minLength": 1, "maxLength": 32},
+        },
+        "required": ["value", "from_unit", "to_unit"],
+        "additionalProperties": False,
+    },
+    output_schema={
+        "type": "object",
+        "properties": {
+            "value": {"type": "number"},
+            "from_unit": {"type": "string"},
+            "to_unit": {"type": "string"},
+            "dimension": {"type": "string"},
+            "result": {"type": "number"},
+        },
+        "required": ["value", "from_unit", "to_unit", "dimension", "result"],
+        "additionalProperties": False,
+    },
+    side_effect=SideEffect.READ_ONLY,
+    cost_units=1,
+    timeout_ms=1000,
+    fallback_answer="I could not convert those units.",
+)
+
+CURRENT_TIME = ToolSpec(
+    name="current_time",
+    version="1.0.0",
+    description="The current date and time in an IANA time zone or a well-known city.",
+    input_schema={
+        "type": "object",
+        "properties": {"zone": {"type": "string", "minLength": 1, "maxLength": 64}},
+        "additionalProperties": False,
+    },
+    output_schema={
+        "type": "object",
+        "properties": {
+            "zone": {"type": "string"},
+            "iso": {"type": "string"},
+            "utc_offset": {"type": "string"},
+            "abbreviation": {"type": "string"},
+        },
+        "required": ["zone", "iso", "utc_offset", "abbreviation"],
+        "additionalProperties": False,
+    },
+    side_effect=SideEffect.READ_ONLY,
+    cost_units=1,
+    timeout_ms=1000,
+    fallback_answer="I could not tell the time there.",
+)
+
+SAVE_NOTE = ToolSpec(
+    name="save_note",
+    version="1.0.0",
+    description="Save a short note to the current session.",
+    input_schema={
+        "type": "object",
+        "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 1000}},
+        "required": ["text"],
+        "additionalProperties": False,
+    },
+    output_schema={
+        "type": "object",
+        "properties": {
+            "note_id": {"type": "integer"},
+            "text": {"type": "string"},
+            "created_at": {"type": "string"},
+        },
+        "required": ["note_id", "text", "created_at"],
+        "additionalProperties": False,
+    },
+    side_effect=SideEffect.WRITE,
+    cost_units=2,
+    timeout_ms=3000,
+    fallback_answer="I could not save the note; please try again.",
+)
+
+LIST_NOTES = ToolSpec(
+    name="list_notes",
+    version="1.0.0",
+    description="List the notes saved in the current session, oldest first.",
+    input_schema={
+        "type": "object",
+        "properties": {"limit": {"type": "integer", "minimum": 1, "maximum": 50}},
+        "additionalProperties": False,
+    },
+    output_schema={
+        "type": "object",
+        "properties": {
+            "notes": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "note_id": {"type": "integer"},
+                        "text": {"type": "string"},
+                        "created_at": {"type": "string"},
+                    },
+                    "required": ["note_id", "text", "created_at"],
+                    "additionalProperties": False,
+                },
+            }
+        },
+        "required": ["notes"],
+        "additionalProperties": False,
+    },
+    side_effect=SideEffect.READ_ONLY,
+    cost_units=1,
+    timeout_ms=3000,
+    fallback_answer="I could not read the notes right now.",
+)
+
+
+async def run_calculator(args: dict[str, Any], _ctx: ToolContext) -> ToolOutput:
+    expression = " ".join(args["expression"].split())
+    try:
+        value, exact = calculator.format_value(calculator.evaluate(expression))
+    except calculator.CalculatorError as error:
+        raise ToolInputError(str(error)) from None
+    sign = "=" if exact else "≈"
+    return ToolOutput(
+        answer=f"{expression} {sign} {value}",
+        result={"expression": expression, "value": value, "exact": exact},
+    )
+
+
+def _number(value: Fraction) -> int | float:
+    """Whole results stay integers; others are rounded to 10 significant digits."""
+    if value.denominator == 1:
+        return value.numerator
+    return float(f"{float(value):.10g}")
+
+
+async def run_unit_convert(args: dict[str, Any], _ctx: ToolContext) -> ToolOutput:
+    try:
+        value = Fraction(Decimal(str(args["value"])))
+        result, src, dst = units.convert(value, args["from_unit"], args["to_unit"])
+    except units.UnitError as error:
+        raise ToolInputError(str(error)) from None
+    shown = _number(result)
+    return ToolOutput(
+        answer=f"{args['value']} {src.symbol} = {shown} {dst.symbol}",
+        result={
+            "value": args["value"],
+            "from_unit": src.symbol,
+            "to_unit": dst.symbol,
+            "dimension": src.dimension,
+            "result": shown,
+        },
+    )
+
+
+async def run_current_time(args: dict[str, Any], _ctx: ToolContext) -> ToolOutput:
+    try:
+        now = clock.now_in(args.get("zone", "UTC"))
+    except clock.ZoneError as error:
+        raise ToolInputError(str(error)) from None
+    offset = now.strftime("%z")
+    offset = f"{offset[:3]}:{offset[3:]}"
+    zone = str(now.tzinfo)
+    return ToolOutput(
+        answer=f"It is {now:%H:%M} on {now:%A %d %B %Y} in {zone} "
+        f"({now.tzname()}, UTC{offset}).",
+        result={
+            "zone": zone,
+            "iso": now.isoformat(timespec="seconds"),
+            "utc_offset": offset,
+            "abbreviation": now.tzname() or "",
+        },
+    )
+
+
+def _require_session(ctx: ToolContext) -> None:
+    if not ctx.session_id:
+        raise ToolInputError("session_id is required for notes")
+
+
+async def run_save_note(args: dict[str, Any], ctx: ToolContext) -> ToolOutput:
+    _require_session(ctx)
+    text = args["text"].strip()
+    if not text:
+        raise ToolInputError("the note is empty")
+    try:
+        note, replayed = await ctx.notes.save(
+            tenant=ctx.tenant,
+            session_id=ctx.session_id,
+            idempotency_key=ctx.idempotency_key,
+            request_id=ctx.request_id,
+            text=text,
+        )
+    except KeyReusedError:
+        raise ToolConflictError(
+            "idempotency_key was already used for a different note"
+        ) from None
+    return ToolOutput(
+        answer=f"Saved your note: {note.text}",
+        result={"note_id": note.id, "text": note.text, "created_at": note.created_at.isoformat()},
+        replayed=replayed,
+    )
+
+
+async def run_list_notes(args: dict[str, Any], ctx: ToolContext) -> ToolOutput:
+    _require_session(ctx)
+    notes = await ctx.notes.list(
+        tenant=ctx.tenant, session_id=ctx.session_id, limit=args.get("limit", 20)
+    )
+    lines = [f"{i}. {note.text}" for i, note in enumerate(notes, start=1)]
+    return ToolOutput(
+        answer="\n".join(["Your notes:", *lines]) if notes else "You have no notes yet.",
+        result={
+            "notes": [
+                {"note_id": n.id, "text": n.text, "created_at": n.created_at.isoformat()}
+                for n in notes
+            ]
+        },
+    )
+
+
+TOOLS = [
+    (CALCULATOR, run_calculator),
+    (UNIT_CONVERT, run_unit_convert),
+    (CURRENT_TIME, run_current_time),
+    (SAVE_NOTE, run_save_note),
+    (LIST_NOTES, run_list_notes),
+]
+
+
+def default_registry() -> Registry:
+    """Every published tool, checked against the pinned fingerprints."""
+    registry = Registry()
+    for spec, run in TOOLS:
+        registry.register(spec, run)
+    registry.check_published(load_lock())
+    return registry
+
+
+if __name__ == "__main__":
+    print(json.dumps(default_registry().fingerprints(), indent=2, sort_keys=True))

@@ -1,0 +1,202 @@
+"""Tool contracts and the registry that holds them.
+
+A contract (name, semver, schemas, side effect, cost, timeout, fallback) is data; the
+implementation is an async callable bound to it. A published name+version never changes: the
+registry refuses a second, different contract for the same version, and ``contracts.lock.json``
+pins the fingerprint of every released version so an edit without a version bump fails at start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
+from services.router.notes import NotesStore
+
+LOCK_FILE = Path(__file__).with_name("contracts.lock.json")
+
+_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?$")
+
+
+class SideEffect(StrEnum):
+    READ_ONLY = "read_only"
+    WRITE = "write"
+
+
+class ToolInputError(Exception):
+    """The arguments are well-formed but unusable (unknown zone, division by zero, ...)."""
+
+
+class ToolConflictError(Exception):
+    """The call conflicts with stored state (an idempotency key reused for other content)."""
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool may know about the call besides its arguments."""
+
+    tenant: str
+    session_id: str
+    request_id: str
+    idempotency_key: str
+    notes: NotesStore
+
+
+@dataclass(frozen=True)
+class ToolOutput:
+    answer: str
+    result: dict[str, Any]
+    # True when a write tool found its idempotency key already used and wrote nothing.
+    replayed: bool = False
+
+
+ToolFn = Callable[[dict[str, Any], ToolContext], Awaitable[ToolOutput]]
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """One published tool version; everything but ``max_concurrency`` is the contract."""
+
+    name: str
+    version: str
+    description: str
+    input_schema: Mapping[str, Any]
+    output_schema: Mapping[str, Any]
+    side_effect: SideEffect
+    cost_units: int
+    timeout_ms: int
+    fallback_answer: str
+    # Operational limit, not part of the contract: calls beyond it are refused at once.
+    max_concurrency: int = 32
+
+    def fingerprint(self) -> str:
+        contract = {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "input_schema": self.input_schema,
+            "output_schema": self.output_schema,
+            "side_effect": self.side_effect.value,
+            "cost_units": self.cost_units,
+            "timeout_ms": self.timeout_ms,
+            "fallback_answer": self.fallback_answer,
+        }
+        canonical = json.dumps(contract, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Tool:
+    spec: ToolSpec
+    run: ToolFn
+    input_validator: Draft202012Validator = field(compare=False)
+    output_validator: Draft202012Validator = field(compare=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.spec.name}@{self.spec.version}"
+
+
+def semver_key(version: str) -> tuple[int, int, int, int, str]:
+    """Sort key for semantic versions: a pre-release sorts before its release."""
+    match = _SEMVER.match(version)
+    if match is None:
+        raise ValueError(f"{version!r} is not a semantic version")
+    major, minor, patch, pre = match.groups()
+    return (int(major), int(minor), int(patch), 0 if pre else 1, pre or "")
+
+
+class RegistryError(ValueError):
+    """A contract is malformed or contradicts one already published."""
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._tools: dict[tuple[str, str], Tool] = {}
+
+    def register(self, spec: ToolSpec, run: ToolFn) -> Tool:
+        """Add a tool version; the same contract again is a no-op, a different one an error."""
+        if not _SEMVER.match(spec.version):
+            raise RegistryError(f"{spec.name}: version {spec.version!r} is not semantic")
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", spec.name):
+            raise RegistryError(f"tool name {spec.name!r} must be lower_snake_case")
+        if spec.timeout_ms <= 0 or spec.cost_units < 0 or spec.max_concurrency < 1:
+            raise RegistryError(
+                f"{spec.name}@{spec.version}: timeout, cost or concurrency out of range"
+            )
+        for schema in (spec.input_schema, spec.output_schema):
+            try:
+                Draft202012Validator.check_schema(schema)
+            except SchemaError as error:
+                raise RegistryError(
+                    f"{spec.name}@{spec.version}: invalid JSON Schema: {error.message}"
+                ) from None
+        existing = self._tools.get((spec.name, spec.version))
+        if existing is not None:
+            if existing.spec.fingerprint() != spec.fingerprint():
+                raise RegistryError(
+                    f"{spec.name}@{spec.version} is already published with a different contract; "
+                    "publish a new version instead"
+                )
+            return existing
+        tool = Tool(
+            spec=spec,
+            run=run,
+            input_validator=Draft202012Validator(spec.input_schema),
+            output_validator=Draft202012Validator(spec.output_schema),
+        )
+        self._tools[(spec.name, spec.version)] = tool
+        return tool
+
+    def get(self, name: str, version: str) -> Tool | None:
+        return self._tools.get((name, version))
+
+    def has_name(self, name: str) -> bool:
+        return any(n == name for n, _ in self._tools)
+
+    def latest(self, name: str) -> Tool | None:
+        """The highest released (non pre-release) version, which routing offers."""
+        released = [
+            tool for (n, v), tool in self._tools.items() if n == name and "-" not in v
+        ]
+        return max(released, key=lambda t: semver_key(t.spec.version), default=None)
+
+    def all(self) -> list[Tool]:
+        return sorted(
+            self._tools.values(), key=lambda t: (t.spec.name, semver_key(t.spec.version))
+        )
+
+    def fingerprints(self) -> dict[str, str]:
+        return {tool.key: tool.spec.fingerprint() for tool in self.all()}
+
+    def check_published(self, lock: Mapping[str, str]) -> None:
+        """Refuse a registry whose released versions differ from the pinned fingerprints."""
+        changed = sorted(
+            key
+            for key, digest in self.fingerprints().items()
+            if key in lock and lock[key] != digest
+        )
+        if changed:
+            raise RegistryError(
+                f"published tool contracts changed without a new version: {', '.join(changed)}"
+            )
+
+
+def load_lock(path: Path = LOCK_FILE) -> dict[str, str]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def is_allowed(name: str, allowed: Iterable[str]) -> bool:
+    """Deny by default: only listed names, or every tool when "*" is listed."""
+    allowed = set(allowed)
+    return "*" in allowed or name in allowed

@@ -1,0 +1,30 @@
+"""Router settings (env TOOLMESH_ROUTER_<FIELD>, falling back to TOOLMESH_<FIELD>)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field
+
+from services.kit.settings import DEFAULT_PORTS, ServiceSettings
+
+DEFAULT_RULES_FILE = Path(__file__).with_name("routing.toml")
+
+
+class RouterSettings(ServiceSettings):
+    service_name: ClassVar[str] = "router"
+
+    port: int = Field(default=DEFAULT_PORTS["router"], ge=0, le=65535)
+    # Empty means the SQLite file <data_dir>/router.db.
+    database_url: str = ""
+    # Versioned routing rules (intent patterns, argument extraction, weights, threshold).
+    rules_file: Path = DEFAULT_RULES_FILE
+    # Where GetStats is asked for each tool's recent error rate (the H of the confidence).
+    telemetry_target: str = "127.0.0.1:50055"
+    # Seconds between background refreshes of tool health; never refreshed per request.
+    health_refresh_s: float = Field(default=15.0, gt=0)
+    # Window of telemetry statistics that counts as "recent" for tool health.
+    health_window_s: int = Field(default=900, ge=60)
+    # Largest answer plus result a tool may return, in bytes of UTF-8 JSON.
+    max_result_bytes: int = Field(default=65536, ge=1024)

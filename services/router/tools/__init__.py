@@ -1,0 +1,1 @@
+"""Pure implementations behind the published tools; no gRPC or storage here."""

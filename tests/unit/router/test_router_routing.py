@@ -1,0 +1,181 @@
+"""Scoring, the rules file and routing of sample prompts, with the caller's allowlist."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from services.router.catalog import default_registry
+from services.router.registry import Registry
+from services.router.routing import ToolRouter, confidence, schema_fit
+from services.router.rules import RulesError, Weights, load_rules, parse_rules
+from services.router.settings import DEFAULT_RULES_FILE
+
+
+def packaged_rules() -> dict[str, Any]:
+    return tomllib.loads(DEFAULT_RULES_FILE.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def router() -> ToolRouter:
+    return ToolRouter(load_rules(DEFAULT_RULES_FILE), default_registry(), lambda _n, _v: 1.0)
+
+
+def test_confidence_worked_example() -> None:
+    weights = Weights(intent=0.5, schema=0.3, health=0.2)
+    assert confidence(weights, intent=0.9, schema_fit=0.8, health=0.7) == pytest.approx(0.83)
+
+
+def test_weights_not_summing_to_one_are_refused() -> None:
+    data = packaged_rules()
+    data["weights"] = {"intent": 0.5, "schema": 0.3, "health": 0.3}
+    with pytest.raises(RulesError, match=r"weights must sum to 1, got 1\.1"):
+        parse_rules(data)
+
+
+def test_rules_file_with_bad_weights_is_refused_at_load(tmp_path: Path) -> None:
+    text = DEFAULT_RULES_FILE.read_text(encoding="utf-8").replace(
+        "intent = 0.6", "intent = 0.7"
+    )
+    path = tmp_path / "routing.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(RulesError, match="must sum to 1"):
+        load_rules(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"threshold": 0.4}, "must exceed schema \\+ health weights"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"version": ""}, "version"),
+        ({"surprise": 1}, "surprise"),
+        (
+            {"tools": {"calculator": {"intents": [{"pattern": "(", "score": 1}]}}},
+            "invalid regular expression",
+        ),
+        (
+            {"tools": {"calculator": {"intents": [{"pattern": "x", "score": 0}]}}},
+            "greater than 0",
+        ),
+        (
+            {"tools": {"calculator": {"intents": [{"pattern": "x", "score": 1}],
+                                      "extract": ["\\d+"]}}},
+            "no named group",
+        ),
+    ],
+)
+def test_inconsistent_rules_are_refused(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(RulesError, match=message):
+        parse_rules({**packaged_rules(), **change})
+
+
+def test_missing_rules_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RulesError, match="cannot read routing rules"):
+        load_rules(tmp_path / "absent.toml")
+
+
+def test_rules_must_match_the_registry() -> None:
+    data = packaged_rules()
+    data["tools"]["weather"] = {"intents": [{"pattern": "weather", "score": 1}]}
+    with pytest.raises(RulesError, match="'weather', which has no released version"):
+        parse_rules(data).check_against(default_registry())
+    data = packaged_rules()
+    data["tools"]["calculator"]["extract"] = ["(?P<formula>\\d+)"]
+    with pytest.raises(RulesError, match="'formula'"):
+        parse_rules(data).check_against(default_registry())
+
+
+@pytest.mark.parametrize(
+    ("prompt", "tool", "arguments"),
+    [
+        ("what is 17 * 23", "calculator", {"expression": "17 * 23"}),
+        ("What is 17 times 23?", "calculator", {"expression": "17 * 23"}),
+        ("calculate (2 + 3) ** 2", "calculator", {"expression": "(2 + 3) ** 2"}),
+        ("save a note: order more coffee", "save_note", {"text": "order more coffee"}),
+        ("convert 5 miles to km", "unit_convert", {"value": 5, "from_unit": "miles",
+                                                  "to_unit": "km"}),
+        ("convert 10 km to miles", "unit_convert", {"value": 10, "from_unit": "km",
+                                                   "to_unit": "miles"}),
+        ("100 f in c", "unit_convert", {"value": 100, "from_unit": "f", "to_unit": "c"}),
+        ("how many feet in 2.5 meters", "unit_convert", {"value": 2.5, "from_unit": "meters",
+                                                         "to_unit": "feet"}),
+        ("what time is it in Asia/Tokyo", "current_time", {"zone": "Asia/Tokyo"}),
+        ("what time is it in Europe/Paris?", "current_time", {"zone": "Europe/Paris"}),
+        ("time in Tokyo", "current_time", {"zone": "Tokyo"}),
+        ("show my notes", "list_notes", {}),
+    ],
+)
+def test_sample_prompts_route_to_the_right_tool(
+    router: ToolRouter, prompt: str, tool: str, arguments: dict[str, Any]
+) -> None:
+    decision = router.route(prompt, ["*"])
+    assert decision.matched, decision.reason
+    assert decision.best is not None
+    assert decision.best.tool.spec.name == tool
+    assert json.loads(decision.arguments_json) == arguments
+    assert decision.best.confidence >= decision.threshold
+    assert decision.rules_version == packaged_rules()["version"]
+    scores = [c.confidence for c in decision.candidates]
+    assert scores == sorted(scores, reverse=True)
+    assert len(decision.candidates) == 5
+
+
+@pytest.mark.parametrize("prompt", ["asdf qwerty zxcv", "I have 3 cats", "", "hello there"])
+def test_prompts_without_intent_match_no_tool(router: ToolRouter, prompt: str) -> None:
+    decision = router.route(prompt, ["*"])
+    assert not decision.matched
+    assert decision.arguments_json == ""
+    assert decision.reason.startswith("no tool is confident enough")
+
+
+def test_only_allowed_tools_are_scored(router: ToolRouter) -> None:
+    decision = router.route("what is 17 * 23", ["unit_convert", "current_time"])
+    assert {c.tool.spec.name for c in decision.candidates} == {"unit_convert", "current_time"}
+    assert not decision.matched
+    assert router.route("what is 17 * 23", ["calculator"]).matched
+
+
+def test_an_empty_allowlist_allows_nothing(router: ToolRouter) -> None:
+    decision = router.route("what is 17 * 23", [])
+    assert not decision.matched
+    assert decision.candidates == []
+    assert decision.reason == "no tool is allowed for this caller"
+
+
+def test_poor_health_lowers_confidence_below_the_threshold() -> None:
+    registry = default_registry()
+    rules = load_rules(DEFAULT_RULES_FILE)
+    healthy = ToolRouter(rules, registry, lambda _n, _v: 1.0).route("time in Tokyo", ["*"])
+    sick = ToolRouter(rules, registry, lambda _n, _v: 0.0).route("time in Tokyo", ["*"])
+    assert healthy.best is not None and sick.best is not None
+    assert healthy.best.confidence - sick.best.confidence == pytest.approx(0.15)
+    assert sick.best.health == 0.0
+
+
+def test_schema_fit_counts_the_share_of_required_properties_satisfied() -> None:
+    validator = Draft202012Validator(
+        {
+            "type": "object",
+            "properties": {"a": {"type": "number"}, "b": {"type": "string"}},
+            "required": ["a", "b"],
+        }
+    )
+    assert schema_fit(validator, {"a": 1, "b": "x"}) == 1.0
+    assert schema_fit(validator, {"a": 1}) == 0.5
+    assert schema_fit(validator, {"a": "one", "b": "x"}) == 0.5
+    assert schema_fit(validator, {}) == 0.0
+
+
+def test_a_tool_without_rules_is_never_routed() -> None:
+    registry: Registry = default_registry()
+    data = packaged_rules()
+    del data["tools"]["list_notes"]
+    router = ToolRouter(parse_rules(data), registry, lambda _n, _v: 1.0)
+    candidates = router.route("show my notes", ["*"]).candidates
+    assert all(c.tool.spec.name != "list_notes" for c in candidates)

@@ -1,0 +1,151 @@
+"""The pure tool implementations: exact arithmetic, unit conversion, time zones."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from fractions import Fraction
+
+import pytest
+
+from services.router.tools import calculator, clock, units
+
+
+@pytest.mark.parametrize(
+    ("expression", "value"),
+    [
+        ("17 * 23", "391"),
+        ("0.1 + 0.2", "0.3"),
+        ("2 + 3 * 4", "14"),
+        ("(2 + 3) * 4", "20"),
+        ("-3 - -4", "1"),
+        ("-(3 + 4) * 2", "-14"),
+        ("7 // 2", "3"),
+        ("-7 // 2", "-4"),
+        ("7 % 3", "1"),
+        ("2 ** 10", "1024"),
+        ("2 ** -2", "0.25"),
+        ("1.5 * 4", "6"),
+        (".5 + 1.", "1.5"),
+        ("10 / 4", "2.5"),
+    ],
+)
+def test_calculator_is_exact(expression: str, value: str) -> None:
+    assert calculator.format_value(calculator.evaluate(expression)) == (value, True)
+
+
+def test_non_terminating_results_are_rounded_and_marked_inexact() -> None:
+    assert calculator.evaluate("1 / 3") == Fraction(1, 3)
+    assert calculator.format_value(Fraction(1, 3)) == ("0.33333333333333333333", False)
+
+
+@pytest.mark.parametrize(
+    ("expression", "reason"),
+    [
+        ("__import__('os')", "Call is not allowed"),
+        ("__import__('os').system('true')", "not allowed"),
+        ("x + 1", "Name is not allowed"),
+        ("(1).real", "Attribute is not allowed"),
+        ("[1, 2]", "List is not allowed"),
+        ("'a' * 3", "Constant is not allowed"),
+        ("1 if 1 else 2", "IfExp is not allowed"),
+        ("1 < 2", "Compare is not allowed"),
+        ("1 << 8", "LShift is not allowed"),
+        ("~1", "UnaryOp is not allowed"),
+        ("1_000 + 1", "not a plain decimal"),
+        ("1e5", "not a plain decimal"),
+        ("1j", "Constant is not allowed"),
+        ("9 ** 9 ** 9", "too large"),
+        ("2 ** 100000", "too large"),
+        ("10 ** 3000 * 10 ** 3000", "too large"),
+        ("2 ** 0.5", "whole-number exponents"),
+        ("1 / 0", "division by zero"),
+        ("1 // (2 - 2)", "division by zero"),
+        ("5 % 0", "division by zero"),
+        ("0 ** -1", "division by zero"),
+        ("1 +", "not valid arithmetic"),
+        ("", "empty"),
+        ("1 + " * 60 + "1", "longer than 200"),
+    ],
+)
+def test_calculator_refuses(expression: str, reason: str) -> None:
+    with pytest.raises(calculator.CalculatorError, match=reason):
+        calculator.evaluate(expression)
+
+
+def test_largest_allowed_power_still_formats() -> None:
+    value, exact = calculator.format_value(calculator.evaluate("2 ** 4999"))
+    assert exact and len(value) == 1505
+    big, exact = calculator.format_value(calculator.evaluate("99 ** 1428"))
+    assert exact and len(big) == 2850
+
+
+@pytest.mark.parametrize(
+    ("value", "source", "target", "expected"),
+    [
+        ("10", "km", "miles", Fraction(10_000_000, 1_609_344)),
+        ("100", "f", "c", Fraction(340, 9)),
+        ("0", "Celsius", "Fahrenheit", Fraction(32)),
+        ("0", "c", "k", Fraction("273.15")),
+        ("1", "lb", "g", Fraction("453.59237")),
+        ("16", "oz", "lb", Fraction(1)),
+        ("1", "gallon", "cups", Fraction(16)),
+        ("1", "m3", "l", Fraction(1000)),
+        ("36", "km/h", "m/s", Fraction(10)),
+        ("60", "miles per hour", "km/h", Fraction("96.56064")),
+        ("3", "feet", "inches", Fraction(36)),
+    ],
+)
+def test_unit_conversion_is_exact(value: str, source: str, target: str, expected: Fraction) -> None:
+    result, _, _ = units.convert(Fraction(value), source, target)
+    assert result == expected
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "reason"),
+    [
+        ("km", "kg", "cannot convert length"),
+        ("furlong", "m", "unknown unit"),
+        ("c", "parsec", "unknown unit"),
+    ],
+)
+def test_unit_conversion_refuses(source: str, target: str, reason: str) -> None:
+    with pytest.raises(units.UnitError, match=reason):
+        units.convert(Fraction(1), source, target)
+
+
+def test_temperatures_below_absolute_zero_are_refused() -> None:
+    with pytest.raises(units.UnitError, match="absolute zero"):
+        units.convert(Fraction(-300), "c", "f")
+
+
+@pytest.mark.parametrize(
+    ("name", "zone"),
+    [
+        ("Europe/Paris", "Europe/Paris"),
+        ("europe/paris", "Europe/Paris"),
+        ("Asia/Tokyo", "Asia/Tokyo"),
+        ("Tokyo", "Asia/Tokyo"),
+        ("tokyo", "Asia/Tokyo"),
+        ("New York", "America/New_York"),
+        ("america/new_york", "America/New_York"),
+        ("NYC", "America/New_York"),
+        ("Mumbai", "Asia/Kolkata"),
+        ("utc", "UTC"),
+    ],
+)
+def test_zone_names_and_cities_resolve(name: str, zone: str) -> None:
+    assert clock.resolve_zone(name) == zone
+
+
+@pytest.mark.parametrize("name", ["Narnia", "Mars/Olympus", "../../etc/passwd", ""])
+def test_unknown_zones_are_refused(name: str) -> None:
+    with pytest.raises(clock.ZoneError, match="unknown time zone"):
+        clock.resolve_zone(name)
+
+
+def test_time_in_a_zone_follows_its_offset_and_daylight_saving() -> None:
+    winter = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
+    summer = datetime(2026, 7, 15, 12, 0, tzinfo=UTC)
+    assert clock.now_in("Tokyo", winter).strftime("%H:%M %Z") == "21:00 JST"
+    assert clock.now_in("Europe/Paris", winter).strftime("%H:%M %Z") == "13:00 CET"
+    assert clock.now_in("Europe/Paris", summer).strftime("%H:%M %Z") == "14:00 CEST"
