@@ -1,0 +1,107 @@
+"""OTLP ExportTraceServiceRequest -> flat span records, with the columns that stats query on."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+SPAN_KIND_SERVER = trace_pb2.Span.SPAN_KIND_SERVER
+_MAX_SPAN_KIND = trace_pb2.Span.SPAN_KIND_CONSUMER
+_STATUS_ERROR = trace_pb2.Status.STATUS_CODE_ERROR
+
+# Attributes lifted into columns; the rest is kept as JSON.
+_RPC_SERVICE = "rpc.service"
+_RPC_METHOD = "rpc.method"
+_GRPC_STATUS = "rpc.grpc.status_code"
+_TOOL_NAME = "gen_ai.tool.name"
+_TOOL_VERSION = "toolmesh.tool.version"
+_TENANT = "toolmesh.tenant"
+_OPERATION = "gen_ai.operation.name"
+
+# Longest stored text of the columns below; longer values are cut, never rejected.
+MAX_KEY_CHARS = 256
+
+
+def _value(value: Any) -> Any:
+    """An OTLP AnyValue as plain JSON-able Python."""
+    which = value.WhichOneof("value")
+    if which is None:
+        return None
+    if which == "array_value":
+        return [_value(item) for item in value.array_value.values]
+    if which == "kvlist_value":
+        return {item.key: _value(item.value) for item in value.kvlist_value.values}
+    if which == "bytes_value":
+        return value.bytes_value.hex()
+    return getattr(value, which)
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)[:MAX_KEY_CHARS]
+
+
+def _span_violations(span: Any, where: str) -> list[tuple[str, str]]:
+    violations = []
+    if len(span.trace_id) != 16 or not any(span.trace_id):
+        violations.append((f"{where}.trace_id", "must be 16 bytes, not all zero"))
+    if len(span.span_id) != 8 or not any(span.span_id):
+        violations.append((f"{where}.span_id", "must be 8 bytes, not all zero"))
+    if len(span.parent_span_id) not in (0, 8):
+        violations.append((f"{where}.parent_span_id", "must be empty or 8 bytes"))
+    if not 0 <= span.kind <= _MAX_SPAN_KIND:
+        violations.append((f"{where}.kind", "unknown span kind"))
+    if span.start_time_unix_nano == 0 or span.end_time_unix_nano < span.start_time_unix_nano:
+        violations.append((f"{where}.end_time_unix_nano", "must not be before a non-zero start"))
+    return violations
+
+
+def _record(span: Any, service: str) -> dict[str, Any]:
+    attributes = {item.key: _value(item.value) for item in span.attributes}
+    if _RPC_SERVICE in attributes and _RPC_METHOD in attributes:
+        route = f"/{attributes.pop(_RPC_SERVICE)}/{attributes.pop(_RPC_METHOD)}"
+    else:
+        route = span.name if span.kind == SPAN_KIND_SERVER else ""
+    grpc_status = attributes.pop(_GRPC_STATUS, None)
+    return {
+        "trace_id": span.trace_id.hex(),
+        "span_id": span.span_id.hex(),
+        "parent_span_id": span.parent_span_id.hex(),
+        "service": service,
+        "name": span.name[:MAX_KEY_CHARS],
+        "kind": span.kind,
+        "start_ns": span.start_time_unix_nano,
+        "end_ns": span.end_time_unix_nano,
+        "duration_ms": (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6,
+        "error": span.status.code == _STATUS_ERROR,
+        "route": route[:MAX_KEY_CHARS],
+        "grpc_status_code": grpc_status if isinstance(grpc_status, int) else None,
+        "tool_name": _text(attributes.pop(_TOOL_NAME, None)),
+        "tool_version": _text(attributes.pop(_TOOL_VERSION, None)),
+        "tenant": _text(attributes.pop(_TENANT, None)),
+        # Kept in the JSON too: it is a plain attribute, the column only serves the tool query.
+        "operation": _text(attributes.get(_OPERATION)),
+        "attributes_json": json.dumps(attributes, separators=(",", ":"), sort_keys=True),
+    }
+
+
+def decode(request: Any) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Span records of an ExportTraceServiceRequest, or the fields that make it malformed."""
+    records: list[dict[str, Any]] = []
+    violations: list[tuple[str, str]] = []
+    for r, resource_spans in enumerate(request.resource_spans):
+        service = "unknown_service"
+        for item in resource_spans.resource.attributes:
+            if item.key == "service.name":
+                service = _text(_value(item.value)) or service
+        for s, scope_spans in enumerate(resource_spans.scope_spans):
+            for i, span in enumerate(scope_spans.spans):
+                problems = _span_violations(
+                    span, f"resource_spans[{r}].scope_spans[{s}].spans[{i}]"
+                )
+                if problems:
+                    violations.extend(problems)
+                elif not violations:
+                    records.append(_record(span, service))
+    return records, violations

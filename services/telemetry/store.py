@@ -1,0 +1,143 @@
+"""Spans in SQL (SQLAlchemy 2 async): SQLite by default, PostgreSQL for several replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    Index,
+    Integer,
+    Row,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    delete,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from services.kit.db import create_engine, session_factory
+from services.telemetry.spans import MAX_KEY_CHARS, SPAN_KIND_SERVER
+
+# Any constant works; it only has to be the same for every telemetry replica.
+_SCHEMA_LOCK_KEY = 0x74656C656D
+
+EXECUTE_TOOL = "execute_tool"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SpanRow(Base):
+    __tablename__ = "telemetry_spans"
+    __table_args__ = (
+        # An exporter retrying a batch must not count its spans twice.
+        UniqueConstraint("trace_id", "span_id", name="uq_telemetry_spans_id"),
+        Index("ix_telemetry_spans_kind_end", "kind", "end_ns"),
+        Index("ix_telemetry_spans_operation_end", "operation", "end_ns"),
+        Index("ix_telemetry_spans_end", "end_ns"),
+    )
+
+    # SQLite only auto-increments INTEGER PRIMARY KEY.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    trace_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    span_id: Mapped[str] = mapped_column(String(16), nullable=False)
+    parent_span_id: Mapped[str] = mapped_column(String(16), nullable=False)
+    service: Mapped[str] = mapped_column(String(MAX_KEY_CHARS), nullable=False)
+    name: Mapped[str] = mapped_column(String(MAX_KEY_CHARS), nullable=False)
+    kind: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    start_ns: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    end_ns: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    duration_ms: Mapped[float] = mapped_column(Float, nullable=False)
+    error: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    route: Mapped[str] = mapped_column(String(MAX_KEY_CHARS), nullable=False)
+    grpc_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tool_name: Mapped[str] = mapped_column(String(MAX_KEY_CHARS), nullable=False)
+    tool_version: Mapped[str] = mapped_column(String(MAX_KEY_CHARS), nullable=False)
+    tenant: Mapped[str] = mapped_column(String(MAX_KEY_CHARS), nullable=False)
+    operation: Mapped[str] = mapped_column(String(MAX_KEY_CHARS), nullable=False)
+    attributes_json: Mapped[str] = mapped_column(Text, nullable=False)
+
+
+# What each GetStats grouping reads: its key columns and which spans count.
+GROUPINGS: dict[str, tuple[tuple[Any, ...], Any]] = {
+    "service": ((SpanRow.service,), SpanRow.kind == SPAN_KIND_SERVER),
+    "route": ((SpanRow.service, SpanRow.route), SpanRow.kind == SPAN_KIND_SERVER),
+    "tool": ((SpanRow.tool_name, SpanRow.tool_version), SpanRow.operation == EXECUTE_TOOL),
+}
+
+
+class SpanStore:
+    def __init__(self, url: str) -> None:
+        self._engine = create_engine(url)
+        self._is_sqlite = self._engine.dialect.name == "sqlite"
+        self._sessions = session_factory(self._engine)
+        # SQLite has one writer: queue this process's writers here, not in SQLite's busy loop.
+        self._local_write_lock = asyncio.Lock() if self._is_sqlite else None
+
+    async def create_schema(self) -> None:
+        """Create missing tables; on PostgreSQL replicas starting together take turns."""
+        async with self._engine.begin() as conn:
+            if not self._is_sqlite:
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
+                )
+            await conn.run_sync(Base.metadata.create_all)
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[None]:
+        if self._local_write_lock is None:
+            yield
+            return
+        async with self._local_write_lock:
+            yield
+
+    async def insert(self, records: list[dict[str, Any]]) -> None:
+        """Insert a batch in one transaction; spans already stored are skipped."""
+        insert = sqlite.insert if self._is_sqlite else postgresql.insert
+        statement = insert(SpanRow).on_conflict_do_nothing(index_elements=["trace_id", "span_id"])
+        async with self._writing(), self._sessions() as session, session.begin():
+            await session.execute(statement, records)
+
+    async def prune(self, ended_before_ns: int) -> int:
+        async with self._writing(), self._sessions() as session, session.begin():
+            result = await session.execute(delete(SpanRow).where(SpanRow.end_ns < ended_before_ns))
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    async def samples(
+        self, grouping: str, window_start_ns: int, window_end_ns: int, service: str
+    ) -> Sequence[Row[Any]]:
+        """(key columns..., duration_ms, error) of every span the grouping counts in the window."""
+        keys, which = GROUPINGS[grouping]
+        query = select(*keys, SpanRow.duration_ms, SpanRow.error).where(
+            which, SpanRow.end_ns >= window_start_ns, SpanRow.end_ns <= window_end_ns
+        )
+        if service:
+            query = query.where(SpanRow.service == service)
+        async with self._sessions() as session:
+            return (await session.execute(query)).all()
+
+    async def trace(self, trace_id: str) -> Sequence[SpanRow]:
+        async with self._sessions() as session:
+            return (
+                await session.scalars(
+                    select(SpanRow)
+                    .where(SpanRow.trace_id == trace_id)
+                    .order_by(SpanRow.start_ns, SpanRow.span_id)
+                )
+            ).all()

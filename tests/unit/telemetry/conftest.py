@@ -1,0 +1,75 @@
+"""Real telemetry servers in-process on port 0, on SQLite (temp dir) and a fresh PostgreSQL db."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+from services.kit.channels import open_channel
+from services.kit.server import Cleanup, Running, start
+from services.telemetry.service import build
+from services.telemetry.settings import TelemetrySettings
+from toolmesh.telemetry.v1 import telemetry_pb2_grpc
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
+
+
+class TelemetryServer:
+    """One telemetry server plus stubs for its two services on the same port."""
+
+    def __init__(self, settings: TelemetrySettings) -> None:
+        self.settings = settings
+        self.running: Running | None = None
+
+    async def start(self) -> TelemetryServer:
+        cleanups: list[Cleanup] = []
+        self.running = await start(self.settings, build(self.settings, cleanups))
+        self.running.cleanups.extend(cleanups)
+        self.address = f"127.0.0.1:{self.running.port}"
+        self.channel = open_channel(self.address)
+        self.stub = telemetry_pb2_grpc.TelemetryStub(self.channel)
+        self.otlp = trace_service_pb2_grpc.TraceServiceStub(self.channel)
+        return self
+
+    async def stop(self) -> None:
+        if self.running is not None:
+            await self.channel.close()
+            await self.running.stop(0)
+            self.running = None
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database toolmesh_test_tel_<random>, dropped afterwards."""
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"PostgreSQL unreachable: {exc}")
+    name = f"toolmesh_test_tel_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> TelemetrySettings:
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
+    return TelemetrySettings(port=0, data_dir=tmp_path, database_url=url)
+
+
+@pytest.fixture
+async def server(settings: TelemetrySettings) -> AsyncIterator[TelemetryServer]:
+    running = await TelemetryServer(settings).start()
+    yield running
+    await running.stop()
