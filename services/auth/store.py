@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -23,6 +23,9 @@ from services.auth.models import (
 )
 from services.auth.settings import MAX_TOKEN_LIFETIME_S
 from services.kit.db import session_factory
+
+# Advisory lock id for schema creation (any constant shared by every auth replica).
+_SCHEMA_LOCK = 0x746D61757468  # "tmauth"
 
 
 class StoreError(Exception):
@@ -56,7 +59,10 @@ class Store:
         self._sessions = session_factory(engine)
 
     async def create_schema(self) -> None:
+        """Create missing tables; replicas starting together on PostgreSQL take turns."""
         async with self._engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK})
             await conn.run_sync(Base.metadata.create_all)
 
     # --- signing keys -------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""Operator commands run against the database and keys dir directly, without a server.
+
+They exist for the steps no admin token can do yet: the first production key and admin client,
+and removing the dev key and client before a production start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import secrets
+import time
+from typing import Any
+
+from services.auth.keys import KeyFiles
+from services.auth.models import (
+    CLIENT_DELETED,
+    CLIENT_DISABLED,
+    CLIENT_ENABLED,
+    CLIENT_REVOKED,
+    ClientRow,
+)
+from services.auth.policy import NAME_PATTERN, SCOPE_PATTERN
+from services.auth.servicer import CLIENT_ID_PATTERN, SecretHasher, audit, new_secret
+from services.auth.settings import AuthSettings
+from services.auth.store import Store
+from services.kit.db import create_engine
+
+ACTOR = "local-operator"
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m services.auth",
+                                  description="Run the auth server, or an operator command.")
+    commands = top.add_subparsers(dest="command")
+    commands.add_parser("serve", help="run the server (the default)")
+    commands.add_parser("rotate-key", help="create a signing key and make it active")
+    retire = commands.add_parser("retire-key", help="take a verifying key out of the JWKS")
+    retire.add_argument("kid")
+    delete = commands.add_parser("delete-client", help="delete a client (e.g. dev)")
+    delete.add_argument("client_id")
+    create = commands.add_parser("create-client",
+                                 help="create a client; prints its secret once as JSON")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--scope", action="append", default=[])
+    create.add_argument("--role", action="append", default=[])
+    create.add_argument("--client-id", default="")
+    return top
+
+
+async def run(settings: AuthSettings, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one command; returns what to print. Raises ValueError for bad input."""
+    settings.ensure_data_dir()
+    engine = create_engine(settings.db_url())
+    try:
+        store = Store(engine)
+        await store.create_schema()
+        keys = KeyFiles(settings.resolved_keys_dir())
+        if args.command == "rotate-key":
+            kid, x = keys.create()
+            new, previous = await store.rotate_to(kid, x)
+            audit("key.rotate", ACTOR, kid, "ok", previous=previous.kid if previous else "")
+            return {"active": new.kid, "previous": previous.kid if previous else None}
+        if args.command == "retire-key":
+            retired = await store.retire(args.kid)
+            keys.remove(retired.kid)
+            audit("key.retire", ACTOR, retired.kid, "ok")
+            return {"retired": retired.kid}
+        if args.command == "delete-client":
+            deleted = await store.set_client_state(
+                args.client_id, CLIENT_DELETED, (CLIENT_ENABLED, CLIENT_DISABLED, CLIENT_REVOKED))
+            audit("client.delete", ACTOR, deleted.client_id, "ok", tenant=deleted.tenant)
+            return {"deleted": deleted.client_id}
+        return await _create_client(store, args)
+    finally:
+        await engine.dispose()
+
+
+async def _create_client(store: Store, args: argparse.Namespace) -> dict[str, Any]:
+    client_id = args.client_id or f"c-{secrets.token_hex(8)}"
+    if not re.fullmatch(CLIENT_ID_PATTERN, client_id):
+        raise ValueError("client id: 1-64 letters, digits, '_', '.', '-'")
+    if not re.fullmatch(NAME_PATTERN, args.tenant):
+        raise ValueError("tenant: lower-case letters, digits, '_', '.', '-'")
+    names = [*args.scope, *args.role]
+    if not names or not all(re.fullmatch(SCOPE_PATTERN, name) for name in names):
+        raise ValueError("give at least one --scope or --role, each a valid name")
+    secret = new_secret()
+    now = time.time()
+    row = ClientRow(client_id=client_id, tenant=args.tenant, scopes=" ".join(args.scope),
+                    roles=" ".join(args.role), state=CLIENT_ENABLED,
+                    secret_hash=await SecretHasher().hash(secret), created_at=now, updated_at=now)
+    await store.add_client(row)
+    audit("client.create", ACTOR, client_id, "ok", tenant=row.tenant, scopes=row.scopes,
+          roles=row.roles)
+    return {"client_id": client_id, "client_secret": secret.get_secret_value(),
+            "tenant": row.tenant}
+

@@ -1,0 +1,116 @@
+"""Admin RPCs: bearer token with scope admin required; changes audited, secrets never logged."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.unit.auth.conftest import AuthServer, bearer, code_of
+from toolmesh.auth.v1 import auth_pb2
+
+ADMIN_CALLS: list[tuple[str, Any]] = [
+    ("CreateClient", auth_pb2.CreateClientRequest(tenant="dev", scopes=["tools:read"])),
+    ("ListClients", auth_pb2.ListClientsRequest()),
+    ("DisableClient", auth_pb2.DisableClientRequest(client_id="dev")),
+    ("DeleteClient", auth_pb2.DeleteClientRequest(client_id="dev")),
+    ("RotateClientSecret", auth_pb2.RotateClientSecretRequest(client_id="dev")),
+    ("ListKeys", auth_pb2.ListKeysRequest()),
+    ("RotateKey", auth_pb2.RotateKeyRequest()),
+    ("RetireKey", auth_pb2.RetireKeyRequest(kid="x")),
+    ("RevokeToken", auth_pb2.RevokeTokenRequest(token_id="x")),
+    ("RevokeClient", auth_pb2.RevokeClientRequest(client_id="dev")),
+]
+
+
+async def test_admin_rpcs_refuse_callers_without_admin_scope(auth: AuthServer) -> None:
+    reader = bearer(await auth.token(("tools:read",)))
+    for method, request in ADMIN_CALLS:
+        call = getattr(auth.stub, method)
+        assert await code_of(call(request)) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing bearer token in the authorization metadata"), method
+        assert (await code_of(call(request, metadata=bearer("junk"))))[0] == \
+            grpc.StatusCode.UNAUTHENTICATED, method
+        assert await code_of(call(request, metadata=reader)) == (
+            grpc.StatusCode.PERMISSION_DENIED, "scope admin required"), method
+
+
+async def test_client_lifecycle_is_audited_without_secrets(
+    auth: AuthServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="toolmesh.auth.audit")
+    admin = await auth.admin()
+    created = await auth.stub.CreateClient(auth_pb2.CreateClientRequest(
+        client_id="billing-bot", tenant="acme", roles=["reader"]), metadata=admin)
+    first_secret = created.client_secret
+    assert created.client.state == auth_pb2.CLIENT_STATE_ENABLED
+    code, _ = await code_of(auth.stub.CreateClient(auth_pb2.CreateClientRequest(
+        client_id="billing-bot", tenant="acme", roles=["reader"]), metadata=admin))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+
+    listed = await auth.stub.ListClients(auth_pb2.ListClientsRequest(tenant="acme"),
+                                         metadata=admin)
+    assert [(c.client_id, list(c.roles)) for c in listed.clients] == [("billing-bot", ["reader"])]
+
+    rotated = await auth.stub.RotateClientSecret(
+        auth_pb2.RotateClientSecretRequest(client_id="billing-bot"), metadata=admin)
+    old = auth_pb2.IssueTokenRequest(client_id="billing-bot", client_secret=first_secret)
+    assert (await code_of(auth.stub.IssueToken(old)))[0] == grpc.StatusCode.UNAUTHENTICATED
+    new = auth_pb2.IssueTokenRequest(client_id="billing-bot", client_secret=rotated.client_secret)
+    issued = await auth.stub.IssueToken(new)
+    assert list(issued.scopes) == ["tools:read"]
+
+    revoked = await auth.stub.RevokeClient(
+        auth_pb2.RevokeClientRequest(client_id="billing-bot"), metadata=admin)
+    assert revoked.client.state == auth_pb2.CLIENT_STATE_REVOKED
+    assert (await code_of(auth.stub.IssueToken(new)))[0] == grpc.StatusCode.UNAUTHENTICATED
+    code, _ = await code_of(auth.stub.DisableClient(
+        auth_pb2.DisableClientRequest(client_id="billing-bot"), metadata=admin))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+    await auth.stub.DeleteClient(auth_pb2.DeleteClientRequest(client_id="billing-bot"),
+                                 metadata=admin)
+    listed = await auth.stub.ListClients(auth_pb2.ListClientsRequest(tenant="acme"),
+                                         metadata=admin)
+    assert list(listed.clients) == []
+    revocations = await auth.stub.GetRevocations(auth_pb2.GetRevocationsRequest())
+    assert "billing-bot" in revocations.disabled_clients
+    code, _ = await code_of(auth.stub.DeleteClient(
+        auth_pb2.DeleteClientRequest(client_id="billing-bot"), metadata=admin))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+    audits = [r.__dict__ for r in caplog.records if r.name == "toolmesh.auth.audit"]
+    changes = [(a["event"], a["target"], a["outcome"]) for a in audits
+               if a["event"].startswith("client.") and a["event"] != "client.list"]
+    assert changes == [
+        ("client.create", "billing-bot", "ok"),
+        ("client.create", "billing-bot", "refused"),
+        ("client.rotate_secret", "billing-bot", "ok"),
+        ("client.revoke", "billing-bot", "ok"),
+        ("client.disable", "billing-bot", "refused"),
+        ("client.delete", "billing-bot", "ok"),
+        ("client.delete", "billing-bot", "refused"),
+    ]
+    assert all(a["actor"] == "dev" for a in audits if a["event"].startswith("client."))
+    everything = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    for secret in (first_secret, rotated.client_secret, auth.dev_credentials()["client_secret"]):
+        assert secret not in everything
+
+
+async def test_create_client_validates_fields(auth: AuthServer) -> None:
+    code, details = await code_of(auth.stub.CreateClient(auth_pb2.CreateClientRequest(
+        client_id="bad id", tenant="Not Valid", scopes=["tools:read"], roles=["wizard"]),
+        metadata=await auth.admin()))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    for field in ("client_id", "tenant", "roles[0]"):
+        assert field in details
+
+
+async def test_revoke_token_validates_expiry(auth: AuthServer) -> None:
+    request = auth_pb2.RevokeTokenRequest(token_id="abc")
+    request.expires_at.FromSeconds(1)
+    code, details = await code_of(auth.stub.RevokeToken(request, metadata=await auth.admin()))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "expires_at" in details

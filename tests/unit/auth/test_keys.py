@@ -1,0 +1,64 @@
+"""JWKS contents and key rotation: old tokens verify until their key is retired."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import grpc
+import jwt
+
+from tests.unit.auth.conftest import AuthServer, code_of
+from toolmesh.auth.v1 import auth_pb2
+
+
+async def jwks_kids(auth: AuthServer) -> list[str]:
+    jwks = json.loads((await auth.stub.GetJwks(auth_pb2.GetJwksRequest())).jwks_json)
+    for key in jwks["keys"]:
+        assert set(key) == {"kty", "crv", "x", "kid", "alg", "use"}
+    return sorted(key["kid"] for key in jwks["keys"])
+
+
+async def test_rotate_then_retire(auth: AuthServer) -> None:
+    admin = await auth.admin()
+    old_kid, _ = auth.signing_key()
+    old_token = await auth.token()
+    assert await jwks_kids(auth) == [old_kid]
+
+    rotated = await auth.stub.RotateKey(auth_pb2.RotateKeyRequest(), metadata=admin)
+    new_kid = rotated.active.kid
+    assert rotated.previous.kid == old_kid
+    assert rotated.previous.state == auth_pb2.KEY_STATE_VERIFYING
+    assert rotated.active.state == auth_pb2.KEY_STATE_ACTIVE and not rotated.active.dev
+    new_file = auth.settings.resolved_keys_dir() / f"{new_kid}.pem"
+    assert stat.S_IMODE(new_file.stat().st_mode) == 0o600
+    assert await jwks_kids(auth) == sorted([old_kid, new_kid])
+
+    old = auth_pb2.VerifyTokenRequest(token=old_token)
+    assert (await auth.stub.VerifyToken(old)).caller.subject == "dev"
+    new_token = await auth.token()
+    assert jwt.get_unverified_header(new_token)["kid"] == new_kid
+    await auth.stub.VerifyToken(auth_pb2.VerifyTokenRequest(token=new_token))
+
+    code, details = await code_of(auth.stub.RetireKey(
+        auth_pb2.RetireKeyRequest(kid=new_kid), metadata=admin))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "rotate first" in details
+
+    retired = await auth.stub.RetireKey(auth_pb2.RetireKeyRequest(kid=old_kid), metadata=admin)
+    assert retired.key.state == auth_pb2.KEY_STATE_RETIRED
+    assert await jwks_kids(auth) == [new_kid]
+    assert await code_of(auth.stub.VerifyToken(old)) == (
+        grpc.StatusCode.UNAUTHENTICATED, "unknown signing key")
+    assert not (auth.settings.resolved_keys_dir() / f"{old_kid}.pem").exists()
+    # The admin token was signed by the retired key too.
+    assert (await code_of(auth.stub.ListKeys(auth_pb2.ListKeysRequest(), metadata=admin)))[0] \
+        == grpc.StatusCode.UNAUTHENTICATED
+    admin = await auth.admin()
+    listed = await auth.stub.ListKeys(auth_pb2.ListKeysRequest(), metadata=admin)
+    assert {(k.kid, k.state) for k in listed.keys} == {
+        (new_kid, auth_pb2.KEY_STATE_ACTIVE), (old_kid, auth_pb2.KEY_STATE_RETIRED)}
+
+    code, _ = await code_of(auth.stub.RetireKey(auth_pb2.RetireKeyRequest(kid="nope"),
+                                                metadata=admin))
+    assert code == grpc.StatusCode.NOT_FOUND
+
