@@ -34,12 +34,21 @@ _ROLE_NAMES = {
 _ROLE_VALUES = {name: value for value, name in _ROLE_NAMES.items()}
 
 
+def _text_violations(
+    field: str, value: str, max_chars: int, *, required: bool = False
+) -> list[tuple[str, str]]:
+    if required and not value:
+        return [(field, "required")]
+    if len(value) > max_chars:
+        return [(field, f"at most {max_chars} characters")]
+    if "\x00" in value:
+        # PostgreSQL text cannot hold NUL; refuse it on every backend alike.
+        return [(field, "must not contain NUL characters")]
+    return []
+
+
 def _scope_violations(caller: Any, session_id: str) -> list[tuple[str, str]]:
-    violations = []
-    if not caller.tenant:
-        violations.append(("caller.tenant", "required"))
-    elif len(caller.tenant) > MAX_ID_CHARS:
-        violations.append(("caller.tenant", f"at most {MAX_ID_CHARS} characters"))
+    violations = _text_violations("caller.tenant", caller.tenant, MAX_ID_CHARS, required=True)
     if not SESSION_ID_PATTERN.fullmatch(session_id):
         violations.append(("session_id", "1-128 characters of A-Z a-z 0-9 . _ : -"))
     return violations
@@ -47,23 +56,17 @@ def _scope_violations(caller: Any, session_id: str) -> list[tuple[str, str]]:
 
 def _append_violations(request: Any) -> list[tuple[str, str]]:
     violations = _scope_violations(request.caller, request.session_id)
-    if not request.request_id:
-        violations.append(("request_id", "required"))
-    elif len(request.request_id) > MAX_ID_CHARS:
-        violations.append(("request_id", f"at most {MAX_ID_CHARS} characters"))
+    violations += _text_violations("request_id", request.request_id, MAX_ID_CHARS, required=True)
     if not 1 <= len(request.turns) <= MAX_TURNS_PER_REQUEST:
         violations.append(("turns", f"between 1 and {MAX_TURNS_PER_REQUEST} turns"))
     for i, turn in enumerate(request.turns):
         if turn.role not in _ROLE_NAMES:
             violations.append((f"turns[{i}].role", "must be USER or ASSISTANT"))
-        if len(turn.content) > MAX_CONTENT_CHARS:
-            violations.append((f"turns[{i}].content", f"at most {MAX_CONTENT_CHARS} characters"))
-        if len(turn.tool_name) > MAX_ID_CHARS:
-            violations.append((f"turns[{i}].tool_name", f"at most {MAX_ID_CHARS} characters"))
-        if len(turn.tool_version) > MAX_TOOL_VERSION_CHARS:
-            violations.append(
-                (f"turns[{i}].tool_version", f"at most {MAX_TOOL_VERSION_CHARS} characters")
-            )
+        violations += _text_violations(f"turns[{i}].content", turn.content, MAX_CONTENT_CHARS)
+        violations += _text_violations(f"turns[{i}].tool_name", turn.tool_name, MAX_ID_CHARS)
+        violations += _text_violations(
+            f"turns[{i}].tool_version", turn.tool_version, MAX_TOOL_VERSION_CHARS
+        )
     return violations
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -20,6 +21,8 @@ _TOOL_VERSION = "toolmesh.tool.version"
 _TENANT = "toolmesh.tenant"
 _OPERATION = "gen_ai.operation.name"
 
+# Timestamps are stored as signed 64-bit integers (good until the year 2262).
+_MAX_UNIX_NANO = 2**63 - 1
 # Longest stored text of the columns below; longer values are cut, never rejected.
 MAX_KEY_CHARS = 256
 
@@ -35,11 +38,15 @@ def _value(value: Any) -> Any:
         return {item.key: _value(item.value) for item in value.kvlist_value.values}
     if which == "bytes_value":
         return value.bytes_value.hex()
+    if which == "double_value" and not math.isfinite(value.double_value):
+        # JSON has no NaN or Infinity; keep them readable rather than invalid.
+        return str(value.double_value)
     return getattr(value, which)
 
 
 def _text(value: Any) -> str:
-    return "" if value is None else str(value)[:MAX_KEY_CHARS]
+    """A column value: cut to size, without NUL (PostgreSQL text cannot hold it)."""
+    return "" if value is None else str(value).replace("\x00", "")[:MAX_KEY_CHARS]
 
 
 def _span_violations(span: Any, where: str) -> list[tuple[str, str]]:
@@ -54,6 +61,8 @@ def _span_violations(span: Any, where: str) -> list[tuple[str, str]]:
         violations.append((f"{where}.kind", "unknown span kind"))
     if span.start_time_unix_nano == 0 or span.end_time_unix_nano < span.start_time_unix_nano:
         violations.append((f"{where}.end_time_unix_nano", "must not be before a non-zero start"))
+    elif span.end_time_unix_nano > _MAX_UNIX_NANO:
+        violations.append((f"{where}.end_time_unix_nano", "must be before the year 2262"))
     return violations
 
 
@@ -69,13 +78,13 @@ def _record(span: Any, service: str) -> dict[str, Any]:
         "span_id": span.span_id.hex(),
         "parent_span_id": span.parent_span_id.hex(),
         "service": service,
-        "name": span.name[:MAX_KEY_CHARS],
+        "name": _text(span.name),
         "kind": span.kind,
         "start_ns": span.start_time_unix_nano,
         "end_ns": span.end_time_unix_nano,
         "duration_ms": (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6,
         "error": span.status.code == _STATUS_ERROR,
-        "route": route[:MAX_KEY_CHARS],
+        "route": _text(route),
         "grpc_status_code": grpc_status if isinstance(grpc_status, int) else None,
         "tool_name": _text(attributes.pop(_TOOL_NAME, None)),
         "tool_version": _text(attributes.pop(_TOOL_VERSION, None)),

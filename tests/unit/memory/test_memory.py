@@ -135,6 +135,8 @@ async def test_tenants_are_isolated(memory) -> None:
         (lambda r: r.turns.extend([common_pb2.Turn(role=USER, content="x")] * 15), "turns"),
         (lambda r: setattr(r.turns[0], "role", common_pb2.TURN_ROLE_UNSPECIFIED), "turns[0].role"),
         (lambda r: setattr(r.turns[1], "content", "x" * 16_001), "turns[1].content"),
+        (lambda r: setattr(r.turns[1], "content", "nul \x00 byte"), "turns[1].content"),
+        (lambda r: setattr(r.turns[1], "tool_version", "v" * 65), "turns[1].tool_version"),
     ],
 )
 async def test_append_validation_names_the_field(memory, mutate, field: str) -> None:
@@ -146,6 +148,19 @@ async def test_append_validation_names_the_field(memory, mutate, field: str) -> 
     assert bad_fields(caught.value) == [field]
     assert field in (caught.value.details() or "")
     assert await history(memory) == []
+
+
+async def test_limit_defaults_and_is_capped(settings) -> None:
+    server = await MemoryServer(
+        settings.model_copy(update={"default_history_limit": 2, "max_history_limit": 3})
+    ).start()
+    try:
+        for i in range(3):
+            await server.stub.AppendTurns(append_request(f"r-{i}"))
+        assert [t.seq for t in await history(server.stub)] == [5, 6]
+        assert [t.seq for t in await history(server.stub, limit=1000)] == [4, 5, 6]
+    finally:
+        await server.stop()
 
 
 async def test_content_of_16000_chars_is_accepted(memory) -> None:

@@ -39,6 +39,10 @@ def attr(key: str, value: object) -> otlp_common.KeyValue:
         any_value = otlp_common.AnyValue(bool_value=value)
     elif isinstance(value, int):
         any_value = otlp_common.AnyValue(int_value=value)
+    elif isinstance(value, float):
+        any_value = otlp_common.AnyValue(double_value=value)
+    elif isinstance(value, bytes):
+        any_value = otlp_common.AnyValue(bytes_value=value)
     else:
         any_value = otlp_common.AnyValue(string_value=str(value))
     return otlp_common.KeyValue(key=key, value=any_value)
@@ -319,6 +323,7 @@ async def test_thirty_days_is_the_longest_window(server: TelemetryServer) -> Non
             "end_time_unix_nano",
         ),
         (lambda s: setattr(s, "start_time_unix_nano", 0), "end_time_unix_nano"),
+        (lambda s: setattr(s, "end_time_unix_nano", 2**63), "end_time_unix_nano"),
     ],
 )
 async def test_malformed_spans_reject_the_batch(server, mutate, field: str) -> None:
@@ -329,6 +334,22 @@ async def test_malformed_spans_reject_the_batch(server, mutate, field: str) -> N
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_fields(caught.value) == [f"resource_spans[0].scope_spans[0].spans[1].{field}"]
     assert await stats(server, telemetry_pb2.STATS_GROUP_BY_SERVICE) == []
+
+
+async def test_odd_but_valid_values_are_stored(server: TelemetryServer) -> None:
+    odd = span(2, name="nul\x00name", ratio=float("nan"), blob=b"\x01\xff")
+    odd.attributes.add(
+        key="list",
+        value=otlp_common.AnyValue(
+            array_value=otlp_common.ArrayValue(values=[otlp_common.AnyValue(double_value=1.5)])
+        ),
+    )
+    await server.otlp.Export(export_request("toolmesh-x\x00", [odd]))
+    (stored,) = (
+        await server.stub.GetTrace(telemetry_pb2.GetTraceRequest(trace_id=odd.trace_id.hex()))
+    ).spans
+    assert (stored.service, stored.name, stored.route) == ("toolmesh-x", "nulname", "nulname")
+    assert json.loads(stored.attributes_json) == {"blob": "01ff", "list": [1.5], "ratio": "nan"}
 
 
 async def test_undecodable_export_is_invalid_argument(server: TelemetryServer) -> None:
