@@ -103,6 +103,8 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
 
     async def register(server: aio.Server) -> Sequence[str]:
         settings.ensure_data_dir()
+        # Holds the dev client's secret and, by default, the private keys.
+        settings.dev_client_file().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         engine = create_engine(settings.db_url())
         cleanups.append(engine.dispose)
         store = Store(engine)

@@ -20,7 +20,7 @@ from services.auth.models import (
     CLIENT_REVOKED,
     ClientRow,
 )
-from services.auth.policy import NAME_PATTERN, SCOPE_PATTERN
+from services.auth.policy import NAME_PATTERN, SCOPE_PATTERN, load_policy
 from services.auth.servicer import CLIENT_ID_PATTERN, SecretHasher, audit, new_secret
 from services.auth.settings import AuthSettings
 from services.auth.store import Store
@@ -71,12 +71,14 @@ async def run(settings: AuthSettings, args: argparse.Namespace) -> dict[str, Any
                 args.client_id, CLIENT_DELETED, (CLIENT_ENABLED, CLIENT_DISABLED, CLIENT_REVOKED))
             audit("client.delete", ACTOR, deleted.client_id, "ok", tenant=deleted.tenant)
             return {"deleted": deleted.client_id}
-        return await _create_client(store, args)
+        return await _create_client(settings, store, args)
     finally:
         await engine.dispose()
 
 
-async def _create_client(store: Store, args: argparse.Namespace) -> dict[str, Any]:
+async def _create_client(
+    settings: AuthSettings, store: Store, args: argparse.Namespace
+) -> dict[str, Any]:
     client_id = args.client_id or f"c-{secrets.token_hex(8)}"
     if not re.fullmatch(CLIENT_ID_PATTERN, client_id):
         raise ValueError("client id: 1-64 letters, digits, '_', '.', '-'")
@@ -85,6 +87,9 @@ async def _create_client(store: Store, args: argparse.Namespace) -> dict[str, An
     names = [*args.scope, *args.role]
     if not names or not all(re.fullmatch(SCOPE_PATTERN, name) for name in names):
         raise ValueError("give at least one --scope or --role, each a valid name")
+    unknown = set(args.role) - set(load_policy(settings.policy_file).roles)
+    if unknown:
+        raise ValueError(f"roles not in the policy: {', '.join(sorted(unknown))}")
     secret = new_secret()
     now = time.time()
     row = ClientRow(client_id=client_id, tenant=args.tenant, scopes=" ".join(args.scope),

@@ -27,7 +27,7 @@ async def test_first_start_creates_dev_key_and_client_with_private_modes(
     try:
         keys_dir = server.settings.resolved_keys_dir()
         (key_file,) = keys_dir.glob("*.pem")
-        assert mode(keys_dir) == 0o700
+        assert mode(keys_dir) == mode(keys_dir.parent) == 0o700
         assert mode(key_file) == 0o600
         creds_file = server.settings.dev_client_file()
         assert mode(creds_file) == 0o600
