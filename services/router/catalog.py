@@ -201,9 +201,11 @@ async def run_unit_convert(args: dict[str, Any], _ctx: ToolContext) -> ToolOutpu
     try:
         value = Fraction(Decimal(str(args["value"])))
         result, src, dst = units.convert(value, args["from_unit"], args["to_unit"])
+        shown = _number(result)
     except units.UnitError as error:
         raise ToolInputError(str(error)) from None
-    shown = _number(result)
+    except OverflowError:
+        raise ToolInputError("the result is too large to represent") from None
     return ToolOutput(
         answer=f"{args['value']} {src.symbol} = {shown} {dst.symbol}",
         result={

@@ -25,6 +25,8 @@ class ToolHealth:
         self._window_s = window_s
         self._success: dict[tuple[str, str], float] = {}
         self._task: asyncio.Task[None] | None = None
+        # Log an outage and a recovery once each, not on every refresh.
+        self._reachable = True
 
     def __call__(self, name: str, version: str) -> float:
         return self._success.get((name, version), 1.0)
@@ -39,12 +41,17 @@ class ToolHealth:
                 timeout=min(5.0, self._refresh_s),
             )
         except aio.AioRpcError as error:
-            code = error.code()
-            log.warning(
-                "tool health not refreshed; keeping the last values",
-                extra={"code": code.name if isinstance(code, grpc.StatusCode) else str(code)},
-            )
+            if self._reachable:
+                code = error.code()
+                log.warning(
+                    "telemetry unreachable; keeping the last tool health values",
+                    extra={"code": code.name if isinstance(code, grpc.StatusCode) else str(code)},
+                )
+            self._reachable = False
             return False
+        if not self._reachable:
+            log.info("telemetry reachable again; tool health refreshed")
+        self._reachable = True
         self._success = {
             (row.tool_name, row.tool_version): min(1.0, max(0.0, 1.0 - row.error_rate))
             for row in response.rows

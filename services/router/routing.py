@@ -13,6 +13,9 @@ from jsonschema import Draft202012Validator
 from services.router.registry import Registry, Tool, is_allowed
 from services.router.rules import Rules, ToolRules, Weights
 
+# Captured numbers beyond this many digits stay text rather than become huge ints or infinity.
+MAX_NUMBER_DIGITS = 30
+
 
 def confidence(weights: Weights, intent: float, schema_fit: float, health: float) -> float:
     """The router's confidence in a tool; each part and the result lie in [0, 1]."""
@@ -50,6 +53,8 @@ def coerce(raw: Mapping[str, str], schema: Mapping[str, Any]) -> dict[str, Any]:
             try:
                 number = Decimal(text)
             except InvalidOperation:
+                number = Decimal("NaN")
+            if not number.is_finite() or abs(number.adjusted()) > MAX_NUMBER_DIGITS:
                 arguments[name] = text  # left as text: the schema check will count it as wrong
                 continue
             if number == number.to_integral_value():

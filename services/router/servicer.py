@@ -59,6 +59,11 @@ def _describe(error: ValidationError) -> str:
     return f"must satisfy {error.validator}: {json.dumps(error.validator_value)[:80]}"
 
 
+def _no_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON, though Python's parser accepts them."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
 class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(
         self, registry: Registry, router: ToolRouter, executor: Executor, notes: NotesStore
@@ -129,7 +134,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 f"tool {tool.spec.name} is not on the caller's allowed tools",
             )
         try:
-            arguments = json.loads(request.arguments_json or "{}")
+            arguments = json.loads(request.arguments_json or "{}", parse_constant=_no_constant)
         except ValueError:
             await abort_invalid(context, [("arguments_json", "is not valid JSON")])
         errors = sorted(tool.input_validator.iter_errors(arguments), key=lambda e: e.json_path)

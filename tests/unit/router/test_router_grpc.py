@@ -80,6 +80,16 @@ async def test_route_below_threshold_says_why(router: RouterServer) -> None:
     assert reply.reason.startswith("no tool is confident enough")
 
 
+async def test_route_refuses_an_oversized_prompt(router: RouterServer) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await router.stub.Route(
+            router_pb2.RouteRequest(caller=CALLER, prompt="7" * 8001, allowed_tools=["*"]),
+            timeout=5,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == {"prompt": "longer than 8000 characters"}
+
+
 async def test_route_scores_only_allowed_tools(router: RouterServer) -> None:
     reply = await router.stub.Route(
         router_pb2.RouteRequest(caller=CALLER, prompt="what is 17 * 23"), timeout=5
@@ -155,6 +165,10 @@ async def test_schema_violation_names_the_json_path(router: RouterServer) -> Non
 async def test_malformed_json_and_missing_fields_are_invalid(router: RouterServer) -> None:
     error = await invoke_error(router, invoke_request("calculator", {}, arguments_json="{nope"))
     assert field_violations(error) == {"arguments_json": "is not valid JSON"}
+    error = await invoke_error(
+        router, invoke_request("unit_convert", {}, arguments_json='{"value": NaN}')
+    )
+    assert field_violations(error) == {"arguments_json": "is not valid JSON"}
     error = await invoke_error(router, invoke_request("calculator", {}, caller=None,
                                                       tool_version=""))
     assert set(field_violations(error)) == {"caller.tenant", "tool_version"}
@@ -167,6 +181,7 @@ async def test_malformed_json_and_missing_fields_are_invalid(router: RouterServe
         ("calculator", {"expression": "9 ** 9 ** 9"}, "calculator: result is too large"),
         ("current_time", {"zone": "Mars/Olympus"}, "unknown time zone"),
         ("unit_convert", {"value": 1, "from_unit": "km", "to_unit": "kg"}, "cannot convert"),
+        ("unit_convert", {"value": 1.7e308, "from_unit": "kg", "to_unit": "lb"}, "too large"),
     ],
 )
 async def test_bad_arguments_found_by_the_tool_are_invalid_argument(
