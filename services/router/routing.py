@@ -74,7 +74,6 @@ class Candidate:
     health: float
     confidence: float
     arguments: dict[str, Any]
-    intent_pattern: str
 
 
 @dataclass(frozen=True)
@@ -105,12 +104,8 @@ class ToolRouter:
         self._registry = registry
         self._health = health
 
-    @property
-    def rules(self) -> Rules:
-        return self._rules
-
     def _score(self, tool: Tool, tool_rules: ToolRules, prompt: str) -> Candidate:
-        intent, pattern = tool_rules.intent(prompt)
+        intent = tool_rules.intent(prompt)
         arguments = coerce(tool_rules.extract_raw(prompt), tool.spec.input_schema)
         fit = schema_fit(tool.input_validator, arguments)
         health = min(1.0, max(0.0, self._health(tool.spec.name, tool.spec.version)))
@@ -121,7 +116,6 @@ class ToolRouter:
             health=health,
             confidence=confidence(self._rules.weights, intent, fit, health),
             arguments=arguments,
-            intent_pattern=pattern,
         )
 
     def route(self, prompt: str, allowed_tools: Iterable[str]) -> Decision:

@@ -73,13 +73,12 @@ class ToolRules(_Strict):
                 raise ValueError(f"extraction pattern {pattern!r} has no named group")
         return value
 
-    def intent(self, prompt: str) -> tuple[float, str]:
-        """The best matching intent score and its pattern; (0, "") when none match."""
-        best = (0.0, "")
-        for rule in self.intents:
-            if rule.score > best[0] and _compiled(rule.pattern).search(prompt):
-                best = (rule.score, rule.pattern)
-        return best
+    def intent(self, prompt: str) -> float:
+        """The highest score among the intent patterns that match; 0 when none does."""
+        return max(
+            (rule.score for rule in self.intents if _compiled(rule.pattern).search(prompt)),
+            default=0.0,
+        )
 
     def extract_raw(self, prompt: str) -> dict[str, str]:
         """Named groups of the first matching extraction pattern, after the rewrites."""

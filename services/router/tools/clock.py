@@ -50,14 +50,24 @@ def _zone_index() -> dict[str, str]:
     return index
 
 
+def _lookup(words: list[str]) -> str | None:
+    wanted = " ".join(words).replace("_", " ").lower()
+    wanted_key = "_".join(words).lower()
+    return ALIASES.get(wanted) or _zone_index().get(wanted_key) or _zone_index().get(wanted)
+
+
 def resolve_zone(name: str) -> str:
-    """The canonical IANA key for a zone key or city name, in any case."""
-    wanted = " ".join(name.replace("_", " ").split()).lower()
-    wanted_key = "_".join(name.split()).lower()
-    zone = ALIASES.get(wanted) or _zone_index().get(wanted_key) or _zone_index().get(wanted)
-    if zone is None:
-        raise ZoneError(f"unknown time zone {name[:64]!r}")
-    return zone
+    """The canonical IANA key for a zone key or city name, in any case.
+
+    Trailing words that name no zone are dropped ("tokyo right now" is Asia/Tokyo), so a
+    phrase cut loosely from a prompt still resolves.
+    """
+    words = name.split()
+    for end in range(len(words), 0, -1):
+        zone = _lookup(words[:end])
+        if zone is not None:
+            return zone
+    raise ZoneError(f"unknown time zone {name[:64]!r}")
 
 
 def now_in(zone: str, at: datetime | None = None) -> datetime:

@@ -64,7 +64,7 @@ async def test_route_picks_the_calculator_with_arguments(router: RouterServer) -
     assert reply.confidence >= reply.threshold == 0.6
     assert reply.parts.intent == pytest.approx(0.9)
     assert reply.parts.schema_fit == 1.0 and reply.parts.health == 1.0
-    assert reply.rules_version == "2026.11.27-1"
+    assert reply.rules_version == "2026.11.27-2"
     assert reply.candidates[0].tool_name == "calculator"
     assert len(reply.candidates) == 5
     assert "calculator scored" in reply.reason

@@ -108,6 +108,7 @@ def test_rules_must_match_the_registry() -> None:
         ("what time is it in Asia/Tokyo", "current_time", {"zone": "Asia/Tokyo"}),
         ("what time is it in Europe/Paris?", "current_time", {"zone": "Europe/Paris"}),
         ("time in Tokyo", "current_time", {"zone": "Tokyo"}),
+        ("what time is it in new york?", "current_time", {"zone": "new york"}),
         ("show my notes", "list_notes", {}),
     ],
 )
