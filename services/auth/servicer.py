@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import secrets
 import time
@@ -112,15 +113,21 @@ def bad_entries(field: str, values: Sequence[str], pattern: str) -> list[tuple[s
 
 
 class SecretHasher:
-    """argon2id hashing off the event loop: one verification costs about 100 ms of CPU."""
+    """argon2id hashing off the event loop: one verification costs about 100 ms of CPU.
+
+    At most one hash per core runs at a time; the rest queue here rather than fill the default
+    thread pool that other blocking work shares.
+    """
 
     def __init__(self) -> None:
         self._hasher = PasswordHasher()
         # Unknown client ids are checked against this so they cost as long as a wrong secret.
         self._decoy = self._hasher.hash(secrets.token_urlsafe(32))
+        self._slots = asyncio.Semaphore(os.cpu_count() or 2)
 
     async def hash(self, secret: SecretStr) -> str:
-        return await asyncio.to_thread(self._hasher.hash, secret.get_secret_value())
+        async with self._slots:
+            return await asyncio.to_thread(self._hasher.hash, secret.get_secret_value())
 
     async def matches(self, secret_hash: str, secret: SecretStr) -> bool:
         def check() -> bool:
@@ -129,7 +136,8 @@ class SecretHasher:
             except (VerificationError, InvalidHashError):
                 return False
 
-        return await asyncio.to_thread(check) and bool(secret_hash)
+        async with self._slots:
+            return await asyncio.to_thread(check) and bool(secret_hash)
 
 
 def new_secret() -> SecretStr:
@@ -169,14 +177,13 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         if violations:
             await abort_invalid(context, violations)
         client_id, secret = request.client_id, SecretStr(request.client_secret)
-        wait = self._throttle.retry_after(client_id)
+        wait = self._throttle.begin(client_id)
         if wait:
             audit("token.issue", client_id, client_id, "throttled")
             await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                         "too many failed attempts for this client; retry later", retry_info(wait))
         client = await self._store.client(client_id)
         if not await self._hasher.matches(client.secret_hash if client else "", secret):
-            self._throttle.failed(client_id)
             audit("token.issue", client_id, client_id, "denied", reason="bad credentials")
             # One message for unknown id and wrong secret: no hint which one was wrong.
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, "invalid client credentials")

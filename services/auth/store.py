@@ -26,6 +26,7 @@ from services.kit.db import session_factory
 
 # Advisory lock id for schema creation (any constant shared by every auth replica).
 _SCHEMA_LOCK = 0x746D61757468  # "tmauth"
+PRUNE_EVERY_S = 30.0
 
 
 class StoreError(Exception):
@@ -57,6 +58,7 @@ class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._sessions = session_factory(engine)
+        self._pruned_at = 0.0
 
     async def create_schema(self) -> None:
         """Create missing tables; replicas starting together on PostgreSQL take turns."""
@@ -189,19 +191,24 @@ class Store:
     async def revocations(self) -> tuple[list[RevokedTokenRow], list[str], float]:
         """Revoked ids still unexpired and clients not enabled, pruning what can no longer matter.
 
-        A deleted client's tombstone goes once every token it could hold has expired.
+        A deleted client's tombstone goes once every token it could hold has expired. Verifiers
+        poll this often, so the pruning write runs at most every PRUNE_EVERY_S per replica.
         """
         now = time.time()
         async with self._sessions.begin() as session:
-            await session.execute(delete(RevokedTokenRow).where(RevokedTokenRow.expires_at < now))
-            await session.execute(
-                delete(ClientRow).where(
-                    ClientRow.state == CLIENT_DELETED,
-                    ClientRow.updated_at < now - MAX_TOKEN_LIFETIME_S - 60,
+            if now - self._pruned_at >= PRUNE_EVERY_S:
+                self._pruned_at = now
+                await session.execute(
+                    delete(RevokedTokenRow).where(RevokedTokenRow.expires_at < now))
+                await session.execute(
+                    delete(ClientRow).where(
+                        ClientRow.state == CLIENT_DELETED,
+                        ClientRow.updated_at < now - MAX_TOKEN_LIFETIME_S - 60,
+                    )
                 )
-            )
             revoked = list(await session.scalars(
-                select(RevokedTokenRow).order_by(RevokedTokenRow.expires_at)))
+                select(RevokedTokenRow).where(RevokedTokenRow.expires_at >= now)
+                .order_by(RevokedTokenRow.expires_at)))
             disabled = list(await session.scalars(
                 select(ClientRow.client_id).where(ClientRow.state != CLIENT_ENABLED)
                 .order_by(ClientRow.client_id)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -100,6 +101,17 @@ async def test_repeated_wrong_secrets_are_throttled(tmp_path: Path) -> None:
         # Other client ids are not affected.
         assert (await code_of(server.stub.IssueToken(auth_pb2.IssueTokenRequest(
             client_id="other", client_secret="x"))))[0] == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await server.stop()
+
+
+async def test_a_burst_of_concurrent_guesses_is_throttled_too(tmp_path: Path) -> None:
+    server = await AuthServer(make_settings(tmp_path / "data", throttle_failures=3)).start()
+    try:
+        bad = auth_pb2.IssueTokenRequest(client_id="dev", client_secret="guess")
+        codes = await asyncio.gather(*(code_of(server.stub.IssueToken(bad)) for _ in range(12)))
+        assert sum(c == grpc.StatusCode.UNAUTHENTICATED for c, _ in codes) == 3
+        assert sum(c == grpc.StatusCode.RESOURCE_EXHAUSTED for c, _ in codes) == 9
     finally:
         await server.stop()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -112,7 +113,7 @@ async def test_revocations_are_pruned_after_expiry(auth: AuthServer) -> None:
     await auth.stub.RevokeToken(expires, metadata=admin)
     listing = await auth.stub.GetRevocations(auth_pb2.GetRevocationsRequest())
     assert [r.token_id for r in listing.revoked_tokens] == ["short-lived"]
-    time.sleep(1.2)
+    await asyncio.sleep(1.2)
     listing = await auth.stub.GetRevocations(auth_pb2.GetRevocationsRequest())
     assert list(listing.revoked_tokens) == []
 
