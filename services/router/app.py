@@ -58,7 +58,11 @@ def build(
         servicer = RouterServicer(
             registry=tools,
             router=ToolRouter(rules, tools, health),
-            executor=Executor(max_result_bytes=settings.max_result_bytes, tracer=tracer),
+            executor=Executor(
+                max_result_bytes=settings.max_result_bytes,
+                tracer=tracer,
+                breaker_policy=settings.breaker_policy(),
+            ),
             notes=NotesStore(session_factory(engine)),
         )
         router_pb2_grpc.add_RouterServicer_to_server(servicer, server)

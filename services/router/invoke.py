@@ -1,4 +1,5 @@
-"""Running one tool under its contract: concurrency limit, timeout, output check, size cap, span.
+"""Running one tool under its contract: concurrency limit, circuit breaker, timeout, output
+check, size cap, and a span.
 
 Every run is an ``execute_tool <name>`` span with the OpenTelemetry GenAI attributes; telemetry
 computes each tool's error rate from these spans. Like HTTP server spans for 4xx answers, a call
@@ -20,6 +21,7 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from services.router.breaker import Breaker, BreakerPolicy, CircuitOpenError, Outcome
 from services.router.registry import (
     Tool,
     ToolConflictError,
@@ -37,6 +39,8 @@ class ToolRunError(Exception):
 
     code: grpc.StatusCode
     message: str
+    # When set, the caller may retry after this many seconds (sent as google.rpc.RetryInfo).
+    retry_after_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -45,11 +49,19 @@ class RunResult:
     result_json: str
 
 
+# Failures of the caller's making: marked on the span, not counted against the tool.
+_CALLER_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+
+
 class Executor:
-    def __init__(self, *, max_result_bytes: int, tracer: trace.Tracer) -> None:
+    def __init__(
+        self, *, max_result_bytes: int, tracer: trace.Tracer, breaker_policy: BreakerPolicy
+    ) -> None:
         self._max_result_bytes = max_result_bytes
         self._tracer = tracer
+        self._breaker_policy = breaker_policy
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self._breakers: dict[str, Breaker] = {}
 
     def _slot(self, tool: Tool) -> asyncio.Semaphore:
         slot = self._slots.get(tool.key)
@@ -57,18 +69,49 @@ class Executor:
             slot = self._slots[tool.key] = asyncio.Semaphore(tool.spec.max_concurrency)
         return slot
 
+    def _breaker(self, tool: Tool) -> Breaker:
+        breaker = self._breakers.get(tool.key)
+        if breaker is None:
+            breaker = self._breakers[tool.key] = Breaker(self._breaker_policy)
+        return breaker
+
     async def run(
         self, tool: Tool, arguments: dict[str, Any], ctx: ToolContext, budget_s: float
     ) -> RunResult:
         """Run ``tool`` within ``budget_s`` seconds, or raise ToolRunError."""
+        spec = tool.spec
         slot = self._slot(tool)
         if slot.locked():
             # Refuse at once rather than queue: a queued call would only eat its deadline.
             raise ToolRunError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"tool {tool.spec.name} is at its concurrency limit "
-                f"({tool.spec.max_concurrency}); retry later",
+                f"tool {spec.name} is at its concurrency limit ({spec.max_concurrency}); "
+                "retry later",
             )
+        breaker = self._breaker(tool)
+        try:
+            permit = breaker.acquire()
+        except CircuitOpenError as error:
+            raise ToolRunError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"tool {spec.name} is failing and refused for now (circuit open)",
+                retry_after_s=error.retry_after_s,
+            ) from None
+        outcome = Outcome.IGNORED
+        try:
+            async with slot:
+                result = await self._traced(tool, arguments, ctx, budget_s)
+            outcome = Outcome.SUCCESS
+            return result
+        except ToolRunError as error:
+            outcome = Outcome.IGNORED if error.code in _CALLER_ERRORS else Outcome.FAILURE
+            raise
+        finally:
+            breaker.record(permit, outcome)
+
+    async def _traced(
+        self, tool: Tool, arguments: dict[str, Any], ctx: ToolContext, budget_s: float
+    ) -> RunResult:
         spec = tool.spec
         attributes = {
             "gen_ai.operation.name": "execute_tool",
@@ -80,31 +123,27 @@ class Executor:
             "toolmesh.tool.side_effect": spec.side_effect.value,
             "toolmesh.tenant": ctx.tenant,
         }
-        async with slot:
-            with self._tracer.start_as_current_span(
-                f"execute_tool {spec.name}",
-                kind=SpanKind.INTERNAL,
-                attributes=attributes,
-                record_exception=False,
-                set_status_on_exception=False,
-            ) as span:
-                try:
-                    result = await self._guarded(tool, arguments, ctx, budget_s)
-                except ToolRunError as error:
-                    span.set_attribute("error.type", error.code.name.lower())
-                    if error.code not in (
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                    ):
-                        span.set_status(Status(StatusCode.ERROR, error.code.name))
-                    raise
-                except asyncio.CancelledError:
-                    # The caller gave up (its deadline or cancellation): not the tool's fault.
-                    span.set_attribute("error.type", "cancelled")
-                    raise
-                if result.output.replayed:
-                    span.set_attribute("toolmesh.tool.replayed", True)
-                return result
+        with self._tracer.start_as_current_span(
+            f"execute_tool {spec.name}",
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                result = await self._guarded(tool, arguments, ctx, budget_s)
+            except ToolRunError as error:
+                span.set_attribute("error.type", error.code.name.lower())
+                if error.code not in _CALLER_ERRORS:
+                    span.set_status(Status(StatusCode.ERROR, error.code.name))
+                raise
+            except asyncio.CancelledError:
+                # The caller gave up (its deadline or cancellation): not the tool's fault.
+                span.set_attribute("error.type", "cancelled")
+                raise
+            if result.output.replayed:
+                span.set_attribute("toolmesh.tool.replayed", True)
+            return result
 
     async def _guarded(
         self, tool: Tool, arguments: dict[str, Any], ctx: ToolContext, budget_s: float

@@ -11,7 +11,7 @@ from grpc import aio
 from jsonschema import ValidationError
 
 from services.kit.buildinfo import service_info
-from services.kit.errors import abort, abort_invalid
+from services.kit.errors import abort, abort_invalid, retry_info
 from services.router.invoke import Executor, ToolRunError
 from services.router.notes import NotesStore
 from services.router.registry import Registry, SideEffect, Tool, ToolContext, is_allowed
@@ -174,7 +174,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         try:
             run = await self._executor.run(tool, arguments, tool_context, budget_s)
         except ToolRunError as error:
-            await abort(context, error.code, error.message)
+            details = [] if error.retry_after_s is None else [retry_info(error.retry_after_s)]
+            await abort(context, error.code, error.message, *details)
         return router_pb2.InvokeToolResponse(
             tool_name=tool.spec.name,
             tool_version=tool.spec.version,

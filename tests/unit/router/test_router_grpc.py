@@ -307,6 +307,26 @@ async def test_a_crashing_tool_is_internal_without_leaking(router: RouterServer)
     assert (error.details() or "").startswith("tool crash_tool failed (incident ")
 
 
+async def test_a_failing_tool_trips_its_circuit_breaker(tmp_path: Path) -> None:
+    settings = router_settings(tmp_path, breaker_min_calls=3, breaker_window=3)
+    async for router in start_router(settings):
+        crash = invoke_request("crash_tool", {}, tool_version="0.1.0")
+        for _ in range(3):
+            assert (await invoke_error(router, crash)).code() == grpc.StatusCode.INTERNAL
+        error = await invoke_error(router, crash)
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "circuit open" in (error.details() or "")
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        assert status is not None
+        retry = error_details_pb2.RetryInfo()
+        assert status.details[0].Unpack(retry)
+        assert 9 <= retry.retry_delay.seconds <= 10
+        assert len(router.spans.get_finished_spans()) == 3  # refused calls never ran
+        # Other tools are unaffected.
+        await router.stub.InvokeTool(invoke_request("calculator", {"expression": "1+1"}),
+                                     timeout=5)
+
+
 async def test_results_over_the_size_cap_are_refused(router: RouterServer) -> None:
     error = await invoke_error(router, invoke_request("huge_tool", {}, tool_version="0.1.0"))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
