@@ -145,6 +145,8 @@ def new_secret() -> SecretStr:
 
 
 class AuthServicer(auth_pb2_grpc.AuthServicer):
+    """Holds no state of its own beyond per-replica caches: any replica can answer any call."""
+
     def __init__(
         self,
         settings: AuthSettings,

@@ -97,7 +97,9 @@ class Tokens:
             raise TokenRejected("malformed token") from None
         if header.get("alg") != ALG:
             raise TokenRejected("algorithm not allowed")
-        if header.get("typ") != TOKEN_TYPE:
+        typ = header.get("typ")
+        # Media types compare case-insensitively; RFC 9068 allows the "application/" prefix.
+        if not isinstance(typ, str) or typ.lower().removeprefix("application/") != TOKEN_TYPE:
             raise TokenRejected("wrong token type")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
