@@ -87,6 +87,7 @@ USER 10001:10001
 # gRPC service ports and their Prometheus metrics ports.
 EXPOSE 50051 50052 50053 50054 50055 9451 9452 9453 9454 9455
 
+# checkov:skip=CKV_DOCKER_2: no HEALTHCHECK on purpose, Kubernetes runs native gRPC probes (below)
 # No HEALTHCHECK: Kubernetes probes the standard grpc.health.v1 service natively (grpc probes),
 # which also reports NOT_SERVING while a pod drains; a Docker HEALTHCHECK would need an extra
 # client binary or a Python process per check, and Kubernetes ignores it anyway.
