@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 
 import grpc
 import jwt
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -48,12 +50,17 @@ async def test_empty_scopes_means_every_granted_scope(auth: AuthServer) -> None:
     assert set(response.scopes) == {"tools:read", "tools:write", "ops:read", "admin"}
 
 
-async def test_wrong_secret_and_unknown_client_get_the_same_answer(auth: AuthServer) -> None:
+async def test_wrong_secret_and_unknown_client_get_the_same_answer(
+    auth: AuthServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     wrong = await code_of(auth.stub.IssueToken(auth_pb2.IssueTokenRequest(
         client_id="dev", client_secret="not-the-secret")))
     unknown = await code_of(auth.stub.IssueToken(auth_pb2.IssueTokenRequest(
         client_id="nobody", client_secret="not-the-secret")))
     assert wrong == unknown == (grpc.StatusCode.UNAUTHENTICATED, "invalid client credentials")
+    assert "not-the-secret" not in "\n".join(f"{r.getMessage()} {r.__dict__}"
+                                             for r in caplog.records)
 
 
 async def test_scope_not_granted_is_refused_by_name(auth: AuthServer) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import Callable
 
@@ -73,13 +74,17 @@ CASES: dict[str, tuple[Forge, str]] = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-async def test_forged_tokens_are_rejected(auth: AuthServer, case: str) -> None:
+async def test_forged_tokens_are_rejected(
+    auth: AuthServer, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     forge, reason = CASES[case]
     kid, key = auth.signing_key()
     token = forge(kid, key)
     code, details = await code_of(auth.stub.VerifyToken(auth_pb2.VerifyTokenRequest(token=token)))
     assert (code, details) == (grpc.StatusCode.UNAUTHENTICATED, reason)
     assert token not in details
+    assert token not in "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
 
 
 async def test_a_token_signed_with_the_real_key_verifies(auth: AuthServer) -> None:
