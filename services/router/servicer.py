@@ -21,6 +21,7 @@ from toolmesh.router.v1 import router_pb2, router_pb2_grpc
 CONTRACT_VERSIONS = ["toolmesh.router.v1"]
 MAX_PROMPT_CHARS = 8000
 MAX_ARGUMENTS_BYTES = 64 * 1024
+# Identifiers are stored in 128-character columns.
 MAX_KEY_CHARS = 128
 # Time kept back from the caller's deadline so the answer still reaches it.
 DEADLINE_RESERVE_S = 0.02
@@ -104,7 +105,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.InvokeToolRequest, context: aio.ServicerContext
     ) -> tuple[Tool, dict[str, Any]]:
         """The tool and parsed arguments, or the precise error for the first thing wrong."""
-        missing = [
+        problems = [
             (field, "required")
             for field, value in (
                 ("caller.tenant", request.caller.tenant),
@@ -113,12 +114,18 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             )
             if not value
         ]
-        if len(request.idempotency_key) > MAX_KEY_CHARS:
-            missing.append(("idempotency_key", f"longer than {MAX_KEY_CHARS} characters"))
+        for field, value in (
+            ("caller.tenant", request.caller.tenant),
+            ("session_id", request.session_id),
+            ("request_id", request.request_id),
+            ("idempotency_key", request.idempotency_key),
+        ):
+            if len(value) > MAX_KEY_CHARS:
+                problems.append((field, f"longer than {MAX_KEY_CHARS} characters"))
         if len(request.arguments_json.encode()) > MAX_ARGUMENTS_BYTES:
-            missing.append(("arguments_json", f"larger than {MAX_ARGUMENTS_BYTES} bytes"))
-        if missing:
-            await abort_invalid(context, missing)
+            problems.append(("arguments_json", f"larger than {MAX_ARGUMENTS_BYTES} bytes"))
+        if problems:
+            await abort_invalid(context, problems)
         tool = self._registry.get(request.tool_name, request.tool_version)
         if tool is None:
             what = (

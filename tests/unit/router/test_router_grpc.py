@@ -172,6 +172,8 @@ async def test_malformed_json_and_missing_fields_are_invalid(router: RouterServe
     error = await invoke_error(router, invoke_request("calculator", {}, caller=None,
                                                       tool_version=""))
     assert set(field_violations(error)) == {"caller.tenant", "tool_version"}
+    error = await invoke_error(router, invoke_request("list_notes", {}, session_id="s" * 129))
+    assert field_violations(error) == {"session_id": "longer than 128 characters"}
 
 
 @pytest.mark.parametrize(
