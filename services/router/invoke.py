@@ -3,9 +3,10 @@ check, size cap, and a span.
 
 Every run is an ``execute_tool <name>`` span with the OpenTelemetry GenAI attributes; telemetry
 computes each tool's error rate from these spans. Like HTTP server spans for 4xx answers, a call
-refused for its arguments (unknown zone, division by zero) sets ``error.type`` but leaves the span
-status unset: the caller erred, not the tool. Timeouts, crashes and broken output contracts set
-the status to ERROR and count against the tool.
+refused for its arguments (unknown zone, division by zero) or cut short by the caller's own
+deadline sets ``error.type`` but leaves the span status unset: the caller erred, not the tool.
+Contract timeouts, crashes, broken output contracts and oversized results set the status to
+ERROR and count against the tool.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class ToolRunError(Exception):
 
     code: grpc.StatusCode
     message: str
+    # False when the caller erred (bad arguments, too short a deadline): the span is marked
+    # with error.type but not as an error, and the tool's circuit breaker does not count it.
+    tool_fault: bool = True
     # When set, the caller may retry after this many seconds (sent as google.rpc.RetryInfo).
     retry_after_s: float | None = None
 
@@ -47,10 +51,6 @@ class ToolRunError(Exception):
 class RunResult:
     output: ToolOutput
     result_json: str
-
-
-# Failures of the caller's making: marked on the span, not counted against the tool.
-_CALLER_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 class Executor:
@@ -104,7 +104,7 @@ class Executor:
             outcome = Outcome.SUCCESS
             return result
         except ToolRunError as error:
-            outcome = Outcome.IGNORED if error.code in _CALLER_ERRORS else Outcome.FAILURE
+            outcome = Outcome.FAILURE if error.tool_fault else Outcome.IGNORED
             raise
         finally:
             breaker.record(permit, outcome)
@@ -134,7 +134,7 @@ class Executor:
                 result = await self._guarded(tool, arguments, ctx, budget_s)
             except ToolRunError as error:
                 span.set_attribute("error.type", error.code.name.lower())
-                if error.code not in _CALLER_ERRORS:
+                if error.tool_fault:
                     span.set_status(Status(StatusCode.ERROR, error.code.name))
                 raise
             except asyncio.CancelledError:
@@ -155,11 +155,17 @@ class Executor:
             raise ToolRunError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"tool {name} did not finish within {budget_s * 1000:.0f} ms",
+                # Cut short by the caller's deadline, the tool did not break its own timeout.
+                tool_fault=budget_s * 1000 >= tool.spec.timeout_ms,
             ) from None
         except ToolInputError as error:
-            raise ToolRunError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {error}") from None
+            raise ToolRunError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {error}", tool_fault=False
+            ) from None
         except ToolConflictError as error:
-            raise ToolRunError(grpc.StatusCode.FAILED_PRECONDITION, f"{name}: {error}") from None
+            raise ToolRunError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"{name}: {error}", tool_fault=False
+            ) from None
         except Exception:
             incident = uuid.uuid4().hex[:12]
             log.exception("tool failed", extra={"tool": tool.key, "incident": incident})
