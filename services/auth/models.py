@@ -45,6 +45,8 @@ class SigningKeyRow(Base):
     dev: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
     state_changed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # An active key signs from then on; before, the newest verifying key still signs.
+    signs_from: Mapped[float] = mapped_column(Float)
 
 
 class ClientRow(Base):

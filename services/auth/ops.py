@@ -58,7 +58,7 @@ async def run(settings: AuthSettings, args: argparse.Namespace) -> dict[str, Any
         keys = KeyFiles(settings.resolved_keys_dir())
         if args.command == "rotate-key":
             kid, x = keys.create()
-            new, previous = await store.rotate_to(kid, x)
+            new, previous = await store.rotate_to(kid, x, settings.key_publish_ahead_s)
             audit("key.rotate", ACTOR, kid, "ok", previous=previous.kid if previous else "")
             return {"active": new.kid, "previous": previous.kid if previous else None}
         if args.command == "retire-key":

@@ -104,6 +104,7 @@ def key_pb(row: SigningKeyRow) -> auth_pb2.SigningKey:
         created_at=timestamp(row.created_at),
         state_changed_at=timestamp(row.state_changed_at),
         dev=row.dev,
+        signs_from=timestamp(row.signs_from),
     )
 
 
@@ -361,7 +362,8 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         actor = await self._admin(context, "key.rotate")
         kid, x = await asyncio.to_thread(self._keys.create)
         try:
-            new, previous = await self._store.rotate_to(kid, x)
+            new, previous = await self._store.rotate_to(
+                kid, x, self._settings.key_publish_ahead_s)
         except Conflict:
             self._keys.remove(kid)
             audit("key.rotate", actor, kid, "conflict")

@@ -30,6 +30,9 @@ class AuthSettings(ServiceSettings):
     policy_file: Path = PACKAGED_POLICY
     # How often, at most, the policy file's mtime is checked for a reload.
     policy_check_interval_s: float = Field(default=3.0, ge=0)
+    # Seconds a rotated key sits in the JWKS before it signs, so verifiers caching the JWKS (and
+    # throttling refetches on an unknown kid) learn it before they meet tokens signed with it.
+    key_publish_ahead_s: float = Field(default=0.0, ge=0, le=3600)
     # Empty means <data_dir>/auth/keys.
     keys_dir: Path | None = None
     # Wrong secrets per client id within the window before IssueToken backs off.

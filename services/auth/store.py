@@ -83,8 +83,9 @@ class Store:
 
     async def add_first_key(self, kid: str, x: str, *, dev: bool) -> bool:
         """Record a key as active if none is; False when another replica got there first."""
+        now = time.time()
         row = SigningKeyRow(kid=kid, alg="EdDSA", public_x=x, state=KEY_ACTIVE, dev=dev,
-                            created_at=time.time())
+                            created_at=now, signs_from=now)
         try:
             async with self._sessions.begin() as session:
                 session.add(row)
@@ -92,7 +93,21 @@ class Store:
             return False
         return True
 
-    async def rotate_to(self, kid: str, x: str) -> tuple[SigningKeyRow, SigningKeyRow | None]:
+    async def signing_key(self) -> SigningKeyRow | None:
+        """The active key, or while it is only published (not yet signing) the previous one."""
+        async with self._sessions() as session:
+            active = (await session.scalars(
+                select(SigningKeyRow).where(SigningKeyRow.state == KEY_ACTIVE))).first()
+            if active is None or active.signs_from <= time.time():
+                return active
+            previous = (await session.scalars(
+                select(SigningKeyRow).where(SigningKeyRow.state == KEY_VERIFYING)
+                .order_by(SigningKeyRow.state_changed_at.desc()))).first()
+            return previous or active
+
+    async def rotate_to(
+        self, kid: str, x: str, publish_ahead_s: float
+    ) -> tuple[SigningKeyRow, SigningKeyRow | None]:
         """Make a new key active and the active one verifying, in one transaction."""
         now = time.time()
         try:
@@ -108,7 +123,8 @@ class Store:
                     previous.state_changed_at = now
                     await session.flush()
                 new = SigningKeyRow(kid=kid, alg="EdDSA", public_x=x, state=KEY_ACTIVE,
-                                    dev=False, created_at=now)
+                                    dev=False, created_at=now,
+                                    signs_from=now + (publish_ahead_s if previous else 0))
                 session.add(new)
         except IntegrityError as error:
             raise Conflict("another key rotation ran at the same time; retry") from error

@@ -53,13 +53,13 @@ class Tokens:
         self._public: dict[str, Ed25519PublicKey] = {}
 
     async def issue(self, client: ClientRow, scopes: list[str]) -> Issued:
-        active = await self._store.active_key()
-        if active is None:
+        signer = await self._store.signing_key()
+        if signer is None:
             raise NoSigningKey("no active signing key")
         try:
-            private = self._files.load(active.kid, active.public_x)
+            private = self._files.load(signer.kid, signer.public_x)
         except (OSError, ValueError) as error:
-            raise NoSigningKey(f"active key {active.kid} not loadable here") from error
+            raise NoSigningKey(f"signing key {signer.kid} not loadable here") from error
         now = int(time.time())
         ttl = self._settings.token_ttl_s
         token_id = uuid.uuid4().hex
@@ -76,7 +76,7 @@ class Tokens:
             "jti": token_id,
         }
         token = jwt.encode(claims, private, algorithm=ALG,
-                           headers={"kid": active.kid, "typ": TOKEN_TYPE})
+                           headers={"kid": signer.kid, "typ": TOKEN_TYPE})
         return Issued(token=token, token_id=token_id, expires_in=ttl)
 
     def _public_key(self, kid: str, x: str) -> Ed25519PublicKey:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import stat
+from pathlib import Path
 
 import grpc
 import jwt
 
-from tests.unit.auth.conftest import AuthServer, code_of
+from tests.unit.auth.conftest import AuthServer, code_of, make_settings
 from toolmesh.auth.v1 import auth_pb2
 
 
@@ -62,3 +64,19 @@ async def test_rotate_then_retire(auth: AuthServer) -> None:
                                                 metadata=admin))
     assert code == grpc.StatusCode.NOT_FOUND
 
+
+
+async def test_a_rotated_key_is_published_before_it_signs(tmp_path: Path) -> None:
+    server = await AuthServer(make_settings(tmp_path / "data", key_publish_ahead_s=1)).start()
+    try:
+        old_kid, _ = server.signing_key()
+        rotated = await server.stub.RotateKey(auth_pb2.RotateKeyRequest(),
+                                              metadata=await server.admin())
+        new_kid = rotated.active.kid
+        assert rotated.active.signs_from.ToNanoseconds() > rotated.active.created_at.ToNanoseconds()
+        assert await jwks_kids(server) == sorted([old_kid, new_kid])
+        assert jwt.get_unverified_header(await server.token())["kid"] == old_kid
+        await asyncio.sleep(1.1)
+        assert jwt.get_unverified_header(await server.token())["kid"] == new_kid
+    finally:
+        await server.stop()
