@@ -37,8 +37,10 @@ def main(argv: list[str]) -> int:
             print(f"health check failed: {error.code().name}", file=sys.stderr)
             return 1
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
-        print(f"not serving: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}",
-              file=sys.stderr)
+        print(
+            f"not serving: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
