@@ -135,7 +135,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
 
     async def register(server: aio.Server) -> Sequence[str]:
         store = TurnStore(settings.resolved_database_url())
-        await store.create_schema()
+        await store.migrate()
         cleanups.append(store.close)
         memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(settings, store), server)
         return [memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name]

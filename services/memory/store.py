@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.kit.db import create_engine, session_factory
+from services.memory.migrations import upgrade_to_head
 
 # Any constant works; it only has to be the same for every memory replica.
 _SCHEMA_LOCK_KEY = 0x6D656D6F7279
@@ -137,14 +138,18 @@ class TurnStore:
         # Within one process, queue SQLite writers here instead of in SQLite's busy-wait loop.
         self._local_write_lock = asyncio.Lock() if self._is_sqlite else None
 
-    async def create_schema(self) -> None:
-        """Create missing tables; on PostgreSQL replicas starting together take turns."""
+    async def migrate(self) -> None:
+        """Bring the schema to the latest revision; replicas starting together take turns.
+
+        One transaction under PostgreSQL's advisory lock, or SQLite's write lock (the write
+        engine begins IMMEDIATE), so a second replica waits and then finds nothing to do.
+        """
         async with self._write_engine.begin() as conn:
             if not self._is_sqlite:
                 await conn.execute(
                     text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
                 )
-            await conn.run_sync(Base.metadata.create_all)
+            await conn.run_sync(upgrade_to_head)
 
     async def close(self) -> None:
         await self._engine.dispose()

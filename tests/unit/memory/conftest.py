@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -67,8 +68,18 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> MemorySettings:
 
 @pytest.fixture
 async def replicas(settings: MemorySettings) -> AsyncIterator[list[MemoryServer]]:
-    """Two replicas on the same database, as in production behind one Service."""
-    servers = [await MemoryServer(settings).start(), await MemoryServer(settings).start()]
+    """Two replicas on the same database, as in production behind one Service.
+
+    On PostgreSQL they start together, so both migrate the fresh database at the same moment.
+    On SQLite the first must finish first: the kit's connect hook switches a fresh file to WAL,
+    which fails at once (no busy wait) while another connection holds a lock.
+    """
+    if settings.database_url:
+        servers = list(
+            await asyncio.gather(MemoryServer(settings).start(), MemoryServer(settings).start())
+        )
+    else:
+        servers = [await MemoryServer(settings).start(), await MemoryServer(settings).start()]
     yield servers
     for server in servers:
         await server.stop()

@@ -6,9 +6,14 @@ import asyncio
 
 import grpc
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
+from services.kit.db import create_engine
+from services.memory.migrations import VERSION_TABLE
+from services.memory.store import Base
 from toolmesh.common.v1 import common_pb2
 from toolmesh.memory.v1 import memory_pb2
 
@@ -207,3 +212,18 @@ async def test_service_info(memory) -> None:
     info = (await memory.GetServiceInfo(memory_pb2.GetServiceInfoRequest())).info
     assert info.service == "memory"
     assert list(info.contract_versions) == ["toolmesh.memory.v1"]
+
+
+async def test_migrations_match_the_models(settings, replicas) -> None:
+    engine = create_engine(settings.resolved_database_url())
+    try:
+        async with engine.connect() as conn:
+            diff = await conn.run_sync(
+                lambda sync: compare_metadata(
+                    MigrationContext.configure(sync, opts={"version_table": VERSION_TABLE}),
+                    Base.metadata,
+                )
+            )
+    finally:
+        await engine.dispose()
+    assert diff == []
