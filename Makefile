@@ -9,7 +9,7 @@ BASELINE := protos/baseline/toolmesh-v1.binpb
 PYDIRS := services gateway cli bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen run test check lint typecheck buf-lint buf-breaking baseline bench clean
+.PHONY: help install gen run test check lint typecheck buf-lint buf-breaking baseline bench certs clean
 
 help:
 	@echo "make run       install, generate code, start the whole mesh on loopback (SQLite)"
@@ -68,3 +68,6 @@ bench: install gen
 
 clean:
 	rm -rf toolmesh $(VENV) node_modules var
+
+certs: install
+	$(BIN)/python -m services.kit.certs certs

@@ -11,6 +11,7 @@ from grpc import aio
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from services.kit.context import REQUEST_ID_METADATA_KEY, request_id_var
+from services.kit.tls import client_credentials
 
 
 class _RequestIdInterceptor(aio.UnaryUnaryClientInterceptor):
@@ -62,10 +63,15 @@ def retry_policy(
     }
 
 
-def open_channel(target: str, method_configs: Sequence[dict[str, Any]] = ()) -> aio.Channel:
-    """An insecure channel with client-side round-robin balancing and a retry budget.
+def open_channel(
+    target: str,
+    method_configs: Sequence[dict[str, Any]] = (),
+    credentials: grpc.ChannelCredentials | None = None,
+) -> aio.Channel:
+    """A channel with client-side round-robin balancing and a retry budget.
 
-    ``target`` may be host:port, ``ipv4:a:p1,b:p2`` or ``dns:///name:port``.
+    ``target`` may be host:port, a comma list of host:port, ``ipv4:a:p1,b:p2`` or
+    ``dns:///name:port``. Uses mTLS when the process was configured with a certificate.
     """
     service_config = {
         "loadBalancingConfig": [{"round_robin": {}}],
@@ -82,7 +88,18 @@ def open_channel(target: str, method_configs: Sequence[dict[str, Any]] = ()) -> 
         ("grpc.max_reconnect_backoff_ms", 2_000),
     ]
     interceptors: list[Any] = [*aio_client_interceptors(), _RequestIdInterceptor()]
+    target = normalize_target(target)
+    credentials = credentials or client_credentials()
+    if credentials is not None:
+        return aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
     return aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+def normalize_target(target: str) -> str:
+    """Turn "h1:p1,h2:p2" into gRPC's ``ipv4:`` list so round_robin spreads over them."""
+    if "," in target and ":///" not in target and not target.startswith("ipv4:"):
+        return "ipv4:" + ",".join(part.strip() for part in target.split(","))
+    return target
 
 
 __all__ = ["grpc", "open_channel", "retry_policy"]

@@ -12,6 +12,7 @@ import grpc
 from grpc import aio
 
 from services.kit.context import REQUEST_ID_METADATA_KEY, request_id_var
+from services.kit.metrics import meter
 
 log = logging.getLogger("toolmesh.rpc")
 
@@ -33,6 +34,13 @@ class GuardInterceptor(aio.ServerInterceptor):
     handler (not in intercept_service) for context variables to reach the handler's code.
     """
 
+    def __init__(self) -> None:
+        self._duration = meter().create_histogram(
+            "toolmesh.rpc.server.duration",
+            unit="ms",
+            description="Server-side duration of each unary RPC, by method and status code.",
+        )
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -44,6 +52,7 @@ class GuardInterceptor(aio.ServerInterceptor):
         method = handler_call_details.method
         request_id = _metadata_value(handler_call_details, REQUEST_ID_METADATA_KEY)
         inner: _Handler = handler.unary_unary
+        duration = self._duration
 
         async def guarded(request: Any, context: aio.ServicerContext) -> Any:
             token = request_id_var.set(request_id)
@@ -62,15 +71,15 @@ class GuardInterceptor(aio.ServerInterceptor):
             finally:
                 code = context.code()
                 elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
-                level = logging.DEBUG if code in (None, grpc.StatusCode.OK) else logging.INFO
+                code_name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+                duration.record(
+                    elapsed_ms, {"rpc.method": method, "rpc.grpc.status_code": code_name}
+                )
+                level = logging.DEBUG if code_name == "OK" else logging.INFO
                 log.log(
                     level,
                     "rpc",
-                    extra={
-                        "method": method,
-                        "code": code.name if isinstance(code, grpc.StatusCode) else "OK",
-                        "duration_ms": elapsed_ms,
-                    },
+                    extra={"method": method, "code": code_name, "duration_ms": elapsed_ms},
                 )
                 request_id_var.reset(token)
 

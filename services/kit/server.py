@@ -21,7 +21,14 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from services.kit.interceptors import GuardInterceptor
 from services.kit.logs import configure_logging
-from services.kit.settings import ServiceSettings
+from services.kit.metrics import configure_metrics
+from services.kit.settings import Environment, ServiceSettings
+from services.kit.tls import (
+    PeerAllowlistInterceptor,
+    TlsFiles,
+    client_credentials,
+    configure_client_tls,
+)
 from services.kit.tracing import configure_tracing
 
 log = logging.getLogger("toolmesh.server")
@@ -62,9 +69,40 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     ]
 
 
+class StartupRefused(RuntimeError):
+    """The configuration is unsafe for the environment it runs in."""
+
+
+def tls_files(settings: ServiceSettings) -> TlsFiles | None:
+    if not settings.tls_enabled:
+        return None
+    assert settings.tls_cert_file and settings.tls_key_file and settings.tls_ca_file
+    return TlsFiles.load(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
+
+
+def check_environment(settings: ServiceSettings) -> None:
+    """Production refuses plaintext; dev on loopback may run without TLS but says so."""
+    if settings.tls_enabled:
+        return
+    if settings.env is Environment.PRODUCTION:
+        raise StartupRefused(
+            f"{settings.service_name}: TOOLMESH_ENV=production requires mutual TLS; set "
+            "TOOLMESH_TLS_CERT_FILE, TOOLMESH_TLS_KEY_FILE and TOOLMESH_TLS_CA_FILE "
+            "(`make certs` makes a dev CA)"
+        )
+    log.warning(
+        "TLS is off: plaintext gRPC, acceptable only for local development",
+        extra={"address": settings.address},
+    )
+
+
 async def start(settings: ServiceSettings, register: Register) -> Running:
+    files = tls_files(settings)
+    interceptors: list[aio.ServerInterceptor] = [aio_server_interceptor(), GuardInterceptor()]
+    if files and settings.peer_allowlist:
+        interceptors.append(PeerAllowlistInterceptor(settings.peer_allowlist))
     server = aio.server(
-        interceptors=[aio_server_interceptor(), GuardInterceptor()],
+        interceptors=interceptors,
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -79,7 +117,12 @@ async def start(settings: ServiceSettings, register: Register) -> Running:
         ],
         server,
     )
-    port = server.add_insecure_port(settings.address)
+    if files:
+        port = server.add_secure_port(
+            settings.address, files.server_credentials(settings.tls_require_client_auth)
+        )
+    else:
+        port = server.add_insecure_port(settings.address)
     if port == 0:
         raise RuntimeError(f"cannot bind {settings.address}")
     await server.start()
@@ -113,16 +156,29 @@ def run_service(
     settings: ServiceSettings,
     build: Callable[[ServiceSettings, list[Cleanup]], Register],
 ) -> None:
-    """Process entry point: logs, tracing, serve until a signal, drain, flush spans."""
+    """Process entry point: logs, tracing, metrics, serve until a signal, drain, flush."""
     configure_logging(settings.service_name, settings.log_level)
+    try:
+        check_environment(settings)
+    except StartupRefused as refused:
+        log.critical(str(refused))
+        raise SystemExit(2) from None
+    configure_client_tls(tls_files(settings))
     provider = configure_tracing(
-        settings.service_name, settings.otlp_endpoint, settings.trace_sample_ratio
+        settings.service_name,
+        settings.otlp_endpoint,
+        settings.trace_sample_ratio,
+        client_credentials(),
+    )
+    meters = configure_metrics(
+        settings.service_name, settings.host, settings.effective_metrics_port
     )
     cleanups: list[Cleanup] = []
     try:
         asyncio.run(_serve(settings, build(settings, cleanups), cleanups))
     finally:
         provider.shutdown()
+        meters.shutdown()
 
 
 __all__ = ["Cleanup", "Register", "Running", "grpc", "run_service", "start"]

@@ -10,7 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -31,6 +31,8 @@ DEFAULT_PORTS: dict[str, int] = {
     "memory": 50054,
     "telemetry": 50055,
 }
+# Prometheus /metrics over HTTP, one port per service so they can share a host.
+DEFAULT_METRICS_PORTS: dict[str, int] = {name: port - 40600 for name, port in DEFAULT_PORTS.items()}
 
 
 class ServiceSettings(BaseSettings):
@@ -54,6 +56,17 @@ class ServiceSettings(BaseSettings):
     otlp_endpoint: str = "127.0.0.1:50055"
     # Parent-based ratio sampler: share of new traces that are recorded.
     trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    # Prometheus metrics port; unset means the service's default (945x), 0 turns it off.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # Mutual TLS: this process's certificate and key, and the mesh CA. All three or none.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    # Inner services require a client certificate; the public gateway port may not.
+    tls_require_client_auth: bool = True
+    # Common names of client certificates allowed to call (comma-separated); empty: any peer
+    # with a certificate from the mesh CA.
+    allowed_peers: str = ""
 
     @classmethod
     def settings_customise_sources(
@@ -67,6 +80,27 @@ class ServiceSettings(BaseSettings):
         own = EnvSettingsSource(settings_cls, env_prefix=f"TOOLMESH_{cls.service_name.upper()}_")
         shared = EnvSettingsSource(settings_cls, env_prefix="TOOLMESH_")
         return (init_settings, own, shared, file_secret_settings)
+
+    @model_validator(mode="after")
+    def _tls_all_or_nothing(self) -> ServiceSettings:
+        given = [self.tls_cert_file, self.tls_key_file, self.tls_ca_file]
+        if any(given) and not all(given):
+            raise ValueError("set all of tls_cert_file, tls_key_file and tls_ca_file, or none")
+        return self
+
+    @property
+    def effective_metrics_port(self) -> int:
+        if self.metrics_port is None:
+            return DEFAULT_METRICS_PORTS.get(self.service_name, 0)
+        return self.metrics_port
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert_file and self.tls_key_file and self.tls_ca_file)
+
+    @property
+    def peer_allowlist(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.allowed_peers.split(",") if p.strip())
 
     @property
     def address(self) -> str:

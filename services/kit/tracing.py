@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import grpc
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
@@ -16,7 +17,12 @@ from services.kit.buildinfo import build_version
 log = logging.getLogger(__name__)
 
 
-def configure_tracing(service: str, otlp_endpoint: str, sample_ratio: float) -> TracerProvider:
+def configure_tracing(
+    service: str,
+    otlp_endpoint: str,
+    sample_ratio: float,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> TracerProvider:
     """Install a global tracer provider; an empty endpoint records spans but exports none."""
     provider = TracerProvider(
         resource=Resource.create(
@@ -26,7 +32,12 @@ def configure_tracing(service: str, otlp_endpoint: str, sample_ratio: float) -> 
     )
     if otlp_endpoint:
         # Batched and off the request path; a telemetry outage drops spans, never requests.
-        exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True, timeout=5)
+        exporter = OTLPSpanExporter(
+            endpoint=otlp_endpoint,
+            insecure=credentials is None,
+            credentials=credentials,
+            timeout=5,
+        )
         provider.add_span_processor(
             BatchSpanProcessor(exporter, max_queue_size=8192, schedule_delay_millis=1000)
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -17,7 +17,7 @@ from grpc_status import rpc_status
 
 from services.kit.channels import open_channel
 from services.kit.errors import abort_invalid
-from services.kit.server import start
+from services.kit.server import Running, start
 from services.kit.settings import ServiceSettings
 
 SERVICE = "toolmesh.test.v1.Echo"
@@ -50,9 +50,27 @@ async def _register(server: aio.Server) -> Sequence[str]:
     return [SERVICE]
 
 
-async def test_sigterm_style_stop_drains_in_flight_calls_and_flips_health() -> None:
-    running = await start(EchoSettings(port=0), _register)
-    channel = open_channel(f"127.0.0.1:{running.port}")
+@pytest.fixture
+async def running() -> AsyncIterator[Running]:
+    server = await start(EchoSettings(port=0), _register)
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0)
+
+
+@pytest.fixture
+async def channel(running: Running) -> AsyncIterator[aio.Channel]:
+    chan = open_channel(f"127.0.0.1:{running.port}")
+    try:
+        yield chan
+    finally:
+        await chan.close()
+
+
+async def test_sigterm_style_stop_drains_in_flight_calls_and_flips_health(
+    running: Running, channel: aio.Channel
+) -> None:
     slow = channel.unary_unary(f"/{SERVICE}/Slow")
     in_flight = asyncio.ensure_future(slow(b"0.5", timeout=5))
     await asyncio.sleep(0.1)
@@ -65,39 +83,31 @@ async def test_sigterm_style_stop_drains_in_flight_calls_and_flips_health() -> N
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert await in_flight == b"done"
     await stopping
-    await channel.close()
 
 
-async def test_health_goes_not_serving_before_the_server_stops() -> None:
-    running = await start(EchoSettings(port=0), _register)
-    channel = open_channel(f"127.0.0.1:{running.port}")
+async def test_health_goes_not_serving_before_the_server_stops(
+    running: Running, channel: aio.Channel
+) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     await running.health.enter_graceful_shutdown()
     reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2)
     assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
-    await running.stop(grace=1)
-    await channel.close()
 
 
 async def test_unhandled_errors_become_internal_without_leaking(
-    caplog: pytest.LogCaptureFixture,
+    channel: aio.Channel, caplog: pytest.LogCaptureFixture
 ) -> None:
-    running = await start(EchoSettings(port=0), _register)
-    channel = open_channel(f"127.0.0.1:{running.port}")
     with caplog.at_level(logging.ERROR), pytest.raises(aio.AioRpcError) as err:
         await channel.unary_unary(f"/{SERVICE}/Boom")(b"", timeout=2)
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert "secret-value" not in (err.value.details() or "")
     assert "incident" in (err.value.details() or "")
-    await running.stop(grace=1)
-    await channel.close()
+    assert any("secret-value" in (r.exc_text or "") for r in caplog.records)
 
 
-async def test_invalid_argument_carries_bad_request_details() -> None:
-    running = await start(EchoSettings(port=0), _register)
-    channel = open_channel(f"127.0.0.1:{running.port}")
+async def test_invalid_argument_carries_bad_request_details(channel: aio.Channel) -> None:
     call = channel.unary_unary(f"/{SERVICE}/Invalid")(b"", timeout=2)
     with pytest.raises(aio.AioRpcError) as err:
         await call
@@ -107,15 +117,11 @@ async def test_invalid_argument_carries_bad_request_details() -> None:
     bad_request = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(bad_request)
     assert bad_request.field_violations[0].field == "prompt"
-    await running.stop(grace=1)
-    await channel.close()
 
 
-async def test_a_taken_port_fails_loudly() -> None:
-    first = await start(EchoSettings(port=0), _register)
+async def test_a_taken_port_fails_loudly(running: Running) -> None:
     with pytest.raises(RuntimeError):
-        await start(EchoSettings(port=first.port), _register)
-    await first.stop(grace=0)
+        await start(EchoSettings(port=running.port), _register)
 
 
 def test_settings_read_service_prefix_before_shared_prefix(
