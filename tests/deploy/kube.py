@@ -15,8 +15,6 @@ from typing import Any
 
 import pytest
 
-yaml = pytest.importorskip("yaml", reason="PyYAML is needed for the deploy tests")
-
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
@@ -62,6 +60,12 @@ def kubectl() -> str:
     return found
 
 
+def load_all(text: str) -> list[Any]:
+    """YAML documents of a stream (PyYAML is a test-only dependency: skip without it)."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML is needed for the deploy tests")
+    return list(yaml.safe_load_all(text))
+
+
 def render(path: str) -> list[Doc]:
     result = subprocess.run(
         [kubectl(), "kustomize", str(K8S / path)],
@@ -71,7 +75,7 @@ def render(path: str) -> list[Doc]:
         check=False,
     )
     assert result.returncode == 0, f"kustomize {path} failed:\n{result.stderr}"
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return [doc for doc in load_all(result.stdout) if doc]
 
 
 def of_kind(docs: list[Doc], kind: str) -> list[Doc]:
