@@ -20,11 +20,12 @@ def mesh(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Mesh]:
     data_dir: Path = tmp_path_factory.mktemp(f"mesh-{request.param}")
+    # The suite runs the mesh as production would: mutual TLS between every process.
     if request.param == "postgres":
         with fresh_databases(*DB_SERVICES) as urls:
-            yield from _running(Mesh(data_dir=data_dir, database_urls=urls))
+            yield from _running(Mesh(data_dir=data_dir, database_urls=urls, tls=True))
     else:
-        yield from _running(Mesh(data_dir=data_dir))
+        yield from _running(Mesh(data_dir=data_dir, tls=True))
 
 
 def _running(mesh: Mesh) -> Iterator[Mesh]:
@@ -37,7 +38,7 @@ def _running(mesh: Mesh) -> Iterator[Mesh]:
 
 @pytest.fixture(scope="session")
 def gateway_channel(mesh: Mesh) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(mesh.gateway) as channel:
+    with mesh.channel("gateway") as channel:
         yield channel
 
 

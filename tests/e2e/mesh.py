@@ -15,11 +15,21 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.kit.certs import make_all
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("telemetry", "auth", "memory", "router", "gateway")
 MODULES = {name: f"services.{name}" for name in SERVICES} | {"gateway": "gateway"}
+# Who may call whom when mTLS is on: only the gateway reaches the inner services (auth also
+# takes the operator's admin tools); everyone may send spans to telemetry.
+ALLOWED_PEERS = {
+    "auth": "gateway,operator",
+    "router": "gateway",
+    "memory": "gateway",
+    "telemetry": "",
+    "gateway": "",
+}
 
 
 def free_port() -> int:
@@ -35,10 +45,30 @@ class Mesh:
     extra_env: dict[str, str] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    tls: bool = False
 
     def __post_init__(self) -> None:
         if not self.ports:
             self.ports = {name: free_port() for name in SERVICES}
+        if self.tls and not (self.certs / "ca.pem").exists():
+            make_all(self.certs)
+
+    @property
+    def certs(self) -> Path:
+        return self.data_dir / "certs"
+
+    def credentials(self, identity: str = "operator") -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=(self.certs / "ca.pem").read_bytes(),
+            private_key=(self.certs / f"{identity}.key").read_bytes(),
+            certificate_chain=(self.certs / f"{identity}.pem").read_bytes(),
+        )
+
+    def channel(self, name: str, identity: str = "operator") -> grpc.Channel:
+        """A blocking channel to one service, as ``identity`` when mTLS is on."""
+        if self.tls:
+            return grpc.secure_channel(self.target(name), self.credentials(identity))
+        return grpc.insecure_channel(self.target(name))
 
     def target(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
@@ -57,6 +87,16 @@ class Mesh:
             env[f"TOOLMESH_{name.upper()}_PORT"] = str(self.ports[name])
             env[f"TOOLMESH_GATEWAY_{name.upper()}_TARGET"] = self.target(name)
         env["TOOLMESH_ROUTER_TELEMETRY_TARGET"] = self.target("telemetry")
+        for name in SERVICES:
+            env[f"TOOLMESH_{name.upper()}_METRICS_PORT"] = "0"
+        if self.tls:
+            env["TOOLMESH_TLS_CA_FILE"] = str(self.certs / "ca.pem")
+            for name in SERVICES:
+                prefix = f"TOOLMESH_{name.upper()}_"
+                env[prefix + "TLS_CERT_FILE"] = str(self.certs / f"{name}.pem")
+                env[prefix + "TLS_KEY_FILE"] = str(self.certs / f"{name}.key")
+                env[prefix + "ALLOWED_PEERS"] = ALLOWED_PEERS[name]
+            env["TOOLMESH_GATEWAY_TLS_REQUIRE_CLIENT_AUTH"] = "false"
         for name, url in self.database_urls.items():
             env[f"TOOLMESH_{name.upper()}_DATABASE_URL"] = url
         env.update(self.extra_env)
@@ -83,7 +123,7 @@ class Mesh:
 
     def wait_serving(self, name: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target(name)) as channel:
+        with self.channel(name) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 proc = self.procs[name]
@@ -132,7 +172,7 @@ class Mesh:
 
     def token(self, scopes: tuple[str, ...] = ()) -> str:
         creds = self.dev_credentials()
-        with grpc.insecure_channel(self.gateway) as channel:
+        with self.channel("gateway") as channel:
             reply = gateway_pb2_grpc.GatewayStub(channel).IssueToken(
                 gateway_pb2.IssueTokenRequest(
                     client_id=creds["client_id"],

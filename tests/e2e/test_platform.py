@@ -40,7 +40,9 @@ INFO = {
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_health_reflection_and_service_info(mesh: Mesh, service: str, token: str) -> None:
-    with grpc.insecure_channel(mesh.target(service)) as channel:
+    # As the operator identity, which auth allows; router and memory allow only the gateway.
+    identity = "operator" if service in ("auth", "gateway", "telemetry") else "gateway"
+    with mesh.channel(service, identity) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for name in ("", FULL_NAMES[service]):
             reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
@@ -133,3 +135,25 @@ def test_history_survives_a_memory_restart(
             time.sleep(0.2)
     assert history.turns[0].content == "what is 12 * 12"
     assert "144" in history.turns[1].content
+
+
+@pytest.mark.parametrize("service", ["auth", "router", "memory", "telemetry"])
+def test_inner_services_refuse_plaintext(mesh: Mesh, service: str) -> None:
+    with grpc.insecure_channel(mesh.target(service)) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_memory_trusts_caller_identity_only_from_the_gateway(mesh: Mesh) -> None:
+    from toolmesh.common.v1 import common_pb2
+
+    request = memory_pb2.GetHistoryRequest(
+        caller=common_pb2.Caller(subject="dev", tenant="dev"), session_id="anything"
+    )
+    with mesh.channel("memory", identity="router") as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            memory_pb2_grpc.MemoryStub(channel).GetHistory(request, timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with mesh.channel("memory", identity="gateway") as channel:
+        memory_pb2_grpc.MemoryStub(channel).GetHistory(request, timeout=5)
