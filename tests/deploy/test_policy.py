@@ -366,3 +366,19 @@ def test_files_exist_for_every_service() -> None:
             "config.env",
         ):
             assert (folder / name).is_file(), folder / name
+
+
+@pytest.mark.parametrize("overlay", kube.SERVICE_OVERLAYS)
+def test_secret_files_are_read_only_and_not_world_readable(
+    rendered: dict[str, list[kube.Doc]], overlay: str
+) -> None:
+    for deployment in kube.of_kind(rendered[overlay], "Deployment"):
+        pod = kube.pod_spec(deployment)
+        secrets = {v["name"] for v in pod.get("volumes", []) if "secret" in v}
+        for volume in pod.get("volumes", []):
+            if "secret" in volume:
+                assert volume["secret"]["defaultMode"] & 0o007 == 0, volume["name"]
+        for container in pod["containers"]:
+            for mount in container.get("volumeMounts", []):
+                if mount["name"] in secrets:
+                    assert mount.get("readOnly") is True, mount["name"]
