@@ -1,0 +1,274 @@
+"""``toolmesh up``: the five services as child processes on loopback, one command, one Ctrl-C.
+
+Telemetry starts first (so every later service can export spans from its first call) and the
+gateway last (so it is only reachable once what it calls is). A child that dies is logged and
+restarted with exponential backoff; SIGINT or SIGTERM stops them all with SIGTERM, gateway first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.kit.settings import DEFAULT_PORTS
+
+ORDER = ("telemetry", "auth", "memory", "router", "gateway")
+MODULES = {name: f"services.{name}" for name in ORDER} | {"gateway": "gateway"}
+TAIL_LINES = 30
+# Restart backoff: doubles from the first to the cap; a child that ran this long starts over.
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
+HEALTHY_RUN_S = 60.0
+STOP_WAIT_S = 30.0
+
+
+class StartError(Exception):
+    """A service did not come up; the message names it and carries the tail of its log."""
+
+
+def add_parser(sub: Any) -> None:
+    up = sub.add_parser("up", help="run the five services locally until Ctrl-C")
+    up.add_argument(
+        "--base-port",
+        type=int,
+        default=0,
+        help="gateway on this port, auth +1, router +2, memory +3, telemetry +4 "
+        "(default: TOOLMESH_<SERVICE>_PORT or 50051-50055)",
+    )
+    up.add_argument(
+        "--logs",
+        choices=("stdout", "files"),
+        default="stdout",
+        help="service logs prefixed on stdout, or in $TOOLMESH_DATA_DIR/logs/<service>.log",
+    )
+    up.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds each service gets to report SERVING (default 30)",
+    )
+
+
+def child_environment(base: dict[str, str], base_port: int) -> dict[str, str]:
+    """The caller's environment; with a base port, every port and target derived from it."""
+    env = dict(base)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if base_port:
+        for name, default in DEFAULT_PORTS.items():
+            port = base_port + default - DEFAULT_PORTS["gateway"]
+            env[f"TOOLMESH_{name.upper()}_PORT"] = str(port)
+            env[f"TOOLMESH_{name.upper()}_TARGET"] = f"127.0.0.1:{port}"
+            env[f"TOOLMESH_GATEWAY_{name.upper()}_TARGET"] = f"127.0.0.1:{port}"
+        env["TOOLMESH_OTLP_ENDPOINT"] = env["TOOLMESH_TELEMETRY_TARGET"]
+    return env
+
+
+def address(name: str, env: dict[str, str]) -> str:
+    """Where the service will listen, read the way its settings read it."""
+    prefix = f"TOOLMESH_{name.upper()}_"
+    port = env.get(prefix + "PORT") or str(DEFAULT_PORTS[name])
+    host = env.get(prefix + "HOST") or env.get("TOOLMESH_HOST") or "127.0.0.1"
+    if host in ("0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+@dataclass
+class Child:
+    name: str
+    env: dict[str, str]
+    sink: Callable[[str], None]
+    proc: asyncio.subprocess.Process | None = None
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    pump: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return address(self.name, self.env)
+
+    async def spawn(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            MODULES[self.name],
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            # Own process group: a terminal's Ctrl-C reaches only `up`, which stops the
+            # children in order instead of all of them racing.
+            start_new_session=True,
+        )
+        self.pump = asyncio.create_task(self._pump(self.proc))
+
+    async def _pump(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.tail.append(line)
+            self.sink(line)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def log_tail(self) -> str:
+        return "\n".join(f"    {line}" for line in self.tail) or "    (no output)"
+
+    async def wait_serving(self, limit_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit_s
+        async with aio.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if not self.running():
+                    await self._drain_output()
+                    code = self.proc.returncode if self.proc else None
+                    raise StartError(
+                        f"{self.name} exited with code {code} while starting; "
+                        f"last log lines:\n{self.log_tail()}"
+                    )
+                with contextlib.suppress(aio.AioRpcError):
+                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                if loop.time() > deadline:
+                    raise StartError(
+                        f"{self.name} not SERVING on {self.address} after {limit_s:g}s; "
+                        f"last log lines:\n{self.log_tail()}"
+                    )
+                await asyncio.sleep(0.1)
+
+    async def _drain_output(self) -> None:
+        if self.pump is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.pump), 1.0)
+
+    async def terminate(self) -> int | None:
+        """SIGTERM (the services drain on it), then SIGKILL if it does not exit in time."""
+        if self.proc is None:
+            return None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), STOP_WAIT_S)
+            except TimeoutError:
+                say(f"{self.name} did not stop in {STOP_WAIT_S:g}s; killing it")
+                self.proc.kill()
+                await self.proc.wait()
+        await self._drain_output()
+        return self.proc.returncode
+
+
+def say(message: str) -> None:
+    print(f"up | {message}", flush=True)
+
+
+def make_sink(name: str, mode: str, logs_dir: Path) -> tuple[Callable[[str], None], IO[str] | None]:
+    if mode == "files":
+        handle = (logs_dir / f"{name}.log").open("a", encoding="utf-8")
+
+        def to_file(line: str) -> None:
+            handle.write(line + "\n")
+            handle.flush()
+
+        return to_file, handle
+    width = max(len(n) for n in ORDER)
+
+    def to_stdout(line: str) -> None:
+        print(f"{name:<{width}} | {line}", flush=True)
+
+    return to_stdout, None
+
+
+async def supervise(child: Child, stopping: asyncio.Event) -> None:
+    """Restart a child that died, with exponential backoff, until the mesh is stopping."""
+    backoff = BACKOFF_FIRST_S
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        assert child.proc is not None
+        code = await child.proc.wait()
+        if stopping.is_set():
+            return
+        if loop.time() - started > HEALTHY_RUN_S:
+            backoff = BACKOFF_FIRST_S
+        say(f"{child.name} exited with code {code}; restarting in {backoff:g}s")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), backoff)
+        if stopping.is_set():
+            return
+        backoff = min(backoff * 2, BACKOFF_MAX_S)
+        await child.spawn()
+        say(f"{child.name} restarted (pid {child.proc.pid if child.proc else '?'})")
+
+
+async def up(args: argparse.Namespace) -> int:
+    env = child_environment(dict(os.environ), args.base_port)
+    logs_dir = Path(env.get("TOOLMESH_DATA_DIR", "var")) / "logs"
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+
+    children: list[Child] = []
+    handles: list[IO[str]] = []
+    supervisors: list[asyncio.Task[None]] = []
+    status = 0
+    try:
+        for name in ORDER:
+            sink, handle = make_sink(name, args.logs, logs_dir)
+            if handle is not None:
+                handles.append(handle)
+            child = Child(name, env, sink)
+            children.append(child)
+            await child.spawn()
+            starting = asyncio.create_task(child.wait_serving(args.timeout))
+            stop_wait = asyncio.create_task(stopping.wait())
+            await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            if stopping.is_set():
+                starting.cancel()
+                return 0
+            starting.result()
+            say(f"{name} SERVING on {child.address}")
+        supervisors = [asyncio.create_task(supervise(c, stopping)) for c in children]
+        where = f"logs in {logs_dir}" if args.logs == "files" else "logs below"
+        say(f"toolmesh is up: gateway at {children[-1].address} ({where}; Ctrl-C stops)")
+        await stopping.wait()
+    except StartError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        status = 1
+    finally:
+        stopping.set()
+        say("stopping")
+        # The gateway first, so it drains its in-flight calls while what it calls still runs.
+        gateway = [c for c in children if c.name == "gateway"]
+        inner = [c for c in children if c.name != "gateway"]
+        for group in (gateway, inner):
+            codes = await asyncio.gather(*(c.terminate() for c in group))
+            for child, code in zip(group, codes, strict=True):
+                if code is not None:
+                    say(f"{child.name} stopped (exit code {code})")
+        for task in supervisors:
+            task.cancel()
+        await asyncio.gather(*supervisors, return_exceptions=True)
+        for handle in handles:
+            handle.close()
+    return status
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(up(args))

@@ -1,0 +1,96 @@
+"""Channels and stubs to the inner services, with retries only where a call is idempotent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from grpc import aio
+
+from gateway.settings import GatewaySettings
+from services.kit.channels import open_channel, retry_policy
+from toolmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from toolmesh.memory.v1 import memory_pb2, memory_pb2_grpc
+from toolmesh.router.v1 import router_pb2, router_pb2_grpc
+from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
+
+log = logging.getLogger("toolmesh.gateway.clients")
+
+# Reads are safe to retry; AppendTurns is idempotent by request id. InvokeTool and
+# IssueToken are never retried by the channel.
+_RETRIES = [
+    retry_policy(["toolmesh.memory.v1.Memory"], methods=["GetHistory", "AppendTurns"]),
+    retry_policy(["toolmesh.router.v1.Router"], methods=["Route", "ListTools"]),
+    retry_policy(["toolmesh.telemetry.v1.Telemetry"], methods=["GetStats"]),
+]
+
+
+@dataclass
+class Clients:
+    auth: auth_pb2_grpc.AuthStub
+    router: router_pb2_grpc.RouterStub
+    memory: memory_pb2_grpc.MemoryStub
+    telemetry: telemetry_pb2_grpc.TelemetryStub
+    channels: list[aio.Channel]
+
+    @classmethod
+    def open(cls, settings: GatewaySettings) -> Clients:
+        """Must run inside the event loop that will use the channels."""
+        auth = open_channel(settings.auth_target)
+        router = open_channel(settings.router_target, _RETRIES)
+        memory = open_channel(settings.memory_target, _RETRIES)
+        telemetry = open_channel(settings.telemetry_target, _RETRIES)
+        return cls(
+            auth=auth_pb2_grpc.AuthStub(auth),
+            router=router_pb2_grpc.RouterStub(router),
+            memory=memory_pb2_grpc.MemoryStub(memory),
+            telemetry=telemetry_pb2_grpc.TelemetryStub(telemetry),
+            channels=[auth, router, memory, telemetry],
+        )
+
+    async def close(self) -> None:
+        await asyncio.gather(*(channel.close() for channel in self.channels))
+
+    async def check_contracts(self, attempts: int = 30, interval_s: float = 2.0) -> None:
+        """Log an error for each dependency that does not serve its expected major version.
+
+        Runs in the background at start-up: dependencies may come up after the gateway, so each
+        is asked until it answers or ``attempts`` run out.
+        """
+        checks = {
+            "auth": (self.auth.GetServiceInfo, auth_pb2.GetServiceInfoRequest()),
+            "router": (self.router.GetServiceInfo, router_pb2.GetServiceInfoRequest()),
+            "memory": (self.memory.GetServiceInfo, memory_pb2.GetServiceInfoRequest()),
+            "telemetry": (self.telemetry.GetServiceInfo, telemetry_pb2.GetServiceInfoRequest()),
+        }
+        pending = dict(checks)
+        for _ in range(attempts):
+            for name, (call, request) in list(pending.items()):
+                try:
+                    reply = await call(request, timeout=2)
+                except aio.AioRpcError:
+                    continue
+                del pending[name]
+                expected = f"toolmesh.{name}.v1"
+                versions = list(reply.info.contract_versions)
+                if expected in versions:
+                    log.info(
+                        "dependency contract ok",
+                        extra={
+                            "dependency": name,
+                            "contracts": versions,
+                            "build": reply.info.build_version,
+                        },
+                    )
+                else:
+                    log.error(
+                        "dependency does not serve the expected contract",
+                        extra={"dependency": name, "expected": expected, "contracts": versions},
+                    )
+            if not pending:
+                return
+            await asyncio.sleep(interval_s)
+        log.error(
+            "dependencies never answered GetServiceInfo", extra={"dependencies": sorted(pending)}
+        )

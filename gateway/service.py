@@ -1,0 +1,502 @@
+"""The Gateway servicer: validate, authenticate, then orchestrate the inner services.
+
+What happens to a turn today when memory's AppendTurns fails: the answer is still returned,
+"memory" is listed in ``degraded``, and the turn is not stored (AppendTurns is retried on
+UNAVAILABLE within the deadline, but nothing is queued beyond the request). A durable outbox
+that replays failed appends is the planned fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import grpc
+from grpc import aio
+from opentelemetry import trace
+from pydantic import ValidationError
+
+from gateway.authn import AuthState, AuthUnavailableError, Policy, Principal, TokenError
+from gateway.authz import (
+    SCOPE_OPS_READ,
+    SCOPE_READ,
+    authorize_tool,
+    side_effect_name,
+)
+from gateway.clients import Clients
+from gateway.deadlines import Deadline, DeadlineSpentError
+from gateway.settings import GatewaySettings
+from gateway.validation import HistoryInput, RunInput, StatsInput
+from services.kit.buildinfo import service_info
+from services.kit.context import request_id_var
+from services.kit.errors import abort, abort_invalid, violations_from
+from services.kit.tracing import current_trace_id
+from toolmesh.auth.v1 import auth_pb2
+from toolmesh.common.v1 import common_pb2
+from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from toolmesh.memory.v1 import memory_pb2
+from toolmesh.router.v1 import router_pb2
+from toolmesh.telemetry.v1 import telemetry_pb2
+
+log = logging.getLogger("toolmesh.gateway")
+
+CONTRACT_VERSIONS = ["toolmesh.gateway.v1"]
+# Request ids derived from idempotency keys live in their own UUID namespace.
+_IDEMPOTENCY_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:toolmesh:gateway:idempotency")
+ROUTER_FALLBACK = (
+    "The tool router is unavailable right now, so no tool could run. Please try again."
+)
+TOOL_FALLBACK = "The tool {name} could not answer right now. Please try again."
+# Tool errors that mean "the tool failed" (fallback answer), not "the tool said no".
+_TOOL_FAILURES = {
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+_TOOL_REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def request_id_for(principal: Principal, idempotency_key: str) -> str:
+    """A fresh id, or one derived from the key so a retried call gets the same id."""
+    if not idempotency_key:
+        return uuid.uuid4().hex
+    name = "\x1f".join((principal.tenant, principal.subject, idempotency_key))
+    return uuid.uuid5(_IDEMPOTENCY_NAMESPACE, name).hex
+
+
+def whitespace_tokens(text: str) -> int:
+    return len(text.split())
+
+
+def caller_proto(principal: Principal) -> common_pb2.Caller:
+    return common_pb2.Caller(
+        subject=principal.subject,
+        tenant=principal.tenant,
+        scopes=sorted(principal.scopes),
+        roles=list(principal.roles),
+    )
+
+
+def bearer_token(context: aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else value
+            scheme, _, token = text.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return ""
+
+
+def _passthrough_metadata(err: aio.AioRpcError) -> tuple[tuple[str, str | bytes], ...]:
+    """Keep the google.rpc details trailer of a forwarded error (BadRequest, RetryInfo)."""
+    return tuple(
+        (item[0], item[1])
+        for item in (err.trailing_metadata() or ())
+        if item[0] == _STATUS_DETAILS_KEY
+    )
+
+
+@dataclass
+class _Run:
+    """One Run in flight: who asked, its budget, and what it has learned so far."""
+
+    context: aio.ServicerContext
+    deadline: Deadline
+    principal: Principal
+    policy: Policy
+    allowed: frozenset[str]
+    input: RunInput
+    request_id: str
+    caller: common_pb2.Caller
+    answer: str = ""
+    outcome: gateway_pb2.Outcome = gateway_pb2.OUTCOME_UNSPECIFIED
+    degraded: list[str] = field(default_factory=list)
+    tool: router_pb2.ToolContract | None = None
+    result_json: str = ""
+    tool_calls: int = 0
+    cost_units: int = 0
+
+    def degrade(self, what: str) -> None:
+        if what not in self.degraded:
+            self.degraded.append(what)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, settings: GatewaySettings, auth_state: AuthState, clients: Clients) -> None:
+        self._settings = settings
+        self._auth = auth_state
+        self._clients = clients
+
+    # -- shared steps -------------------------------------------------------------------------
+
+    def _deadline(self, context: aio.ServicerContext) -> Deadline:
+        return Deadline.for_request(
+            context.time_remaining(),
+            default_s=self._settings.default_deadline_s,
+            max_s=self._settings.max_deadline_s,
+            reserve_ms=self._settings.deadline_reserve_ms,
+        )
+
+    async def _timeout(self, context: aio.ServicerContext, deadline: Deadline, hop: str) -> float:
+        try:
+            return deadline.timeout()
+        except DeadlineSpentError:
+            await abort(
+                context, grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exhausted before {hop}"
+            )
+
+    async def _authenticate(
+        self, context: aio.ServicerContext, scope: str = ""
+    ) -> tuple[Principal, Policy]:
+        token = bearer_token(context)
+        if not token:
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
+        try:
+            principal, policy = await self._auth.verify(token)
+        except AuthUnavailableError as exc:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+        except TokenError as exc:
+            log.info("token rejected", extra={"reason": exc.reason})
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, exc.reason)
+        if scope and scope not in principal.scopes:
+            await abort(context, grpc.StatusCode.PERMISSION_DENIED, f"missing scope {scope}")
+        return principal, policy
+
+    async def _forward_error(
+        self, context: aio.ServicerContext, service: str, err: aio.AioRpcError
+    ) -> NoReturn:
+        await context.abort(err.code(), f"{service}: {err.details()}", _passthrough_metadata(err))
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+    # -- Run ----------------------------------------------------------------------------------
+
+    async def Run(
+        self, request: gateway_pb2.RunRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.RunResponse:
+        """Answer a prompt with a tool, following DESIGN.md's request flow."""
+        deadline = self._deadline(context)
+        try:
+            run_input = RunInput(
+                session_id=request.session_id,
+                prompt=request.prompt,
+                idempotency_key=request.idempotency_key,
+            )
+        except ValidationError as exc:
+            await abort_invalid(context, violations_from(exc))
+        principal, policy = await self._authenticate(context)
+        request_id = request_id_for(principal, run_input.idempotency_key)
+        request_id_var.set(request_id)
+        span = trace.get_current_span()
+        span.set_attribute("toolmesh.tenant", principal.tenant)
+        span.set_attribute("toolmesh.request_id", request_id)
+        run = _Run(
+            context=context,
+            deadline=deadline,
+            principal=principal,
+            policy=policy,
+            allowed=policy.allowed_tools(principal.tenant),
+            input=run_input,
+            request_id=request_id,
+            caller=caller_proto(principal),
+        )
+        if not run.allowed:
+            self._log_decision(run, False, "tenant has no allowed tools")
+            await abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"tenant {principal.tenant} may use no tools (policy {policy.version})",
+            )
+
+        route = await self._recall_and_route(run)
+        parts = route.parts if route is not None else router_pb2.ConfidenceParts()
+        if route is None:
+            run.answer, run.outcome = ROUTER_FALLBACK, gateway_pb2.OUTCOME_FALLBACK
+            run.degrade("router")
+        elif not route.matched:
+            run.answer = (
+                "No tool is confident enough to answer this "
+                f"(best confidence {route.confidence:.2f}, threshold {route.threshold:.2f}): "
+                f"{route.reason or 'no reason given'}"
+            )
+            run.outcome = gateway_pb2.OUTCOME_NO_MATCH
+        else:
+            await self._authorize(run, route.tool)
+            await self._invoke(run, route)
+
+        await self._remember(run)
+        tool_name = run.tool.name if run.tool else ""
+        outcome_name = gateway_pb2.Outcome.Name(run.outcome)
+        span.set_attribute("gen_ai.tool.name", tool_name)
+        span.set_attribute("toolmesh.outcome", outcome_name)
+        log.info(
+            "run answered",
+            extra={"outcome": outcome_name, "tool": tool_name, "degraded": run.degraded},
+        )
+        return gateway_pb2.RunResponse(
+            request_id=request_id,
+            trace_id=current_trace_id(),
+            answer=run.answer,
+            tool_name=tool_name,
+            tool_version=run.tool.version if run.tool else "",
+            confidence=route.confidence if route is not None else 0.0,
+            confidence_parts=gateway_pb2.ConfidenceParts(
+                intent=parts.intent, schema_fit=parts.schema_fit, health=parts.health
+            ),
+            usage=common_pb2.Usage(
+                tokens_in=whitespace_tokens(run_input.prompt),
+                tokens_out=whitespace_tokens(run.answer),
+                tool_calls=run.tool_calls,
+                cost_units=run.cost_units,
+            ),
+            degraded=run.degraded,
+            outcome=run.outcome,
+            result_json=run.result_json,
+        )
+
+    async def _recall_and_route(self, run: _Run) -> router_pb2.RouteResponse | None:
+        """Recall history and route concurrently (one hop of latency instead of two).
+
+        Because the hops run side by side the router routes on the prompt alone; the history
+        read still tells the caller, through ``degraded``, whether memory is reachable.
+        """
+        timeout = await self._timeout(run.context, run.deadline, "memory and router")
+        history_call = self._clients.memory.GetHistory(
+            memory_pb2.GetHistoryRequest(
+                caller=run.caller,
+                session_id=run.input.session_id,
+                limit=self._settings.history_turns,
+            ),
+            timeout=timeout,
+        )
+        route_call = self._clients.router.Route(
+            router_pb2.RouteRequest(
+                caller=run.caller,
+                request_id=run.request_id,
+                prompt=run.input.prompt,
+                allowed_tools=sorted(run.allowed),
+            ),
+            timeout=timeout,
+        )
+        results: list[object] = await asyncio.gather(
+            history_call, route_call, return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, aio.AioRpcError):
+                raise result
+        history_result, route_result = results
+        if isinstance(history_result, aio.AioRpcError):
+            log.warning("memory read failed", extra={"error": _describe(history_result)})
+            run.degrade("memory")
+        if isinstance(route_result, aio.AioRpcError):
+            log.warning("routing failed", extra={"error": _describe(route_result)})
+            return None
+        assert isinstance(route_result, router_pb2.RouteResponse)
+        return route_result
+
+    def _log_decision(self, run: _Run, allowed: bool, reason: str) -> None:
+        log.info(
+            "authorization",
+            extra={
+                "decision": "allow" if allowed else "deny",
+                "reason": reason,
+                "tenant": run.principal.tenant,
+                "subject": run.principal.subject,
+                "policy_version": run.policy.version,
+            },
+        )
+
+    async def _authorize(self, run: _Run, tool: router_pb2.ToolContract) -> None:
+        decision = authorize_tool(run.principal, tool, run.allowed)
+        self._log_decision(run, decision.allowed, decision.reason)
+        if not decision.allowed:
+            await abort(run.context, grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+
+    async def _invoke(self, run: _Run, route: router_pb2.RouteResponse) -> None:
+        """Run the tool; failures become the contract's fallback, refusals an explanation."""
+        tool = route.tool
+        run.tool = tool
+        write = tool.side_effect != router_pb2.SIDE_EFFECT_READ_ONLY
+        timeout = await self._timeout(run.context, run.deadline, f"tool {tool.name}")
+        run.tool_calls = 1
+        try:
+            reply = await self._clients.router.InvokeTool(
+                router_pb2.InvokeToolRequest(
+                    caller=run.caller,
+                    request_id=run.request_id,
+                    session_id=run.input.session_id,
+                    tool_name=tool.name,
+                    tool_version=tool.version,
+                    arguments_json=route.arguments_json,
+                    # The request id is stable across retries with the same idempotency key.
+                    idempotency_key=run.request_id if write else "",
+                    allowed_tools=sorted(run.allowed),
+                ),
+                timeout=timeout,
+            )
+        except aio.AioRpcError as err:
+            code = err.code()
+            run.outcome = gateway_pb2.OUTCOME_FALLBACK
+            if code == grpc.StatusCode.PERMISSION_DENIED:
+                await self._forward_error(run.context, "router", err)
+            if code in _TOOL_REFUSALS:
+                run.answer = f"The tool {tool.name} refused the arguments: {err.details()}"
+                log.info("tool refused", extra={"tool": tool.name, "code": code.name})
+                return
+            if code not in _TOOL_FAILURES:
+                log.warning("tool call failed unexpectedly", extra={"error": _describe(err)})
+            run.answer = tool.fallback_answer or TOOL_FALLBACK.format(name=tool.name)
+            run.degrade(f"tool:{tool.name}")
+            return
+        run.answer = reply.answer
+        run.result_json = reply.result_json
+        run.cost_units = tool.cost_units
+        run.outcome = gateway_pb2.OUTCOME_TOOL_ANSWERED
+
+    async def _remember(self, run: _Run) -> None:
+        """Append the user turn and the answer, keyed by request id so a retry stores nothing."""
+        tool = run.tool if run.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED else None
+        turns = [
+            common_pb2.Turn(
+                role=common_pb2.TURN_ROLE_USER, content=run.input.prompt, request_id=run.request_id
+            ),
+            common_pb2.Turn(
+                role=common_pb2.TURN_ROLE_ASSISTANT,
+                content=run.answer,
+                request_id=run.request_id,
+                tool_name=tool.name if tool else "",
+                tool_version=tool.version if tool else "",
+            ),
+        ]
+        timeout = await self._timeout(run.context, run.deadline, "memory write")
+        try:
+            await self._clients.memory.AppendTurns(
+                memory_pb2.AppendTurnsRequest(
+                    caller=run.caller,
+                    session_id=run.input.session_id,
+                    request_id=run.request_id,
+                    turns=turns,
+                ),
+                timeout=timeout,
+            )
+        except aio.AioRpcError as err:
+            log.error("memory write failed; turn not stored", extra={"error": _describe(err)})
+            run.degrade("memory")
+
+    # -- the other RPCs -----------------------------------------------------------------------
+
+    async def ListTools(
+        self, request: gateway_pb2.ListToolsRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.ListToolsResponse:
+        """The tools on the caller's allowlist; an empty allowlist never asks the router."""
+        deadline = self._deadline(context)
+        principal, policy = await self._authenticate(context, SCOPE_READ)
+        allowed = policy.allowed_tools(principal.tenant)
+        if not allowed:
+            return gateway_pb2.ListToolsResponse()
+        timeout = await self._timeout(context, deadline, "router")
+        try:
+            reply = await self._clients.router.ListTools(
+                router_pb2.ListToolsRequest(allowed_tools=sorted(allowed)), timeout=timeout
+            )
+        except aio.AioRpcError as err:
+            await self._forward_error(context, "router", err)
+        return gateway_pb2.ListToolsResponse(
+            tools=[
+                gateway_pb2.Tool(
+                    name=t.name,
+                    version=t.version,
+                    description=t.description,
+                    side_effect=side_effect_name(t.side_effect),
+                    cost_units=t.cost_units,
+                    timeout_ms=t.timeout_ms,
+                    input_schema_json=t.input_schema_json,
+                    output_schema_json=t.output_schema_json,
+                )
+                for t in reply.tools
+            ]
+        )
+
+    async def GetHistory(
+        self, request: gateway_pb2.GetHistoryRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.GetHistoryResponse:
+        """A session's turns, always within the caller's own tenant (memory scopes by caller)."""
+        deadline = self._deadline(context)
+        try:
+            query = HistoryInput(session_id=request.session_id, limit=request.limit)
+        except ValidationError as exc:
+            await abort_invalid(context, violations_from(exc))
+        principal, _ = await self._authenticate(context, SCOPE_READ)
+        timeout = await self._timeout(context, deadline, "memory")
+        try:
+            reply = await self._clients.memory.GetHistory(
+                memory_pb2.GetHistoryRequest(
+                    caller=caller_proto(principal), session_id=query.session_id, limit=query.limit
+                ),
+                timeout=timeout,
+            )
+        except aio.AioRpcError as err:
+            await self._forward_error(context, "memory", err)
+        return gateway_pb2.GetHistoryResponse(turns=reply.turns)
+
+    async def IssueToken(
+        self, request: gateway_pb2.IssueTokenRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.IssueTokenResponse:
+        """Forwarded to auth as is; auth's status codes and details reach the caller unchanged."""
+        deadline = self._deadline(context)
+        timeout = await self._timeout(context, deadline, "auth")
+        try:
+            reply = await self._clients.auth.IssueToken(
+                auth_pb2.IssueTokenRequest(
+                    client_id=request.client_id,
+                    client_secret=request.client_secret,
+                    scopes=request.scopes,
+                ),
+                timeout=timeout,
+            )
+        except aio.AioRpcError as err:
+            await context.abort(err.code(), err.details() or "", _passthrough_metadata(err))
+        return gateway_pb2.IssueTokenResponse(
+            access_token=reply.access_token,
+            token_type=reply.token_type,
+            expires_in=reply.expires_in,
+            scopes=reply.scopes,
+            token_id=reply.token_id,
+        )
+
+    async def GetStats(
+        self, request: gateway_pb2.GetStatsRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.GetStatsResponse:
+        deadline = self._deadline(context)
+        try:
+            query = StatsInput(window_seconds=request.window_seconds, service=request.service)
+        except ValidationError as exc:
+            await abort_invalid(context, violations_from(exc))
+        await self._authenticate(context, SCOPE_OPS_READ)
+        timeout = await self._timeout(context, deadline, "telemetry")
+        try:
+            reply = await self._clients.telemetry.GetStats(
+                telemetry_pb2.GetStatsRequest(
+                    group_by=request.group_by,
+                    window_seconds=query.window_seconds,
+                    service=query.service,
+                ),
+                timeout=timeout,
+            )
+        except aio.AioRpcError as err:
+            await self._forward_error(context, "telemetry", err)
+        return gateway_pb2.GetStatsResponse(rows=reply.rows)
+
+    async def GetServiceInfo(
+        self, request: gateway_pb2.GetServiceInfoRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.GetServiceInfoResponse:
+        """Any valid token may ask; only IssueToken is open to unauthenticated callers."""
+        await self._authenticate(context)
+        return gateway_pb2.GetServiceInfoResponse(info=service_info("gateway", CONTRACT_VERSIONS))
+
+
+def _describe(error: aio.AioRpcError) -> str:
+    return f"{error.code().name}: {error.details()}"

@@ -1,0 +1,37 @@
+"""Gateway settings; each target may be host:port, ``ipv4:a:p1,b:p2`` or ``dns:///name:port``."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from services.kit.settings import DEFAULT_PORTS, ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    service_name: ClassVar[str] = "gateway"
+
+    port: int = Field(default=DEFAULT_PORTS["gateway"], ge=0, le=65535)
+    auth_target: str = f"127.0.0.1:{DEFAULT_PORTS['auth']}"
+    router_target: str = f"127.0.0.1:{DEFAULT_PORTS['router']}"
+    memory_target: str = f"127.0.0.1:{DEFAULT_PORTS['memory']}"
+    telemetry_target: str = f"127.0.0.1:{DEFAULT_PORTS['telemetry']}"
+
+    # A request's budget: the caller's deadline (or the default), never more than the maximum.
+    default_deadline_s: float = Field(default=10.0, gt=0)
+    max_deadline_s: float = Field(default=30.0, gt=0)
+    # Kept back from every downstream timeout so the gateway still has time to answer.
+    deadline_reserve_ms: int = Field(default=50, ge=0)
+    # Turns of session history sent to the router.
+    history_turns: int = Field(default=20, ge=0, le=1000)
+
+    # How often JWKS, revocations and policy are refreshed from auth.
+    auth_refresh_s: float = Field(default=5.0, gt=0)
+    # Without a successful refresh for this long, requests fail closed with UNAVAILABLE.
+    auth_staleness_s: float = Field(default=60.0, gt=0)
+    issuer: str = "toolmesh-auth"
+    audience: str = "toolmesh"
+    max_token_bytes: int = Field(default=8192, ge=256)
+    max_token_lifetime_s: int = Field(default=3600, gt=0)
+    leeway_s: int = Field(default=30, ge=0, le=30)

@@ -1,0 +1,85 @@
+"""A real gateway server in-process, in front of contract fakes of the four inner services."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from grpc import aio
+
+from gateway.app import build
+from gateway.settings import GatewaySettings
+from services.kit.server import Cleanup, Running, start
+from services.kit.settings import ServiceSettings
+from tests.unit.gateway.fakes import Fakes, mint
+from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+@dataclass
+class GatewayUnderTest:
+    fakes: Fakes
+    stub: gateway_pb2_grpc.GatewayStub
+    settings: GatewaySettings
+
+    def token(self, **overrides: object) -> str:
+        return mint(self.fakes.auth.keys[-1], **overrides)
+
+    async def wait_ready(self, timeout: float = 5.0) -> None:
+        """Until the gateway has loaded auth's state once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                await self.stub.GetServiceInfo(
+                    gateway_pb2.GetServiceInfoRequest(), metadata=bearer(self.token()), timeout=1
+                )
+                return
+            except aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or loop.time() > deadline:
+                    raise
+            await asyncio.sleep(0.05)
+
+
+async def start_gateway(
+    fakes: Fakes, **overrides: object
+) -> tuple[Running, Running, aio.Channel, GatewayUnderTest]:
+    inner = await start(ServiceSettings(port=0), fakes.register)
+    target = f"127.0.0.1:{inner.port}"
+    values: dict[str, object] = {
+        "port": 0,
+        "auth_target": target,
+        "router_target": target,
+        "memory_target": target,
+        "telemetry_target": target,
+        "auth_refresh_s": 0.1,
+        "otlp_endpoint": "",
+        **overrides,
+    }
+    settings = GatewaySettings(**values)  # type: ignore[arg-type]
+    cleanups: list[Cleanup] = []
+    gateway = await start(settings, build(settings, cleanups))
+    gateway.cleanups.extend(cleanups)
+    channel = aio.insecure_channel(f"127.0.0.1:{gateway.port}")
+    return (
+        inner,
+        gateway,
+        channel,
+        GatewayUnderTest(fakes, gateway_pb2_grpc.GatewayStub(channel), settings),
+    )
+
+
+@pytest.fixture
+async def gw() -> AsyncIterator[GatewayUnderTest]:
+    inner, gateway, channel, under_test = await start_gateway(Fakes())
+    await under_test.wait_ready()
+    yield under_test
+    await channel.close()
+    await gateway.stop(0)
+    await inner.stop(0)

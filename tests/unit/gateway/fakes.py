@@ -1,0 +1,294 @@
+"""Stand-ins for auth, router, memory and telemetry, speaking only their published contracts.
+
+They let the gateway be tested over real gRPC without the other teams' code; each is
+programmable so a test can make one dependency fail in a chosen way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc import aio
+
+from services.kit.buildinfo import service_info
+from services.kit.errors import abort
+from toolmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from toolmesh.common.v1 import common_pb2
+from toolmesh.memory.v1 import memory_pb2, memory_pb2_grpc
+from toolmesh.router.v1 import router_pb2, router_pb2_grpc
+from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
+
+ISSUER = "toolmesh-auth"
+AUDIENCE = "toolmesh"
+ALL_SCOPES = "tools:read tools:write ops:read admin"
+
+
+@dataclass
+class SigningKey:
+    kid: str
+    private: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+
+    def jwk(self) -> dict[str, Any]:
+        data = json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(self.private.public_key()))
+        return {**data, "kid": self.kid, "alg": "EdDSA", "use": "sig"}
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    base: dict[str, Any] = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "client-1",
+        "tenant": "acme",
+        "scope": ALL_SCOPES,
+        "roles": ["developer"],
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+        "jti": uuid.uuid4().hex,
+    }
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def mint(key: SigningKey, headers: dict[str, Any] | None = None, **overrides: Any) -> str:
+    return jwt.encode(
+        claims(**overrides),
+        key.private,
+        algorithm="EdDSA",
+        headers={"kid": key.kid, "typ": "at+jwt", **(headers or {})},
+    )
+
+
+class FakeAuth(auth_pb2_grpc.AuthServicer):
+    def __init__(self) -> None:
+        self.keys = [SigningKey("k1")]
+        self.revoked: set[str] = set()
+        self.disabled: set[str] = set()
+        self.tenants: dict[str, list[str]] = {"acme": ["*"], "small": ["calculator"]}
+        self.down = False
+        self.jwks_calls = 0
+
+    async def _check(self, context: aio.ServicerContext) -> None:
+        if self.down:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "auth is down")
+
+    async def IssueToken(
+        self, request: auth_pb2.IssueTokenRequest, context: aio.ServicerContext
+    ) -> auth_pb2.IssueTokenResponse:
+        if (request.client_id, request.client_secret) != ("dev", "s3cret"):
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, "invalid client credentials")
+        scope = " ".join(request.scopes) or ALL_SCOPES
+        return auth_pb2.IssueTokenResponse(
+            access_token=mint(self.keys[-1], sub="dev", scope=scope),
+            token_type="Bearer",
+            expires_in=600,
+            scopes=scope.split(),
+        )
+
+    async def GetJwks(
+        self, request: auth_pb2.GetJwksRequest, context: aio.ServicerContext
+    ) -> auth_pb2.GetJwksResponse:
+        await self._check(context)
+        self.jwks_calls += 1
+        return auth_pb2.GetJwksResponse(
+            jwks_json=json.dumps({"keys": [k.jwk() for k in self.keys]})
+        )
+
+    async def GetRevocations(
+        self, request: auth_pb2.GetRevocationsRequest, context: aio.ServicerContext
+    ) -> auth_pb2.GetRevocationsResponse:
+        await self._check(context)
+        as_of = Timestamp()
+        as_of.GetCurrentTime()
+        return auth_pb2.GetRevocationsResponse(
+            revoked_tokens=[auth_pb2.RevokedToken(token_id=j) for j in sorted(self.revoked)],
+            disabled_clients=sorted(self.disabled),
+            as_of=as_of,
+        )
+
+    async def GetPolicy(
+        self, request: auth_pb2.GetPolicyRequest, context: aio.ServicerContext
+    ) -> auth_pb2.GetPolicyResponse:
+        await self._check(context)
+        return auth_pb2.GetPolicyResponse(
+            version="test-1",
+            tenants=[
+                auth_pb2.TenantPolicy(tenant=t, allowed_tools=a) for t, a in self.tenants.items()
+            ],
+        )
+
+    async def GetServiceInfo(
+        self, request: auth_pb2.GetServiceInfoRequest, context: aio.ServicerContext
+    ) -> auth_pb2.GetServiceInfoResponse:
+        return auth_pb2.GetServiceInfoResponse(info=service_info("auth", ["toolmesh.auth.v1"]))
+
+
+CALCULATOR = router_pb2.ToolContract(
+    name="calculator",
+    version="1.0.0",
+    side_effect=router_pb2.SIDE_EFFECT_READ_ONLY,
+    cost_units=2,
+    timeout_ms=1000,
+    fallback_answer="The calculator is unavailable.",
+)
+SAVE_NOTE = router_pb2.ToolContract(
+    name="save_note",
+    version="1.0.0",
+    side_effect=router_pb2.SIDE_EFFECT_WRITE,
+    cost_units=5,
+    timeout_ms=1000,
+    fallback_answer="Notes are unavailable.",
+)
+
+
+class FakeRouter(router_pb2_grpc.RouterServicer):
+    """Routes "note ..." to save_note, prompts with a digit to calculator, anything else nowhere."""
+
+    def __init__(self) -> None:
+        self.tools = {t.name: t for t in (CALCULATOR, SAVE_NOTE)}
+        self.route_error: grpc.StatusCode | None = None
+        self.invoke_error: tuple[grpc.StatusCode, str] | None = None
+        self.invoke_delay_s = 0.0
+        self.routes: list[router_pb2.RouteRequest] = []
+        self.invocations: list[router_pb2.InvokeToolRequest] = []
+
+    async def Route(
+        self, request: router_pb2.RouteRequest, context: aio.ServicerContext
+    ) -> router_pb2.RouteResponse:
+        self.routes.append(request)
+        if self.route_error is not None:
+            await abort(context, self.route_error, "router failure")
+        parts = router_pb2.ConfidenceParts(intent=0.9, schema_fit=1.0, health=1.0)
+        if request.prompt.startswith("note"):
+            tool = self.tools["save_note"]
+        elif any(c.isdigit() for c in request.prompt):
+            tool = self.tools["calculator"]
+        else:
+            return router_pb2.RouteResponse(
+                matched=False, confidence=0.1, threshold=0.5, reason="no intent matched"
+            )
+        return router_pb2.RouteResponse(
+            matched=True,
+            tool=tool,
+            arguments_json=json.dumps({"text": request.prompt}),
+            confidence=0.93,
+            parts=parts,
+            threshold=0.5,
+            reason="intent matched",
+        )
+
+    async def InvokeTool(
+        self, request: router_pb2.InvokeToolRequest, context: aio.ServicerContext
+    ) -> router_pb2.InvokeToolResponse:
+        self.invocations.append(request)
+        if self.invoke_delay_s:
+            await asyncio.sleep(self.invoke_delay_s)
+        if self.invoke_error is not None:
+            await abort(context, *self.invoke_error)
+        return router_pb2.InvokeToolResponse(
+            tool_name=request.tool_name,
+            tool_version=request.tool_version,
+            answer=f"{request.tool_name} says 391",
+            result_json='{"value": 391}',
+        )
+
+    async def ListTools(
+        self, request: router_pb2.ListToolsRequest, context: aio.ServicerContext
+    ) -> router_pb2.ListToolsResponse:
+        allowed = set(request.allowed_tools)
+        return router_pb2.ListToolsResponse(
+            tools=[t for t in self.tools.values() if "*" in allowed or t.name in allowed]
+        )
+
+    async def GetServiceInfo(
+        self, request: router_pb2.GetServiceInfoRequest, context: aio.ServicerContext
+    ) -> router_pb2.GetServiceInfoResponse:
+        return router_pb2.GetServiceInfoResponse(
+            info=service_info("router", ["toolmesh.router.v1"])
+        )
+
+
+class FakeMemory(memory_pb2_grpc.MemoryServicer):
+    def __init__(self) -> None:
+        self.turns: dict[tuple[str, str], list[common_pb2.Turn]] = {}
+        self.seen: set[str] = set()
+        self.fail_reads = False
+        self.fail_writes = False
+
+    async def AppendTurns(
+        self, request: memory_pb2.AppendTurnsRequest, context: aio.ServicerContext
+    ) -> memory_pb2.AppendTurnsResponse:
+        if self.fail_writes:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "memory is down")
+        if request.request_id in self.seen:
+            return memory_pb2.AppendTurnsResponse(duplicate=True)
+        self.seen.add(request.request_id)
+        stored = self.turns.setdefault((request.caller.tenant, request.session_id), [])
+        for turn in request.turns:
+            copy = common_pb2.Turn()
+            copy.CopyFrom(turn)
+            copy.seq = len(stored) + 1
+            stored.append(copy)
+        return memory_pb2.AppendTurnsResponse(turns=request.turns)
+
+    async def GetHistory(
+        self, request: memory_pb2.GetHistoryRequest, context: aio.ServicerContext
+    ) -> memory_pb2.GetHistoryResponse:
+        if self.fail_reads:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "memory is down")
+        stored = self.turns.get((request.caller.tenant, request.session_id), [])
+        return memory_pb2.GetHistoryResponse(turns=stored[-(request.limit or 100) :])
+
+    async def GetServiceInfo(
+        self, request: memory_pb2.GetServiceInfoRequest, context: aio.ServicerContext
+    ) -> memory_pb2.GetServiceInfoResponse:
+        return memory_pb2.GetServiceInfoResponse(
+            info=service_info("memory", ["toolmesh.memory.v1"])
+        )
+
+
+class FakeTelemetry(telemetry_pb2_grpc.TelemetryServicer):
+    async def GetStats(
+        self, request: telemetry_pb2.GetStatsRequest, context: aio.ServicerContext
+    ) -> telemetry_pb2.GetStatsResponse:
+        return telemetry_pb2.GetStatsResponse(
+            rows=[telemetry_pb2.StatsRow(service="toolmesh-gateway", count=3, p50_ms=1.5)]
+        )
+
+    async def GetServiceInfo(
+        self, request: telemetry_pb2.GetServiceInfoRequest, context: aio.ServicerContext
+    ) -> telemetry_pb2.GetServiceInfoResponse:
+        return telemetry_pb2.GetServiceInfoResponse(
+            info=service_info("telemetry", ["toolmesh.telemetry.v1"])
+        )
+
+
+@dataclass
+class Fakes:
+    auth: FakeAuth = field(default_factory=FakeAuth)
+    router: FakeRouter = field(default_factory=FakeRouter)
+    memory: FakeMemory = field(default_factory=FakeMemory)
+    telemetry: FakeTelemetry = field(default_factory=FakeTelemetry)
+
+    async def register(self, server: aio.Server) -> Sequence[str]:
+        auth_pb2_grpc.add_AuthServicer_to_server(self.auth, server)
+        router_pb2_grpc.add_RouterServicer_to_server(self.router, server)
+        memory_pb2_grpc.add_MemoryServicer_to_server(self.memory, server)
+        telemetry_pb2_grpc.add_TelemetryServicer_to_server(self.telemetry, server)
+        return [
+            "toolmesh.auth.v1.Auth",
+            "toolmesh.router.v1.Router",
+            "toolmesh.memory.v1.Memory",
+            "toolmesh.telemetry.v1.Telemetry",
+        ]
