@@ -67,7 +67,7 @@ class MisbehavingTools:
 
     def registry(self) -> Registry:
         registry = default_registry()
-        registry.register(_spec("slow_tool", timeout_ms=200), self.slow)
+        registry.register(_spec("slow_tool", timeout_ms=400), self.slow)
         registry.register(_spec("broken_tool"), self.broken)
         registry.register(_spec("crash_tool"), self.crash)
         registry.register(_spec("huge_tool"), self.huge)

@@ -36,8 +36,9 @@ def invoke_request(
     return router_pb2.InvokeToolRequest(**{**base, **fields})
 
 
-async def invoke_error(router: RouterServer, request: router_pb2.InvokeToolRequest,
-                       timeout: float = 5) -> aio.AioRpcError:
+async def invoke_error(
+    router: RouterServer, request: router_pb2.InvokeToolRequest, timeout: float = 5
+) -> aio.AioRpcError:
     with pytest.raises(aio.AioRpcError) as caught:
         await router.stub.InvokeTool(request, timeout=timeout)
     return caught.value
@@ -53,8 +54,9 @@ def field_violations(error: aio.AioRpcError) -> dict[str, str]:
 
 async def test_route_picks_the_calculator_with_arguments(router: RouterServer) -> None:
     reply = await router.stub.Route(
-        router_pb2.RouteRequest(caller=CALLER, request_id="r", prompt="what is 17 * 23",
-                                allowed_tools=["*"]),
+        router_pb2.RouteRequest(
+            caller=CALLER, request_id="r", prompt="what is 17 * 23", allowed_tools=["*"]
+        ),
         timeout=5,
     )
     assert reply.matched
@@ -96,8 +98,9 @@ async def test_route_scores_only_allowed_tools(router: RouterServer) -> None:
     )
     assert not reply.matched and list(reply.candidates) == []
     reply = await router.stub.Route(
-        router_pb2.RouteRequest(caller=CALLER, prompt="what is 17 * 23",
-                                allowed_tools=["save_note"]),
+        router_pb2.RouteRequest(
+            caller=CALLER, prompt="what is 17 * 23", allowed_tools=["save_note"]
+        ),
         timeout=5,
     )
     assert [c.tool_name for c in reply.candidates] == ["save_note"]
@@ -109,12 +112,12 @@ async def test_route_then_invoke_the_calculator(router: RouterServer) -> None:
         timeout=5,
     )
     reply = await router.stub.InvokeTool(
-        invoke_request(route.tool.name, json.loads(route.arguments_json),
-                       tool_version=route.tool.version),
+        invoke_request(
+            route.tool.name, json.loads(route.arguments_json), tool_version=route.tool.version
+        ),
         timeout=5,
     )
-    assert json.loads(reply.result_json) == {"expression": "17 * 23", "value": "391",
-                                             "exact": True}
+    assert json.loads(reply.result_json) == {"expression": "17 * 23", "value": "391", "exact": True}
     assert reply.answer == "17 * 23 = 391"
     assert (reply.tool_name, reply.tool_version, reply.cost_units) == ("calculator", "1.0.0", 1)
     assert not reply.replayed
@@ -126,15 +129,17 @@ async def test_invoke_unit_convert_and_current_time(router: RouterServer) -> Non
         timeout=5,
     )
     assert json.loads(reply.result_json)["result"] == pytest.approx(37.77777778)
-    reply = await router.stub.InvokeTool(invoke_request("current_time", {"zone": "Tokyo"}),
-                                         timeout=5)
+    reply = await router.stub.InvokeTool(
+        invoke_request("current_time", {"zone": "Tokyo"}), timeout=5
+    )
     result = json.loads(reply.result_json)
     assert result["zone"] == "Asia/Tokyo" and result["utc_offset"] == "+09:00"
 
 
 async def test_every_tool_run_is_an_execute_tool_span(router: RouterServer) -> None:
-    await router.stub.InvokeTool(invoke_request("calculator", {"expression": "1+1"},
-                                                request_id="req-span"), timeout=5)
+    await router.stub.InvokeTool(
+        invoke_request("calculator", {"expression": "1+1"}, request_id="req-span"), timeout=5
+    )
     (span,) = router.spans.get_finished_spans()
     assert span.name == "execute_tool calculator"
     expected = {
@@ -152,8 +157,9 @@ async def test_every_tool_run_is_an_execute_tool_span(router: RouterServer) -> N
 
 
 async def test_schema_violation_names_the_json_path(router: RouterServer) -> None:
-    error = await invoke_error(router, invoke_request("unit_convert",
-                                                      {"value": "ten", "from_unit": "km"}))
+    error = await invoke_error(
+        router, invoke_request("unit_convert", {"value": "ten", "from_unit": "km"})
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     violations = field_violations(error)
     assert set(violations) == {"arguments_json", "arguments_json.value"}
@@ -169,8 +175,9 @@ async def test_malformed_json_and_missing_fields_are_invalid(router: RouterServe
         router, invoke_request("unit_convert", {}, arguments_json='{"value": NaN}')
     )
     assert field_violations(error) == {"arguments_json": "is not valid JSON"}
-    error = await invoke_error(router, invoke_request("calculator", {}, caller=None,
-                                                      tool_version=""))
+    error = await invoke_error(
+        router, invoke_request("calculator", {}, caller=None, tool_version="")
+    )
     assert set(field_violations(error)) == {"caller.tenant", "tool_version"}
     error = await invoke_error(router, invoke_request("list_notes", {}, session_id="s" * 129))
     assert field_violations(error) == {"session_id": "longer than 128 characters"}
@@ -201,9 +208,7 @@ async def test_bad_arguments_found_by_the_tool_are_invalid_argument(
 async def test_write_tool_needs_an_idempotency_key(router: RouterServer) -> None:
     error = await invoke_error(router, invoke_request("save_note", {"text": "order coffee"}))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field_violations(error) == {
-        "idempotency_key": "required for the write tool save_note"
-    }
+    assert field_violations(error) == {"idempotency_key": "required for the write tool save_note"}
 
 
 async def test_save_note_is_idempotent(router: RouterServer) -> None:
@@ -217,7 +222,9 @@ async def test_save_note_is_idempotent(router: RouterServer) -> None:
     assert [n["text"] for n in json.loads(notes.result_json)["notes"]] == ["order more coffee"]
     spans = router.spans.get_finished_spans()
     assert [s.attributes.get("toolmesh.tool.replayed") for s in spans if s.attributes] == [
-        None, True, None
+        None,
+        True,
+        None,
     ]
 
 
@@ -254,7 +261,7 @@ async def test_a_slow_tool_times_out_at_its_contract_timeout(router: RouterServe
     started = time.monotonic()
     error = await invoke_error(router, invoke_request("slow_tool", {}, tool_version="0.1.0"))
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert error.details() == "tool slow_tool did not finish within 200 ms"
+    assert error.details() == "tool slow_tool did not finish within 400 ms"
     assert time.monotonic() - started < 1.5
     (span,) = router.spans.get_finished_spans()
     assert span.status.status_code is StatusCode.ERROR
@@ -262,9 +269,9 @@ async def test_a_slow_tool_times_out_at_its_contract_timeout(router: RouterServe
 
 
 async def test_the_callers_deadline_caps_the_tool_timeout(router: RouterServer) -> None:
-    # slow_tool allows 200 ms; with 150 ms left the router gives it 150 ms less its reserve.
+    # slow_tool allows 400 ms; with 250 ms left the router gives it 250 ms less its reserve.
     error = await invoke_error(
-        router, invoke_request("slow_tool", {}, tool_version="0.1.0"), timeout=0.15
+        router, invoke_request("slow_tool", {}, tool_version="0.1.0"), timeout=0.25
     )
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await asyncio.sleep(0.05)
@@ -274,7 +281,7 @@ async def test_the_callers_deadline_caps_the_tool_timeout(router: RouterServer) 
     assert span.attributes is not None and span.attributes["error.type"] == "deadline_exceeded"
     assert span.status.status_code is StatusCode.UNSET
     assert span.end_time is not None and span.start_time is not None
-    assert (span.end_time - span.start_time) / 1e9 < 0.15
+    assert (span.end_time - span.start_time) / 1e9 < 0.25
 
 
 async def test_unknown_tool_or_version_is_not_found(router: RouterServer) -> None:
@@ -327,8 +334,7 @@ async def test_a_failing_tool_trips_its_circuit_breaker(tmp_path: Path) -> None:
         assert 9 <= retry.retry_delay.seconds <= 10
         assert len(router.spans.get_finished_spans()) == 3  # refused calls never ran
         # Other tools are unaffected.
-        await router.stub.InvokeTool(invoke_request("calculator", {"expression": "1+1"}),
-                                     timeout=5)
+        await router.stub.InvokeTool(invoke_request("calculator", {"expression": "1+1"}), timeout=5)
 
 
 async def test_results_over_the_size_cap_are_refused(router: RouterServer) -> None:
@@ -381,8 +387,13 @@ class FakeTelemetry(telemetry_pb2_grpc.TelemetryServicer):
         assert request.group_by == telemetry_pb2.STATS_GROUP_BY_TOOL
         return telemetry_pb2.GetStatsResponse(
             rows=[
-                telemetry_pb2.StatsRow(tool_name="current_time", tool_version="1.0.0",
-                                       count=10, errors=4, error_rate=0.4),
+                telemetry_pb2.StatsRow(
+                    tool_name="current_time",
+                    tool_version="1.0.0",
+                    count=10,
+                    errors=4,
+                    error_rate=0.4,
+                ),
             ]
         )
 
@@ -400,8 +411,9 @@ async def telemetry() -> AsyncIterator[tuple[aio.Server, FakeTelemetry, int]]:
 
 async def _time_health(router: RouterServer) -> float:
     reply = await router.stub.Route(
-        router_pb2.RouteRequest(caller=CALLER, prompt="time in Tokyo",
-                                allowed_tools=["current_time"]),
+        router_pb2.RouteRequest(
+            caller=CALLER, prompt="time in Tokyo", allowed_tools=["current_time"]
+        ),
         timeout=5,
     )
     return reply.candidates[0].parts.health
@@ -411,9 +423,7 @@ async def test_tool_health_comes_from_telemetry_in_the_background_and_survives_i
     tmp_path: Path, telemetry: tuple[aio.Server, FakeTelemetry, int]
 ) -> None:
     server, fake, port = telemetry
-    settings = router_settings(
-        tmp_path, telemetry_target=f"127.0.0.1:{port}", health_refresh_s=0.1
-    )
+    settings = router_settings(tmp_path, telemetry_target=f"127.0.0.1:{port}", health_refresh_s=0.1)
     async for router in start_router(settings):
         for _ in range(50):
             if await _time_health(router) != 1.0:
@@ -432,8 +442,7 @@ async def test_tool_health_comes_from_telemetry_in_the_background_and_survives_i
 @pytest.mark.postgres
 async def test_save_note_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
     async for router in start_router(router_settings(tmp_path, database_url=postgres_url)):
-        request = invoke_request("save_note", {"text": "order more coffee"},
-                                 idempotency_key="pg-1")
+        request = invoke_request("save_note", {"text": "order more coffee"}, idempotency_key="pg-1")
         first, again = await asyncio.gather(
             router.stub.InvokeTool(request, timeout=5), router.stub.InvokeTool(request, timeout=5)
         )

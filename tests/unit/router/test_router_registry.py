@@ -69,8 +69,7 @@ def test_malformed_contracts_are_refused(change: dict[str, object]) -> None:
 
 def test_semver_ordering() -> None:
     versions = ["1.0.0", "1.0.0-alpha", "0.9.9", "1.10.0", "1.2.0"]
-    assert sorted(versions, key=semver_key) == ["0.9.9", "1.0.0-alpha", "1.0.0", "1.2.0",
-                                                 "1.10.0"]
+    assert sorted(versions, key=semver_key) == ["0.9.9", "1.0.0-alpha", "1.0.0", "1.2.0", "1.10.0"]
 
 
 def test_allowlist_denies_by_default() -> None:

@@ -39,9 +39,7 @@ def test_weights_not_summing_to_one_are_refused() -> None:
 
 
 def test_rules_file_with_bad_weights_is_refused_at_load(tmp_path: Path) -> None:
-    text = DEFAULT_RULES_FILE.read_text(encoding="utf-8").replace(
-        "intent = 0.6", "intent = 0.7"
-    )
+    text = DEFAULT_RULES_FILE.read_text(encoding="utf-8").replace("intent = 0.6", "intent = 0.7")
     path = tmp_path / "routing.toml"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(RulesError, match="must sum to 1"):
@@ -64,8 +62,11 @@ def test_rules_file_with_bad_weights_is_refused_at_load(tmp_path: Path) -> None:
             "greater than 0",
         ),
         (
-            {"tools": {"calculator": {"intents": [{"pattern": "x", "score": 1}],
-                                      "extract": ["\\d+"]}}},
+            {
+                "tools": {
+                    "calculator": {"intents": [{"pattern": "x", "score": 1}], "extract": ["\\d+"]}
+                }
+            },
             "no named group",
         ),
     ],
@@ -98,13 +99,22 @@ def test_rules_must_match_the_registry() -> None:
         ("What is 17 times 23?", "calculator", {"expression": "17 * 23"}),
         ("calculate (2 + 3) ** 2", "calculator", {"expression": "(2 + 3) ** 2"}),
         ("save a note: order more coffee", "save_note", {"text": "order more coffee"}),
-        ("convert 5 miles to km", "unit_convert", {"value": 5, "from_unit": "miles",
-                                                  "to_unit": "km"}),
-        ("convert 10 km to miles", "unit_convert", {"value": 10, "from_unit": "km",
-                                                   "to_unit": "miles"}),
+        (
+            "convert 5 miles to km",
+            "unit_convert",
+            {"value": 5, "from_unit": "miles", "to_unit": "km"},
+        ),
+        (
+            "convert 10 km to miles",
+            "unit_convert",
+            {"value": 10, "from_unit": "km", "to_unit": "miles"},
+        ),
         ("100 f in c", "unit_convert", {"value": 100, "from_unit": "f", "to_unit": "c"}),
-        ("how many feet in 2.5 meters", "unit_convert", {"value": 2.5, "from_unit": "meters",
-                                                         "to_unit": "feet"}),
+        (
+            "how many feet in 2.5 meters",
+            "unit_convert",
+            {"value": 2.5, "from_unit": "meters", "to_unit": "feet"},
+        ),
         ("what time is it in Asia/Tokyo", "current_time", {"zone": "Asia/Tokyo"}),
         ("what time is it in Europe/Paris?", "current_time", {"zone": "Europe/Paris"}),
         ("time in Tokyo", "current_time", {"zone": "Tokyo"}),
