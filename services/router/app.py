@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from grpc import aio
 from opentelemetry import trace
 
+from services.kit.breaker import BreakerRegistry
 from services.kit.channels import open_channel
 from services.kit.db import create_engine, session_factory, sqlite_url
 from services.kit.server import Cleanup, Register
@@ -61,7 +62,7 @@ def build(
             executor=Executor(
                 max_result_bytes=settings.max_result_bytes,
                 tracer=tracer,
-                breaker_policy=settings.breaker_policy(),
+                breakers=BreakerRegistry(settings.breaker_config()),
             ),
             notes=NotesStore(session_factory(engine)),
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.router.breaker import Breaker, BreakerPolicy, CircuitOpenError, Outcome
+from services.kit.breaker import BreakerOpen, BreakerRegistry
 from services.router.registry import (
     Tool,
     ToolConflictError,
@@ -41,7 +42,8 @@ class ToolRunError(Exception):
     code: grpc.StatusCode
     message: str
     # False when the caller erred (bad arguments, too short a deadline): the span is marked
-    # with error.type but not as an error, and the tool's circuit breaker does not count it.
+    # with error.type but not as an error, and the tool's circuit breaker does not count it
+    # as a failure.
     tool_fault: bool = True
     # When set, the caller may retry after this many seconds (sent as google.rpc.RetryInfo).
     retry_after_s: float | None = None
@@ -55,25 +57,18 @@ class RunResult:
 
 class Executor:
     def __init__(
-        self, *, max_result_bytes: int, tracer: trace.Tracer, breaker_policy: BreakerPolicy
+        self, *, max_result_bytes: int, tracer: trace.Tracer, breakers: BreakerRegistry
     ) -> None:
         self._max_result_bytes = max_result_bytes
         self._tracer = tracer
-        self._breaker_policy = breaker_policy
+        self._breakers = breakers
         self._slots: dict[str, asyncio.Semaphore] = {}
-        self._breakers: dict[str, Breaker] = {}
 
     def _slot(self, tool: Tool) -> asyncio.Semaphore:
         slot = self._slots.get(tool.key)
         if slot is None:
             slot = self._slots[tool.key] = asyncio.Semaphore(tool.spec.max_concurrency)
         return slot
-
-    def _breaker(self, tool: Tool) -> Breaker:
-        breaker = self._breakers.get(tool.key)
-        if breaker is None:
-            breaker = self._breakers[tool.key] = Breaker(self._breaker_policy)
-        return breaker
 
     async def run(
         self, tool: Tool, arguments: dict[str, Any], ctx: ToolContext, budget_s: float
@@ -88,26 +83,27 @@ class Executor:
                 f"tool {spec.name} is at its concurrency limit ({spec.max_concurrency}); "
                 "retry later",
             )
-        breaker = self._breaker(tool)
+        breaker = self._breakers.get(f"tool:{tool.key}")
         try:
-            permit = breaker.acquire()
-        except CircuitOpenError as error:
+            breaker.acquire()
+        except BreakerOpen as error:
             raise ToolRunError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"tool {spec.name} is failing and refused for now (circuit open)",
                 retry_after_s=error.retry_after_s,
             ) from None
-        outcome = Outcome.IGNORED
+        started = time.perf_counter()
+        # The caller's errors count as successes (resilience4j's default for unrecorded
+        # errors); not recording them would leave a half-open trial slot taken for good.
+        success = True
         try:
             async with slot:
-                result = await self._traced(tool, arguments, ctx, budget_s)
-            outcome = Outcome.SUCCESS
-            return result
+                return await self._traced(tool, arguments, ctx, budget_s)
         except ToolRunError as error:
-            outcome = Outcome.FAILURE if error.tool_fault else Outcome.IGNORED
+            success = not error.tool_fault
             raise
         finally:
-            breaker.record(permit, outcome)
+            breaker.record(success, time.perf_counter() - started)
 
     async def _traced(
         self, tool: Tool, arguments: dict[str, Any], ctx: ToolContext, budget_s: float

@@ -7,8 +7,8 @@ from typing import ClassVar
 
 from pydantic import Field
 
+from services.kit.breaker import BreakerConfig
 from services.kit.settings import DEFAULT_PORTS, ServiceSettings
-from services.router.breaker import BreakerPolicy
 
 DEFAULT_RULES_FILE = Path(__file__).with_name("routing.toml")
 
@@ -29,20 +29,20 @@ class RouterSettings(ServiceSettings):
     health_window_s: int = Field(default=900, ge=60)
     # Largest answer plus result a tool may return, in bytes of UTF-8 JSON.
     max_result_bytes: int = Field(default=65536, ge=1024)
-    # Per-tool circuit breaker: over the last breaker_window calls (at least breaker_min_calls),
-    # a failure rate of breaker_failure_rate opens it for breaker_open_s seconds, after which
-    # breaker_half_open_calls trial calls decide whether it closes again.
+    # Per-tool circuit breaker (services.kit.breaker): over the last breaker_window calls (at
+    # least breaker_min_calls), a failure rate of breaker_failure_rate opens it for
+    # breaker_open_s seconds, then breaker_half_open_calls trial calls decide if it closes.
     breaker_window: int = Field(default=20, ge=1)
     breaker_min_calls: int = Field(default=10, ge=1)
     breaker_failure_rate: float = Field(default=0.5, gt=0, le=1)
     breaker_open_s: float = Field(default=10.0, gt=0)
     breaker_half_open_calls: int = Field(default=3, ge=1)
 
-    def breaker_policy(self) -> BreakerPolicy:
-        return BreakerPolicy(
-            window=self.breaker_window,
-            min_calls=self.breaker_min_calls,
-            failure_rate=self.breaker_failure_rate,
-            open_s=self.breaker_open_s,
+    def breaker_config(self) -> BreakerConfig:
+        return BreakerConfig(
+            window_size=self.breaker_window,
+            minimum_calls=self.breaker_min_calls,
+            failure_rate_threshold=self.breaker_failure_rate,
+            open_wait_s=self.breaker_open_s,
             half_open_calls=self.breaker_half_open_calls,
         )

@@ -321,6 +321,10 @@ async def test_a_crashing_tool_is_internal_without_leaking(router: RouterServer)
 async def test_a_failing_tool_trips_its_circuit_breaker(tmp_path: Path) -> None:
     settings = router_settings(tmp_path, breaker_min_calls=3, breaker_window=3)
     async for router in start_router(settings):
+        # The caller's mistakes never open a tool's circuit.
+        for _ in range(4):
+            error = await invoke_error(router, invoke_request("calculator", {"expression": "1/0"}))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         crash = invoke_request("crash_tool", {}, tool_version="0.1.0")
         for _ in range(3):
             assert (await invoke_error(router, crash)).code() == grpc.StatusCode.INTERNAL
@@ -332,7 +336,7 @@ async def test_a_failing_tool_trips_its_circuit_breaker(tmp_path: Path) -> None:
         retry = error_details_pb2.RetryInfo()
         assert status.details[0].Unpack(retry)
         assert 9 <= retry.retry_delay.seconds <= 10
-        assert len(router.spans.get_finished_spans()) == 3  # refused calls never ran
+        assert len(router.spans.get_finished_spans()) == 4 + 3  # refused calls never ran
         # Other tools are unaffected.
         await router.stub.InvokeTool(invoke_request("calculator", {"expression": "1+1"}), timeout=5)
 
