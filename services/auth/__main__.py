@@ -7,12 +7,12 @@ import json
 import logging
 import sys
 
-from services.auth.app import StartupRefused, build
+from services.auth.app import build
 from services.auth.ops import parser, run
 from services.auth.settings import AuthSettings
 from services.auth.store import StoreError
 from services.kit.logs import configure_logging
-from services.kit.server import run_service
+from services.kit.server import StartupRefused, run_service
 
 
 def main() -> None:
@@ -22,7 +22,8 @@ def main() -> None:
         try:
             run_service(settings, build)
         except StartupRefused as refused:
-            logging.getLogger("toolmesh.auth").error("refusing to start: %s", refused)
+            # The kit refuses unsafe settings before serving; these are auth's own refusals.
+            logging.getLogger("toolmesh.auth").critical("refusing to start: %s", refused)
             sys.exit(2)
         return
     configure_logging(settings.service_name, settings.log_level)

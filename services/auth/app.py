@@ -19,7 +19,7 @@ from services.auth.servicer import AuthServicer, SecretHasher, new_secret
 from services.auth.settings import AuthSettings
 from services.auth.store import Conflict, Store
 from services.kit.db import create_engine
-from services.kit.server import Cleanup, Register
+from services.kit.server import Cleanup, Register, StartupRefused
 from services.kit.settings import Environment, ServiceSettings
 from toolmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -28,10 +28,6 @@ log = logging.getLogger("toolmesh.auth")
 DEV_CLIENT_ID = "dev"
 DEV_TENANT = "dev"
 DEV_SCOPES = "tools:read tools:write ops:read admin"
-
-
-class StartupRefused(RuntimeError):
-    """The service must not start as configured; the message says what to do."""
 
 
 def write_private_json(path: Path, payload: dict[str, str]) -> None:

@@ -70,8 +70,11 @@ class AuthServer:
 
     async def token(self, scopes: tuple[str, ...] = ()) -> str:
         creds = self.dev_credentials()
-        response = await self.stub.IssueToken(auth_pb2.IssueTokenRequest(
-            client_id=creds["client_id"], client_secret=creds["client_secret"], scopes=scopes))
+        response = await self.stub.IssueToken(
+            auth_pb2.IssueTokenRequest(
+                client_id=creds["client_id"], client_secret=creds["client_secret"], scopes=scopes
+            )
+        )
         return response.access_token
 
     async def admin(self) -> list[tuple[str, str]]:
@@ -93,8 +96,15 @@ def claims(**overrides: Any) -> dict[str, Any]:
     """Claims of a well-formed token for the dev client; None drops a claim."""
     now = int(time.time())
     values: dict[str, Any] = {
-        "iss": "toolmesh-auth", "aud": "toolmesh", "sub": "dev", "tenant": "dev",
-        "scope": "tools:read", "roles": [], "iat": now, "nbf": now, "exp": now + 300,
+        "iss": "toolmesh-auth",
+        "aud": "toolmesh",
+        "sub": "dev",
+        "tenant": "dev",
+        "scope": "tools:read",
+        "roles": [],
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
         "jti": uuid.uuid4().hex,
     }
     values.update(overrides)
@@ -102,8 +112,9 @@ def claims(**overrides: Any) -> dict[str, Any]:
 
 
 def sign(payload: dict[str, Any], key: Ed25519PrivateKey, kid: str, **header: Any) -> str:
-    return jwt.encode(payload, key, algorithm="EdDSA", headers={"kid": kid, "typ": "at+jwt",
-                                                                **header})
+    return jwt.encode(
+        payload, key, algorithm="EdDSA", headers={"kid": kid, "typ": "at+jwt", **header}
+    )
 
 
 def b64(data: bytes) -> str:

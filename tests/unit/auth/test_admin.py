@@ -31,11 +31,15 @@ async def test_admin_rpcs_refuse_callers_without_admin_scope(auth: AuthServer) -
         call = getattr(auth.stub, method)
         assert await code_of(call(request)) == (
             grpc.StatusCode.UNAUTHENTICATED,
-            "missing bearer token in the authorization metadata"), method
-        assert (await code_of(call(request, metadata=bearer("junk"))))[0] == \
-            grpc.StatusCode.UNAUTHENTICATED, method
+            "missing bearer token in the authorization metadata",
+        ), method
+        assert (await code_of(call(request, metadata=bearer("junk"))))[
+            0
+        ] == grpc.StatusCode.UNAUTHENTICATED, method
         assert await code_of(call(request, metadata=reader)) == (
-            grpc.StatusCode.PERMISSION_DENIED, "scope admin required"), method
+            grpc.StatusCode.PERMISSION_DENIED,
+            "scope admin required",
+        ), method
 
 
 async def test_client_lifecycle_is_audited_without_secrets(
@@ -43,20 +47,26 @@ async def test_client_lifecycle_is_audited_without_secrets(
 ) -> None:
     caplog.set_level(logging.INFO, logger="toolmesh.auth.audit")
     admin = await auth.admin()
-    created = await auth.stub.CreateClient(auth_pb2.CreateClientRequest(
-        client_id="billing-bot", tenant="acme", roles=["reader"]), metadata=admin)
+    created = await auth.stub.CreateClient(
+        auth_pb2.CreateClientRequest(client_id="billing-bot", tenant="acme", roles=["reader"]),
+        metadata=admin,
+    )
     first_secret = created.client_secret
     assert created.client.state == auth_pb2.CLIENT_STATE_ENABLED
-    code, _ = await code_of(auth.stub.CreateClient(auth_pb2.CreateClientRequest(
-        client_id="billing-bot", tenant="acme", roles=["reader"]), metadata=admin))
+    code, _ = await code_of(
+        auth.stub.CreateClient(
+            auth_pb2.CreateClientRequest(client_id="billing-bot", tenant="acme", roles=["reader"]),
+            metadata=admin,
+        )
+    )
     assert code == grpc.StatusCode.ALREADY_EXISTS
 
-    listed = await auth.stub.ListClients(auth_pb2.ListClientsRequest(tenant="acme"),
-                                         metadata=admin)
+    listed = await auth.stub.ListClients(auth_pb2.ListClientsRequest(tenant="acme"), metadata=admin)
     assert [(c.client_id, list(c.roles)) for c in listed.clients] == [("billing-bot", ["reader"])]
 
     rotated = await auth.stub.RotateClientSecret(
-        auth_pb2.RotateClientSecretRequest(client_id="billing-bot"), metadata=admin)
+        auth_pb2.RotateClientSecretRequest(client_id="billing-bot"), metadata=admin
+    )
     old = auth_pb2.IssueTokenRequest(client_id="billing-bot", client_secret=first_secret)
     assert (await code_of(auth.stub.IssueToken(old)))[0] == grpc.StatusCode.UNAUTHENTICATED
     new = auth_pb2.IssueTokenRequest(client_id="billing-bot", client_secret=rotated.client_secret)
@@ -64,27 +74,37 @@ async def test_client_lifecycle_is_audited_without_secrets(
     assert list(issued.scopes) == ["tools:read"]
 
     revoked = await auth.stub.RevokeClient(
-        auth_pb2.RevokeClientRequest(client_id="billing-bot"), metadata=admin)
+        auth_pb2.RevokeClientRequest(client_id="billing-bot"), metadata=admin
+    )
     assert revoked.client.state == auth_pb2.CLIENT_STATE_REVOKED
     assert (await code_of(auth.stub.IssueToken(new)))[0] == grpc.StatusCode.UNAUTHENTICATED
-    code, _ = await code_of(auth.stub.DisableClient(
-        auth_pb2.DisableClientRequest(client_id="billing-bot"), metadata=admin))
+    code, _ = await code_of(
+        auth.stub.DisableClient(
+            auth_pb2.DisableClientRequest(client_id="billing-bot"), metadata=admin
+        )
+    )
     assert code == grpc.StatusCode.FAILED_PRECONDITION
 
-    await auth.stub.DeleteClient(auth_pb2.DeleteClientRequest(client_id="billing-bot"),
-                                 metadata=admin)
-    listed = await auth.stub.ListClients(auth_pb2.ListClientsRequest(tenant="acme"),
-                                         metadata=admin)
+    await auth.stub.DeleteClient(
+        auth_pb2.DeleteClientRequest(client_id="billing-bot"), metadata=admin
+    )
+    listed = await auth.stub.ListClients(auth_pb2.ListClientsRequest(tenant="acme"), metadata=admin)
     assert list(listed.clients) == []
     revocations = await auth.stub.GetRevocations(auth_pb2.GetRevocationsRequest())
     assert "billing-bot" in revocations.disabled_clients
-    code, _ = await code_of(auth.stub.DeleteClient(
-        auth_pb2.DeleteClientRequest(client_id="billing-bot"), metadata=admin))
+    code, _ = await code_of(
+        auth.stub.DeleteClient(
+            auth_pb2.DeleteClientRequest(client_id="billing-bot"), metadata=admin
+        )
+    )
     assert code == grpc.StatusCode.NOT_FOUND
 
     audits = [r.__dict__ for r in caplog.records if r.name == "toolmesh.auth.audit"]
-    changes = [(a["event"], a["target"], a["outcome"]) for a in audits
-               if a["event"].startswith("client.") and a["event"] != "client.list"]
+    changes = [
+        (a["event"], a["target"], a["outcome"])
+        for a in audits
+        if a["event"].startswith("client.") and a["event"] != "client.list"
+    ]
     assert changes == [
         ("client.create", "billing-bot", "ok"),
         ("client.create", "billing-bot", "refused"),
@@ -101,9 +121,14 @@ async def test_client_lifecycle_is_audited_without_secrets(
 
 
 async def test_create_client_validates_fields(auth: AuthServer) -> None:
-    code, details = await code_of(auth.stub.CreateClient(auth_pb2.CreateClientRequest(
-        client_id="bad id", tenant="Not Valid", scopes=["tools:read"], roles=["wizard"]),
-        metadata=await auth.admin()))
+    code, details = await code_of(
+        auth.stub.CreateClient(
+            auth_pb2.CreateClientRequest(
+                client_id="bad id", tenant="Not Valid", scopes=["tools:read"], roles=["wizard"]
+            ),
+            metadata=await auth.admin(),
+        )
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     for field in ("client_id", "tenant", "roles[0]"):
         assert field in details

@@ -20,8 +20,11 @@ from toolmesh.auth.v1 import auth_pb2
 
 async def test_issued_token_verifies_against_jwks_with_every_claim(auth: AuthServer) -> None:
     creds = auth.dev_credentials()
-    response = await auth.stub.IssueToken(auth_pb2.IssueTokenRequest(
-        client_id="dev", client_secret=creds["client_secret"], scopes=["tools:read"]))
+    response = await auth.stub.IssueToken(
+        auth_pb2.IssueTokenRequest(
+            client_id="dev", client_secret=creds["client_secret"], scopes=["tools:read"]
+        )
+    )
     assert response.token_type == "Bearer"
     assert response.expires_in == 900
     assert list(response.scopes) == ["tools:read"]
@@ -30,10 +33,19 @@ async def test_issued_token_verifies_against_jwks_with_every_claim(auth: AuthSer
     assert header["alg"] == "EdDSA" and header["typ"] == "at+jwt"
     (jwk,) = [k for k in jwks["keys"] if k["kid"] == header["kid"]]
     assert {k: jwk[k] for k in ("kty", "crv", "alg", "use")} == {
-        "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig"}
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "alg": "EdDSA",
+        "use": "sig",
+    }
     key = jwt.PyJWK.from_dict(jwk).key
-    payload = jwt.decode(response.access_token, key, algorithms=["EdDSA"], audience="toolmesh",
-                         issuer="toolmesh-auth")
+    payload = jwt.decode(
+        response.access_token,
+        key,
+        algorithms=["EdDSA"],
+        audience="toolmesh",
+        issuer="toolmesh-auth",
+    )
     assert payload["sub"] == "dev" and payload["tenant"] == "dev"
     assert payload["scope"] == "tools:read"
     assert payload["roles"] == ["admin"]
@@ -45,8 +57,9 @@ async def test_issued_token_verifies_against_jwks_with_every_claim(auth: AuthSer
 
 async def test_empty_scopes_means_every_granted_scope(auth: AuthServer) -> None:
     creds = auth.dev_credentials()
-    response = await auth.stub.IssueToken(auth_pb2.IssueTokenRequest(
-        client_id="dev", client_secret=creds["client_secret"]))
+    response = await auth.stub.IssueToken(
+        auth_pb2.IssueTokenRequest(client_id="dev", client_secret=creds["client_secret"])
+    )
     assert set(response.scopes) == {"tools:read", "tools:write", "ops:read", "admin"}
 
 
@@ -54,32 +67,49 @@ async def test_wrong_secret_and_unknown_client_get_the_same_answer(
     auth: AuthServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    wrong = await code_of(auth.stub.IssueToken(auth_pb2.IssueTokenRequest(
-        client_id="dev", client_secret="not-the-secret")))
-    unknown = await code_of(auth.stub.IssueToken(auth_pb2.IssueTokenRequest(
-        client_id="nobody", client_secret="not-the-secret")))
+    wrong = await code_of(
+        auth.stub.IssueToken(
+            auth_pb2.IssueTokenRequest(client_id="dev", client_secret="not-the-secret")
+        )
+    )
+    unknown = await code_of(
+        auth.stub.IssueToken(
+            auth_pb2.IssueTokenRequest(client_id="nobody", client_secret="not-the-secret")
+        )
+    )
     assert wrong == unknown == (grpc.StatusCode.UNAUTHENTICATED, "invalid client credentials")
-    assert "not-the-secret" not in "\n".join(f"{r.getMessage()} {r.__dict__}"
-                                             for r in caplog.records)
+    assert "not-the-secret" not in "\n".join(
+        f"{r.getMessage()} {r.__dict__}" for r in caplog.records
+    )
 
 
 async def test_scope_not_granted_is_refused_by_name(auth: AuthServer) -> None:
     creds = auth.dev_credentials()
-    code, details = await code_of(auth.stub.IssueToken(auth_pb2.IssueTokenRequest(
-        client_id="dev", client_secret=creds["client_secret"], scopes=["tools:read", "billing"])))
+    code, details = await code_of(
+        auth.stub.IssueToken(
+            auth_pb2.IssueTokenRequest(
+                client_id="dev",
+                client_secret=creds["client_secret"],
+                scopes=["tools:read", "billing"],
+            )
+        )
+    )
     assert code == grpc.StatusCode.PERMISSION_DENIED
     assert "billing" in details
 
 
 async def test_disabled_client_gets_no_token(auth: AuthServer) -> None:
     admin = await auth.admin()
-    created = await auth.stub.CreateClient(auth_pb2.CreateClientRequest(
-        tenant="dev", scopes=["tools:read"]), metadata=admin)
-    request = auth_pb2.IssueTokenRequest(client_id=created.client.client_id,
-                                         client_secret=created.client_secret)
+    created = await auth.stub.CreateClient(
+        auth_pb2.CreateClientRequest(tenant="dev", scopes=["tools:read"]), metadata=admin
+    )
+    request = auth_pb2.IssueTokenRequest(
+        client_id=created.client.client_id, client_secret=created.client_secret
+    )
     await auth.stub.IssueToken(request)
     await auth.stub.DisableClient(
-        auth_pb2.DisableClientRequest(client_id=created.client.client_id), metadata=admin)
+        auth_pb2.DisableClientRequest(client_id=created.client.client_id), metadata=admin
+    )
     code, details = await code_of(auth.stub.IssueToken(request))
     assert (code, details) == (grpc.StatusCode.PERMISSION_DENIED, "client is disabled")
 
@@ -89,10 +119,12 @@ async def test_repeated_wrong_secrets_are_throttled(tmp_path: Path) -> None:
     try:
         bad = auth_pb2.IssueTokenRequest(client_id="dev", client_secret="guess")
         for _ in range(3):
-            assert (await code_of(server.stub.IssueToken(bad)))[0] == \
-                grpc.StatusCode.UNAUTHENTICATED
+            assert (await code_of(server.stub.IssueToken(bad)))[
+                0
+            ] == grpc.StatusCode.UNAUTHENTICATED
         good = auth_pb2.IssueTokenRequest(
-            client_id="dev", client_secret=server.dev_credentials()["client_secret"])
+            client_id="dev", client_secret=server.dev_credentials()["client_secret"]
+        )
         with_right_secret = server.stub.IssueToken(good)
         try:
             await with_right_secret
@@ -106,8 +138,13 @@ async def test_repeated_wrong_secrets_are_throttled(tmp_path: Path) -> None:
         else:
             raise AssertionError("throttled client got a token")
         # Other client ids are not affected.
-        assert (await code_of(server.stub.IssueToken(auth_pb2.IssueTokenRequest(
-            client_id="other", client_secret="x"))))[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            await code_of(
+                server.stub.IssueToken(
+                    auth_pb2.IssueTokenRequest(client_id="other", client_secret="x")
+                )
+            )
+        )[0] == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await server.stop()
 
@@ -124,8 +161,9 @@ async def test_a_burst_of_concurrent_guesses_is_throttled_too(tmp_path: Path) ->
 
 
 async def test_invalid_arguments_name_the_field(auth: AuthServer) -> None:
-    call = auth.stub.IssueToken(auth_pb2.IssueTokenRequest(
-        client_id="", client_secret="x" * 300, scopes=["BAD SCOPE"]))
+    call = auth.stub.IssueToken(
+        auth_pb2.IssueTokenRequest(client_id="", client_secret="x" * 300, scopes=["BAD SCOPE"])
+    )
     code, _ = await code_of(call)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     status = await rpc_status.aio.from_call(call)

@@ -42,36 +42,43 @@ async def test_rotate_then_retire(auth: AuthServer) -> None:
     assert jwt.get_unverified_header(new_token)["kid"] == new_kid
     await auth.stub.VerifyToken(auth_pb2.VerifyTokenRequest(token=new_token))
 
-    code, details = await code_of(auth.stub.RetireKey(
-        auth_pb2.RetireKeyRequest(kid=new_kid), metadata=admin))
+    code, details = await code_of(
+        auth.stub.RetireKey(auth_pb2.RetireKeyRequest(kid=new_kid), metadata=admin)
+    )
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "rotate first" in details
 
     retired = await auth.stub.RetireKey(auth_pb2.RetireKeyRequest(kid=old_kid), metadata=admin)
     assert retired.key.state == auth_pb2.KEY_STATE_RETIRED
     assert await jwks_kids(auth) == [new_kid]
     assert await code_of(auth.stub.VerifyToken(old)) == (
-        grpc.StatusCode.UNAUTHENTICATED, "unknown signing key")
+        grpc.StatusCode.UNAUTHENTICATED,
+        "unknown signing key",
+    )
     assert not (auth.settings.resolved_keys_dir() / f"{old_kid}.pem").exists()
     # The admin token was signed by the retired key too.
-    assert (await code_of(auth.stub.ListKeys(auth_pb2.ListKeysRequest(), metadata=admin)))[0] \
-        == grpc.StatusCode.UNAUTHENTICATED
+    assert (await code_of(auth.stub.ListKeys(auth_pb2.ListKeysRequest(), metadata=admin)))[
+        0
+    ] == grpc.StatusCode.UNAUTHENTICATED
     admin = await auth.admin()
     listed = await auth.stub.ListKeys(auth_pb2.ListKeysRequest(), metadata=admin)
     assert {(k.kid, k.state) for k in listed.keys} == {
-        (new_kid, auth_pb2.KEY_STATE_ACTIVE), (old_kid, auth_pb2.KEY_STATE_RETIRED)}
+        (new_kid, auth_pb2.KEY_STATE_ACTIVE),
+        (old_kid, auth_pb2.KEY_STATE_RETIRED),
+    }
 
-    code, _ = await code_of(auth.stub.RetireKey(auth_pb2.RetireKeyRequest(kid="nope"),
-                                                metadata=admin))
+    code, _ = await code_of(
+        auth.stub.RetireKey(auth_pb2.RetireKeyRequest(kid="nope"), metadata=admin)
+    )
     assert code == grpc.StatusCode.NOT_FOUND
-
 
 
 async def test_a_rotated_key_is_published_before_it_signs(tmp_path: Path) -> None:
     server = await AuthServer(make_settings(tmp_path / "data", key_publish_ahead_s=1)).start()
     try:
         old_kid, _ = server.signing_key()
-        rotated = await server.stub.RotateKey(auth_pb2.RotateKeyRequest(),
-                                              metadata=await server.admin())
+        rotated = await server.stub.RotateKey(
+            auth_pb2.RotateKeyRequest(), metadata=await server.admin()
+        )
         new_kid = rotated.active.kid
         assert rotated.active.signs_from.ToNanoseconds() > rotated.active.created_at.ToNanoseconds()
         assert await jwks_kids(server) == sorted([old_kid, new_kid])

@@ -18,8 +18,15 @@ ROOT = Path(services.auth.__file__).resolve().parents[2]
 
 def operator(data_dir: Path, *args: str) -> dict[str, str]:
     env = {**os.environ, "TOOLMESH_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "services.auth", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "services.auth", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return json.loads(done.stdout)
 
 
@@ -33,18 +40,24 @@ async def test_bootstrap_production_from_a_dev_database(tmp_path: Path) -> None:
     assert rotated["previous"] == dev_kid
     assert operator(data, "retire-key", dev_kid) == {"retired": dev_kid}
     assert operator(data, "delete-client", "dev") == {"deleted": "dev"}
-    created = operator(data, "create-client", "--tenant", "ops", "--role", "admin",
-                       "--client-id", "root")
+    created = operator(
+        data, "create-client", "--tenant", "ops", "--role", "admin", "--client-id", "root"
+    )
     assert created["client_id"] == "root"
 
     server = await AuthServer(make_settings(data, env=Environment.PRODUCTION)).start()
     try:
-        issued = await server.stub.IssueToken(auth_pb2.IssueTokenRequest(
-            client_id="root", client_secret=created["client_secret"], scopes=["admin"]))
+        issued = await server.stub.IssueToken(
+            auth_pb2.IssueTokenRequest(
+                client_id="root", client_secret=created["client_secret"], scopes=["admin"]
+            )
+        )
         keys = await server.stub.ListKeys(
-            auth_pb2.ListKeysRequest(), metadata=[("authorization",
-                                                   f"Bearer {issued.access_token}")])
-        assert [(k.kid, k.state) for k in keys.keys if k.state == auth_pb2.KEY_STATE_ACTIVE] \
-            == [(rotated["active"], auth_pb2.KEY_STATE_ACTIVE)]
+            auth_pb2.ListKeysRequest(),
+            metadata=[("authorization", f"Bearer {issued.access_token}")],
+        )
+        assert [(k.kid, k.state) for k in keys.keys if k.state == auth_pb2.KEY_STATE_ACTIVE] == [
+            (rotated["active"], auth_pb2.KEY_STATE_ACTIVE)
+        ]
     finally:
         await server.stop()

@@ -36,8 +36,10 @@ async def test_policy_reloads_on_change_and_keeps_the_last_good_one(
     assert [(t.tenant, list(t.allowed_tools)) for t in first.tenants] == [("dev", ["*"])]
 
     path = auth.settings.policy_file
-    path.write_text(PACKAGED_POLICY.read_text().replace(first.version, "v-next")
-                    + '\n[tenants.acme]\nallowed_tools = ["weather"]\n')
+    path.write_text(
+        PACKAGED_POLICY.read_text().replace(first.version, "v-next")
+        + '\n[tenants.acme]\nallowed_tools = ["weather"]\n'
+    )
     _bump_mtime(path)
     second = await auth.stub.GetPolicy(auth_pb2.GetPolicyRequest())
     assert second.version == "v-next"
@@ -53,11 +55,14 @@ async def test_policy_reloads_on_change_and_keeps_the_last_good_one(
 
 async def test_roles_grant_their_policy_scopes(auth: AuthServer) -> None:
     admin = await auth.admin()
-    created = await auth.stub.CreateClient(auth_pb2.CreateClientRequest(
-        tenant="dev", roles=["reader"]), metadata=admin)
-    request = auth_pb2.IssueTokenRequest(client_id=created.client.client_id,
-                                         client_secret=created.client_secret,
-                                         scopes=["tools:read"])
+    created = await auth.stub.CreateClient(
+        auth_pb2.CreateClientRequest(tenant="dev", roles=["reader"]), metadata=admin
+    )
+    request = auth_pb2.IssueTokenRequest(
+        client_id=created.client.client_id,
+        client_secret=created.client_secret,
+        scopes=["tools:read"],
+    )
     await auth.stub.IssueToken(request)
     request.scopes.append("tools:write")
     code, details = await code_of(auth.stub.IssueToken(request))

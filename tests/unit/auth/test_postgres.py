@@ -34,13 +34,17 @@ async def test_replicas_share_keys_clients_and_revocations(
         assert jwt.get_unverified_header(fresh)["kid"] == rotated.active.kid
         await b.stub.VerifyToken(auth_pb2.VerifyTokenRequest(token=fresh))
 
-        issued = await a.stub.IssueToken(auth_pb2.IssueTokenRequest(
-            client_id="dev", client_secret=a.dev_credentials()["client_secret"]))
-        await a.stub.RevokeToken(auth_pb2.RevokeTokenRequest(token_id=issued.token_id),
-                                 metadata=admin)
-        assert await code_of(b.stub.VerifyToken(
-            auth_pb2.VerifyTokenRequest(token=issued.access_token))) == (
-            grpc.StatusCode.UNAUTHENTICATED, "token revoked")
+        issued = await a.stub.IssueToken(
+            auth_pb2.IssueTokenRequest(
+                client_id="dev", client_secret=a.dev_credentials()["client_secret"]
+            )
+        )
+        await a.stub.RevokeToken(
+            auth_pb2.RevokeTokenRequest(token_id=issued.token_id), metadata=admin
+        )
+        assert await code_of(
+            b.stub.VerifyToken(auth_pb2.VerifyTokenRequest(token=issued.access_token))
+        ) == (grpc.StatusCode.UNAUTHENTICATED, "token revoked")
 
         # Rotations racing on two replicas never leave two active keys.
         results = await asyncio.gather(
@@ -57,4 +61,3 @@ async def test_replicas_share_keys_clients_and_revocations(
     finally:
         await a.stop()
         await b.stop()
-

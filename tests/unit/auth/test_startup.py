@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.auth.app import StartupRefused
+from services.kit.server import StartupRefused
 from services.kit.settings import Environment
 from tests.unit.auth.conftest import AuthServer, code_of, make_settings
 from toolmesh.auth.v1 import auth_pb2
@@ -38,10 +38,10 @@ async def test_first_start_creates_dev_key_and_client_with_private_modes(
         logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
         assert creds["client_secret"] not in logged
         assert "created dev client" in logged
-        keys = await server.stub.ListKeys(auth_pb2.ListKeysRequest(),
-                                          metadata=await server.admin())
+        keys = await server.stub.ListKeys(auth_pb2.ListKeysRequest(), metadata=await server.admin())
         assert [(k.kid, k.dev, k.state) for k in keys.keys] == [
-            (key_file.stem, True, auth_pb2.KEY_STATE_ACTIVE)]
+            (key_file.stem, True, auth_pb2.KEY_STATE_ACTIVE)
+        ]
     finally:
         await server.stop()
 
@@ -76,20 +76,25 @@ async def test_production_refuses_dev_material_until_replaced(tmp_path: Path) ->
     server = await AuthServer(dev).start()
     admin = await server.admin()
     rotated = await server.stub.RotateKey(auth_pb2.RotateKeyRequest(), metadata=admin)
-    await server.stub.RetireKey(auth_pb2.RetireKeyRequest(kid=rotated.previous.kid),
-                                metadata=admin)
+    await server.stub.RetireKey(auth_pb2.RetireKeyRequest(kid=rotated.previous.kid), metadata=admin)
     await server.stop()
     with pytest.raises(StartupRefused, match=r"dev client exists.*delete-client dev"):
         await AuthServer(production).start()
 
     server = await AuthServer(dev).start()
-    await server.stub.DeleteClient(auth_pb2.DeleteClientRequest(client_id="dev"),
-                                   metadata=await server.admin())
+    await server.stub.DeleteClient(
+        auth_pb2.DeleteClientRequest(client_id="dev"), metadata=await server.admin()
+    )
     await server.stop()
     server = await AuthServer(production).start()
     try:
-        code, _ = await code_of(server.stub.IssueToken(auth_pb2.IssueTokenRequest(
-            client_id="dev", client_secret=server.dev_credentials()["client_secret"])))
+        code, _ = await code_of(
+            server.stub.IssueToken(
+                auth_pb2.IssueTokenRequest(
+                    client_id="dev", client_secret=server.dev_credentials()["client_secret"]
+                )
+            )
+        )
         assert code == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await server.stop()

@@ -26,8 +26,9 @@ NOW = int(time.time())
 
 def _hs256_with_public_key(kid: str, key: Ed25519PrivateKey) -> str:
     """The key-confusion attack: HMAC keyed with the public key bytes everyone can read."""
-    public = key.public_key().public_bytes(serialization.Encoding.Raw,
-                                           serialization.PublicFormat.Raw)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
     head = b64(json.dumps({"alg": "HS256", "typ": "at+jwt", "kid": kid}).encode())
     body = b64(json.dumps(claims()).encode())
     mac = hmac.new(public, f"{head}.{body}".encode(), hashlib.sha256).digest()
@@ -54,20 +55,30 @@ CASES: dict[str, tuple[Forge, str]] = {
     "hs256 with public key": (_hs256_with_public_key, "algorithm not allowed"),
     "unknown kid": (_fresh_key_unknown_kid, "unknown signing key"),
     "known kid, other key": (_fresh_key_known_kid, "bad signature"),
-    "expired": (lambda kid, key: sign(claims(iat=NOW - 1000, nbf=NOW - 1000, exp=NOW - 100),
-                                      key, kid), "token expired"),
-    "nbf in future": (lambda kid, key: sign(claims(nbf=NOW + 300, exp=NOW + 600), key, kid),
-                      "token not yet valid"),
+    "expired": (
+        lambda kid, key: sign(claims(iat=NOW - 1000, nbf=NOW - 1000, exp=NOW - 100), key, kid),
+        "token expired",
+    ),
+    "nbf in future": (
+        lambda kid, key: sign(claims(nbf=NOW + 300, exp=NOW + 600), key, kid),
+        "token not yet valid",
+    ),
     "wrong iss": (lambda kid, key: sign(claims(iss="evil"), key, kid), "wrong issuer"),
     "wrong aud": (lambda kid, key: sign(claims(aud="other"), key, kid), "wrong audience"),
     "missing exp": (lambda kid, key: sign(claims(exp=None), key, kid), "missing claim exp"),
     "missing jti": (lambda kid, key: sign(claims(jti=None), key, kid), "missing claim jti"),
-    "missing tenant": (lambda kid, key: sign(claims(tenant=None), key, kid),
-                       "missing claim tenant"),
-    "lifetime over an hour": (lambda kid, key: sign(claims(exp=NOW + 7200), key, kid),
-                              "token lifetime too long"),
-    "no typ": (lambda kid, key: jwt.encode(claims(), key, algorithm="EdDSA",
-                                           headers={"kid": kid}), "wrong token type"),
+    "missing tenant": (
+        lambda kid, key: sign(claims(tenant=None), key, kid),
+        "missing claim tenant",
+    ),
+    "lifetime over an hour": (
+        lambda kid, key: sign(claims(exp=NOW + 7200), key, kid),
+        "token lifetime too long",
+    ),
+    "no typ": (
+        lambda kid, key: jwt.encode(claims(), key, algorithm="EdDSA", headers={"kid": kid}),
+        "wrong token type",
+    ),
     "oversized": (lambda kid, key: sign(claims(pad="x" * 9000), key, kid), "token too large"),
     "unknown subject": (lambda kid, key: sign(claims(sub="ghost"), key, kid), "client disabled"),
 }
@@ -97,15 +108,21 @@ async def test_a_token_signed_with_the_real_key_verifies(auth: AuthServer) -> No
 
 
 async def test_revoked_token_is_rejected_and_listed(auth: AuthServer) -> None:
-    issued = await auth.stub.IssueToken(auth_pb2.IssueTokenRequest(
-        client_id="dev", client_secret=auth.dev_credentials()["client_secret"]))
+    issued = await auth.stub.IssueToken(
+        auth_pb2.IssueTokenRequest(
+            client_id="dev", client_secret=auth.dev_credentials()["client_secret"]
+        )
+    )
     verify = auth_pb2.VerifyTokenRequest(token=issued.access_token)
     await auth.stub.VerifyToken(verify)
-    revoked = await auth.stub.RevokeToken(auth_pb2.RevokeTokenRequest(token_id=issued.token_id),
-                                          metadata=await auth.admin())
+    revoked = await auth.stub.RevokeToken(
+        auth_pb2.RevokeTokenRequest(token_id=issued.token_id), metadata=await auth.admin()
+    )
     assert revoked.revoked.expires_at.seconds > time.time() + 3000
     assert await code_of(auth.stub.VerifyToken(verify)) == (
-        grpc.StatusCode.UNAUTHENTICATED, "token revoked")
+        grpc.StatusCode.UNAUTHENTICATED,
+        "token revoked",
+    )
     listing = await auth.stub.GetRevocations(auth_pb2.GetRevocationsRequest())
     assert [r.token_id for r in listing.revoked_tokens] == [issued.token_id]
     assert abs(listing.as_of.seconds - time.time()) < 5
@@ -125,15 +142,22 @@ async def test_revocations_are_pruned_after_expiry(auth: AuthServer) -> None:
 
 async def test_disabled_client_tokens_are_rejected_and_listed(auth: AuthServer) -> None:
     admin = await auth.admin()
-    created = await auth.stub.CreateClient(auth_pb2.CreateClientRequest(
-        tenant="acme", scopes=["tools:read"]), metadata=admin)
-    issued = await auth.stub.IssueToken(auth_pb2.IssueTokenRequest(
-        client_id=created.client.client_id, client_secret=created.client_secret))
+    created = await auth.stub.CreateClient(
+        auth_pb2.CreateClientRequest(tenant="acme", scopes=["tools:read"]), metadata=admin
+    )
+    issued = await auth.stub.IssueToken(
+        auth_pb2.IssueTokenRequest(
+            client_id=created.client.client_id, client_secret=created.client_secret
+        )
+    )
     verify = auth_pb2.VerifyTokenRequest(token=issued.access_token)
     assert (await auth.stub.VerifyToken(verify)).caller.tenant == "acme"
     await auth.stub.DisableClient(
-        auth_pb2.DisableClientRequest(client_id=created.client.client_id), metadata=admin)
+        auth_pb2.DisableClientRequest(client_id=created.client.client_id), metadata=admin
+    )
     assert await code_of(auth.stub.VerifyToken(verify)) == (
-        grpc.StatusCode.UNAUTHENTICATED, "client disabled")
+        grpc.StatusCode.UNAUTHENTICATED,
+        "client disabled",
+    )
     listing = await auth.stub.GetRevocations(auth_pb2.GetRevocationsRequest())
     assert list(listing.disabled_clients) == [created.client.client_id]
