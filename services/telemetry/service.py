@@ -200,7 +200,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
 
     async def register(server: aio.Server) -> Sequence[str]:
         store = SpanStore(settings.resolved_database_url())
-        await store.create_schema()
+        await store.migrate()
         cleanups.append(store.close)
         forwarder = None
         if settings.forward_otlp_endpoint:

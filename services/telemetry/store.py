@@ -26,6 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.kit.db import create_engine, session_factory
+from services.telemetry.migrations import upgrade_to_head
 from services.telemetry.spans import MAX_KEY_CHARS, SPAN_KIND_SERVER
 
 # Any constant works; it only has to be the same for every telemetry replica.
@@ -87,14 +88,20 @@ class SpanStore:
         # SQLite has one writer: queue this process's writers here, not in SQLite's busy loop.
         self._local_write_lock = asyncio.Lock() if self._is_sqlite else None
 
-    async def create_schema(self) -> None:
-        """Create missing tables; on PostgreSQL replicas starting together take turns."""
+    async def migrate(self) -> None:
+        """Bring the schema to the latest revision; replicas starting together take turns.
+
+        One transaction holding PostgreSQL's advisory lock or SQLite's write lock, so a second
+        replica waits and then finds nothing to do.
+        """
         async with self._engine.begin() as conn:
-            if not self._is_sqlite:
+            if self._is_sqlite:
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
                 await conn.execute(
                     text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
                 )
-            await conn.run_sync(Base.metadata.create_all)
+            await conn.run_sync(upgrade_to_head)
 
     async def close(self) -> None:
         await self._engine.dispose()

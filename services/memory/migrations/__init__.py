@@ -1,7 +1,7 @@
 """Alembic migrations of the memory schema, applied at start-up by every replica.
 
-A new revision: ``alembic -x`` is not needed; run ``alembic revision`` with
-``script_location`` pointing here, or copy the latest file in versions/ and edit it.
+A schema change is a new file in versions/ whose down_revision is the latest one;
+test_migrations_match_the_models fails until the migrations and the models agree.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ import time
 
 import grpc
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 from opentelemetry import trace
@@ -22,7 +24,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from services.kit.db import create_engine
+from services.telemetry.migrations import VERSION_TABLE
 from services.telemetry.settings import TelemetrySettings
+from services.telemetry.store import Base
 from toolmesh.telemetry.v1 import telemetry_pb2
 
 from .conftest import TelemetryServer
@@ -488,3 +493,36 @@ async def test_spans_from_the_opentelemetry_sdk(server: TelemetryServer) -> None
     ]
     assert spans[1].parent_span_id == spans[0].span_id
     assert json.loads(spans[0].attributes_json) == {"rpc.system": "grpc"}
+
+
+async def test_migrations_match_the_models(server: TelemetryServer) -> None:
+    engine = create_engine(server.settings.resolved_database_url())
+    try:
+        async with engine.connect() as conn:
+            diff = await conn.run_sync(
+                lambda sync: compare_metadata(
+                    MigrationContext.configure(sync, opts={"version_table": VERSION_TABLE}),
+                    Base.metadata,
+                )
+            )
+    finally:
+        await engine.dispose()
+    assert diff == []
+
+
+async def test_replicas_starting_together_migrate_once(settings: TelemetrySettings) -> None:
+    servers = []
+    if not settings.database_url:
+        # A fresh SQLite file must become WAL first: the kit's connect hook fails at once (no
+        # busy wait) when it switches the mode while another connection holds a lock.
+        servers.append(await TelemetryServer(settings).start())
+    servers += await asyncio.gather(
+        *(TelemetryServer(settings).start() for _ in range(3 - len(servers)))
+    )
+    try:
+        await servers[0].otlp.Export(export_request("toolmesh-x", [rpc_span(RUN, 2)]))
+        (row,) = await stats(servers[2], telemetry_pb2.STATS_GROUP_BY_SERVICE)
+        assert row.count == 1
+    finally:
+        for running in servers:
+            await running.stop()
