@@ -89,7 +89,7 @@ class Tokens:
         """Every check a verifier must make; the first failure raises TokenRejected."""
         if not token:
             raise TokenRejected("missing token")
-        if len(token) > MAX_TOKEN_BYTES:
+        if len(token.encode()) > MAX_TOKEN_BYTES:
             raise TokenRejected("token too large")
         try:
             header = jwt.get_unverified_header(token)
