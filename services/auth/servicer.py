@@ -360,7 +360,15 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         self, request: auth_pb2.RotateKeyRequest, context: aio.ServicerContext
     ) -> auth_pb2.RotateKeyResponse:
         actor = await self._admin(context, "key.rotate")
-        kid, x = await asyncio.to_thread(self._keys.create)
+        try:
+            kid, x = await asyncio.to_thread(self._keys.create)
+        except OSError as error:
+            # E.g. keys projected read-only from a secret: rotate where the keys are managed.
+            log.error("cannot write a key file", extra={"error": error.strerror})
+            audit("key.rotate", actor, "", "failed", reason="keys dir not writable")
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                        "the keys dir is not writable here; rotate with `python -m services.auth "
+                        "rotate-key` where the key files are managed")
         try:
             new, previous = await self._store.rotate_to(
                 kid, x, self._settings.key_publish_ahead_s)
