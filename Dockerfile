@@ -79,8 +79,11 @@ ENV PATH=/opt/venv/bin:$PATH \
 # Everything else can be mounted read-only (readOnlyRootFilesystem in Kubernetes).
 VOLUME ["/var/lib/toolmesh"]
 
-# Code lives in the virtualenv; /app is an empty, root-owned working directory.
+# Code lives in the virtualenv; /app is a root-owned working directory that holds only the
+# mTLS health probe, which Kubernetes runs as an exec probe when the gRPC port speaks mTLS
+# (kubelet's native gRPC probe has no TLS).
 WORKDIR /app
+COPY deploy/docker/grpc_health_tls.py /app/grpc_health_tls.py
 
 USER 10001:10001
 

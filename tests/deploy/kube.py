@@ -19,23 +19,21 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 
+SERVICES = ["gateway", "auth", "router", "memory", "telemetry"]
 OVERLAYS = ["overlays/dev", "overlays/prod", "overlays/dev/migrations", "overlays/prod/migrations"]
 SERVICE_OVERLAYS = ["overlays/dev", "overlays/prod"]
 # Every kustomization that must render on its own (a service can be shipped alone).
 KUSTOMIZATIONS = [
     *OVERLAYS,
     "base",
+    "base/namespace",
     "base/network",
     "base/migrations",
     "otel-collector",
-    "base/gateway",
-    "base/auth",
-    "base/router",
-    "base/memory",
-    "base/telemetry",
+    "overlays/prod/otel-collector",
+    *(f"base/{s}" for s in SERVICES),
+    *(f"overlays/prod/{s}" for s in SERVICES),
 ]
-
-SERVICES = ["gateway", "auth", "router", "memory", "telemetry"]
 DB_SERVICES = ["auth", "router", "memory", "telemetry"]
 MODULES = {
     "gateway": "gateway",

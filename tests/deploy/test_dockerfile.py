@@ -108,7 +108,10 @@ def test_final_stage_has_no_compilers_and_no_pip_cache(instructions: list[Instru
     assert "build-essential" in " ".join(i.args for i in builder if i.op == "RUN")
     # The final stage copies only the virtualenv from the builder, never the build context.
     copies = [i.args for i in final if i.op == "COPY"]
-    assert copies == ["--from=builder /opt/venv /opt/venv"]
+    assert copies == [
+        "--from=builder /opt/venv /opt/venv",
+        "deploy/docker/grpc_health_tls.py /app/grpc_health_tls.py",
+    ]
     env = " ".join(i.args for i in builder if i.op == "ENV")
     assert "PIP_NO_CACHE_DIR=1" in env
 

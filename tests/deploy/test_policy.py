@@ -65,7 +65,7 @@ def test_mtls_services_probe_grpc_health_over_tls_on_their_own_port(
         assert mounts["/etc/toolmesh/tls"]["readOnly"] is True
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             command = container[probe]["exec"]["command"]
-            assert command[:2] == ["python", "/etc/toolmesh/probe/grpc_health_tls.py"]
+            assert command[:2] == ["python", "/app/grpc_health_tls.py"]
             assert int(command[2]) == grpc_port(container) == DEFAULT_PORTS[service]
             assert command[3] == f"{service}-headless.toolmesh.svc.cluster.local"
 
@@ -382,3 +382,46 @@ def test_secret_files_are_read_only_and_not_world_readable(
             for mount in container.get("volumeMounts", []):
                 if mount["name"] in secrets:
                     assert mount.get("readOnly") is True, mount["name"]
+
+
+@pytest.mark.parametrize("path", kube.KUSTOMIZATIONS)
+def test_production_mode_always_comes_with_mutual_tls(
+    rendered: dict[str, list[kube.Doc]], path: str
+) -> None:
+    """The kit refuses TOOLMESH_ENV=production without mTLS: no manifest may ask for that."""
+    docs = rendered[path]
+    for deployment in toolmesh_deployments(docs):
+        (container,) = kube.pod_spec(deployment)["containers"]
+        env = kube.config_env(docs, container)
+        if env.get("TOOLMESH_ENV") != "production":
+            assert "TOOLMESH_TLS_CERT_FILE" not in env
+            assert container["readinessProbe"]["grpc"]["port"] == grpc_port(container)
+            continue
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        for kind in ("CERT", "KEY", "CA"):
+            file = env[f"TOOLMESH_TLS_{kind}_FILE"]
+            assert file.rsplit("/", 1)[0] in mounts, (path, file)
+
+
+@pytest.mark.parametrize("app", kube.SERVICES)
+def test_each_service_ships_alone_in_production(
+    rendered: dict[str, list[kube.Doc]], app: str
+) -> None:
+    docs = rendered[f"overlays/prod/{app}"]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds.count("Deployment") == 1
+    for kind in (
+        "ConfigMap",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ServiceAccount",
+        "NetworkPolicy",
+        "Service",
+    ):
+        assert kind in kinds, (app, kind)
+    (deployment,) = kube.of_kind(docs, "Deployment")
+    (container,) = kube.pod_spec(deployment)["containers"]
+    assert kube.config_env(docs, container)["TOOLMESH_ENV"] == "production"
+    # The same manifests as in the whole-mesh prod overlay.
+    whole = kube.by_name(rendered["overlays/prod"], "Deployment", app)
+    assert whole == deployment

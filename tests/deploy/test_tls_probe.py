@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tests.deploy import kube
 
-PROBE = kube.K8S / "overlays" / "prod" / "grpc_health_tls.py"
+PROBE = kube.DEPLOY / "docker" / "grpc_health_tls.py"
 SERVER_NAME = "memory-headless.toolmesh.svc.cluster.local"
 
 
@@ -169,11 +169,13 @@ def test_nothing_listening_fails(pki) -> None:  # type: ignore[no-untyped-def]
     assert probe(1, pki["client_cert"], pki["client_key"], pki["ca"]).returncode == 1
 
 
-def test_prod_mounts_this_very_script(rendered: dict[str, list[kube.Doc]]) -> None:
-    maps = [
-        m
-        for m in kube.of_kind(rendered["overlays/prod"], "ConfigMap")
-        if m["metadata"]["name"].startswith("grpc-health-tls-probe")
-    ]
-    assert len(maps) == 1
-    assert maps[0]["data"]["grpc_health_tls.py"] == PROBE.read_text()
+def test_the_image_ships_the_probe_where_prod_calls_it(
+    rendered: dict[str, list[kube.Doc]],
+) -> None:
+    dockerfile = (kube.REPO / "Dockerfile").read_text()
+    assert "COPY deploy/docker/grpc_health_tls.py /app/grpc_health_tls.py" in dockerfile
+    for deployment in kube.of_kind(rendered["overlays/prod"], "Deployment"):
+        for container in kube.pod_spec(deployment)["containers"]:
+            probe = container["readinessProbe"].get("exec")
+            if probe:
+                assert probe["command"][:2] == ["python", "/app/grpc_health_tls.py"]

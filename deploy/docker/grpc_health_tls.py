@@ -5,7 +5,8 @@ Kubelet's native gRPC probe speaks plaintext only, and with mTLS on the service 
 in the service's container (its Python, its environment) and exits 0 only when the server
 answers SERVING.
 
-usage: python grpc_health_tls.py PORT TLS_SERVER_NAME [SERVICE]
+usage: python /app/grpc_health_tls.py PORT TLS_SERVER_NAME [SERVICE]
+(shipped in the image by the Dockerfile; deploy/k8s/overlays/prod/<service> calls it)
 """
 
 import os
