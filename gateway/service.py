@@ -32,7 +32,7 @@ from gateway.settings import GatewaySettings
 from gateway.validation import HistoryInput, RunInput, StatsInput
 from services.kit.buildinfo import service_info
 from services.kit.context import request_id_var
-from services.kit.errors import abort, abort_invalid, violations_from
+from services.kit.errors import abort, abort_invalid, retry_info, violations_from
 from services.kit.tracing import current_trace_id
 from toolmesh.auth.v1 import auth_pb2
 from toolmesh.common.v1 import common_pb2
@@ -158,7 +158,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             principal, policy = await self._auth.verify(token)
         except AuthUnavailableError as exc:
-            await abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+            await abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                str(exc),
+                retry_info(self._settings.auth_refresh_s),
+            )
         except TokenError as exc:
             log.info("token rejected", extra={"reason": exc.reason})
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, exc.reason)
@@ -219,8 +224,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         elif not route.matched:
             run.answer = (
                 "No tool is confident enough to answer this "
-                f"(best confidence {route.confidence:.2f}, threshold {route.threshold:.2f}): "
-                f"{route.reason or 'no reason given'}"
+                f"(best confidence {route.confidence:.2f}, threshold {route.threshold:.2f}). "
+                f"Router: {route.reason or 'no reason given'}"
             )
             run.outcome = gateway_pb2.OUTCOME_NO_MATCH
         else:

@@ -162,6 +162,8 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
         self.invoke_delay_s = 0.0
         self.routes: list[router_pb2.RouteRequest] = []
         self.invocations: list[router_pb2.InvokeToolRequest] = []
+        # Seconds each InvokeTool had left when it arrived: the gateway's deadline propagation.
+        self.invoke_budgets: list[float | None] = []
 
     async def Route(
         self, request: router_pb2.RouteRequest, context: aio.ServicerContext
@@ -192,6 +194,7 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.InvokeToolRequest, context: aio.ServicerContext
     ) -> router_pb2.InvokeToolResponse:
         self.invocations.append(request)
+        self.invoke_budgets.append(context.time_remaining())
         if self.invoke_delay_s:
             await asyncio.sleep(self.invoke_delay_s)
         if self.invoke_error is not None:

@@ -1,0 +1,91 @@
+"""Deadline propagation to the tool call, and what the Run span carries."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc import aio
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from tests.unit.gateway.conftest import GatewayUnderTest, bearer, start_gateway
+from tests.unit.gateway.fakes import Fakes
+from toolmesh.gateway.v1 import gateway_pb2
+
+WIRE_ROUNDING_S = 0.003
+
+
+async def _run(gw: GatewayUnderTest, timeout: float | None) -> gateway_pb2.RunResponse:
+    return await gw.stub.Run(
+        gateway_pb2.RunRequest(session_id="s", prompt="what is 1 + 1"),
+        metadata=bearer(gw.token()),
+        timeout=timeout,
+    )
+
+
+async def test_tool_call_gets_what_is_left_of_the_callers_deadline(gw: GatewayUnderTest) -> None:
+    await _run(gw, timeout=0.8)
+    budget = gw.fakes.router.invoke_budgets[-1]
+    # Below one second gRPC sends timeouts rounded up to whole milliseconds (hence the slack);
+    # above it C-core rounds up to coarser units, up to 100 ms at 1-10 s.
+    assert budget is not None and 0.5 < budget <= 0.8 - 0.05 + WIRE_ROUNDING_S
+
+
+async def test_without_a_caller_deadline_the_default_applies_capped_by_the_maximum() -> None:
+    fakes = Fakes()
+    inner, gateway, channel, gw = await start_gateway(
+        fakes, default_deadline_s=3.0, max_deadline_s=0.9
+    )
+    try:
+        await gw.wait_ready()
+        await _run(gw, timeout=None)
+        await _run(gw, timeout=20.0)
+        for budget in fakes.router.invoke_budgets:
+            assert budget is not None and 0.5 < budget <= 0.9 - 0.05 + WIRE_ROUNDING_S
+    finally:
+        await channel.close()
+        await gateway.stop(0)
+        await inner.stop(0)
+
+
+async def test_slow_tool_under_a_short_deadline_ends_in_deadline_exceeded(
+    gw: GatewayUnderTest,
+) -> None:
+    gw.fakes.router.invoke_delay_s = 1.0
+    with pytest.raises(aio.AioRpcError) as err:
+        await _run(gw, timeout=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+async def test_run_span_carries_tenant_request_tool_and_outcome(
+    spans: InMemorySpanExporter,
+) -> None:
+    inner, gateway, channel, gw = await start_gateway(Fakes())
+    try:
+        await gw.wait_ready()
+        reply = await _run(gw, timeout=5)
+    finally:
+        await channel.close()
+        await gateway.stop(0)
+        await inner.stop(0)
+    run_spans = [s for s in spans.get_finished_spans() if s.name.endswith("Gateway/Run")]
+    assert run_spans, [s.name for s in spans.get_finished_spans()]
+    attributes = dict(run_spans[-1].attributes or {})
+    assert attributes["toolmesh.tenant"] == "acme"
+    assert attributes["toolmesh.request_id"] == reply.request_id
+    assert attributes["gen_ai.tool.name"] == "calculator"
+    assert attributes["toolmesh.outcome"] == "OUTCOME_TOOL_ANSWERED"
+    assert reply.trace_id == format(run_spans[-1].context.trace_id, "032x")
