@@ -9,7 +9,18 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from services.kit.metrics import meter
+
 log = logging.getLogger(__name__)
+
+_FORWARDED = meter().create_counter(
+    "toolmesh.telemetry.forwarded_batches", unit="{batch}", description="Exports forwarded"
+)
+_DROPPED = meter().create_counter(
+    "toolmesh.telemetry.forward_dropped_batches",
+    unit="{batch}",
+    description="Exports not forwarded: queue full or the endpoint kept failing",
+)
 
 _EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 _ATTEMPTS = 3
@@ -20,21 +31,19 @@ class Forwarder:
     """A bounded queue of export requests drained by one background task.
 
     Ingest only enqueues; a full queue or a collector that keeps failing drops batches and
-    counts them, so a slow collector can never slow down or fail an Export to us.
+    counts them (metrics above), so a slow collector can never slow down or fail an Export to us.
     """
 
     def __init__(self, endpoint: str, max_batches: int) -> None:
         self._endpoint = endpoint
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=max_batches)
-        self.dropped_batches = 0
-        self.forwarded_batches = 0
 
     def offer(self, request: bytes) -> None:
         """Queue a serialized ExportTraceServiceRequest; never waits."""
         try:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
-            self.dropped_batches += 1
+            _DROPPED.add(1, {"reason": "queue_full"})
 
     async def run(self) -> None:
         # A plain channel: the target is an OpenTelemetry Collector, not a toolmesh service,
@@ -59,11 +68,8 @@ class Forwarder:
                 if retryable and attempt < _ATTEMPTS:
                     await asyncio.sleep(0.2 * 2**attempt)
                     continue
-                self.dropped_batches += 1
-                log.warning(
-                    "forward failed, batch dropped",
-                    extra={"code": error.code().name, "dropped_batches": self.dropped_batches},
-                )
+                _DROPPED.add(1, {"reason": error.code().name})
+                log.warning("forward failed, batch dropped", extra={"code": error.code().name})
                 return
-            self.forwarded_batches += 1
+            _FORWARDED.add(1)
             return

@@ -18,6 +18,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from services.kit.buildinfo import service_info
 from services.kit.errors import abort, abort_invalid
+from services.kit.metrics import meter
 from services.kit.server import Cleanup, Register
 from services.kit.settings import ServiceSettings
 from services.telemetry import spans
@@ -36,6 +37,10 @@ MAX_WINDOW_S = 30 * 24 * 3600
 # An Export naming hundreds of bad spans gets the first few, enough to find the bug.
 MAX_REPORTED_VIOLATIONS = 10
 TRACE_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+
+_SPANS_STORED = meter().create_counter(
+    "toolmesh.telemetry.spans_stored", unit="{span}", description="Spans accepted over OTLP"
+)
 
 _GROUPINGS = {
     telemetry_pb2.STATS_GROUP_BY_SERVICE: "service",
@@ -112,6 +117,7 @@ class TraceService:
             await abort_invalid(context, violations[:MAX_REPORTED_VIOLATIONS])
         if records:
             await self._store.insert(records)
+            _SPANS_STORED.add(len(records))
             if self._forwarder is not None:
                 self._forwarder.offer(raw)
         return trace_service_pb2.ExportTraceServiceResponse()
