@@ -70,6 +70,8 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._trials_started = 0
         self._trials_succeeded = 0
+        # Bumped on every state change: a permit from an older generation no longer counts.
+        self._generation = 0
         self.transitions: list[tuple[State, State]] = []
 
     @property
@@ -78,8 +80,12 @@ class CircuitBreaker:
             self._move(State.HALF_OPEN)
         return self._state
 
-    def acquire(self) -> None:
-        """Ask to make a call; raises BreakerOpen when the call must not be tried."""
+    def acquire(self) -> int:
+        """Ask to make a call; raises BreakerOpen when the call must not be tried.
+
+        Returns a permit to hand back to ``record`` or ``release``, so that a call started
+        before a state change is not counted toward the new state.
+        """
         state = self.state
         if state is State.OPEN:
             remaining = self.config.open_wait_s - (self._clock() - self._opened_at)
@@ -88,9 +94,18 @@ class CircuitBreaker:
             if self._trials_started >= self.config.half_open_calls:
                 raise BreakerOpen(self.name, self.config.open_wait_s)
             self._trials_started += 1
+        return self._generation
 
-    def record(self, success: bool, duration_s: float) -> None:
+    def release(self, permit: int) -> None:
+        """The call ended in an outcome that says nothing of the dependency's health
+        (the caller's own error): count nothing, but free a half-open trial slot."""
+        if permit == self._generation and self._state is State.HALF_OPEN:
+            self._trials_started = max(0, self._trials_started - 1)
+
+    def record(self, success: bool, duration_s: float, permit: int | None = None) -> None:
         """Report the outcome of a call that acquire() allowed."""
+        if permit is not None and permit != self._generation:
+            return  # started under an earlier state
         slow = duration_s >= self.config.slow_call_s
         if self._state is State.HALF_OPEN:
             if not success or slow:
@@ -123,6 +138,7 @@ class CircuitBreaker:
         if old is new:
             return
         self._state = new
+        self._generation += 1
         self._window.clear()
         self._trials_started = 0
         self._trials_succeeded = 0

@@ -12,6 +12,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 from grpc import aio
@@ -36,6 +37,7 @@ log = logging.getLogger("toolmesh.server")
 # Registers servicers on the server and returns the full names of the services it added.
 Register = Callable[[aio.Server], Awaitable[Sequence[str]]]
 Cleanup = Callable[[], Awaitable[None]]
+SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
 
 
 @dataclass
@@ -96,7 +98,10 @@ def check_environment(settings: ServiceSettings) -> None:
     )
 
 
-async def start(settings: ServiceSettings, register: Register) -> Running:
+async def start(
+    settings: ServiceSettings, register: Register, cleanups: Sequence[Cleanup] = ()
+) -> Running:
+    """Start serving; ``cleanups`` run (in reverse) after the server stops."""
     files = tls_files(settings)
     interceptors: list[aio.ServerInterceptor] = [aio_server_interceptor(), GuardInterceptor()]
     if files and settings.peer_allowlist:
@@ -128,12 +133,17 @@ async def start(settings: ServiceSettings, register: Register) -> Running:
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server=server, health=health_servicer, port=port, service_names=names)
+    return Running(
+        server=server,
+        health=health_servicer,
+        port=port,
+        service_names=names,
+        cleanups=list(cleanups),
+    )
 
 
 async def _serve(settings: ServiceSettings, register: Register, cleanups: list[Cleanup]) -> None:
-    running = await start(settings, register)
-    running.cleanups.extend(cleanups)
+    running = await start(settings, register, cleanups)
     log.info(
         "serving",
         extra={
@@ -153,8 +163,8 @@ async def _serve(settings: ServiceSettings, register: Register, cleanups: list[C
 
 
 def run_service(
-    settings: ServiceSettings,
-    build: Callable[[ServiceSettings, list[Cleanup]], Register],
+    settings: SettingsT,
+    build: Callable[[SettingsT, list[Cleanup]], Register],
 ) -> None:
     """Process entry point: logs, tracing, metrics, serve until a signal, drain, flush."""
     configure_logging(settings.service_name, settings.log_level)

@@ -101,3 +101,33 @@ def test_window_slides_so_old_failures_are_forgotten() -> None:
     assert breaker.state is State.CLOSED  # 4 of the last 10 failed; 6 would have opened it
     _call(breaker, ok=False)
     assert breaker.state is State.OPEN  # 5 of 10
+
+
+def test_a_call_from_before_a_state_change_does_not_count() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("dep", CONFIG, clock)
+    stale = breaker.acquire()
+    for _ in range(4):
+        _call(breaker, ok=False)
+    clock.now += 5.0
+    assert breaker.state is State.HALF_OPEN
+    trial = breaker.acquire()
+    breaker.record(False, 0.01, stale)  # the old call's failure must not reopen it
+    assert breaker.state is State.HALF_OPEN
+    breaker.record(True, 0.01, trial)
+    breaker.record(True, 0.01, breaker.acquire())
+    assert breaker.state is State.CLOSED
+
+
+def test_release_frees_a_half_open_trial_without_counting() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("dep", CONFIG, clock)
+    for _ in range(4):
+        _call(breaker, ok=False)
+    clock.now += 5.0
+    first = breaker.acquire()
+    breaker.acquire()
+    breaker.release(first)  # the caller's own error: neither success nor failure
+    third = breaker.acquire()  # the freed slot can be used
+    assert breaker.state is State.HALF_OPEN
+    breaker.record(True, 0.01, third)
