@@ -93,6 +93,20 @@ async def check_production(store: Store) -> None:
             "real clients with CreateClient), then start again")
 
 
+async def check_signing_key(store: Store, key_files: KeyFiles) -> None:
+    """Fail at start, not on the first IssueToken, when this replica cannot sign."""
+    signer = await store.signing_key()
+    if signer is None:
+        return
+    try:
+        key_files.load(signer.kid, signer.public_x)
+    except (OSError, ValueError) as error:
+        raise StartupRefused(
+            f"signing key {signer.kid} is not readable at {key_files.path(signer.kid)} "
+            f"({type(error).__name__}): mount the keys dir every replica shares, or rotate with "
+            "`python -m services.auth rotate-key` where it is writable") from None
+
+
 def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
     """The kit's entry point: set everything up when the server registers its services."""
     assert isinstance(settings, AuthSettings)
@@ -102,17 +116,22 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         # Holds the dev client's secret and, by default, the private keys.
         settings.dev_client_file().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         engine = create_engine(settings.db_url())
-        cleanups.append(engine.dispose)
         store = Store(engine)
-        await store.create_schema()
         key_files = KeyFiles(settings.resolved_keys_dir())
         hasher = SecretHasher()
-        if settings.env == Environment.PRODUCTION:
-            await check_production(store)
-        else:
-            await ensure_dev_key(store, key_files)
-            await ensure_dev_client(settings, store, hasher)
-        policy = PolicySource(settings.policy_file, settings.policy_check_interval_s)
+        try:
+            await store.create_schema()
+            if settings.env == Environment.PRODUCTION:
+                await check_production(store)
+            else:
+                await ensure_dev_key(store, key_files)
+                await ensure_dev_client(settings, store, hasher)
+            await check_signing_key(store, key_files)
+            policy = PolicySource(settings.policy_file, settings.policy_check_interval_s)
+        except BaseException:
+            await engine.dispose()  # the server never started, so no clean-up would run
+            raise
+        cleanups.append(engine.dispose)
         servicer = AuthServicer(settings, store, key_files, policy, hasher)
         auth_pb2_grpc.add_AuthServicer_to_server(servicer, server)
         return [auth_pb2.DESCRIPTOR.services_by_name["Auth"].full_name]

@@ -106,3 +106,13 @@ async def test_service_info(auth: AuthServer) -> None:
     assert list(info.contract_versions) == ["toolmesh.auth.v1"]
     assert info.build_version
     assert info.started_at.seconds > 0
+
+
+async def test_start_refused_when_the_signing_key_file_is_missing(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data")
+    server = await AuthServer(settings).start()
+    kid, _ = server.signing_key()
+    await server.stop()
+    (settings.resolved_keys_dir() / f"{kid}.pem").unlink()
+    with pytest.raises(StartupRefused, match=f"signing key {kid} is not readable"):
+        await AuthServer(settings).start()
