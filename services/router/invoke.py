@@ -85,7 +85,7 @@ class Executor:
             )
         breaker = self._breakers.get(f"tool:{tool.key}")
         try:
-            breaker.acquire()
+            permit = breaker.acquire()
         except BreakerOpen as error:
             raise ToolRunError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -93,17 +93,21 @@ class Executor:
                 retry_after_s=error.retry_after_s,
             ) from None
         started = time.perf_counter()
-        # The caller's errors count as successes (resilience4j's default for unrecorded
-        # errors); not recording them would leave a half-open trial slot taken for good.
-        success = True
         try:
             async with slot:
-                return await self._traced(tool, arguments, ctx, budget_s)
+                result = await self._traced(tool, arguments, ctx, budget_s)
         except ToolRunError as error:
-            success = not error.tool_fault
+            if error.tool_fault:
+                breaker.record(False, time.perf_counter() - started, permit)
+            else:
+                # The caller's own error says nothing of the tool's health.
+                breaker.release(permit)
             raise
-        finally:
-            breaker.record(success, time.perf_counter() - started)
+        except BaseException:
+            breaker.release(permit)
+            raise
+        breaker.record(True, time.perf_counter() - started, permit)
+        return result
 
     async def _traced(
         self, tool: Tool, arguments: dict[str, Any], ctx: ToolContext, budget_s: float
