@@ -33,6 +33,8 @@ from services.telemetry.spans import MAX_KEY_CHARS, SPAN_KIND_SERVER
 _SCHEMA_LOCK_KEY = 0x74656C656D
 
 EXECUTE_TOOL = "execute_tool"
+# Rows deleted per pruning transaction; ingest waits at most for one chunk.
+PRUNE_CHUNK = 5000
 
 
 class Base(DeclarativeBase):
@@ -122,9 +124,16 @@ class SpanStore:
             await session.execute(statement, records)
 
     async def prune(self, ended_before_ns: int) -> int:
-        async with self._writing(), self._sessions() as session, session.begin():
-            result = await session.execute(delete(SpanRow).where(SpanRow.end_ns < ended_before_ns))
-        return int(getattr(result, "rowcount", 0) or 0)
+        """Delete spans that ended before the cut, in chunks so ingest never waits long."""
+        total = 0
+        while True:
+            oldest = select(SpanRow.id).where(SpanRow.end_ns < ended_before_ns).limit(PRUNE_CHUNK)
+            async with self._writing(), self._sessions() as session, session.begin():
+                result = await session.execute(delete(SpanRow).where(SpanRow.id.in_(oldest)))
+            deleted = int(getattr(result, "rowcount", 0) or 0)
+            total += deleted
+            if deleted < PRUNE_CHUNK:
+                return total
 
     async def samples(
         self, grouping: str, window_start_ns: int, window_end_ns: int, service: str
