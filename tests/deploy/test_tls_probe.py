@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -124,7 +126,9 @@ def server(pki: dict[str, Path]) -> Iterator[tuple[int, health.HealthServicer]]:
         srv.stop(0)
 
 
-def probe(port: int, cert: Path, key: Path, ca: Path) -> subprocess.CompletedProcess[str]:
+def probe(
+    port: int, cert: Path, key: Path, ca: Path, server_name: str = SERVER_NAME
+) -> subprocess.CompletedProcess[str]:
     env = dict(
         os.environ,
         TOOLMESH_TLS_CERT_FILE=str(cert),
@@ -132,7 +136,7 @@ def probe(port: int, cert: Path, key: Path, ca: Path) -> subprocess.CompletedPro
         TOOLMESH_TLS_CA_FILE=str(ca),
     )
     return subprocess.run(
-        [sys.executable, str(PROBE), str(port), SERVER_NAME],
+        [sys.executable, str(PROBE), str(port), server_name],
         env=env,
         capture_output=True,
         text=True,
@@ -179,3 +183,77 @@ def test_the_image_ships_the_probe_where_prod_calls_it(
             probe = container["readinessProbe"].get("exec")
             if probe:
                 assert probe["command"][:2] == ["python", "/app/grpc_health_tls.py"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_against_the_real_memory_service_in_production_mode(tmp_path: Path) -> None:
+    """What prod runs: memory with TOOLMESH_ENV=production and mTLS. The exec probe passes;
+    the plaintext check that kubelet's native gRPC probe would make cannot even connect."""
+    certs = tmp_path / "certs"
+    subprocess.run(
+        [sys.executable, "-m", "services.kit.certs", "--dns", SERVER_NAME, str(certs)],
+        cwd=kube.REPO,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    port = _free_port()
+    tls = {
+        "TOOLMESH_TLS_CERT_FILE": str(certs / "memory.pem"),
+        "TOOLMESH_TLS_KEY_FILE": str(certs / "memory.key"),
+        "TOOLMESH_TLS_CA_FILE": str(certs / "ca.pem"),
+    }
+    env = (
+        {k: v for k, v in os.environ.items() if not k.startswith("TOOLMESH_")}
+        | tls
+        | {
+            "TOOLMESH_ENV": "production",
+            "TOOLMESH_HOST": "127.0.0.1",
+            "TOOLMESH_MEMORY_PORT": str(port),
+            "TOOLMESH_METRICS_PORT": "0",
+            "TOOLMESH_OTLP_ENDPOINT": "",
+            "TOOLMESH_DATA_DIR": str(tmp_path / "data"),
+            "TOOLMESH_MEMORY_ALLOWED_PEERS": "gateway",
+        }
+    )
+    log = (tmp_path / "memory.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.memory"],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            result = probe(
+                port,
+                certs / "memory.pem",
+                certs / "memory.key",
+                certs / "ca.pem",
+            )
+            if result.returncode == 0:
+                break
+            assert process.poll() is None, (tmp_path / "memory.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "memory.log").read_text()[-3000:]
+            time.sleep(0.3)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=3
+                )
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        log.close()
