@@ -38,6 +38,16 @@ async def start_memory(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [sys.executable, "-m", "services.memory"], cwd=REPO, env=env, stderr=subprocess.DEVNULL
     )
+    try:
+        await wait_until_serving(process, port)
+    except BaseException:
+        process.kill()
+        process.wait(timeout=10)
+        raise
+    return process
+
+
+async def wait_until_serving(process: subprocess.Popen[bytes], port: int) -> None:
     deadline = time.monotonic() + 20
     async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -46,7 +56,7 @@ async def start_memory(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
             try:
                 answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return process
+                    return
             except aio.AioRpcError:
                 pass
             assert time.monotonic() < deadline, "memory did not become healthy"
