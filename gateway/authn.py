@@ -45,6 +45,10 @@ class TokenError(Exception):
 class UnknownKeyError(TokenError):
     """The token names a key id not in the cached JWKS (maybe a freshly rotated key)."""
 
+    def __init__(self, kid: str) -> None:
+        super().__init__("unknown signing key")
+        self.kid = kid
+
 
 class AuthUnavailableError(Exception):
     """No auth state, or auth state past its staleness bound: fail closed."""
@@ -94,7 +98,10 @@ def parse_jwks(jwks_json: str) -> dict[str, jwt.PyJWK]:
         ):
             log.warning("skipping unusable JWK", extra={"kid": str(kid)})
             continue
-        keys[kid] = jwt.PyJWK(item, algorithm=ALGORITHM)
+        try:
+            keys[kid] = jwt.PyJWK(item, algorithm=ALGORITHM)
+        except jwt.PyJWKError:
+            log.warning("skipping malformed JWK", extra={"kid": kid})
     return keys
 
 
@@ -123,7 +130,7 @@ def verify_token(token: str, snapshot: AuthSnapshot, settings: GatewaySettings) 
         raise TokenError("token has no key id")
     key = snapshot.keys.get(kid)
     if key is None:
-        raise UnknownKeyError("unknown signing key")
+        raise UnknownKeyError(kid)
     try:
         claims: dict[str, Any] = jwt.decode(
             token,
@@ -210,9 +217,13 @@ class AuthState:
             self._stub.GetRevocations(auth_pb2.GetRevocationsRequest(), timeout=FETCH_TIMEOUT_S),
             self._stub.GetPolicy(auth_pb2.GetPolicyRequest(), timeout=FETCH_TIMEOUT_S),
         )
+        keys = parse_jwks(jwks.jwks_json)
+        if not keys:
+            # Keep the last good keys; if this persists the state goes stale and fails closed.
+            raise ValueError("JWKS has no usable Ed25519 key")
         previous = self._snapshot
         self._snapshot = AuthSnapshot(
-            keys=parse_jwks(jwks.jwks_json),
+            keys=keys,
             revoked=frozenset(r.token_id for r in revocations.revoked_tokens),
             disabled_clients=frozenset(revocations.disabled_clients),
             policy=parse_policy(policy),
@@ -233,7 +244,8 @@ class AuthState:
                 if failing:
                     log.info("auth reachable again")
                 failing = False
-            except (aio.AioRpcError, ValueError) as exc:
+            except Exception as exc:
+                # Whatever auth answered, this loop must keep running, or the state goes stale.
                 if not failing:
                     log.warning("auth refresh failed", extra={"error": _describe(exc)})
                 failing = True
@@ -244,15 +256,19 @@ class AuthState:
         snapshot = self.snapshot()
         try:
             return verify_token(token, snapshot, self._settings), snapshot.policy
-        except UnknownKeyError:
-            if not await self._refetch_jwks():
+        except UnknownKeyError as exc:
+            if not await self._refetch_jwks(exc.kid):
                 raise
         snapshot = self.snapshot()
         return verify_token(token, snapshot, self._settings), snapshot.policy
 
-    async def _refetch_jwks(self) -> bool:
+    async def _refetch_jwks(self, kid: str) -> bool:
+        """True when ``kid`` is known afterwards; concurrent callers share one fetch."""
         async with self._kid_lock:
-            if self._clock() - self._kid_fetched_at < UNKNOWN_KID_REFETCH_S:
+            current = self._snapshot
+            if current is not None and kid in current.keys:
+                return True  # fetched by another request while this one waited
+            if current is None or self._clock() - self._kid_fetched_at < UNKNOWN_KID_REFETCH_S:
                 return False
             self._kid_fetched_at = self._clock()
             try:
@@ -261,17 +277,20 @@ class AuthState:
             except (aio.AioRpcError, ValueError) as exc:
                 log.warning("JWKS refetch failed", extra={"error": _describe(exc)})
                 return False
-            if self._snapshot is not None:
-                self._snapshot = AuthSnapshot(
-                    keys=keys,
-                    revoked=self._snapshot.revoked,
-                    disabled_clients=self._snapshot.disabled_clients,
-                    policy=self._snapshot.policy,
-                )
-            return True
+            if not keys:
+                return False
+            # Re-read: the background refresh may have replaced the state during the fetch.
+            latest = self._snapshot or current
+            self._snapshot = AuthSnapshot(
+                keys=keys,
+                revoked=latest.revoked,
+                disabled_clients=latest.disabled_clients,
+                policy=latest.policy,
+            )
+            return kid in keys
 
 
 def _describe(exc: Exception) -> str:
     if isinstance(exc, aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
-    return type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"

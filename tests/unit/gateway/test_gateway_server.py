@@ -213,6 +213,34 @@ async def test_rotated_key_is_fetched_at_once_on_an_unknown_kid() -> None:
         await inner.stop(0)
 
 
+async def test_many_requests_with_a_rotated_key_at_once_all_pass() -> None:
+    fakes = Fakes()
+    inner, gateway, channel, gw = await start_gateway(fakes, auth_refresh_s=300)
+    try:
+        await gw.wait_ready()
+        fakes.auth.keys.append(SigningKey("k2"))
+        token = mint(fakes.auth.keys[-1])
+        replies = await asyncio.gather(*(_run(gw, f"what is {i} + 1", token) for i in range(8)))
+        assert {r.outcome for r in replies} == {gateway_pb2.OUTCOME_TOOL_ANSWERED}
+    finally:
+        await channel.close()
+        await gateway.stop(0)
+        await inner.stop(0)
+
+
+async def test_garbage_from_auth_keeps_the_last_good_state_and_the_loop_alive(
+    gw: GatewayUnderTest,
+) -> None:
+    good_keys = gw.fakes.auth.keys
+    gw.fakes.auth.keys = []  # an empty JWKS is refused as a refresh, not applied
+    await asyncio.sleep(0.3)
+    assert (await _run(gw, "what is 1 + 1", mint(good_keys[-1]))).answer
+    gw.fakes.auth.keys = [SigningKey("k5")]
+    await asyncio.sleep(0.3)
+    reply = await _run(gw, "what is 1 + 1", mint(gw.fakes.auth.keys[-1]))
+    assert reply.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
+
+
 async def test_auth_down_at_start_then_stale_fails_closed() -> None:
     fakes = Fakes()
     fakes.auth.down = True
