@@ -425,3 +425,18 @@ def test_each_service_ships_alone_in_production(
     # The same manifests as in the whole-mesh prod overlay.
     whole = kube.by_name(rendered["overlays/prod"], "Deployment", app)
     assert whole == deployment
+
+
+@pytest.mark.parametrize("path", kube.KUSTOMIZATIONS)
+def test_every_referenced_service_account_is_rendered_alongside(
+    rendered: dict[str, list[kube.Doc]], path: str
+) -> None:
+    """A Deployment or Job whose ServiceAccount is missing is never created."""
+    docs = rendered[path]
+    accounts = {a["metadata"]["name"] for a in kube.of_kind(docs, "ServiceAccount")}
+    for workload in docs:
+        if workload["kind"] in ("Deployment", "Job"):
+            assert kube.pod_spec(workload)["serviceAccountName"] in accounts, (
+                path,
+                workload["metadata"]["name"],
+            )
