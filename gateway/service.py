@@ -23,6 +23,7 @@ from gateway.authn import AuthState, AuthUnavailableError, Policy, Principal, To
 from gateway.authz import (
     SCOPE_OPS_READ,
     SCOPE_READ,
+    Decision,
     authorize_tool,
     side_effect_name,
 )
@@ -168,6 +169,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             log.info("token rejected", extra={"reason": exc.reason})
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, exc.reason)
         if scope and scope not in principal.scopes:
+            log.info(
+                "authorization",
+                extra={
+                    "decision": "deny",
+                    "reason": f"missing scope {scope}",
+                    "missing_scope": scope,
+                    "tenant": principal.tenant,
+                    "subject": principal.subject,
+                    "policy_version": policy.version,
+                },
+            )
             await abort(context, grpc.StatusCode.PERMISSION_DENIED, f"missing scope {scope}")
         return principal, policy
 
@@ -209,7 +221,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             caller=caller_proto(principal),
         )
         if not run.allowed:
-            self._log_decision(run, False, "tenant has no allowed tools")
+            self._log_decision(run, Decision(False, "tenant has no allowed tools"))
             await abort(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -302,21 +314,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         assert isinstance(route_result, router_pb2.RouteResponse)
         return route_result
 
-    def _log_decision(self, run: _Run, allowed: bool, reason: str) -> None:
+    def _log_decision(self, run: _Run, decision: Decision) -> None:
+        """The authorization audit line: who, what, why, and under which policy version."""
         log.info(
             "authorization",
             extra={
-                "decision": "allow" if allowed else "deny",
-                "reason": reason,
+                "decision": "allow" if decision.allowed else "deny",
+                "reason": decision.reason,
+                "missing_scope": decision.missing_scope,
                 "tenant": run.principal.tenant,
                 "subject": run.principal.subject,
+                "token_id": run.principal.token_id,
                 "policy_version": run.policy.version,
             },
         )
 
     async def _authorize(self, run: _Run, tool: router_pb2.ToolContract) -> None:
         decision = authorize_tool(run.principal, tool, run.allowed)
-        self._log_decision(run, decision.allowed, decision.reason)
+        self._log_decision(run, decision)
         if not decision.allowed:
             await abort(run.context, grpc.StatusCode.PERMISSION_DENIED, decision.reason)
 
