@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,21 @@ def async_url(url: str) -> str:
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    # Switching to WAL needs an exclusive lock and ignores busy_timeout, so two processes
+    # opening a new file together could fail: switch only when not in WAL yet, and retry.
+    for attempt in range(50):
+        mode = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+        if str(mode).lower() == "wal":
+            break
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except Exception:  # sqlite3.OperationalError: database is locked
+            if attempt == 49:
+                raise
+            time.sleep(0.05)
     # FULL: an acknowledged write survives power loss, not only a process crash.
     cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
