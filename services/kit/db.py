@@ -31,7 +31,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # Switching to WAL needs an exclusive lock and ignores busy_timeout, so two processes
     # opening a new file together could fail: switch only when not in WAL yet, and retry.
     for attempt in range(50):
-        mode = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+        cursor.execute("PRAGMA journal_mode")
+        mode = cursor.fetchone()[0]
         if str(mode).lower() == "wal":
             break
         try:
