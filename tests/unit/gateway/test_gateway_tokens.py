@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Callable
 
 import jwt
 import pytest
@@ -48,36 +49,49 @@ def alg_none() -> str:
     return jwt.encode(claims(), None, algorithm="none", headers={"kid": "k1", "typ": "at+jwt"})
 
 
-NOW = int(time.time())
-CASES = {
-    "garbage": ("not-a-jwt", "malformed token"),
-    "alg none": (alg_none(), "unsupported token algorithm"),
-    "HS256 with the public key": (hs256_with_public_key(), "unsupported token algorithm"),
-    "expired": (mint(KEY, exp=NOW - 120, iat=NOW - 700, nbf=NOW - 700), "token expired"),
-    "nbf in the future": (mint(KEY, nbf=NOW + 300), "token not yet valid"),
-    "iat in the future": (mint(KEY, iat=NOW + 300, exp=NOW + 900), "token not yet valid"),
-    "wrong issuer": (mint(KEY, iss="someone-else"), "wrong issuer"),
-    "wrong audience": (mint(KEY, aud="other"), "wrong audience"),
-    "missing exp": (mint(KEY, exp=None), "missing claim exp"),
-    "missing jti": (mint(KEY, jti=None), "missing claim jti"),
-    "missing tenant": (mint(KEY, tenant=None), "missing claim tenant"),
-    "missing sub": (mint(KEY, sub=None), "missing claim sub"),
-    "empty tenant": (mint(KEY, tenant=""), "invalid subject, tenant or token id"),
-    "lifetime over the cap": (mint(KEY, exp=NOW + 7200), "token lifetime too long"),
-    "oversized": (mint(KEY, padding="x" * 9000), "token too large"),
-    "wrong typ": (mint(KEY, headers={"typ": "JWT"}), "wrong token type"),
+# Built when each test runs, so the suite's duration cannot age a token into another case.
+CASES: dict[str, tuple[Callable[[int], str], str]] = {
+    "garbage": (lambda now: "not-a-jwt", "malformed token"),
+    "alg none": (lambda now: alg_none(), "unsupported token algorithm"),
+    "HS256 with the public key": (
+        lambda now: hs256_with_public_key(),
+        "unsupported token algorithm",
+    ),
+    "expired": (
+        lambda now: mint(KEY, exp=now - 120, iat=now - 700, nbf=now - 700),
+        "token expired",
+    ),
+    "nbf in the future": (lambda now: mint(KEY, nbf=now + 300), "token not yet valid"),
+    "iat in the future": (
+        lambda now: mint(KEY, iat=now + 300, exp=now + 900),
+        "token not yet valid",
+    ),
+    "wrong issuer": (lambda now: mint(KEY, iss="someone-else"), "wrong issuer"),
+    "wrong audience": (lambda now: mint(KEY, aud="other"), "wrong audience"),
+    "missing exp": (lambda now: mint(KEY, exp=None), "missing claim exp"),
+    "missing jti": (lambda now: mint(KEY, jti=None), "missing claim jti"),
+    "missing tenant": (lambda now: mint(KEY, tenant=None), "missing claim tenant"),
+    "missing sub": (lambda now: mint(KEY, sub=None), "missing claim sub"),
+    "empty tenant": (lambda now: mint(KEY, tenant=""), "invalid subject, tenant or token id"),
+    "lifetime over the cap": (lambda now: mint(KEY, exp=now + 7200), "token lifetime too long"),
+    "oversized": (lambda now: mint(KEY, padding="x" * 9000), "token too large"),
+    "wrong typ": (lambda now: mint(KEY, headers={"typ": "JWT"}), "wrong token type"),
     "no kid": (
-        jwt.encode(claims(), KEY.private, algorithm="EdDSA", headers={"typ": "at+jwt"}),
+        lambda now: jwt.encode(claims(), KEY.private, algorithm="EdDSA", headers={"typ": "at+jwt"}),
         "token has no key id",
     ),
-    "signed by another key with the same kid": (mint(SigningKey("k1")), "bad signature"),
-    "scope not a string": (mint(KEY, scope=["tools:read"]), "invalid scope or roles"),
+    "signed by another key with the same kid": (
+        lambda now: mint(SigningKey("k1")),
+        "bad signature",
+    ),
+    "scope not a string": (lambda now: mint(KEY, scope=["tools:read"]), "invalid scope or roles"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_tokens_are_refused_with_a_short_reason(name: str) -> None:
-    token, reason = CASES[name]
+    build, reason = CASES[name]
+    token = build(int(time.time()))
     with pytest.raises(TokenError) as err:
         verify_token(token, snapshot(), SETTINGS)
     assert err.value.reason == reason
@@ -102,8 +116,9 @@ def test_disabled_client_is_refused() -> None:
 
 
 def test_leeway_accepts_a_token_expired_moments_ago() -> None:
+    now = int(time.time())
     principal = verify_token(
-        mint(KEY, exp=NOW - 5, iat=NOW - 600, nbf=NOW - 600), snapshot(), SETTINGS
+        mint(KEY, exp=now - 5, iat=now - 600, nbf=now - 600), snapshot(), SETTINGS
     )
     assert principal.tenant == "acme"
 
