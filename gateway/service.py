@@ -184,9 +184,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return principal, policy
 
     async def _forward_error(
-        self, context: aio.ServicerContext, service: str, err: aio.AioRpcError
+        self, context: aio.ServicerContext, service: str, err: aio.AioRpcError, prefix: bool = True
     ) -> NoReturn:
-        await context.abort(err.code(), f"{service}: {err.details()}", _passthrough_metadata(err))
+        """The inner service's code and details; transport failures are summarised instead,
+        since their text (addresses, connection errors) describes our network to the caller."""
+        code = err.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            message = f"{service} is unavailable"
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            message = f"{service} did not answer in time"
+        else:
+            message = f"{service}: {err.details()}" if prefix else err.details() or ""
+        log.warning("forwarding error", extra={"dependency": service, "error": _describe(err)})
+        await context.abort(code, message, _passthrough_metadata(err))
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     # -- Run ----------------------------------------------------------------------------------
@@ -478,7 +488,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 timeout=timeout,
             )
         except aio.AioRpcError as err:
-            await context.abort(err.code(), err.details() or "", _passthrough_metadata(err))
+            await self._forward_error(context, "auth", err, prefix=False)
         return gateway_pb2.IssueTokenResponse(
             access_token=reply.access_token,
             token_type=reply.token_type,

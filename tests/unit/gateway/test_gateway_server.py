@@ -341,3 +341,27 @@ async def test_tokens_never_reach_the_logs(
         await _error(_run(gw, "what is 1 + 1", token + "x"))
     text = caplog.text + "".join(str(r.__dict__) for r in caplog.records)
     assert token not in text
+
+
+async def test_a_dependency_down_is_named_without_its_address() -> None:
+    fakes = Fakes()
+    inner, gateway, channel, gw = await start_gateway(fakes)
+    try:
+        await gw.wait_ready()
+        await inner.stop(0)
+        err = await _error(
+            gw.stub.GetHistory(
+                gateway_pb2.GetHistoryRequest(session_id="s"), metadata=bearer(gw.token())
+            )
+        )
+        assert (err.code(), err.details()) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "memory is unavailable",
+        )
+        err = await _error(
+            gw.stub.IssueToken(gateway_pb2.IssueTokenRequest(client_id="dev", client_secret="x"))
+        )
+        assert (err.code(), err.details()) == (grpc.StatusCode.UNAVAILABLE, "auth is unavailable")
+    finally:
+        await channel.close()
+        await gateway.stop(0)
