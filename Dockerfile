@@ -30,7 +30,7 @@ WORKDIR /app
 COPY deploy/docker/constraints.txt /tmp/constraints.txt
 RUN pip install --requirement /tmp/constraints.txt
 
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY services ./services
 COPY gateway ./gateway
