@@ -177,3 +177,22 @@ def test_dockerignore_keeps_local_state_and_secrets_out() -> None:
         "toolmesh",
     ):
         assert required in entries, required
+
+
+def test_every_copied_path_exists_and_is_in_the_build_context(
+    instructions: list[Instruction],
+) -> None:
+    ignored = {
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for ins in instructions:
+        if ins.op != "COPY" or ins.args.startswith("--from="):
+            continue
+        *sources, _dest = [a for a in ins.args.split() if not a.startswith("--")]
+        for source in sources:
+            assert (REPO / source).exists(), f"line {ins.line}: {source} does not exist"
+            parts = source.split("/")
+            prefixes = {"/".join(parts[: i + 1]) for i in range(len(parts))}
+            assert not prefixes & ignored, f"line {ins.line}: {source} is in .dockerignore"
