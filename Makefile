@@ -9,7 +9,7 @@ BASELINE := protos/baseline/toolmesh-v1.binpb
 PYDIRS := services gateway cli bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen run test check lint typecheck buf-lint buf-breaking baseline bench certs clean
+.PHONY: help install gen run test check checkov lint typecheck buf-lint buf-breaking baseline bench certs clean
 
 help:
 	@echo "make run       install, generate code, start the whole mesh on loopback (SQLite)"
@@ -21,7 +21,9 @@ help:
 $(VENV)/.stamp-install: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	$(BIN)/pip install -q -e '.[dev]'
+	# The generated contract code (./toolmesh) is imported from the repository root.
+	$(BIN)/python -c 'import sysconfig; open(sysconfig.get_paths()["purelib"] + "/toolmesh-repo.pth", "w").write("$(CURDIR)\n")'
 	touch $@
 
 node_modules/.stamp-install: package.json package-lock.json
@@ -57,7 +59,23 @@ buf-lint: install
 buf-breaking: install
 	$(BUF) breaking protos --against $(BASELINE)
 
-check: lint typecheck buf-lint buf-breaking
+# checkov pins an old `packaging`, so it lives in a virtualenv of its own.
+CHECKOV_VENV := .venv-checkov
+$(CHECKOV_VENV)/.stamp-install:
+	test -x $(CHECKOV_VENV)/bin/python || $(PY) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install -q 'checkov==3.3.30'
+	touch $@
+
+# Every skipped check carries its reason inline in deploy/ or the Dockerfile.
+checkov: install $(CHECKOV_VENV)/.stamp-install
+	$(CHECKOV_VENV)/bin/checkov -d . --framework kubernetes dockerfile --skip-path node_modules \
+	  --skip-path .venv --skip-path $(CHECKOV_VENV) --skip-path .git --skip-path var \
+	  --skip-path toolmesh/ --quiet --compact --skip-download
+	PATH=$(CURDIR)/$(BIN):$$PATH $(CHECKOV_VENV)/bin/checkov -d deploy/k8s/overlays \
+	  --framework kustomize --quiet --compact --skip-download
+
+check: lint typecheck buf-lint buf-breaking checkov
 
 baseline: install
 	mkdir -p $(dir $(BASELINE))
@@ -67,7 +85,7 @@ bench: install gen
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf toolmesh $(VENV) node_modules var
+	rm -rf toolmesh $(VENV) $(CHECKOV_VENV) node_modules var
 
 certs: install
 	$(BIN)/python -m services.kit.certs certs
