@@ -1,28 +1,41 @@
-"""The Telemetry servicer and the OTLP TraceService on the same port, plus background tasks."""
+"""The Telemetry servicer and the OTLP TraceService on the same port, plus background tasks.
+
+Ledger, budget, audit and cost calls come from the gateway (only it may call under mTLS) with
+the authenticated caller; every read and write is scoped by caller.tenant, so another
+tenant's budget, event or usage simply does not exist for the caller.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
 from collections.abc import Awaitable, Sequence
+from datetime import UTC, datetime
+from fractions import Fraction
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2
 from grpc import aio
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from services.kit.buildinfo import service_info
-from services.kit.errors import abort, abort_invalid
+from services.kit.errors import abort, abort_invalid, retry_info
 from services.kit.metrics import meter
+from services.kit.pricing import PriceTable
 from services.kit.server import Cleanup, Register
 from services.kit.settings import ServiceSettings
-from services.telemetry import spans
+from services.telemetry import slo, spans, validation
+from services.telemetry.audit import AuditLog
+from services.telemetry.database import Database
 from services.telemetry.forward import Forwarder
+from services.telemetry.ledger import COST_KEYS, Amounts, BudgetState, Ledger, Reservation
 from services.telemetry.settings import TelemetrySettings
 from services.telemetry.stats import summarize
 from services.telemetry.store import SpanRow, SpanStore
@@ -41,6 +54,55 @@ TRACE_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 _SPANS_STORED = meter().create_counter(
     "toolmesh.telemetry.spans_stored", unit="{span}", description="Spans accepted over OTLP"
 )
+
+_USAGE_STORED = meter().create_counter(
+    "toolmesh.telemetry.usage_records_stored", unit="{record}", description="Usage records stored"
+)
+_USAGE_DUPLICATES = meter().create_counter(
+    "toolmesh.telemetry.usage_records_duplicate",
+    unit="{record}",
+    description="Usage records received again and ignored",
+)
+_AUDIT_STORED = meter().create_counter(
+    "toolmesh.telemetry.audit_events_stored", unit="{event}", description="Audit events chained"
+)
+_AUDIT_DUPLICATES = meter().create_counter(
+    "toolmesh.telemetry.audit_events_duplicate",
+    unit="{event}",
+    description="Audit events received again and ignored",
+)
+_RESERVATIONS = meter().create_counter(
+    "toolmesh.telemetry.budget_reservations",
+    unit="{reservation}",
+    description="ReserveBudget answers by result: granted, refused, unlimited",
+)
+
+DEFAULT_COST_DAYS = 30
+MAX_COST_DAYS = 366
+DEFAULT_TTL_S = 60
+MAX_TTL_S = 3600
+DEFAULT_AUDIT_PAGE = 100
+MAX_AUDIT_PAGE = 1000
+NS_PER_S = 1_000_000_000
+
+_COST_KEYS = {
+    telemetry_pb2.COST_GROUP_BY_TENANT: "tenant",
+    telemetry_pb2.COST_GROUP_BY_PRINCIPAL: "principal",
+    telemetry_pb2.COST_GROUP_BY_TOOL: "tool_name",
+    telemetry_pb2.COST_GROUP_BY_DAY: "day",
+}
+_PERIODS = {telemetry_pb2.BUDGET_PERIOD_DAY: "day", telemetry_pb2.BUDGET_PERIOD_MONTH: "month"}
+_PERIOD_ENUMS = {name: value for value, name in _PERIODS.items()}
+_PROBLEM_KINDS = {
+    "edited": telemetry_pb2.AUDIT_PROBLEM_KIND_EDITED,
+    "deleted": telemetry_pb2.AUDIT_PROBLEM_KIND_DELETED,
+    "inserted": telemetry_pb2.AUDIT_PROBLEM_KIND_INSERTED,
+    "reordered": telemetry_pb2.AUDIT_PROBLEM_KIND_REORDERED,
+}
+_SEVERITIES = {
+    "page": telemetry_pb2.BURN_ALERT_SEVERITY_PAGE,
+    "ticket": telemetry_pb2.BURN_ALERT_SEVERITY_TICKET,
+}
 
 _GROUPINGS = {
     telemetry_pb2.STATS_GROUP_BY_SERVICE: "service",
@@ -84,6 +146,91 @@ def _trace_span(row: SpanRow) -> Any:
     return span
 
 
+def _amounts(amounts: Amounts) -> Any:
+    return telemetry_pb2.BudgetAmounts(
+        tool_calls=amounts.tool_calls, tokens=amounts.tokens, cost_micros=amounts.cost_micros
+    )
+
+
+def _budget_status(state: BudgetState) -> Any:
+    budget = state.budget
+    period_start, resets_at = Timestamp(), Timestamp()
+    period_start.FromDatetime(state.period_start)
+    resets_at.FromDatetime(state.resets_at)
+    return telemetry_pb2.BudgetStatus(
+        tenant=budget.tenant,
+        principal=budget.principal,
+        period=_PERIOD_ENUMS[budget.period],
+        limits=_amounts(state.limits),
+        used=_amounts(state.used),
+        reserved=_amounts(state.reserved),
+        remaining=_amounts(state.remaining),
+        period_start=period_start,
+        resets_at=resets_at,
+    )
+
+
+def _stored_event(row: Any) -> Any:
+    return telemetry_pb2.StoredAuditEvent(
+        event=telemetry_pb2.AuditEvent(
+            event_id=row.event_id,
+            occurred_at=_timestamp(row.occurred_at_ns),
+            tenant=row.tenant,
+            actor=row.actor,
+            action=row.action,
+            target=row.target,
+            outcome=row.outcome,
+            request_id=row.request_id,
+            trace_id=row.trace_id,
+            policy_version=row.policy_version,
+            contract_versions=json.loads(row.contract_versions),
+            details_json=row.details_json,
+        ),
+        seq=row.seq,
+        prev_hash=row.prev_hash,
+        hash=row.hash,
+    )
+
+
+def _sli_status(
+    kind: Any,
+    target: Fraction,
+    counts: dict[int, slo.WindowCounts],
+    period_s: int,
+    threshold_ms: float = 0.0,
+) -> Any:
+    period = counts[period_s]
+    burns = slo.burn_rates(counts, target)
+    return telemetry_pb2.SliStatus(
+        kind=kind,
+        target=float(target),
+        latency_threshold_ms=threshold_ms,
+        total=period.total,
+        good=period.total - period.bad,
+        sli=float(slo.sli(period.total - period.bad, period.total)),
+        error_budget_remaining=float(slo.budget_remaining(period.bad, period.total, target)),
+        burn_rates=[
+            telemetry_pb2.BurnRate(
+                window_seconds=window,
+                burn_rate=float(burns[window]),
+                total=counts[window].total,
+                bad=counts[window].bad,
+            )
+            for window in slo.BURN_WINDOWS_S
+        ],
+        alerts=[
+            telemetry_pb2.BurnAlert(
+                severity=_SEVERITIES[state.rule.severity],
+                long_window_seconds=state.rule.long_window_s,
+                short_window_seconds=state.rule.short_window_s,
+                threshold=float(state.rule.threshold),
+                firing=state.firing,
+            )
+            for state in slo.alerts(burns)
+        ],
+    )
+
+
 class TraceService:
     """Standard OTLP/gRPC span ingest: decode, insert in one transaction, answer.
 
@@ -124,9 +271,19 @@ class TraceService:
 
 
 class TelemetryServicer(telemetry_pb2_grpc.TelemetryServicer):
-    def __init__(self, settings: TelemetrySettings, store: SpanStore) -> None:
+    def __init__(
+        self,
+        settings: TelemetrySettings,
+        store: SpanStore,
+        ledger: Ledger,
+        audit: AuditLog,
+        slos: slo.SloConfig,
+    ) -> None:
         self._settings = settings
         self._store = store
+        self._ledger = ledger
+        self._audit = audit
+        self._slos = slos
 
     async def GetStats(self, request: Any, context: aio.ServicerContext) -> Any:
         violations = []
@@ -169,6 +326,279 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServicer):
             trace_id=trace_id, spans=[_trace_span(row) for row in rows]
         )
 
+    async def RecordUsage(self, request: Any, context: aio.ServicerContext) -> Any:
+        violations = validation.batch("records", request.records)
+        for i, record in enumerate(request.records):
+            violations += validation.usage_record(i, record)
+        if violations:
+            await abort_invalid(context, violations[:MAX_REPORTED_VIOLATIONS])
+        records = [
+            {
+                "request_id": r.request_id,
+                "tenant": r.tenant,
+                "principal": r.principal,
+                "route": r.route,
+                "tool_name": r.tool_name,
+                "tool_version": r.tool_version,
+                "tokens_in": r.tokens_in,
+                "tokens_out": r.tokens_out,
+                "tool_calls": r.tool_calls,
+                "cost_units": r.cost_units,
+                "occurred_at_ns": r.occurred_at.ToNanoseconds(),
+                "outcome": r.outcome,
+                "reservation_id": r.reservation_id,
+            }
+            for r in request.records
+        ]
+        stored, duplicates = await self._ledger.record(records)
+        _USAGE_STORED.add(stored)
+        _USAGE_DUPLICATES.add(duplicates)
+        return telemetry_pb2.RecordUsageResponse(
+            stored=stored, duplicates=duplicates, price_version=self._ledger.prices.version
+        )
+
+    async def GetPrices(self, request: Any, context: aio.ServicerContext) -> Any:
+        table = self._ledger.prices
+        return telemetry_pb2.GetPricesResponse(
+            version=table.version,
+            currency=table.currency,
+            input_per_1k_tokens_micros=table.input_per_1k_tokens_micros,
+            output_per_1k_tokens_micros=table.output_per_1k_tokens_micros,
+            per_tool_call_micros=table.per_tool_call_micros,
+            per_cost_unit_micros=table.per_cost_unit_micros,
+        )
+
+    async def GetCost(self, request: Any, context: aio.ServicerContext) -> Any:
+        violations = validation.caller(request)
+        keys = [_COST_KEYS.get(g) for g in request.group_by]
+        if None in keys or len(set(keys)) != len(keys):
+            violations.append(("group_by", "distinct values of TENANT, PRINCIPAL, TOOL, DAY"))
+        has_start, has_end = request.HasField("start"), request.HasField("end")
+        start_ns = request.start.ToNanoseconds() if has_start else 0
+        end_ns = request.end.ToNanoseconds() if has_end else 0
+        if not 0 <= request.days <= MAX_COST_DAYS:
+            violations.append(("days", f"between 0 and {MAX_COST_DAYS}"))
+        if has_start != has_end or (has_start and request.days):
+            violations.append(("start", "give start and end together, or days"))
+        elif has_start and not 0 < end_ns - start_ns <= MAX_COST_DAYS * 86400 * NS_PER_S:
+            violations.append(("end", f"after start, at most {MAX_COST_DAYS} days later"))
+        if violations:
+            await abort_invalid(context, violations)
+        if not has_start:
+            end_ns = time.time_ns()
+            start_ns = end_ns - (request.days or DEFAULT_COST_DAYS) * 86400 * NS_PER_S
+        ordered = [key for key in COST_KEYS if key in keys]
+        rows = await self._ledger.cost(request.caller.tenant, ordered, start_ns, end_ns)
+        return telemetry_pb2.GetCostResponse(
+            rows=[telemetry_pb2.CostRow(**row) for row in rows],
+            window_start=_timestamp(start_ns),
+            window_end=_timestamp(end_ns),
+        )
+
+    async def SetBudget(self, request: Any, context: aio.ServicerContext) -> Any:
+        violations = validation.caller(request)
+        if request.tenant not in ("", request.caller.tenant):
+            violations.append(("tenant", "empty or the caller's tenant"))
+        violations += validation.texts("", request, (), ("principal",))
+        if request.period not in _PERIODS:
+            violations.append(("period", "DAY or MONTH"))
+        violations += validation.amounts(
+            "limits.", request.limits, ("tool_calls", "tokens", "cost_micros")
+        )
+        if violations:
+            await abort_invalid(context, violations)
+        limits = Amounts(
+            request.limits.tool_calls, request.limits.tokens, request.limits.cost_micros
+        )
+        state = await self._ledger.set_budget(
+            request.caller.tenant,
+            request.principal,
+            _PERIODS[request.period],
+            limits,
+            datetime.now(UTC),
+        )
+        if state is None:
+            return telemetry_pb2.SetBudgetResponse(removed=True)
+        return telemetry_pb2.SetBudgetResponse(budget=_budget_status(state))
+
+    async def ListBudgets(self, request: Any, context: aio.ServicerContext) -> Any:
+        if violations := validation.caller(request):
+            await abort_invalid(context, violations)
+        states = await self._ledger.budgets(request.caller.tenant, datetime.now(UTC))
+        return telemetry_pb2.ListBudgetsResponse(budgets=[_budget_status(s) for s in states])
+
+    async def GetBudgetState(self, request: Any, context: aio.ServicerContext) -> Any:
+        if violations := validation.caller(request):
+            await abort_invalid(context, violations)
+        budgeted = await self._ledger.budgeted(request.caller.tenant, request.caller.subject)
+        return telemetry_pb2.GetBudgetStateResponse(budgeted=budgeted)
+
+    async def ReserveBudget(self, request: Any, context: aio.ServicerContext) -> Any:
+        violations = validation.caller(request)
+        violations += validation.texts("", request, ("request_id",), ())
+        violations += validation.texts("caller.", request.caller, ("subject",), ())
+        violations += validation.amounts("", request, ("tool_calls", "tokens", "cost_micros"))
+        if not 0 <= request.ttl_seconds <= MAX_TTL_S:
+            violations.append(("ttl_seconds", f"between 0 and {MAX_TTL_S}"))
+        if violations:
+            await abort_invalid(context, violations)
+        now = datetime.now(UTC)
+        outcome = await self._ledger.reserve(
+            request.caller.tenant,
+            request.caller.subject,
+            request.request_id,
+            asked=Amounts(request.tool_calls, request.tokens, request.cost_micros),
+            ttl_s=request.ttl_seconds or DEFAULT_TTL_S,
+            now=now,
+        )
+        if outcome is None:
+            _RESERVATIONS.add(1, {"result": "unlimited"})
+            return telemetry_pb2.ReserveBudgetResponse(unlimited=True)
+        if isinstance(outcome, Reservation):
+            _RESERVATIONS.add(1, {"result": "granted"})
+            return telemetry_pb2.ReserveBudgetResponse(
+                reserved=True,
+                reservation_id=outcome.id,
+                expires_at=_timestamp(outcome.expires_at_ns),
+            )
+        _RESERVATIONS.add(1, {"result": "refused"})
+        first = outcome[0]
+        more = f" (and {len(outcome) - 1} more)" if len(outcome) > 1 else ""
+        # Every violated budget must reset before the same request can pass.
+        resets_at = max(v.state.resets_at for v in outcome)
+        await abort(
+            context,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"over budget: {first.description}{more}",
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=v.subject, description=v.description
+                    )
+                    for v in outcome
+                ]
+            ),
+            retry_info((resets_at - now).total_seconds()),
+        )
+
+    async def AppendAudit(self, request: Any, context: aio.ServicerContext) -> Any:
+        violations = validation.batch("events", request.events)
+        for i, event in enumerate(request.events):
+            violations += validation.audit_event(i, event)
+        if violations:
+            await abort_invalid(context, violations[:MAX_REPORTED_VIOLATIONS])
+        events = [
+            {
+                "event_id": e.event_id,
+                "occurred_at_ns": e.occurred_at.ToNanoseconds(),
+                "tenant": e.tenant,
+                "actor": e.actor,
+                "action": e.action,
+                "target": e.target,
+                "outcome": e.outcome,
+                "request_id": e.request_id,
+                "trace_id": e.trace_id,
+                "policy_version": e.policy_version,
+                "contract_versions": list(e.contract_versions),
+                "details_json": e.details_json,
+            }
+            for e in request.events
+        ]
+        stored, duplicates = await self._audit.append(events)
+        _AUDIT_STORED.add(stored)
+        _AUDIT_DUPLICATES.add(duplicates)
+        return telemetry_pb2.AppendAuditResponse(stored=stored, duplicates=duplicates)
+
+    async def ListAudit(self, request: Any, context: aio.ServicerContext) -> Any:
+        violations = validation.caller(request)
+        violations += validation.texts("", request, (), ("action",))
+        if not 0 <= request.limit <= MAX_AUDIT_PAGE:
+            violations.append(("limit", f"between 0 and {MAX_AUDIT_PAGE}"))
+        token = request.page_token
+        if token and not (token.isdigit() and len(token) <= 18):
+            violations.append(("page_token", "a next_page_token from ListAudit"))
+        if violations:
+            await abort_invalid(context, violations)
+        limit = request.limit or DEFAULT_AUDIT_PAGE
+        since_ns = request.since.ToNanoseconds() if request.HasField("since") else 0
+        rows = await self._audit.list(
+            request.caller.tenant, request.action, since_ns, int(token or 0), limit + 1
+        )
+        page = rows[:limit]
+        return telemetry_pb2.ListAuditResponse(
+            events=[_stored_event(row) for row in page],
+            next_page_token=str(page[-1].seq) if len(rows) > limit else "",
+        )
+
+    async def VerifyAudit(self, request: Any, context: aio.ServicerContext) -> Any:
+        if violations := validation.caller(request):
+            await abort_invalid(context, violations)
+        verdict = await self._audit.verify(request.caller.tenant)
+        response = telemetry_pb2.VerifyAuditResponse(
+            ok=verdict.problem is None,
+            events_checked=verdict.checked,
+            head_seq=verdict.head_seq,
+            head_hash=verdict.head_hash,
+        )
+        if verdict.problem is not None:
+            problem = verdict.problem
+            response.problem.CopyFrom(
+                telemetry_pb2.AuditProblem(
+                    kind=_PROBLEM_KINDS[problem.kind],
+                    seq=problem.seq,
+                    event_id=problem.event_id,
+                    message=problem.message,
+                )
+            )
+        return response
+
+    async def GetSlo(self, request: Any, context: aio.ServicerContext) -> Any:
+        violations = validation.texts("", request, (), ("name",))
+        if violations:
+            await abort_invalid(context, violations)
+        objectives = [o for o in self._slos.objectives if request.name in ("", o.name)]
+        if not objectives:
+            await abort(context, grpc.StatusCode.NOT_FOUND, "no such objective")
+        now_ns = time.time_ns()
+        return telemetry_pb2.GetSloResponse(
+            version=self._slos.version,
+            objectives=[await self._objective(o, now_ns) for o in objectives],
+            evaluated_at=_timestamp(now_ns),
+        )
+
+    async def _objective(self, objective: slo.Objective, now_ns: int) -> Any:
+        period_s = objective.period_days * 86400
+        windows = (period_s, *slo.BURN_WINDOWS_S)
+        counts = await self._store.window_counts(
+            objective.service,
+            objective.route,
+            objective.tool,
+            slow_ms=objective.latency_threshold_ms,
+            windows_s=windows,
+            now_ns=now_ns,
+        )
+        errors = {w: slo.WindowCounts(total, bad) for w, (total, bad, _) in counts.items()}
+        slow = {w: slo.WindowCounts(total, bad) for w, (total, _, bad) in counts.items()}
+        return telemetry_pb2.SloObjective(
+            name=objective.name,
+            service=objective.service,
+            route=objective.route,
+            tool=objective.tool,
+            period_days=objective.period_days,
+            slis=[
+                _sli_status(
+                    telemetry_pb2.SLI_KIND_AVAILABILITY, objective.availability, errors, period_s
+                ),
+                _sli_status(
+                    telemetry_pb2.SLI_KIND_LATENCY,
+                    objective.latency_target,
+                    slow,
+                    period_s,
+                    objective.latency_threshold_ms,
+                ),
+            ],
+        )
+
     async def GetServiceInfo(self, request: Any, context: aio.ServicerContext) -> Any:
         return telemetry_pb2.GetServiceInfoResponse(
             info=service_info(self._settings.service_name, CONTRACT_VERSIONS)
@@ -188,6 +618,18 @@ async def _prune_forever(store: SpanStore, settings: TelemetrySettings) -> None:
         await asyncio.sleep(settings.prune_interval_s)
 
 
+async def _sweep_reservations_forever(ledger: Ledger, settings: TelemetrySettings) -> None:
+    """Delete expired reservations now and then; they already stopped counting when they expired."""
+    while True:
+        try:
+            deleted = await ledger.delete_expired(time.time_ns())
+            if deleted:
+                log.info("deleted expired reservations", extra={"deleted": deleted})
+        except Exception:
+            log.exception("deleting expired reservations failed")
+        await asyncio.sleep(settings.reservation_sweep_interval_s)
+
+
 def _background(coroutine: Awaitable[None]) -> Cleanup:
     task = asyncio.ensure_future(coroutine)
 
@@ -204,17 +646,24 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
     if not isinstance(settings, TelemetrySettings):
         raise TypeError("telemetry needs TelemetrySettings")
 
+    # Bad configuration fails start-up, before anything is served.
+    prices = PriceTable.load(settings.prices_file)
+    slos = slo.SloConfig.load(settings.slo_file)
+
     async def register(server: aio.Server) -> Sequence[str]:
-        store = SpanStore(settings.resolved_database_url())
-        await store.migrate()
-        cleanups.append(store.close)
+        database = Database(settings.resolved_database_url())
+        await database.migrate()
+        cleanups.append(database.close)
+        store = SpanStore(database)
+        ledger = Ledger(database, prices)
         forwarder = None
         if settings.forward_otlp_endpoint:
             forwarder = Forwarder(settings.forward_otlp_endpoint, settings.forward_queue_batches)
             cleanups.append(_background(forwarder.run()))
         cleanups.append(_background(_prune_forever(store, settings)))
+        cleanups.append(_background(_sweep_reservations_forever(ledger, settings)))
         telemetry_pb2_grpc.add_TelemetryServicer_to_server(
-            TelemetryServicer(settings, store), server
+            TelemetryServicer(settings, store, ledger, AuditLog(database), slos), server
         )
         TraceService(store, forwarder).add_to_server(server)
         return [

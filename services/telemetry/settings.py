@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 from pydantic import Field, model_validator
@@ -27,6 +28,12 @@ class TelemetrySettings(ServiceSettings):
     # Collector) in the background; a full queue drops batches rather than slow ingest.
     forward_otlp_endpoint: str = ""
     forward_queue_batches: int = Field(default=1024, ge=1)
+    # The versioned price table usage is priced with at ingest (see services.kit.pricing).
+    prices_file: Path = Path(__file__).with_name("prices.toml")
+    # Service level objectives GetSlo evaluates.
+    slo_file: Path = Path(__file__).with_name("slo.toml")
+    # How often expired budget reservations are deleted; they stop counting when they expire.
+    reservation_sweep_interval_s: float = Field(default=60, gt=0)
 
     @model_validator(mode="after")
     def _never_export_to_self(self) -> TelemetrySettings:

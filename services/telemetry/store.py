@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -18,27 +16,20 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
+    case,
     delete,
+    func,
     select,
-    text,
 )
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
-from services.kit.db import create_engine, session_factory
-from services.telemetry.migrations import upgrade_to_head
+from services.telemetry.database import Base, Database
 from services.telemetry.spans import MAX_KEY_CHARS, SPAN_KIND_SERVER
-
-# Any constant works; it only has to be the same for every telemetry replica.
-_SCHEMA_LOCK_KEY = 0x74656C656D
 
 EXECUTE_TOOL = "execute_tool"
 # Rows deleted per pruning transaction; ingest waits at most for one chunk.
 PRUNE_CHUNK = 5000
-
-
-class Base(DeclarativeBase):
-    pass
 
 
 class SpanRow(Base):
@@ -83,44 +74,15 @@ GROUPINGS: dict[str, tuple[tuple[Any, ...], Any]] = {
 
 
 class SpanStore:
-    def __init__(self, url: str) -> None:
-        self._engine = create_engine(url)
-        self._is_sqlite = self._engine.dialect.name == "sqlite"
-        self._sessions = session_factory(self._engine)
-        # SQLite has one writer: queue this process's writers here, not in SQLite's busy loop.
-        self._local_write_lock = asyncio.Lock() if self._is_sqlite else None
-
-    async def migrate(self) -> None:
-        """Bring the schema to the latest revision; replicas starting together take turns.
-
-        One transaction holding PostgreSQL's advisory lock or SQLite's write lock, so a second
-        replica waits and then finds nothing to do.
-        """
-        async with self._engine.begin() as conn:
-            if self._is_sqlite:
-                await conn.exec_driver_sql("BEGIN IMMEDIATE")
-            else:
-                await conn.execute(
-                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
-                )
-            await conn.run_sync(upgrade_to_head)
-
-    async def close(self) -> None:
-        await self._engine.dispose()
-
-    @contextlib.asynccontextmanager
-    async def _writing(self) -> AsyncIterator[None]:
-        if self._local_write_lock is None:
-            yield
-            return
-        async with self._local_write_lock:
-            yield
+    def __init__(self, database: Database) -> None:
+        self._db = database
 
     async def insert(self, records: list[dict[str, Any]]) -> None:
         """Insert a batch in one transaction; spans already stored are skipped."""
-        insert = sqlite.insert if self._is_sqlite else postgresql.insert
-        statement = insert(SpanRow).on_conflict_do_nothing(index_elements=["trace_id", "span_id"])
-        async with self._writing(), self._sessions() as session, session.begin():
+        statement = self._db.insert(SpanRow).on_conflict_do_nothing(
+            index_elements=["trace_id", "span_id"]
+        )
+        async with self._db.writing(), self._db.sessions() as session, session.begin():
             await session.execute(statement, records)
 
     async def prune(self, ended_before_ns: int) -> int:
@@ -128,7 +90,7 @@ class SpanStore:
         total = 0
         while True:
             oldest = select(SpanRow.id).where(SpanRow.end_ns < ended_before_ns).limit(PRUNE_CHUNK)
-            async with self._writing(), self._sessions() as session, session.begin():
+            async with self._db.writing(), self._db.sessions() as session, session.begin():
                 result = await session.execute(delete(SpanRow).where(SpanRow.id.in_(oldest)))
             deleted = int(getattr(result, "rowcount", 0) or 0)
             total += deleted
@@ -145,11 +107,11 @@ class SpanStore:
         )
         if service:
             query = query.where(SpanRow.service == service)
-        async with self._sessions() as session:
+        async with self._db.sessions() as session:
             return (await session.execute(query)).all()
 
     async def trace(self, trace_id: str) -> Sequence[SpanRow]:
-        async with self._sessions() as session:
+        async with self._db.sessions() as session:
             return (
                 await session.scalars(
                     select(SpanRow)
@@ -157,3 +119,41 @@ class SpanStore:
                     .order_by(SpanRow.start_ns, SpanRow.span_id)
                 )
             ).all()
+
+    async def window_counts(
+        self,
+        service: str,
+        route: str,
+        tool: str,
+        *,
+        slow_ms: float,
+        windows_s: Sequence[int],
+        now_ns: int,
+    ) -> dict[int, tuple[int, int, int]]:
+        """(spans, errors, slower than slow_ms) per window ending now, in one scan.
+
+        SERVER spans of ``route``, or execute_tool spans of ``tool``, of one service.
+        """
+        which = (
+            and_(SpanRow.kind == SPAN_KIND_SERVER, SpanRow.route == route)
+            if route
+            else and_(SpanRow.operation == EXECUTE_TOOL, SpanRow.tool_name == tool)
+        )
+        columns = []
+        for window in windows_s:
+            inside = SpanRow.end_ns >= now_ns - window * 1_000_000_000
+            for bad in (None, SpanRow.error, SpanRow.duration_ms > slow_ms):
+                condition = inside if bad is None else and_(inside, bad)
+                columns.append(func.coalesce(func.sum(case((condition, 1), else_=0)), 0))
+        query = select(*columns).where(
+            which,
+            SpanRow.service == service,
+            SpanRow.end_ns >= now_ns - max(windows_s) * 1_000_000_000,
+            SpanRow.end_ns <= now_ns,
+        )
+        async with self._db.sessions() as session:
+            values = [int(v) for v in (await session.execute(query)).one()]
+        return {
+            window: (values[3 * i], values[3 * i + 1], values[3 * i + 2])
+            for i, window in enumerate(windows_s)
+        }

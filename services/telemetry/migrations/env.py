@@ -2,8 +2,10 @@
 
 from alembic import context
 
+# Importing the modules registers their tables on Base.metadata.
+from services.telemetry import audit, ledger, store  # noqa: F401
+from services.telemetry.database import Base
 from services.telemetry.migrations import VERSION_TABLE
-from services.telemetry.store import Base
 
 context.configure(
     connection=context.config.attributes["connection"],

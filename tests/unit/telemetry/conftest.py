@@ -73,3 +73,11 @@ async def server(settings: TelemetrySettings) -> AsyncIterator[TelemetryServer]:
     running = await TelemetryServer(settings).start()
     yield running
     await running.stop()
+
+
+@pytest.fixture
+async def replica(server: TelemetryServer) -> AsyncIterator[TelemetryServer]:
+    """A second server on the same database, started once the first one has migrated it."""
+    running = await TelemetryServer(server.settings).start()
+    yield running
+    await running.stop()
