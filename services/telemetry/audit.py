@@ -187,6 +187,7 @@ def verify_chain(rows: Sequence[Any], head_seq: int, head_hash: str) -> Verdict:
         if problem is not None:
             return Verdict(i + 1, head_seq, head_hash, problem)
     last_seq = rows[-1].seq if rows else 0
+    problem = None
     if last_seq < head_seq:
         problem = Problem(
             "deleted",
