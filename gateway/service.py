@@ -195,7 +195,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             message = f"{service} did not answer in time"
         else:
             message = f"{service}: {err.details()}" if prefix else err.details() or ""
-        log.warning("forwarding error", extra={"dependency": service, "error": _describe(err)})
+        log.info("forwarding error", extra={"dependency": service, "error": _describe(err)})
         await context.abort(code, message, _passthrough_metadata(err))
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.kit.settings import DEFAULT_PORTS, ServiceSettings
 
@@ -35,3 +35,10 @@ class GatewaySettings(ServiceSettings):
     max_token_bytes: int = Field(default=8192, ge=256)
     max_token_lifetime_s: int = Field(default=3600, gt=0)
     leeway_s: int = Field(default=30, ge=0, le=30)
+
+    @model_validator(mode="after")
+    def _staleness_outlasts_refresh(self) -> Self:
+        """A bound shorter than the refresh interval would fail closed between two refreshes."""
+        if self.auth_staleness_s <= self.auth_refresh_s:
+            raise ValueError("auth_staleness_s must be longer than auth_refresh_s")
+        return self

@@ -195,7 +195,9 @@ async def test_revocation_and_disabled_client_apply_after_a_refresh(gw: GatewayU
 
 async def test_rotated_key_is_fetched_at_once_on_an_unknown_kid() -> None:
     fakes = Fakes()
-    inner, gateway, channel, gw = await start_gateway(fakes, auth_refresh_s=300)
+    inner, gateway, channel, gw = await start_gateway(
+        fakes, auth_refresh_s=300, auth_staleness_s=600
+    )
     try:
         await gw.wait_ready()
         fakes.auth.keys.append(SigningKey("k2"))
@@ -215,7 +217,9 @@ async def test_rotated_key_is_fetched_at_once_on_an_unknown_kid() -> None:
 
 async def test_many_requests_with_a_rotated_key_at_once_all_pass() -> None:
     fakes = Fakes()
-    inner, gateway, channel, gw = await start_gateway(fakes, auth_refresh_s=300)
+    inner, gateway, channel, gw = await start_gateway(
+        fakes, auth_refresh_s=300, auth_staleness_s=600
+    )
     try:
         await gw.wait_ready()
         fakes.auth.keys.append(SigningKey("k2"))

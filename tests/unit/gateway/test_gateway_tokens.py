@@ -143,3 +143,8 @@ def test_jwks_skips_keys_that_are_not_ed25519_signing_keys() -> None:
 def test_leeway_over_thirty_seconds_is_refused_by_settings() -> None:
     with pytest.raises(ValueError, match="leeway_s"):
         GatewaySettings(leeway_s=31)
+
+
+def test_staleness_bound_must_outlast_the_refresh_interval() -> None:
+    with pytest.raises(ValueError, match="auth_staleness_s"):
+        GatewaySettings(auth_refresh_s=10, auth_staleness_s=5)
