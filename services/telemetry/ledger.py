@@ -144,8 +144,12 @@ def iso(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _ns(moment: datetime) -> int:
-    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
+    """Exact nanoseconds since the epoch (float timestamps can be off by a microsecond)."""
+    return (moment - _EPOCH) // timedelta(microseconds=1) * 1000
 
 
 @dataclass(frozen=True)
@@ -268,7 +272,9 @@ class Ledger:
             ),
             "currency": self.prices.currency,
             "price_version": self.prices.version,
-            "day": datetime.fromtimestamp(record["occurred_at_ns"] / 1e9, UTC).strftime("%Y-%m-%d"),
+            "day": (_EPOCH + timedelta(seconds=record["occurred_at_ns"] // 1_000_000_000)).strftime(
+                "%Y-%m-%d"
+            ),
         }
         inserted = await conn.execute(
             self._db.insert(UsageRow)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 
 import grpc
@@ -59,6 +60,25 @@ async def test_events_are_chained_once_and_listed(server: TelemetryServer) -> No
         ["toolmesh.router.v1", "calc@1.0.0"],
     )
     assert json.loads(stored.details_json) == {"why": "test"}
+    # The hash is reproducible from the documented canonical form alone.
+    canonical = {
+        "seq": 1,
+        "prev_hash": GENESIS,
+        "event_id": "e1",
+        "occurred_at_ns": stored.occurred_at.ToNanoseconds(),
+        "tenant": "acme",
+        "actor": "alice",
+        "action": "release",
+        "target": "tool:calc@1.0.0",
+        "outcome": "ok",
+        "request_id": "req-e1",
+        "trace_id": "ab" * 16,
+        "policy_version": "p7",
+        "contract_versions": ["toolmesh.router.v1", "calc@1.0.0"],
+        "details_json": '{"why": "test"}',
+    }
+    encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
+    assert page.events[0].hash == hashlib.sha256(encoded).hexdigest()
     rest = await server.stub.ListAudit(
         G.ListAuditRequest(caller=caller(), page_token=page.next_page_token)
     )
@@ -183,6 +203,8 @@ async def test_tampering_is_detected(
     assert (await verify(server, "globex")).ok
 
 
+# Validation happens before any query: one backend is enough.
+@pytest.mark.parametrize("settings", ["sqlite"], indirect=True)
 @pytest.mark.parametrize(
     ("request_", "fields"),
     [
