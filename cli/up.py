@@ -27,6 +27,7 @@ from services.kit.settings import DEFAULT_PORTS
 ORDER = ("telemetry", "auth", "memory", "router", "gateway")
 MODULES = {name: f"services.{name}" for name in ORDER} | {"gateway": "gateway"}
 TAIL_LINES = 30
+LINE_LIMIT = 1 << 20
 # Restart backoff: doubles from the first to the cap; a child that ran this long starts over.
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
@@ -107,6 +108,7 @@ class Child:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            limit=LINE_LIMIT,
             # Own process group: a terminal's Ctrl-C reaches only `up`, which stops the
             # children in order instead of all of them racing.
             start_new_session=True,
@@ -114,8 +116,15 @@ class Child:
         self.pump = asyncio.create_task(self._pump(self.proc))
 
     async def _pump(self, proc: asyncio.subprocess.Process) -> None:
+        """Forward output line by line; never stop reading, or the child blocks on a full pipe."""
         assert proc.stdout is not None
-        async for raw in proc.stdout:
+        while True:
+            try:
+                raw = await proc.stdout.readline()
+            except ValueError:  # a line over LINE_LIMIT: asyncio has dropped it
+                raw = b"[up: an over-long log line was dropped]\n"
+            if not raw:
+                return
             line = raw.decode(errors="replace").rstrip("\n")
             self.tail.append(line)
             self.sink(line)
