@@ -119,13 +119,6 @@ class Amounts:
     tokens: int = 0
     cost_micros: int = 0
 
-    def __add__(self, other: Amounts) -> Amounts:
-        return Amounts(
-            self.tool_calls + other.tool_calls,
-            self.tokens + other.tokens,
-            self.cost_micros + other.cost_micros,
-        )
-
     def get(self, metric: str) -> int:
         return int(getattr(self, metric))
 

@@ -10,7 +10,7 @@ of exactly 14.4 does not fire because of float noise in either direction.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -143,7 +143,8 @@ class WindowCounts:
     bad: int
 
 
-def burn_rates(
-    windows: Mapping[int, WindowCounts], target: Fraction, sizes: Sequence[int] = BURN_WINDOWS_S
-) -> dict[int, Fraction]:
-    return {size: burn_rate(windows[size].bad, windows[size].total, target) for size in sizes}
+def burn_rates(windows: Mapping[int, WindowCounts], target: Fraction) -> dict[int, Fraction]:
+    """Burn rate over each of BURN_WINDOWS_S, from counts that cover at least those windows."""
+    return {
+        size: burn_rate(windows[size].bad, windows[size].total, target) for size in BURN_WINDOWS_S
+    }
