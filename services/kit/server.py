@@ -34,9 +34,23 @@ from services.kit.tracing import configure_tracing
 
 log = logging.getLogger("toolmesh.server")
 
-# Registers servicers on the server and returns the full names of the services it added.
-Register = Callable[[aio.Server], Awaitable[Sequence[str]]]
 Cleanup = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Registered:
+    """What a service registered: its full service names, and optionally a readiness wait.
+
+    With ``ready`` set, health stays NOT_SERVING until it returns, so balancers and probes
+    do not send traffic before the service can answer (the gateway waits for auth's keys).
+    """
+
+    names: Sequence[str]
+    ready: Callable[[], Awaitable[None]] | None = None
+
+
+# Registers servicers on the server: returns the full service names it added, or Registered.
+Register = Callable[[aio.Server], Awaitable[Sequence[str] | Registered]]
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
 
 
@@ -49,15 +63,14 @@ class Running:
     port: int
     service_names: Sequence[str]
     cleanups: list[Cleanup] = field(default_factory=list)
+    readiness: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float) -> None:
+        if self.readiness is not None:
+            self.readiness.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        for cleanup in reversed(self.cleanups):
-            try:
-                await cleanup()
-            except Exception:
-                log.exception("clean-up failed")
+        await _run_cleanups(self.cleanups)
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
@@ -113,7 +126,10 @@ async def start(
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = list(await register(server))
+    registered = await register(server)
+    if not isinstance(registered, Registered):
+        registered = Registered(list(registered))
+    names = list(registered.names)
     reflection.enable_server_reflection(
         [
             *names,
@@ -122,24 +138,58 @@ async def start(
         ],
         server,
     )
-    if files:
-        port = server.add_secure_port(
-            settings.address, files.server_credentials(settings.tls_require_client_auth)
-        )
-    else:
-        port = server.add_insecure_port(settings.address)
-    if port == 0:
-        raise RuntimeError(f"cannot bind {settings.address}")
-    await server.start()
-    for name in ["", *names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(
+    try:
+        if files:
+            port = server.add_secure_port(
+                settings.address, files.server_credentials(settings.tls_require_client_auth)
+            )
+        else:
+            port = server.add_insecure_port(settings.address)
+        if port == 0:
+            raise RuntimeError(f"cannot bind {settings.address}")
+        await server.start()
+    except BaseException:
+        # Whatever register() started (tasks, pools) must not outlive a failed start.
+        await _run_cleanups(list(cleanups))
+        raise
+    running = Running(
         server=server,
         health=health_servicer,
         port=port,
         service_names=names,
         cleanups=list(cleanups),
     )
+    if registered.ready is None:
+        await _set_health(health_servicer, names, health_pb2.HealthCheckResponse.SERVING)
+    else:
+        await _set_health(health_servicer, names, health_pb2.HealthCheckResponse.NOT_SERVING)
+        running.readiness = asyncio.create_task(
+            _serve_when_ready(health_servicer, names, registered.ready)
+        )
+    return running
+
+
+async def _set_health(
+    servicer: health.aio.HealthServicer, names: Sequence[str], status: int
+) -> None:
+    for name in ["", *names]:
+        await servicer.set(name, status)
+
+
+async def _serve_when_ready(
+    servicer: health.aio.HealthServicer, names: Sequence[str], ready: Callable[[], Awaitable[None]]
+) -> None:
+    await ready()
+    await _set_health(servicer, names, health_pb2.HealthCheckResponse.SERVING)
+    log.info("ready")
+
+
+async def _run_cleanups(cleanups: list[Cleanup]) -> None:
+    for cleanup in reversed(cleanups):
+        try:
+            await cleanup()
+        except Exception:
+            log.exception("clean-up failed")
 
 
 async def _serve(settings: ServiceSettings, register: Register, cleanups: list[Cleanup]) -> None:
@@ -191,4 +241,4 @@ def run_service(
         meters.shutdown()
 
 
-__all__ = ["Cleanup", "Register", "Running", "grpc", "run_service", "start"]
+__all__ = ["Cleanup", "Register", "Registered", "Running", "grpc", "run_service", "start"]

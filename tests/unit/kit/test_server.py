@@ -149,3 +149,41 @@ def test_json_logs_carry_service_and_ids(capsys: pytest.CaptureFixture[str]) -> 
     assert record["message"] == "hello" and record["service"] == "echo"
     assert record["request_id"] == "req-1" and record["k"] == 1
     assert "trace_id" in record
+
+
+async def test_health_waits_for_readiness() -> None:
+    from services.kit.server import Registered
+
+    gate = asyncio.Event()
+
+    async def register(server: aio.Server) -> Registered:
+        names = await _register(server)
+        return Registered(names, ready=gate.wait)
+
+    server = await start(EchoSettings(port=0), register)
+    chan = open_channel(f"127.0.0.1:{server.port}")
+    try:
+        health = health_pb2_grpc.HealthStub(chan)
+        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        gate.set()
+        for _ in range(50):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            await asyncio.sleep(0.02)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await chan.close()
+        await server.stop(grace=0)
+
+
+async def test_a_failed_bind_runs_the_clean_ups(running: Running) -> None:
+    cleaned: list[str] = []
+
+    async def cleanup() -> None:
+        cleaned.append("done")
+
+    with pytest.raises(RuntimeError):
+        await start(EchoSettings(port=running.port), _register, [cleanup])
+    assert cleaned == ["done"]
