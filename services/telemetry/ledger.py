@@ -398,6 +398,18 @@ class Ledger:
                 return Reservation(existing.id, existing.expires_at_ns)
             if existing is not None:
                 await conn.execute(delete(r).where(r.id == existing.id))
+            # A retry after the usage was committed must not hold the amounts a second time.
+            committed = (
+                await conn.execute(
+                    select(UsageRow.reservation_id).where(
+                        UsageRow.tenant == tenant,
+                        UsageRow.request_id == request_id,
+                        UsageRow.reservation_id != "",
+                    )
+                )
+            ).first()
+            if committed is not None:
+                return Reservation(committed.reservation_id, now_ns)
             budgets = (await conn.execute(_applying(tenant, principal))).all()
             violations = [
                 violation

@@ -152,7 +152,9 @@ async def reserve(server, request_id, subject="alice", tenant="acme", ttl=0, **a
     )
 
 
-async def race(stubs: list, calls: int) -> tuple[list, list[aio.AioRpcError]]:
+async def race(stubs: list, calls: int) -> tuple[dict, list[aio.AioRpcError]]:
+    """``calls`` concurrent reservations of one tool call; (granted by request id, refusals)."""
+
     async def one(i: int):
         try:
             return await reserve(
@@ -162,7 +164,7 @@ async def race(stubs: list, calls: int) -> tuple[list, list[aio.AioRpcError]]:
             return error
 
     results = await asyncio.gather(*(one(i) for i in range(calls)))
-    granted = [r for r in results if not isinstance(r, aio.AioRpcError)]
+    granted = {f"req-{i}": r for i, r in enumerate(results) if not isinstance(r, aio.AioRpcError)}
     refused = [r for r in results if isinstance(r, aio.AioRpcError)]
     return granted, refused
 
@@ -184,7 +186,7 @@ async def test_fifty_concurrent_reservations_against_ten(server: TelemetryServer
     await set_budget(server, tool_calls=10)
     granted, refused = await race([server], 50)
     assert (len(granted), len(refused)) == (10, 40)
-    assert all(g.reserved and not g.unlimited for g in granted)
+    assert all(g.reserved and not g.unlimited for g in granted.values())
     for error in refused:
         assert_tenant_day_refusal(error)
     (state,) = (await server.stub.ListBudgets(G.ListBudgetsRequest(caller=caller()))).budgets
@@ -193,10 +195,11 @@ async def test_fifty_concurrent_reservations_against_ten(server: TelemetryServer
         0,
         0,
     )
-    # Commit three with their actual usage: one tool call each instead of the one reserved.
+    # Commit three: each reservation is replaced by its request's actual usage.
+    committed = sorted(granted)[:3]
     commits = [
-        usage(f"req-{i}", occurred_at=stamp(), tool_calls=1, reservation_id=g.reservation_id)
-        for i, g in enumerate(granted[:3])
+        usage(rid, occurred_at=stamp(), tool_calls=1, reservation_id=granted[rid].reservation_id)
+        for rid in committed
     ]
     await server.stub.RecordUsage(G.RecordUsageRequest(records=commits))
     (state,) = (await server.stub.ListBudgets(G.ListBudgetsRequest(caller=caller()))).budgets
@@ -206,6 +209,12 @@ async def test_fifty_concurrent_reservations_against_ten(server: TelemetryServer
         0,
     )
     assert (state.remaining.tokens, state.remaining.cost_micros) == (-1, -1)
+    # A late retry of a committed request gets its reservation back and holds nothing more.
+    rid = committed[0]
+    retried = await reserve(server, rid, subject="user-" + rid.removeprefix("req-"), tool_calls=1)
+    assert retried.reservation_id == granted[rid].reservation_id
+    (state,) = (await server.stub.ListBudgets(G.ListBudgetsRequest(caller=caller()))).budgets
+    assert state.reserved.tool_calls == 7
 
 
 async def test_fifty_against_ten_across_two_replicas(
