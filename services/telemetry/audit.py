@@ -172,7 +172,8 @@ def verify_chain(rows: Sequence[Any], head_seq: int, head_hash: str) -> Verdict:
                 "deleted",
                 i + 1,
                 "",
-                f"seq {i + 1} is missing (the next stored event is seq {row.seq}, {row.event_id})",
+                f"seq {i + 1} is missing (the next stored event is seq {row.seq}, "
+                f"{row.event_id}, which links to hash {row.prev_hash})",
             )
         else:
             problem = _link_problem(rows, i, hashes)
