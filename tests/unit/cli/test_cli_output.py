@@ -218,7 +218,7 @@ def test_missing_dev_client_file_says_what_to_do(
     code = main(["tools", "--target", f"127.0.0.1:{_free_port()}"])
     err = capsys.readouterr().err
     assert code == 1
-    assert err.startswith("error: no token: ") and "dev-client.json" in err
+    assert err.startswith("error: UNAUTHENTICATED: no token: ") and "dev-client.json" in err
 
 
 def test_base_port_derives_every_port_and_target() -> None:
