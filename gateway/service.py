@@ -470,6 +470,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
         except aio.AioRpcError as err:
             await self._forward_error(context, "memory", err)
+        if not reply.turns:
+            # No turns for this tenant: the same answer whether the session does not exist or
+            # belongs to another tenant, so a caller learns nothing about other tenants.
+            await abort(context, grpc.StatusCode.NOT_FOUND, "no such session")
         return gateway_pb2.GetHistoryResponse(turns=reply.turns)
 
     async def IssueToken(

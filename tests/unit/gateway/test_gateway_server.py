@@ -289,11 +289,20 @@ async def test_history_is_the_callers_tenant_only(gw: GatewayUnderTest) -> None:
         gateway_pb2.GetHistoryRequest(session_id="shared"), metadata=bearer(gw.token())
     )
     assert [t.content for t in mine.turns] == ["what is 1 + 1", "calculator says 391"]
-    theirs = await gw.stub.GetHistory(
-        gateway_pb2.GetHistoryRequest(session_id="shared"),
-        metadata=bearer(gw.token(tenant="small")),
+    # Another tenant's session answers exactly as a session that does not exist.
+    theirs = await _error(
+        gw.stub.GetHistory(
+            gateway_pb2.GetHistoryRequest(session_id="shared"),
+            metadata=bearer(gw.token(tenant="small")),
+        )
     )
-    assert list(theirs.turns) == []
+    missing = await _error(
+        gw.stub.GetHistory(
+            gateway_pb2.GetHistoryRequest(session_id="never-used"), metadata=bearer(gw.token())
+        )
+    )
+    assert theirs.code() == missing.code() == grpc.StatusCode.NOT_FOUND
+    assert theirs.details() == missing.details()
     err = await _error(
         gw.stub.GetHistory(
             gateway_pb2.GetHistoryRequest(session_id="shared", limit=5000),
