@@ -67,6 +67,24 @@ class UsageRow(Base):
     reservation_id: Mapped[str] = mapped_column(String(32), nullable=False)
 
 
+class UsageTotalRow(Base):
+    """Running usage per tenant (principal "") or principal, per day and month.
+
+    Kept up to date by RecordUsage in the usage's own transaction, so a budget check reads one
+    row instead of summing a month of usage while every other check of the tenant waits.
+    """
+
+    __tablename__ = "telemetry_usage_totals"
+
+    tenant: Mapped[str] = mapped_column(String(MAX_KEY_CHARS), primary_key=True)
+    principal: Mapped[str] = mapped_column(String(MAX_KEY_CHARS), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)
+    period_start_ns: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    tool_calls: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    cost_micros: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
 class BudgetRow(Base):
     __tablename__ = "telemetry_budgets"
     __table_args__ = (
@@ -203,14 +221,14 @@ class Reservation:
     expires_at_ns: int
 
 
-def _usage_sums(tenant: str, principal: str, start_ns: int, end_ns: int) -> Any:
-    u = UsageRow
-    query = select(
-        func.coalesce(func.sum(u.tool_calls), 0),
-        func.coalesce(func.sum(u.tokens_in + u.tokens_out), 0),
-        func.coalesce(func.sum(u.cost_micros), 0),
-    ).where(u.tenant == tenant, u.occurred_at_ns >= start_ns, u.occurred_at_ns < end_ns)
-    return query.where(u.principal == principal) if principal else query
+def _used(tenant: str, principal: str, period: str, start_ns: int) -> Any:
+    t = UsageTotalRow
+    return select(t.tool_calls, t.tokens, t.cost_micros).where(
+        t.tenant == tenant,
+        t.principal == principal,
+        t.period == period,
+        t.period_start_ns == start_ns,
+    )
 
 
 def _reserved_sums(tenant: str, principal: str, now_ns: int) -> Any:
@@ -277,6 +295,7 @@ class Ledger:
         )
         if inserted.first() is None:
             return 0
+        await self._add_to_totals(conn, priced)
         if record["reservation_id"]:
             await conn.execute(
                 delete(ReservationRow).where(
@@ -285,6 +304,31 @@ class Ledger:
                 )
             )
         return 1
+
+    async def _add_to_totals(self, conn: AsyncConnection, record: dict[str, Any]) -> None:
+        occurred = _EPOCH + timedelta(microseconds=record["occurred_at_ns"] // 1000)
+        t = UsageTotalRow
+        for principal in {"", record["principal"]}:
+            for period in PERIODS:
+                start, _ = period_bounds(period, occurred)
+                statement = self._db.insert(t).values(
+                    tenant=record["tenant"],
+                    principal=principal,
+                    period=period,
+                    period_start_ns=_ns(start),
+                    tool_calls=record["tool_calls"],
+                    tokens=record["tokens_in"] + record["tokens_out"],
+                    cost_micros=record["cost_micros"],
+                )
+                await conn.execute(
+                    statement.on_conflict_do_update(
+                        index_elements=["tenant", "principal", "period", "period_start_ns"],
+                        set_={
+                            name: getattr(t, name) + getattr(statement.excluded, name)
+                            for name in METRICS
+                        },
+                    )
+                )
 
     async def cost(
         self, tenant: str, keys: Sequence[str], start_ns: int, end_ns: int
@@ -362,8 +406,8 @@ class Ledger:
     async def _state(self, conn: AsyncConnection, budget: Any, now: datetime) -> BudgetState:
         start, reset = period_bounds(budget.period, now)
         used = (
-            await conn.execute(_usage_sums(budget.tenant, budget.principal, _ns(start), _ns(reset)))
-        ).one()
+            await conn.execute(_used(budget.tenant, budget.principal, budget.period, _ns(start)))
+        ).first() or (0, 0, 0)
         reserved = (
             await conn.execute(_reserved_sums(budget.tenant, budget.principal, _ns(now)))
         ).one()

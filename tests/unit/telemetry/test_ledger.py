@@ -5,12 +5,18 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
 import pytest
+from alembic import command
+from alembic.config import Config
 from google.rpc import error_details_pb2
 from grpc import aio
+from sqlalchemy import text
 
+import services.telemetry.migrations as migrations
+from services.kit.db import create_engine
 from services.kit.pricing import PriceTable, cost_micros
 from services.telemetry.ledger import period_bounds
 from services.telemetry.settings import TelemetrySettings
@@ -259,6 +265,24 @@ async def test_principal_and_month_budgets(server: TelemetryServer) -> None:
         f"resets at {reset:%Y-%m-%dT00:00:00}Z" in caught.value.details()
     )
     assert reset.day == 1
+    # Committing x replaces its 60 reserved tokens with the 50 it used: now 41 more fit.
+    await server.stub.RecordUsage(
+        G.RecordUsageRequest(
+            records=[
+                usage(
+                    "x",
+                    occurred_at=stamp(),
+                    tokens_in=30,
+                    tokens_out=20,
+                    reservation_id=(await reserve(server, "x", tokens=60)).reservation_id,
+                )
+            ]
+        )
+    )
+    (state,) = (await server.stub.ListBudgets(G.ListBudgetsRequest(caller=caller()))).budgets
+    assert (state.used.tokens, state.reserved.tokens, state.remaining.tokens) == (50, 0, 50)
+    assert state.resets_at.ToDatetime(UTC) == reset
+    assert (await reserve(server, "y", tokens=41)).reserved
     # Bob has no budget of his own and the tenant none: nothing to check.
     bob = await reserve(server, "z", subject="bob", tokens=1000)
     assert (bob.reserved, bob.unlimited) == (False, True)
@@ -413,3 +437,63 @@ def test_period_bounds() -> None:
         2026, 3, 1, tzinfo=UTC
     )
     assert time.time() > 0
+
+
+async def test_migration_sums_existing_usage_into_totals(tmp_path) -> None:
+    """Usage stored before revision 0004 counts against budgets after it."""
+    url = f"sqlite:///{tmp_path / 'telemetry.db'}"
+
+    def upgrade(connection, revision: str) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(upgrade, "0003")
+            for request_id, principal, day in (
+                ("a", "alice", 20),
+                ("b", "bob", 20),
+                ("c", "bob", 1),
+            ):
+                await conn.execute(
+                    text(
+                        "INSERT INTO telemetry_usage (tenant, request_id, principal, route, "
+                        "tool_name, tool_version, tokens_in, tokens_out, tool_calls, cost_units, "
+                        "cost_micros, currency, price_version, occurred_at_ns, day, outcome, "
+                        "reservation_id) VALUES ('acme', :rid, :principal, '', '', '', 2, 1, 1, 0, "
+                        "7, 'USD', 'v', :ns, '', '', '')"
+                    ),
+                    {
+                        "rid": request_id,
+                        "principal": principal,
+                        "ns": int(datetime(2026, 11, day, 12, tzinfo=UTC).timestamp()) * 10**9,
+                    },
+                )
+            await conn.run_sync(upgrade, "head")
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT principal, period, period_start_ns, tool_calls, tokens, "
+                        "cost_micros FROM telemetry_usage_totals ORDER BY 1, 2, 3"
+                    )
+                )
+            ).all()
+    finally:
+        await engine.dispose()
+
+    def ns(day: int) -> int:
+        return int(datetime(2026, 11, day, tzinfo=UTC).timestamp()) * 10**9
+
+    assert [tuple(r) for r in rows] == [
+        ("", "day", ns(1), 1, 3, 7),
+        ("", "day", ns(20), 2, 6, 14),
+        ("", "month", ns(1), 3, 9, 21),
+        ("alice", "day", ns(20), 1, 3, 7),
+        ("alice", "month", ns(1), 1, 3, 7),
+        ("bob", "day", ns(1), 1, 3, 7),
+        ("bob", "day", ns(20), 1, 3, 7),
+        ("bob", "month", ns(1), 2, 6, 14),
+    ]
