@@ -95,6 +95,19 @@ class StoredTurn:
     created_at_ns: int
 
 
+# Appends written in one transaction at most; bounds the transaction's size and lock time.
+_MAX_BATCH = 64
+
+
+@dataclass
+class _PendingAppend:
+    tenant: str
+    session_id: str
+    request_id: str
+    turns: list[NewTurn]
+    result: asyncio.Future[tuple[list[StoredTurn], bool]]
+
+
 def _stored(row: TurnRow) -> StoredTurn:
     return StoredTurn(
         seq=row.seq,
@@ -137,6 +150,8 @@ class TurnStore:
             self._write_sessions = self._sessions
         # Within one process, queue SQLite writers here instead of in SQLite's busy-wait loop.
         self._local_write_lock = asyncio.Lock() if self._is_sqlite else None
+        self._queue: list[_PendingAppend] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     async def migrate(self) -> None:
         """Bring the schema to the latest revision; replicas starting together take turns.
@@ -152,6 +167,8 @@ class TurnStore:
             await conn.run_sync(upgrade_to_head)
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            await self._flusher  # acknowledged or in-flight appends finish first
         await self._engine.dispose()
         if self._write_engine is not self._engine:
             await self._write_engine.dispose()
@@ -163,65 +180,117 @@ class TurnStore:
 
         A request id already stored for this session writes nothing and returns what was
         stored the first time. Committed before returning.
-        """
-        if self._local_write_lock is None:
-            return await self._append(tenant, session_id, request_id, turns)
-        async with self._local_write_lock:
-            return await self._append(tenant, session_id, request_id, turns)
 
-    async def _append(
-        self, tenant: str, session_id: str, request_id: str, turns: list[NewTurn]
-    ) -> tuple[list[StoredTurn], bool]:
+        Group commit: appends that arrive while a transaction is in flight wait and are
+        written together in the next one, so N concurrent appends cost one commit (and one
+        fsync) instead of N serialized ones.
+        """
+        pending = _PendingAppend(
+            tenant, session_id, request_id, turns, asyncio.get_running_loop().create_future()
+        )
+        self._queue.append(pending)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await asyncio.shield(pending.result)
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+            try:
+                await self._write_batch(batch)
+            except Exception:
+                # One bad append must not fail the others: retry them one by one.
+                for item in batch:
+                    if item.result.done():
+                        continue
+                    try:
+                        await self._write_batch([item])
+                    except Exception as exc:
+                        item.result.set_exception(exc)
+
+    async def _write_batch(self, batch: list[_PendingAppend]) -> None:
+        if self._local_write_lock is None:
+            results = await self._append_all(batch)
+        else:
+            async with self._local_write_lock:
+                results = await self._append_all(batch)
+        for item, result in zip(batch, results, strict=True):
+            if not item.result.done():
+                item.result.set_result(result)
+
+    async def _append_all(self, batch: list[_PendingAppend]) -> list[tuple[list[StoredTurn], bool]]:
         insert = sqlite.insert if self._is_sqlite else postgresql.insert
+        sessions = sorted({(item.tenant, item.session_id) for item in batch})
+        results: list[tuple[list[StoredTurn], bool]] = []
         async with self._write_sessions() as session, session.begin():
-            await session.execute(
-                insert(SessionRow)
-                .values(tenant=tenant, session_id=session_id, last_seq=0)
-                .on_conflict_do_nothing()
-            )
-            last_seq = (
+            last_seq: dict[tuple[str, str], int] = {}
+            # Lock every session row in one order, so two replicas' batches cannot deadlock.
+            for tenant, session_id in sessions:
                 await session.execute(
-                    select(SessionRow.last_seq)
-                    .where(SessionRow.tenant == tenant, SessionRow.session_id == session_id)
-                    .with_for_update()
+                    insert(SessionRow)
+                    .values(tenant=tenant, session_id=session_id, last_seq=0)
+                    .on_conflict_do_nothing()
                 )
-            ).scalar_one()
-            existing = (
-                await session.scalars(
+                last_seq[(tenant, session_id)] = (
+                    await session.execute(
+                        select(SessionRow.last_seq)
+                        .where(SessionRow.tenant == tenant, SessionRow.session_id == session_id)
+                        .with_for_update()
+                    )
+                ).scalar_one()
+            stored: dict[tuple[str, str, str], list[StoredTurn]] = {}
+            for tenant, session_id in sessions:
+                request_ids = {
+                    item.request_id
+                    for item in batch
+                    if (item.tenant, item.session_id) == (tenant, session_id)
+                }
+                existing = await session.scalars(
                     select(TurnRow)
                     .where(
                         TurnRow.tenant == tenant,
                         TurnRow.session_id == session_id,
-                        TurnRow.request_id == request_id,
+                        TurnRow.request_id.in_(request_ids),
                     )
-                    .order_by(TurnRow.position)
+                    .order_by(TurnRow.request_id, TurnRow.position)
                 )
-            ).all()
-            if existing:
-                return [_stored(row) for row in existing], True
+                for row in existing:
+                    stored.setdefault((tenant, session_id, row.request_id), []).append(_stored(row))
             now_ns = time.time_ns()
-            rows = [
-                TurnRow(
-                    tenant=tenant,
-                    session_id=session_id,
-                    seq=last_seq + position + 1,
-                    request_id=request_id,
-                    position=position,
-                    role=turn.role,
-                    content=turn.content,
-                    tool_name=turn.tool_name,
-                    tool_version=turn.tool_version,
-                    created_at_ns=now_ns,
+            new_rows: list[TurnRow] = []
+            for item in batch:
+                key = (item.tenant, item.session_id, item.request_id)
+                if key in stored:
+                    results.append((stored[key], True))
+                    continue
+                base = last_seq[(item.tenant, item.session_id)]
+                rows = [
+                    TurnRow(
+                        tenant=item.tenant,
+                        session_id=item.session_id,
+                        seq=base + position + 1,
+                        request_id=item.request_id,
+                        position=position,
+                        role=turn.role,
+                        content=turn.content,
+                        tool_name=turn.tool_name,
+                        tool_version=turn.tool_version,
+                        created_at_ns=now_ns,
+                    )
+                    for position, turn in enumerate(item.turns)
+                ]
+                last_seq[(item.tenant, item.session_id)] = base + len(rows)
+                new_rows.extend(rows)
+                stored[key] = [_stored(row) for row in rows]
+                results.append((stored[key], False))
+            session.add_all(new_rows)
+            for (tenant, session_id), seq in last_seq.items():
+                await session.execute(
+                    update(SessionRow)
+                    .where(SessionRow.tenant == tenant, SessionRow.session_id == session_id)
+                    .values(last_seq=seq)
                 )
-                for position, turn in enumerate(turns)
-            ]
-            session.add_all(rows)
-            await session.execute(
-                update(SessionRow)
-                .where(SessionRow.tenant == tenant, SessionRow.session_id == session_id)
-                .values(last_seq=last_seq + len(rows))
-            )
-        return [_stored(row) for row in rows], False
+        return results
 
     async def history(self, tenant: str, session_id: str, limit: int) -> list[StoredTurn]:
         """The ``limit`` most recent turns of the tenant's session, oldest first."""
