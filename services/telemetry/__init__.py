@@ -1,1 +1,2 @@
-"""Telemetry: OTLP span ingest, latency and error statistics, traces (toolmesh.telemetry.v1)."""
+"""Telemetry (toolmesh.telemetry.v1): OTLP span ingest, statistics and traces; usage ledger and
+cost, budgets, the hash-chained audit trail and SLOs."""
