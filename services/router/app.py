@@ -10,11 +10,13 @@ from opentelemetry import trace
 from services.kit.breaker import BreakerRegistry
 from services.kit.channels import open_channel
 from services.kit.db import create_engine, session_factory, sqlite_url
+from services.kit.migrations import check_schema
 from services.kit.server import Cleanup, Register
 from services.kit.settings import ServiceSettings
 from services.router.catalog import default_registry
 from services.router.health import ToolHealth
 from services.router.invoke import Executor
+from services.router.migrations import MIGRATIONS
 from services.router.notes import NotesStore
 from services.router.registry import Registry
 from services.router.routing import ToolRouter
@@ -40,15 +42,17 @@ def build(
     """
     if not isinstance(settings, RouterSettings):
         raise TypeError("the router needs RouterSettings")
-    tools = registry if registry is not None else default_registry()
+    plugins = [m.strip() for m in settings.plugin_modules.split(",") if m.strip()]
+    tools = registry if registry is not None else default_registry(plugins)
     rules = load_rules(settings.rules_file)
     tracer = trace.get_tracer("toolmesh.router", tracer_provider=tracer_provider)
 
     async def register(server: aio.Server) -> Sequence[str]:
         url = settings.database_url or sqlite_url(settings.ensure_data_dir(), "router")
+        # At head, or migrated to it under the schema lock, or refused with what to run.
+        await check_schema(url, MIGRATIONS, migrate_on_start=settings.migrate_on_start)
         engine = create_engine(url)
         cleanups.append(engine.dispose)
-        await NotesStore.create_schema(engine)
         channel = open_channel(settings.telemetry_target)
         cleanups.append(channel.close)
         health = ToolHealth(

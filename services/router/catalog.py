@@ -6,7 +6,9 @@ ones (print the current fingerprints with ``python -m services.router.catalog``)
 
 from __future__ import annotations
 
+import importlib
 import json
+from collections.abc import Sequence
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -227,8 +229,7 @@ async def run_current_time(args: dict[str, Any], _ctx: ToolContext) -> ToolOutpu
     offset = f"{offset[:3]}:{offset[3:]}"
     zone = str(now.tzinfo)
     return ToolOutput(
-        answer=f"It is {now:%H:%M} on {now:%A %d %B %Y} in {zone} "
-        f"({now.tzname()}, UTC{offset}).",
+        answer=f"It is {now:%H:%M} on {now:%A %d %B %Y} in {zone} ({now.tzname()}, UTC{offset}).",
         result={
             "zone": zone,
             "iso": now.isoformat(timespec="seconds"),
@@ -257,9 +258,7 @@ async def run_save_note(args: dict[str, Any], ctx: ToolContext) -> ToolOutput:
             text=text,
         )
     except KeyReusedError:
-        raise ToolConflictError(
-            "idempotency_key was already used for a different note"
-        ) from None
+        raise ToolConflictError("idempotency_key was already used for a different note") from None
     return ToolOutput(
         answer=f"Saved your note: {note.text}",
         result={"note_id": note.id, "text": note.text, "created_at": note.created_at.isoformat()},
@@ -293,12 +292,19 @@ TOOLS = [
 ]
 
 
-def default_registry() -> Registry:
-    """Every published tool, checked against the pinned fingerprints."""
+def default_registry(plugin_modules: Sequence[str] = ()) -> Registry:
+    """Every published tool, checked against the pinned fingerprints, plus plugin tools.
+
+    Plugin tools are the plugin owner's to version; the lock covers the published catalog.
+    """
     registry = Registry()
     for spec, run in TOOLS:
         registry.register(spec, run)
     registry.check_published(load_lock())
+    for module_name in plugin_modules:
+        module = importlib.import_module(module_name)
+        for spec, run in module.TOOLS:
+            registry.register(spec, run)
     return registry
 
 

@@ -27,6 +27,11 @@ class RouterSettings(ServiceSettings):
     health_refresh_s: float = Field(default=15.0, gt=0)
     # Window of telemetry statistics that counts as "recent" for tool health.
     health_window_s: int = Field(default=900, ge=60)
+    # Extra tool modules to load (comma-separated import paths). Each module defines
+    # TOOLS = [(ToolSpec, implementation), ...]; their routing rules go in rules_file. This is
+    # how a team adds its own tools without forking the router (and how the fault suite
+    # brings in tools that hang or fail).
+    plugin_modules: str = ""
     # Largest answer plus result a tool may return, in bytes of UTF-8 JSON.
     max_result_bytes: int = Field(default=65536, ge=1024)
     # Per-tool circuit breaker (services.kit.breaker): over the last breaker_window calls (at
