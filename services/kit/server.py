@@ -236,6 +236,10 @@ def run_service(
     cleanups: list[Cleanup] = []
     try:
         asyncio.run(_serve(settings, build(settings, cleanups), cleanups))
+    except StartupRefused as refused:
+        # Raised while registering (e.g. a schema this release does not know): say why, exit 2.
+        log.critical("refusing to start: %s", refused)
+        raise SystemExit(2) from None
     finally:
         provider.shutdown()
         meters.shutdown()

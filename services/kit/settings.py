@@ -67,6 +67,11 @@ class ServiceSettings(BaseSettings):
     # Common names of client certificates allowed to call (comma-separated); empty: any peer
     # with a certificate from the mesh CA.
     allowed_peers: str = ""
+    # Database-owning services: bring the schema to this release's head at start-up (under a
+    # lock, see services.kit.migrations). True suits the embedded SQLite dev mode; production
+    # sets it false and runs `toolmesh migrate --service <name>` (the migration Job) before the
+    # rollout, so a replica never changes the schema and refuses one it is not made for.
+    migrate_on_start: bool = True
 
     @classmethod
     def settings_customise_sources(
