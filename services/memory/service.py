@@ -11,8 +11,10 @@ from grpc import aio
 
 from services.kit.buildinfo import service_info
 from services.kit.errors import abort_invalid
+from services.kit.migrations import check_schema
 from services.kit.server import Cleanup, Register
 from services.kit.settings import ServiceSettings
+from services.memory.migrations import MIGRATIONS
 from services.memory.settings import MemorySettings
 from services.memory.store import NewTurn, StoredTurn, TurnStore
 from toolmesh.common.v1 import common_pb2
@@ -134,8 +136,10 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         raise TypeError("memory needs MemorySettings")
 
     async def register(server: aio.Server) -> Sequence[str]:
-        store = TurnStore(settings.resolved_database_url())
-        await store.migrate()
+        url = settings.resolved_database_url()
+        # At head, or migrated to it under the schema lock, or refused with what to run.
+        await check_schema(url, MIGRATIONS, migrate_on_start=settings.migrate_on_start)
+        store = TurnStore(url)
         cleanups.append(store.close)
         memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(settings, store), server)
         return [memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name]
