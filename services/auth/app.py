@@ -120,7 +120,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         key_files = KeyFiles(settings.resolved_keys_dir())
         hasher = SecretHasher()
         try:
-            await store.create_schema()
+            await store.create_schema(migrate=settings.migrate_on_start)
             if settings.env == Environment.PRODUCTION:
                 await check_production(store)
             else:

@@ -54,7 +54,7 @@ async def run(settings: AuthSettings, args: argparse.Namespace) -> dict[str, Any
     engine = create_engine(settings.db_url())
     try:
         store = Store(engine)
-        await store.create_schema()
+        await store.create_schema(migrate=settings.migrate_on_start)
         keys = KeyFiles(settings.resolved_keys_dir())
         if args.command == "rotate-key":
             kid, x = keys.create()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from services.auth.migrations import MIGRATIONS
 from services.auth.models import (
     CLIENT_DELETED,
     CLIENT_ENABLED,
@@ -16,16 +17,14 @@ from services.auth.models import (
     KEY_ACTIVE,
     KEY_RETIRED,
     KEY_VERIFYING,
-    Base,
     ClientRow,
     RevokedTokenRow,
     SigningKeyRow,
 )
 from services.auth.settings import MAX_TOKEN_LIFETIME_S
 from services.kit.db import session_factory
+from services.kit.migrations import check_schema
 
-# Advisory lock id for schema creation (any constant shared by every auth replica).
-_SCHEMA_LOCK = 0x746D61757468  # "tmauth"
 PRUNE_EVERY_S = 30.0
 
 
@@ -60,12 +59,14 @@ class Store:
         self._sessions = session_factory(engine)
         self._pruned_at = 0.0
 
-    async def create_schema(self) -> None:
-        """Create missing tables; replicas starting together on PostgreSQL take turns."""
-        async with self._engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK})
-            await conn.run_sync(Base.metadata.create_all)
+    async def create_schema(self, *, migrate: bool = True) -> None:
+        """Bring the schema to this release's head (services/auth/migrations) under the schema
+        lock, so replicas starting together take turns; with ``migrate`` false only check it.
+
+        Raises SchemaMismatch (a StartupRefused) naming what to run when the schema is newer than
+        this release, or behind it and ``migrate`` is false.
+        """
+        await check_schema(self._engine, MIGRATIONS, migrate_on_start=migrate)
 
     # --- signing keys -------------------------------------------------------------------
 
