@@ -8,12 +8,12 @@ from typing import Any
 
 from sqlalchemy import DateTime, Index, Integer, String, Text, UniqueConstraint, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class Base(DeclarativeBase):
-    pass
+    """The router's tables; services/router/migrations creates and changes them."""
 
 
 class NoteRow(Base):
@@ -56,11 +56,6 @@ class KeyReusedError(Exception):
 class NotesStore:
     def __init__(self, sessions: async_sessionmaker[Any]) -> None:
         self._sessions = sessions
-
-    @staticmethod
-    async def create_schema(engine: AsyncEngine) -> None:
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
 
     async def save(
         self, *, tenant: str, session_id: str, idempotency_key: str, request_id: str, text: str

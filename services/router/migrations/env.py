@@ -1,0 +1,16 @@
+"""Alembic environment: migrates the connection services.kit.migrations hands over."""
+
+from alembic import context
+
+from services.router.migrations import VERSION_TABLE
+from services.router.notes import Base
+
+context.configure(
+    connection=context.config.attributes["connection"],
+    target_metadata=Base.metadata,
+    version_table=VERSION_TABLE,
+    # SQLite cannot ALTER most things; batch mode rebuilds the table instead.
+    render_as_batch=True,
+)
+with context.begin_transaction():
+    context.run_migrations()
