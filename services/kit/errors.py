@@ -62,3 +62,35 @@ def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
     info = error_details_pb2.RetryInfo()
     info.retry_delay.FromMilliseconds(int(seconds * 1000))
     return info
+
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def status_details_metadata(err: aio.AioRpcError) -> tuple[tuple[str, str | bytes], ...]:
+    """The google.rpc details trailer of another call's error (BadRequest, RetryInfo ...)."""
+    return tuple(
+        (item[0], item[1])
+        for item in (err.trailing_metadata() or ())
+        if item[0] == STATUS_DETAILS_KEY
+    )
+
+
+async def forward(
+    context: aio.ServicerContext, err: aio.AioRpcError, message: str | None = None
+) -> NoReturn:
+    """Abort with another call's status code and its google.rpc details intact.
+
+    ``message`` replaces the error's text (say, to keep a dependency's address out of it).
+    The details trailer carries its own message; when one is given it is rewritten to match,
+    so the two never disagree.
+    """
+    details = status_details_metadata(err)
+    text = err.details() or "" if message is None else message
+    if message is not None and details:
+        status = status_pb2.Status()
+        status.ParseFromString(details[0][1])
+        status.message = text
+        details = ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+    await context.abort(err.code(), text, details)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
