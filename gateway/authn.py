@@ -20,6 +20,7 @@ from typing import Any
 import jwt
 from grpc import aio
 
+from gateway.reliability import Guard
 from gateway.settings import GatewaySettings
 from toolmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -201,6 +202,7 @@ class AuthState:
         self._refreshed_at = 0.0
         self._kid_fetched_at = float("-inf")
         self._kid_lock = asyncio.Lock()
+        self._loaded = asyncio.Event()
 
     def snapshot(self) -> AuthSnapshot:
         """The current state, or AuthUnavailableError when there is none fresh enough."""
@@ -229,18 +231,30 @@ class AuthState:
             policy=parse_policy(policy),
         )
         self._refreshed_at = self._clock()
+        self._loaded.set()
         if previous is None or previous.policy.version != policy.version:
             log.info(
                 "auth state loaded",
                 extra={"policy_version": policy.version, "keys": sorted(self._snapshot.keys)},
             )
 
-    async def run(self) -> None:
-        """Refresh forever; failures are logged and retried on the next tick, never fatal."""
+    async def wait_loaded(self) -> None:
+        """Returns once keys, revocations and policy have arrived (the readiness hold)."""
+        await self._loaded.wait()
+
+    async def run(self, guard: Guard | None = None) -> None:
+        """Refresh forever; failures are logged and retried on the next tick, never fatal.
+
+        With ``guard``, each refresh goes through auth's circuit breaker: while it is open the
+        tick is skipped (no call), and the cached state keeps serving within its bound.
+        """
         failing = False
         while True:
             try:
-                await self.refresh()
+                if guard is None:
+                    await self.refresh()
+                else:
+                    await guard.run("auth", self.refresh, FETCH_TIMEOUT_S + 0.5)
                 if failing:
                     log.info("auth reachable again")
                 failing = False

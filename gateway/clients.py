@@ -17,11 +17,16 @@ from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 
 log = logging.getLogger("toolmesh.gateway.clients")
 
-# Reads are safe to retry; AppendTurns is idempotent by request id. InvokeTool and
-# IssueToken are never retried by the channel.
+# Retried on UNAVAILABLE by the channel (exponential backoff with jitter, at most 3 attempts,
+# under the channel's retryThrottling budget, and never past the call's own timeout): reads,
+# and AppendTurns, which memory de-duplicates by request id. InvokeTool gets one retry (2
+# attempts): the gateway only ever sends it for a read-only tool or with the write tool's
+# idempotency key (the request id), so a second attempt can never act twice. IssueToken and
+# the auth polls are never retried by the channel (the polls retry on their next tick).
 _RETRIES = [
     retry_policy(["toolmesh.memory.v1.Memory"], methods=["GetHistory", "AppendTurns"]),
     retry_policy(["toolmesh.router.v1.Router"], methods=["Route", "ListTools"]),
+    retry_policy(["toolmesh.router.v1.Router"], methods=["InvokeTool"], max_attempts=2),
     retry_policy(["toolmesh.telemetry.v1.Telemetry"], methods=["GetStats"]),
 ]
 

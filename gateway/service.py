@@ -1,9 +1,10 @@
 """The Gateway servicer: validate, authenticate, then orchestrate the inner services.
 
-What happens to a turn today when memory's AppendTurns fails: the answer is still returned,
-"memory" is listed in ``degraded``, and the turn is not stored (AppendTurns is retried on
-UNAVAILABLE within the deadline, but nothing is queued beyond the request). A durable outbox
-that replays failed appends is the planned fix.
+Reliability (docs/reliability.md): every downstream call gets what is left of the request's
+budget minus a reserve to answer, under its dependency's circuit breaker (gateway.reliability);
+failures degrade as DESIGN.md's failure table says; a turn memory could not take is committed to
+the durable outbox before the answer is sent (gateway.outbox), or the Run fails UNAVAILABLE;
+Runs and tool calls over their caps are refused at once with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from gateway.authz import (
     side_effect_name,
 )
 from gateway.clients import Clients
-from gateway.deadlines import Deadline, DeadlineSpentError
+from gateway.outbox import KIND_MEMORY, GatewayOutbox
+from gateway.reliability import FALLBACKS, Bulkhead, DependencyError, Guard
 from gateway.settings import GatewaySettings
 from gateway.validation import HistoryInput, RunInput, StatsInput
 from services.kit.buildinfo import service_info
 from services.kit.context import request_id_var
-from services.kit.errors import abort, abort_invalid, retry_info, violations_from
+from services.kit.deadlines import Deadline, DeadlineSpentError
+from services.kit.errors import abort, abort_invalid, forward, retry_info, violations_from
 from services.kit.tracing import current_trace_id
 from toolmesh.auth.v1 import auth_pb2
 from toolmesh.common.v1 import common_pb2
@@ -51,15 +54,12 @@ ROUTER_FALLBACK = (
     "The tool router is unavailable right now, so no tool could run. Please try again."
 )
 TOOL_FALLBACK = "The tool {name} could not answer right now. Please try again."
-# Tool errors that mean "the tool failed" (fallback answer), not "the tool said no".
-_TOOL_FAILURES = {
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
+# Tool errors that mean "the tool said no" (an explanation), not "the tool failed" (fallback).
 _TOOL_REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# Memory refusing the turns themselves: replaying them would fail forever, so they are not queued.
+_PERMANENT_WRITE_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED}
+# Time kept after the outbox write to send the answer (or the UNAVAILABLE).
+_ANSWER_MARGIN_S = 0.005
 
 
 def request_id_for(principal: Principal, idempotency_key: str) -> str:
@@ -92,15 +92,6 @@ def bearer_token(context: aio.ServicerContext) -> str:
     return ""
 
 
-def _passthrough_metadata(err: aio.AioRpcError) -> tuple[tuple[str, str | bytes], ...]:
-    """Keep the google.rpc details trailer of a forwarded error (BadRequest, RetryInfo)."""
-    return tuple(
-        (item[0], item[1])
-        for item in (err.trailing_metadata() or ())
-        if item[0] == _STATUS_DETAILS_KEY
-    )
-
-
 @dataclass
 class _Run:
     """One Run in flight: who asked, its budget, and what it has learned so far."""
@@ -122,15 +113,29 @@ class _Run:
     cost_units: int = 0
 
     def degrade(self, what: str) -> None:
+        """Name what was degraded in the answer, and count the fallback by dependency."""
         if what not in self.degraded:
             self.degraded.append(what)
+            dependency, _, tool = what.partition(":")
+            FALLBACKS.add(1, {"dependency": dependency, "tool": tool})
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, settings: GatewaySettings, auth_state: AuthState, clients: Clients) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        auth_state: AuthState,
+        clients: Clients,
+        guard: Guard,
+        outbox: GatewayOutbox,
+    ) -> None:
         self._settings = settings
         self._auth = auth_state
         self._clients = clients
+        self._guard = guard
+        self._outbox = outbox
+        self._runs = Bulkhead("runs", settings.max_inflight_runs)
+        self._tool_calls = Bulkhead("tool_calls", settings.max_inflight_per_tool)
 
     # -- shared steps -------------------------------------------------------------------------
 
@@ -149,6 +154,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await abort(
                 context, grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exhausted before {hop}"
             )
+
+    async def _shed(self, context: aio.ServicerContext, what: str) -> NoReturn:
+        await abort(
+            context,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{what} at capacity; retry later",
+            retry_info(self._settings.shed_retry_after_ms / 1000),
+        )
 
     async def _authenticate(
         self, context: aio.ServicerContext, scope: str = ""
@@ -184,27 +197,44 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return principal, policy
 
     async def _forward_error(
-        self, context: aio.ServicerContext, service: str, err: aio.AioRpcError, prefix: bool = True
+        self, context: aio.ServicerContext, error: DependencyError, prefix: bool = True
     ) -> NoReturn:
-        """The inner service's code and details; transport failures are summarised instead,
-        since their text (addresses, connection errors) describes our network to the caller."""
-        code = err.code()
-        if code == grpc.StatusCode.UNAVAILABLE:
-            message = f"{service} is unavailable"
-        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            message = f"{service} did not answer in time"
-        else:
-            message = f"{service}: {err.details()}" if prefix else err.details() or ""
-        log.info("forwarding error", extra={"dependency": service, "error": _describe(err)})
-        await context.abort(code, message, _passthrough_metadata(err))
-        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+        """The inner service's code and details; transport failures, timeouts and an open
+        breaker are summarised instead, since their text (addresses, connection errors)
+        describes our network to the caller."""
+        service, code, err = error.dependency, error.code, error.rpc_error
+        log.info("forwarding error", extra={"dependency": service, "error": str(error)})
+        if err is None or code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        ):
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                await abort(context, code, f"{service} did not answer in time")
+            retry_after = error.retry_after_s or self._settings.shed_retry_after_ms / 1000
+            await abort(context, code, f"{service} is unavailable", retry_info(retry_after))
+        message = f"{service}: {err.details()}" if prefix else err.details() or ""
+        await forward(context, err, message)
 
     # -- Run ----------------------------------------------------------------------------------
 
     async def Run(
         self, request: gateway_pb2.RunRequest, context: aio.ServicerContext
     ) -> gateway_pb2.RunResponse:
-        """Answer a prompt with a tool, following DESIGN.md's request flow."""
+        """Answer a prompt with a tool, following DESIGN.md's request flow.
+
+        Over ``max_inflight_runs`` the Run is refused at once (RESOURCE_EXHAUSTED, RetryInfo):
+        queueing it would only turn overload into timeouts.
+        """
+        if not self._runs.try_enter():
+            await self._shed(context, "gateway")
+        try:
+            return await self._run(request, context)
+        finally:
+            self._runs.leave()
+
+    async def _run(
+        self, request: gateway_pb2.RunRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.RunResponse:
         deadline = self._deadline(context)
         try:
             run_input = RunInput(
@@ -259,6 +289,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         outcome_name = gateway_pb2.Outcome.Name(run.outcome)
         span.set_attribute("gen_ai.tool.name", tool_name)
         span.set_attribute("toolmesh.outcome", outcome_name)
+        span.set_attribute("toolmesh.degraded", list(run.degraded))
         log.info(
             "run answered",
             extra={"outcome": outcome_name, "tool": tool_name, "degraded": run.degraded},
@@ -288,38 +319,49 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """Recall history and route concurrently (one hop of latency instead of two).
 
         Because the hops run side by side the router routes on the prompt alone; the history
-        read still tells the caller, through ``degraded``, whether memory is reachable.
+        read still tells the caller, through ``degraded``, whether memory is reachable. Both
+        are tasks of this handler: if the caller cancels, both downstream calls are cancelled.
         """
         timeout = await self._timeout(run.context, run.deadline, "memory and router")
-        history_call = self._clients.memory.GetHistory(
-            memory_pb2.GetHistoryRequest(
-                caller=run.caller,
-                session_id=run.input.session_id,
-                limit=self._settings.history_turns,
-            ),
-            timeout=timeout,
+        history = asyncio.create_task(
+            self._guard.call(
+                "memory",
+                self._clients.memory.GetHistory,
+                memory_pb2.GetHistoryRequest(
+                    caller=run.caller,
+                    session_id=run.input.session_id,
+                    limit=self._settings.history_turns,
+                ),
+                timeout,
+            )
         )
-        route_call = self._clients.router.Route(
-            router_pb2.RouteRequest(
-                caller=run.caller,
-                request_id=run.request_id,
-                prompt=run.input.prompt,
-                allowed_tools=sorted(run.allowed),
-            ),
-            timeout=timeout,
+        route = asyncio.create_task(
+            self._guard.call(
+                "router",
+                self._clients.router.Route,
+                router_pb2.RouteRequest(
+                    caller=run.caller,
+                    request_id=run.request_id,
+                    prompt=run.input.prompt,
+                    allowed_tools=sorted(run.allowed),
+                ),
+                timeout,
+            )
         )
-        results: list[object] = await asyncio.gather(
-            history_call, route_call, return_exceptions=True
-        )
+        try:
+            results = await asyncio.gather(history, route, return_exceptions=True)
+        finally:
+            for task in (history, route):
+                task.cancel()
         for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, aio.AioRpcError):
+            if isinstance(result, BaseException) and not isinstance(result, DependencyError):
                 raise result
         history_result, route_result = results
-        if isinstance(history_result, aio.AioRpcError):
-            log.warning("memory read failed", extra={"error": _describe(history_result)})
+        if isinstance(history_result, DependencyError):
+            log.warning("memory read failed", extra={"error": str(history_result)})
             run.degrade("memory")
-        if isinstance(route_result, aio.AioRpcError):
-            log.warning("routing failed", extra={"error": _describe(route_result)})
+        if isinstance(route_result, DependencyError):
+            log.warning("routing failed", extra={"error": str(route_result)})
             return None
         assert isinstance(route_result, router_pb2.RouteResponse)
         return route_result
@@ -346,14 +388,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await abort(run.context, grpc.StatusCode.PERMISSION_DENIED, decision.reason)
 
     async def _invoke(self, run: _Run, route: router_pb2.RouteResponse) -> None:
-        """Run the tool; failures become the contract's fallback, refusals an explanation."""
+        """Run the tool; failures become the contract's fallback, refusals an explanation.
+
+        The call is under the tool's own breaker ("tool:<name>"), so one hanging tool cannot
+        open the router's breaker for every other tool.
+        """
         tool = route.tool
         run.tool = tool
         write = tool.side_effect != router_pb2.SIDE_EFFECT_READ_ONLY
-        timeout = await self._timeout(run.context, run.deadline, f"tool {tool.name}")
+        fallback = tool.fallback_answer or TOOL_FALLBACK.format(name=tool.name)
+        if run.deadline.spent():
+            log.warning("no time left to run the tool", extra={"tool": tool.name})
+            run.answer, run.outcome = fallback, gateway_pb2.OUTCOME_FALLBACK
+            run.degrade(f"tool:{tool.name}")
+            return
+        if not self._tool_calls.try_enter(tool.name):
+            await self._shed(run.context, f"tool {tool.name}")
         run.tool_calls = 1
         try:
-            reply = await self._clients.router.InvokeTool(
+            reply = await self._guard.call(
+                f"tool:{tool.name}",
+                self._clients.router.InvokeTool,
                 router_pb2.InvokeToolRequest(
                     caller=run.caller,
                     request_id=run.request_id,
@@ -365,56 +420,95 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     idempotency_key=run.request_id if write else "",
                     allowed_tools=sorted(run.allowed),
                 ),
-                timeout=timeout,
+                run.deadline.timeout(),
             )
-        except aio.AioRpcError as err:
-            code = err.code()
+        except DependencyError as err:
             run.outcome = gateway_pb2.OUTCOME_FALLBACK
-            if code == grpc.StatusCode.PERMISSION_DENIED:
-                await self._forward_error(run.context, "router", err)
-            if code in _TOOL_REFUSALS:
-                run.answer = f"The tool {tool.name} refused the arguments: {err.details()}"
-                log.info("tool refused", extra={"tool": tool.name, "code": code.name})
+            if err.code == grpc.StatusCode.PERMISSION_DENIED:
+                await self._forward_error(run.context, err)
+            if err.code in _TOOL_REFUSALS and err.tried:
+                run.answer = f"The tool {tool.name} refused the arguments: {err.reason}"
+                log.info("tool refused", extra={"tool": tool.name, "code": err.code.name})
                 return
-            if code not in _TOOL_FAILURES:
-                log.warning("tool call failed unexpectedly", extra={"error": _describe(err)})
-            run.answer = tool.fallback_answer or TOOL_FALLBACK.format(name=tool.name)
+            if not err.tried:
+                run.tool_calls = 0
+            log.warning("tool failed; contract fallback", extra={"error": str(err)})
+            run.answer = fallback
             run.degrade(f"tool:{tool.name}")
             return
+        finally:
+            self._tool_calls.leave(tool.name)
         run.answer = reply.answer
         run.result_json = reply.result_json
         run.cost_units = tool.cost_units
         run.outcome = gateway_pb2.OUTCOME_TOOL_ANSWERED
 
     async def _remember(self, run: _Run) -> None:
-        """Append the user turn and the answer, keyed by request id so a retry stores nothing."""
+        """Store the user turn and the answer before answering; never acknowledge a lost turn.
+
+        AppendTurns is tried directly (at most ``memory_write_timeout_ms``, within the budget);
+        when memory fails, its breaker is open, or no time is left, the request is committed to
+        the durable outbox and replayed later (memory de-duplicates by request id). If even the
+        outbox write fails, the Run fails UNAVAILABLE: the caller must not think it was stored.
+        """
         tool = run.tool if run.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED else None
-        turns = [
-            common_pb2.Turn(
-                role=common_pb2.TURN_ROLE_USER, content=run.input.prompt, request_id=run.request_id
-            ),
-            common_pb2.Turn(
-                role=common_pb2.TURN_ROLE_ASSISTANT,
-                content=run.answer,
-                request_id=run.request_id,
-                tool_name=tool.name if tool else "",
-                tool_version=tool.version if tool else "",
-            ),
-        ]
-        timeout = await self._timeout(run.context, run.deadline, "memory write")
-        try:
-            await self._clients.memory.AppendTurns(
-                memory_pb2.AppendTurnsRequest(
-                    caller=run.caller,
-                    session_id=run.input.session_id,
+        request = memory_pb2.AppendTurnsRequest(
+            caller=run.caller,
+            session_id=run.input.session_id,
+            request_id=run.request_id,
+            turns=[
+                common_pb2.Turn(
+                    role=common_pb2.TURN_ROLE_USER,
+                    content=run.input.prompt,
                     request_id=run.request_id,
-                    turns=turns,
                 ),
-                timeout=timeout,
+                common_pb2.Turn(
+                    role=common_pb2.TURN_ROLE_ASSISTANT,
+                    content=run.answer,
+                    request_id=run.request_id,
+                    tool_name=tool.name if tool else "",
+                    tool_version=tool.version if tool else "",
+                ),
+            ],
+        )
+        if run.deadline.spent():
+            # No time for a hop: the outbox (a local fsync) still fits in the reserve.
+            log.info("no time left for memory; turn deferred to the outbox")
+        else:
+            cap = self._settings.memory_write_timeout_ms / 1000
+            try:
+                await self._guard.call(
+                    "memory",
+                    self._clients.memory.AppendTurns,
+                    request,
+                    run.deadline.timeout(cap),
+                )
+                return
+            except DependencyError as err:
+                if err.code in _PERMANENT_WRITE_ERRORS and err.tried:
+                    log.error("memory refused the turns", extra={"error": str(err)})
+                    run.degrade("memory")
+                    return
+                log.warning(
+                    "memory write failed; turn goes to the outbox", extra={"error": str(err)}
+                )
+                run.degrade("memory")
+        try:
+            await asyncio.wait_for(
+                self._outbox.put(KIND_MEMORY, run.request_id, request),
+                max(run.deadline.remaining() - _ANSWER_MARGIN_S, 0.001),
             )
-        except aio.AioRpcError as err:
-            log.error("memory write failed; turn not stored", extra={"error": _describe(err)})
-            run.degrade("memory")
+        except Exception as exc:
+            log.error(
+                "outbox write failed; turn not stored, run not acknowledged",
+                extra={"error": f"{type(exc).__name__}: {exc}"},
+            )
+            await abort(
+                run.context,
+                grpc.StatusCode.UNAVAILABLE,
+                "the conversation turn could not be stored; retry with the same idempotency key",
+                retry_info(self._settings.shed_retry_after_ms / 1000),
+            )
 
     # -- the other RPCs -----------------------------------------------------------------------
 
@@ -429,11 +523,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             return gateway_pb2.ListToolsResponse()
         timeout = await self._timeout(context, deadline, "router")
         try:
-            reply = await self._clients.router.ListTools(
-                router_pb2.ListToolsRequest(allowed_tools=sorted(allowed)), timeout=timeout
+            reply = await self._guard.call(
+                "router",
+                self._clients.router.ListTools,
+                router_pb2.ListToolsRequest(allowed_tools=sorted(allowed)),
+                timeout,
             )
-        except aio.AioRpcError as err:
-            await self._forward_error(context, "router", err)
+        except DependencyError as err:
+            await self._forward_error(context, err)
         return gateway_pb2.ListToolsResponse(
             tools=[
                 gateway_pb2.Tool(
@@ -462,14 +559,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         principal, _ = await self._authenticate(context, SCOPE_READ)
         timeout = await self._timeout(context, deadline, "memory")
         try:
-            reply = await self._clients.memory.GetHistory(
+            reply = await self._guard.call(
+                "memory",
+                self._clients.memory.GetHistory,
                 memory_pb2.GetHistoryRequest(
                     caller=caller_proto(principal), session_id=query.session_id, limit=query.limit
                 ),
-                timeout=timeout,
+                timeout,
             )
-        except aio.AioRpcError as err:
-            await self._forward_error(context, "memory", err)
+        except DependencyError as err:
+            await self._forward_error(context, err)
         if not reply.turns:
             # No turns for this tenant: the same answer whether the session does not exist or
             # belongs to another tenant, so a caller learns nothing about other tenants.
@@ -483,16 +582,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         deadline = self._deadline(context)
         timeout = await self._timeout(context, deadline, "auth")
         try:
-            reply = await self._clients.auth.IssueToken(
+            reply = await self._guard.call(
+                "auth",
+                self._clients.auth.IssueToken,
                 auth_pb2.IssueTokenRequest(
                     client_id=request.client_id,
                     client_secret=request.client_secret,
                     scopes=request.scopes,
                 ),
-                timeout=timeout,
+                timeout,
             )
-        except aio.AioRpcError as err:
-            await self._forward_error(context, "auth", err, prefix=False)
+        except DependencyError as err:
+            await self._forward_error(context, err, prefix=False)
         return gateway_pb2.IssueTokenResponse(
             access_token=reply.access_token,
             token_type=reply.token_type,
@@ -512,16 +613,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         await self._authenticate(context, SCOPE_OPS_READ)
         timeout = await self._timeout(context, deadline, "telemetry")
         try:
-            reply = await self._clients.telemetry.GetStats(
+            reply = await self._guard.call(
+                "telemetry",
+                self._clients.telemetry.GetStats,
                 telemetry_pb2.GetStatsRequest(
                     group_by=request.group_by,
                     window_seconds=query.window_seconds,
                     service=query.service,
                 ),
-                timeout=timeout,
+                timeout,
             )
-        except aio.AioRpcError as err:
-            await self._forward_error(context, "telemetry", err)
+        except DependencyError as err:
+            await self._forward_error(context, err)
         return gateway_pb2.GetStatsResponse(rows=reply.rows)
 
     async def GetServiceInfo(
@@ -530,7 +633,3 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """Any valid token may ask; only IssueToken is open to unauthenticated callers."""
         await self._authenticate(context)
         return gateway_pb2.GetServiceInfoResponse(info=service_info("gateway", CONTRACT_VERSIONS))
-
-
-def _describe(error: aio.AioRpcError) -> str:
-    return f"{error.code().name}: {error.details()}"

@@ -23,6 +23,8 @@ class GatewaySettings(ServiceSettings):
     max_deadline_s: float = Field(default=30.0, gt=0)
     # Kept back from every downstream timeout so the gateway still has time to answer.
     deadline_reserve_ms: int = Field(default=50, ge=0)
+    # The direct memory.AppendTurns gets at most this long; past it the turn goes to the outbox.
+    memory_write_timeout_ms: int = Field(default=250, ge=1)
     # Turns of session history sent to the router.
     history_turns: int = Field(default=20, ge=0, le=1000)
 
@@ -35,6 +37,28 @@ class GatewaySettings(ServiceSettings):
     max_token_bytes: int = Field(default=8192, ge=256)
     max_token_lifetime_s: int = Field(default=3600, gt=0)
     leeway_s: int = Field(default=30, ge=0, le=30)
+
+    # Load shedding: Runs in flight at once, and tool calls in flight per tool; the excess is
+    # refused at once with RESOURCE_EXHAUSTED and a RetryInfo of shed_retry_after_ms.
+    max_inflight_runs: int = Field(default=64, ge=1)
+    max_inflight_per_tool: int = Field(default=16, ge=1)
+    shed_retry_after_ms: int = Field(default=200, ge=0)
+
+    # One circuit breaker per dependency (auth, router, memory, telemetry) and per tool.
+    breaker_window: int = Field(default=20, ge=1)
+    breaker_minimum_calls: int = Field(default=10, ge=1)
+    breaker_failure_rate: float = Field(default=0.5, gt=0, le=1)
+    breaker_slow_call_rate: float = Field(default=0.8, gt=0, le=1)
+    breaker_slow_call_s: float = Field(default=2.0, gt=0)
+    breaker_open_s: float = Field(default=5.0, gt=0)
+    breaker_half_open_calls: int = Field(default=3, ge=1)
+
+    # Durable outbox (<data_dir>/gateway-outbox.db) relay: idle poll and retry backoff.
+    outbox_idle_s: float = Field(default=0.5, gt=0)
+    outbox_backoff_base_s: float = Field(default=0.2, gt=0)
+    outbox_backoff_max_s: float = Field(default=10.0, gt=0)
+    # Per delivery call made by the relay.
+    outbox_call_timeout_s: float = Field(default=2.0, gt=0)
 
     @model_validator(mode="after")
     def _staleness_outlasts_refresh(self) -> Self:

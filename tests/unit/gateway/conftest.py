@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -51,7 +52,15 @@ async def start_gateway(
     fakes: Fakes, **overrides: object
 ) -> tuple[Running, Running, aio.Channel, GatewayUnderTest]:
     inner = await start(ServiceSettings(port=0), fakes.register)
-    target = f"127.0.0.1:{inner.port}"
+    gateway, channel, under_test = await start_gateway_on(inner.port, fakes, **overrides)
+    return inner, gateway, channel, under_test
+
+
+async def start_gateway_on(
+    inner_port: int, fakes: Fakes, **overrides: object
+) -> tuple[Running, aio.Channel, GatewayUnderTest]:
+    """A gateway in front of fakes already serving on ``inner_port``."""
+    target = f"127.0.0.1:{inner_port}"
     values: dict[str, object] = {
         "port": 0,
         "auth_target": target,
@@ -60,6 +69,11 @@ async def start_gateway(
         "telemetry_target": target,
         "auth_refresh_s": 0.1,
         "otlp_endpoint": "",
+        # Each gateway gets its own outbox file unless a test passes a data_dir to share.
+        "data_dir": tempfile.mkdtemp(prefix="toolmesh-gw-"),
+        "outbox_idle_s": 0.05,
+        "outbox_backoff_base_s": 0.02,
+        "outbox_backoff_max_s": 0.1,
         **overrides,
     }
     settings = GatewaySettings(**values)  # type: ignore[arg-type]
@@ -68,7 +82,6 @@ async def start_gateway(
     gateway.cleanups.extend(cleanups)
     channel = aio.insecure_channel(f"127.0.0.1:{gateway.port}")
     return (
-        inner,
         gateway,
         channel,
         GatewayUnderTest(fakes, gateway_pb2_grpc.GatewayStub(channel), settings),

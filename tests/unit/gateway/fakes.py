@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,6 +161,10 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
         self.route_error: grpc.StatusCode | None = None
         self.invoke_error: tuple[grpc.StatusCode, str] | None = None
         self.invoke_delay_s = 0.0
+        self.route_delay_s = 0.0
+        # Handlers that saw their call cancelled (the gateway gave up or its caller went away).
+        self.cancelled: list[str] = []
+        self.invoke_started = asyncio.Event()
         self.routes: list[router_pb2.RouteRequest] = []
         self.invocations: list[router_pb2.InvokeToolRequest] = []
         # Seconds each InvokeTool had left when it arrived: the gateway's deadline propagation.
@@ -169,6 +174,8 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.RouteRequest, context: aio.ServicerContext
     ) -> router_pb2.RouteResponse:
         self.routes.append(request)
+        if self.route_delay_s:
+            await self._sleep("Route", self.route_delay_s)
         if self.route_error is not None:
             await abort(context, self.route_error, "router failure")
         parts = router_pb2.ConfidenceParts(intent=0.9, schema_fit=1.0, health=1.0)
@@ -195,8 +202,9 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
     ) -> router_pb2.InvokeToolResponse:
         self.invocations.append(request)
         self.invoke_budgets.append(context.time_remaining())
+        self.invoke_started.set()
         if self.invoke_delay_s:
-            await asyncio.sleep(self.invoke_delay_s)
+            await self._sleep("InvokeTool", self.invoke_delay_s)
         if self.invoke_error is not None:
             await abort(context, *self.invoke_error)
         return router_pb2.InvokeToolResponse(
@@ -205,6 +213,13 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
             answer=f"{request.tool_name} says 391",
             result_json='{"value": 391}',
         )
+
+    async def _sleep(self, method: str, seconds: float) -> None:
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.cancelled.append(method)
+            raise
 
     async def ListTools(
         self, request: router_pb2.ListToolsRequest, context: aio.ServicerContext
@@ -228,15 +243,20 @@ class FakeMemory(memory_pb2_grpc.MemoryServicer):
         self.seen: set[str] = set()
         self.fail_reads = False
         self.fail_writes = False
+        # AppendTurns calls and turn pairs stored, by request id (a duplicate is not stored).
+        self.append_calls: Counter[str] = Counter()
+        self.stored: Counter[str] = Counter()
 
     async def AppendTurns(
         self, request: memory_pb2.AppendTurnsRequest, context: aio.ServicerContext
     ) -> memory_pb2.AppendTurnsResponse:
+        self.append_calls[request.request_id] += 1
         if self.fail_writes:
             await abort(context, grpc.StatusCode.UNAVAILABLE, "memory is down")
         if request.request_id in self.seen:
             return memory_pb2.AppendTurnsResponse(duplicate=True)
         self.seen.add(request.request_id)
+        self.stored[request.request_id] += 1
         stored = self.turns.setdefault((request.caller.tenant, request.session_id), [])
         for turn in request.turns:
             copy = common_pb2.Turn()

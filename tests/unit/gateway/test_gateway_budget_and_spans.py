@@ -50,12 +50,20 @@ async def test_without_a_caller_deadline_the_default_applies_capped_by_the_maxim
         await inner.stop(0)
 
 
-async def test_slow_tool_under_a_short_deadline_ends_in_deadline_exceeded(
+async def test_slow_tool_under_a_short_deadline_ends_in_the_contract_fallback(
     gw: GatewayUnderTest,
 ) -> None:
     gw.fakes.router.invoke_delay_s = 1.0
+    reply = await _run(gw, timeout=0.3)
+    assert reply.outcome == gateway_pb2.OUTCOME_FALLBACK
+    assert list(reply.degraded) == ["tool:calculator"]
+
+
+async def test_a_caller_deadline_shorter_than_the_reserve_is_deadline_exceeded(
+    gw: GatewayUnderTest,
+) -> None:
     with pytest.raises(aio.AioRpcError) as err:
-        await _run(gw, timeout=0.3)
+        await _run(gw, timeout=0.02)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -88,4 +96,5 @@ async def test_run_span_carries_tenant_request_tool_and_outcome(
     assert attributes["toolmesh.request_id"] == reply.request_id
     assert attributes["gen_ai.tool.name"] == "calculator"
     assert attributes["toolmesh.outcome"] == "OUTCOME_TOOL_ANSWERED"
+    assert tuple(attributes["toolmesh.degraded"]) == ()  # type: ignore[arg-type]
     assert reply.trace_id == format(run_spans[-1].context.trace_id, "032x")

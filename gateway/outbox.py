@@ -1,0 +1,86 @@
+"""The gateway's durable outbox: writes that must not be lost, replayed until delivered.
+
+One SQLite file, ``<data_dir>/gateway-outbox.db`` (services.kit.outbox). Every item is a
+serialized protobuf request of the receiving service's contract, so replay is "parse, send":
+
+- kind ``memory``: payload ``toolmesh.memory.v1.AppendTurnsRequest``, key
+  ``memory:<request id>``, delivered by memory.AppendTurns.
+- kinds ``usage`` and ``audit``: the telemetry request that records them (to be wired), key
+  ``<kind>:<id>``, delivered by a route added with ``GatewayOutbox.route``.
+
+Receivers de-duplicate by the request's own key (memory by request id), so a replay after a
+crash between delivery and deletion stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+from google.protobuf.message import Message
+
+from services.kit.outbox import Item, Outbox, Pending, Relay
+
+log = logging.getLogger("toolmesh.gateway.outbox")
+
+KIND_MEMORY = "memory"
+KIND_USAGE = "usage"
+KIND_AUDIT = "audit"
+FILE_NAME = "gateway-outbox.db"
+
+M = TypeVar("M", bound=Message)
+
+
+class GatewayOutbox:
+    """Typed puts and per-kind delivery routes over the kit's Outbox and Relay."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        idle_s: float = 0.5,
+        base_backoff_s: float = 0.2,
+        max_backoff_s: float = 10.0,
+    ) -> None:
+        self.path = data_dir / FILE_NAME
+        self.store = Outbox(self.path)
+        self.relay = Relay(
+            self.store, idle_s=idle_s, base_backoff_s=base_backoff_s, max_backoff_s=max_backoff_s
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        await self.store.open()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.relay.run(), name="outbox-relay")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.store.close()
+
+    async def put(self, kind: str, key: str, message: Message) -> None:
+        """Commit durably (fsync'd) before returning; a key already queued is kept as is."""
+        await self.store.put([Item(kind, f"{kind}:{key}", message.SerializeToString())])
+
+    def route(
+        self,
+        kind: str,
+        message_type: type[M],
+        send: Callable[[M], Awaitable[object]],
+        batch: int = 50,
+    ) -> None:
+        """Deliver items of ``kind`` with ``send``, one by one in queue order; a failure retries
+        the batch later with backoff (items already sent are de-duplicated by the receiver)."""
+
+        async def deliver(pending: list[Pending]) -> None:
+            for item in pending:
+                await send(message_type.FromString(item.payload))
+            log.info("outbox delivered", extra={"kind": kind, "items": len(pending)})
+
+        self.relay.route(kind, deliver, batch)

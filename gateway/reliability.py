@@ -1,0 +1,182 @@
+"""The gateway's guards around its dependencies: breakers, bounded calls and bulkheads.
+
+Every downstream call goes through ``Guard.call``: the dependency's circuit breaker decides
+whether it may be tried at all, the call carries a timeout taken from the request's budget and
+is also bounded on our side with ``asyncio.wait_for`` (gRPC rounds timeouts on the wire), and
+its outcome is reported back to the breaker. Whatever went wrong comes out as one exception,
+``DependencyError``, which the caller turns into a fallback or a precise status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from services.kit.breaker import BreakerConfig, BreakerOpen, BreakerRegistry
+from services.kit.metrics import meter
+
+log = logging.getLogger("toolmesh.gateway.reliability")
+
+T = TypeVar("T")
+
+# Outcomes that speak of the request, not of the dependency's health: never counted by a breaker.
+NEUTRAL_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.OUT_OF_RANGE,
+        # A dependency refusing excess load is healthy and protecting itself.
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+class DependencyError(Exception):
+    """A downstream call failed, timed out on our side, or was not tried (breaker open)."""
+
+    def __init__(
+        self,
+        dependency: str,
+        code: grpc.StatusCode,
+        reason: str,
+        *,
+        rpc_error: aio.AioRpcError | None = None,
+        retry_after_s: float = 0.0,
+        tried: bool = True,
+    ) -> None:
+        super().__init__(f"{dependency}: {code.name}: {reason}")
+        self.dependency = dependency
+        self.code = code
+        self.reason = reason
+        self.rpc_error = rpc_error
+        self.retry_after_s = retry_after_s
+        # False when the breaker refused the call: nothing reached the dependency.
+        self.tried = tried
+
+    @property
+    def neutral(self) -> bool:
+        return self.code in NEUTRAL_CODES
+
+
+class Guard:
+    """Breakers by dependency name ("auth", "router", "memory", "telemetry", "tool:<name>")."""
+
+    def __init__(self, config: BreakerConfig, clock: Callable[[], float] = time.monotonic):
+        self.breakers = BreakerRegistry(config)
+        self._clock = clock
+
+    async def call(
+        self,
+        dependency: str,
+        method: Callable[..., Any],
+        request: Any,
+        timeout_s: float,
+    ) -> Any:
+        """``method(request, timeout=timeout_s)`` under the dependency's breaker, bounded by
+        ``timeout`` on our side too; raises DependencyError for every failure."""
+        return await self.run(dependency, lambda: method(request, timeout=timeout_s), timeout_s)
+
+    async def run(self, dependency: str, start: Callable[[], Awaitable[T]], timeout_s: float) -> T:
+        breaker = self.breakers.get(dependency)
+        try:
+            permit = breaker.acquire()
+        except BreakerOpen as exc:
+            raise DependencyError(
+                dependency,
+                grpc.StatusCode.UNAVAILABLE,
+                "circuit breaker open",
+                retry_after_s=exc.retry_after_s,
+                tried=False,
+            ) from None
+        started = self._clock()
+        try:
+            result = await asyncio.wait_for(start(), timeout_s)
+        except TimeoutError:
+            breaker.record(False, self._clock() - started, permit)
+            raise DependencyError(
+                dependency, grpc.StatusCode.DEADLINE_EXCEEDED, "no answer in time"
+            ) from None
+        except aio.AioRpcError as err:
+            code = err.code()
+            if code in NEUTRAL_CODES or code == grpc.StatusCode.CANCELLED:
+                breaker.release(permit)
+            else:
+                breaker.record(False, self._clock() - started, permit)
+            raise DependencyError(dependency, code, err.details() or "", rpc_error=err) from None
+        except asyncio.CancelledError:
+            # Our caller went away: says nothing about the dependency.
+            breaker.release(permit)
+            raise
+        except Exception:
+            # Garbage from the dependency (say, a JWKS without a usable key) is a failure.
+            breaker.record(False, self._clock() - started, permit)
+            raise
+        breaker.record(True, self._clock() - started, permit)
+        return result
+
+
+class Bulkhead:
+    """Counts calls in flight against a limit; never queues: over the limit is refused."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        self.inflight: dict[str, int] = {}
+        _BULKHEADS.add(self)
+
+    def try_enter(self, key: str = "") -> bool:
+        current = self.inflight.get(key, 0)
+        if current >= self.limit:
+            _SHED.add(1, {"bulkhead": self.name})
+            return False
+        self.inflight[key] = current + 1
+        return True
+
+    def leave(self, key: str = "") -> None:
+        left = self.inflight.get(key, 0) - 1
+        if left > 0:
+            self.inflight[key] = left
+        else:
+            self.inflight.pop(key, None)
+
+
+_BULKHEADS: weakref.WeakSet[Bulkhead] = weakref.WeakSet()
+
+
+def _observe_inflight(_options: CallbackOptions) -> list[Observation]:
+    observations = []
+    for bulkhead in list(_BULKHEADS):
+        if not bulkhead.inflight:
+            observations.append(Observation(0, {"bulkhead": bulkhead.name}))
+        for key, count in bulkhead.inflight.items():
+            attributes = {"bulkhead": bulkhead.name}
+            if key:
+                attributes["key"] = key
+            observations.append(Observation(count, attributes))
+    return observations
+
+
+_SHED = meter().create_counter(
+    "toolmesh.gateway.shed", description="Calls refused at once because a bulkhead was full."
+)
+FALLBACKS = meter().create_counter(
+    "toolmesh.gateway.fallbacks",
+    description="Runs answered in a degraded way, by the dependency that failed.",
+)
+meter().create_observable_gauge(
+    "toolmesh.gateway.inflight",
+    callbacks=[_observe_inflight],
+    description="Calls in flight per bulkhead (runs; tool calls keyed by tool).",
+)
