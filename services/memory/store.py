@@ -22,7 +22,6 @@ from sqlalchemy import (
     UniqueConstraint,
     event,
     select,
-    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -30,14 +29,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.kit.db import create_engine, session_factory
-from services.memory.migrations import upgrade_to_head
-
-# Any constant works; it only has to be the same for every memory replica.
-_SCHEMA_LOCK_KEY = 0x6D656D6F7279
 
 
 class Base(DeclarativeBase):
-    pass
+    """Memory's tables; services/memory/migrations creates and changes them (kit.migrations)."""
 
 
 class SessionRow(Base):
@@ -152,19 +147,6 @@ class TurnStore:
         self._local_write_lock = asyncio.Lock() if self._is_sqlite else None
         self._queue: list[_PendingAppend] = []
         self._flusher: asyncio.Task[None] | None = None
-
-    async def migrate(self) -> None:
-        """Bring the schema to the latest revision; replicas starting together take turns.
-
-        One transaction under PostgreSQL's advisory lock, or SQLite's write lock (the write
-        engine begins IMMEDIATE), so a second replica waits and then finds nothing to do.
-        """
-        async with self._write_engine.begin() as conn:
-            if not self._is_sqlite:
-                await conn.execute(
-                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
-                )
-            await conn.run_sync(upgrade_to_head)
 
     async def close(self) -> None:
         if self._flusher is not None:

@@ -9,9 +9,6 @@ This module stays light: `toolmesh migrate` imports it (and only it) from the me
 
 from __future__ import annotations
 
-from alembic import command
-from sqlalchemy import Connection
-
 from services.kit.migrations import ServiceMigrations, version_table
 
 # Per service, so services that share one PostgreSQL database keep separate histories.
@@ -23,11 +20,3 @@ MIGRATIONS = ServiceMigrations(
     # Any constant works; it only has to be the same for every memory replica and the Job.
     lock_key=0x6D656D6F7279,
 )
-
-
-def upgrade_to_head(connection: Connection) -> None:
-    """Apply every missing revision on ``connection``, inside its open transaction.
-
-    Kept for TurnStore.migrate; start-up goes through services.kit.migrations.check_schema.
-    """
-    command.upgrade(MIGRATIONS.config(connection), "heads")

@@ -1,4 +1,4 @@
-"""Alembic environment: migrates the connection that upgrade_to_head hands over."""
+"""Alembic environment: migrates the connection services.kit.migrations hands over."""
 
 from alembic import context
 
