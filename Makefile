@@ -9,13 +9,14 @@ BASELINE := protos/baseline/toolmesh-v1.binpb
 PYDIRS := services gateway cli bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen run test check checkov lint typecheck buf-lint buf-breaking baseline bench certs clean
+.PHONY: help install gen run test check checkov lint typecheck buf-lint buf-breaking baseline bench faults certs clean
 
 help:
 	@echo "make run       install, generate code, start the whole mesh on loopback (SQLite)"
 	@echo "make test      install, generate code, run the whole test suite"
 	@echo "make check     ruff, mypy, buf lint, buf breaking against the committed v1 baseline"
 	@echo "make bench     measure Run beside a raw gRPC echo, write BENCHMARKS.md"
+	@echo "make faults    the failure suite at full length, writes docs/reliability.md"
 	@echo "make baseline  record the current contracts as the released baseline (on release only)"
 
 $(VENV)/.stamp-install: pyproject.toml
@@ -80,6 +81,12 @@ check: lint typecheck buf-lint buf-breaking checkov
 baseline: install
 	mkdir -p $(dir $(BASELINE))
 	$(BUF) build protos -o $(BASELINE)
+
+# The failure suite at full length; writes the table in docs/reliability.md.
+faults: install gen
+	rm -f var/faults/results.jsonl
+	TOOLMESH_FAULTS_FULL=1 $(BIN)/pytest -q -p no:randomly tests/faults
+	$(BIN)/python -m tests.faults.report var/faults/results.jsonl docs/reliability.md
 
 bench: install gen
 	$(BIN)/python -m bench.run

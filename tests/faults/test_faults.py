@@ -1,0 +1,223 @@
+"""The failure suite (issue 5): real processes under steady load, one fault at a time.
+
+`make faults` runs every scenario at full length and writes the table in docs/reliability.md;
+`make test` (and so CI) runs the same scenarios shorter. Each scenario passes only if every
+acknowledged turn is stored exactly once after recovery and no request outlived its deadline
+by more than 50 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc import aio
+
+from tests.e2e.mesh import Mesh
+from tests.faults.chaos_tools import rules_with_chaos
+from tests.faults.load import LoadResult, run_load
+from tests.faults.proxy import DelayProxy
+from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+pytestmark = pytest.mark.faults
+
+FULL = os.environ.get("TOOLMESH_FAULTS_FULL") == "1"
+DURATION_S = 10.0 if FULL else 4.0
+FAULT_AT_S = 1.0
+RECOVER_AFTER_S = 2.5 if FULL else 1.5
+RESULTS = Path(os.environ.get("TOOLMESH_FAULTS_RESULTS", "var/faults/results.jsonl"))
+
+
+@dataclass
+class Scenario:
+    name: str
+    act: Callable[[FaultMesh], None] | None = None
+    recover: Callable[[FaultMesh], None] | None = None
+    prompts: tuple[str, ...] | None = None
+    workers: int = 4
+    deadline_s: float = 2.0
+    env: dict[str, str] = field(default_factory=dict)
+    # Refusals are the promise of a burst; everywhere else every call must be answered.
+    refusals_expected: bool = False
+
+
+@dataclass
+class FaultMesh:
+    mesh: Mesh
+    proxy: DelayProxy | None = None
+
+    def kill(self, name: str) -> None:
+        self.mesh.stop(name, sig=signal.SIGKILL)
+
+    def restart(self, name: str) -> None:
+        self.mesh.start(name)
+
+
+def _kill_and_restart(name: str) -> tuple[Callable[[FaultMesh], None], Callable[[FaultMesh], None]]:
+    return (lambda fm: fm.kill(name)), (lambda fm: fm.restart(name))
+
+
+def _slow(fm: FaultMesh) -> None:
+    assert fm.proxy is not None
+    fm.proxy.delay_s = 0.25
+
+
+def _fast(fm: FaultMesh) -> None:
+    assert fm.proxy is not None
+    fm.proxy.delay_s = 0.0
+
+
+SCENARIOS = [
+    Scenario("kill -9 memory, restart", *_kill_and_restart("memory")),
+    Scenario("kill -9 router, restart", *_kill_and_restart("router")),
+    Scenario("kill -9 telemetry, restart", *_kill_and_restart("telemetry")),
+    Scenario("kill -9 auth, restart", *_kill_and_restart("auth")),
+    Scenario("a tool that hangs", prompts=("chaos hang {n}", "what is {n} + 1"), deadline_s=1.0),
+    Scenario("a tool that fails half its calls", prompts=("chaos flaky w{n}",)),
+    Scenario("memory answers slowly (250 ms proxy)", act=_slow, recover=_fast),
+    Scenario(
+        "a burst of twice the gateway's capacity",
+        prompts=("chaos slow b{n}",),
+        workers=16,
+        env={"TOOLMESH_GATEWAY_MAX_INFLIGHT_RUNS": "8"},
+        refusals_expected=True,
+    ),
+]
+
+
+@pytest.fixture(params=SCENARIOS, ids=[s.name for s in SCENARIOS])
+def scenario(request: pytest.FixtureRequest) -> Scenario:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def fault_mesh(scenario: Scenario, tmp_path: Path) -> Iterator[FaultMesh]:
+    env = {
+        "TOOLMESH_LOG_LEVEL": "INFO",
+        "TOOLMESH_ROUTER_PLUGIN_MODULES": "tests.faults.chaos_tools",
+        "TOOLMESH_ROUTER_RULES_FILE": str(rules_with_chaos(tmp_path)),
+        **scenario.env,
+    }
+    mesh = Mesh(data_dir=tmp_path / "var", extra_env=env, tls=True)
+    proxy = None
+    if scenario.act is _slow:
+        proxy = DelayProxy(mesh.ports["memory"]).start()
+        mesh.extra_env["TOOLMESH_GATEWAY_MEMORY_TARGET"] = f"127.0.0.1:{proxy.port}"
+    mesh.start_all()
+    try:
+        yield FaultMesh(mesh, proxy)
+    finally:
+        mesh.stop_all()
+        if proxy:
+            proxy.stop()
+
+
+async def _drive(fm: FaultMesh, scenario: Scenario, token: str) -> LoadResult:
+    mesh = fm.mesh
+    credentials = mesh.credentials("operator")
+    async with aio.secure_channel(mesh.gateway, credentials) as channel:
+        kwargs = {"prompts": scenario.prompts} if scenario.prompts else {}
+        load = asyncio.create_task(
+            run_load(
+                channel,
+                token,
+                workers=scenario.workers,
+                duration_s=DURATION_S,
+                deadline_s=scenario.deadline_s,
+                **kwargs,
+            )
+        )
+        await asyncio.sleep(FAULT_AT_S)
+        if scenario.act:
+            await asyncio.to_thread(scenario.act, fm)
+        await asyncio.sleep(RECOVER_AFTER_S)
+        if scenario.recover:
+            await asyncio.to_thread(scenario.recover, fm)
+        return await load
+
+
+def _stored_turns(mesh: Mesh, token: str, sessions: set[str]) -> Counter[str]:
+    """Turns per request id, over every session the load used."""
+    counts: Counter[str] = Counter()
+    with mesh.channel("gateway") as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        for session in sessions:
+            try:
+                reply = stub.GetHistory(
+                    gateway_pb2.GetHistoryRequest(session_id=session, limit=1000),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                    timeout=5,
+                )
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.NOT_FOUND:
+                    continue
+                raise
+            counts.update(turn.request_id for turn in reply.turns)
+    return counts
+
+
+def _lost_or_doubled(mesh: Mesh, token: str, result: LoadResult) -> tuple[list[str], list[str]]:
+    acknowledged = {o.request_id for o in result.outcomes if o.acknowledged}
+    sessions = {o.session for o in result.outcomes}
+    deadline = time.monotonic() + 30
+    while True:
+        counts = _stored_turns(mesh, token, sessions)
+        lost = sorted(r for r in acknowledged if counts[r] < 2)
+        doubled = sorted(r for r, n in counts.items() if n > 2)
+        if not lost or time.monotonic() > deadline:
+            return lost, doubled
+        time.sleep(0.5)  # the gateway's outbox is still replaying
+
+
+def _breaker_transitions(mesh: Mesh) -> int:
+    return sum(
+        1
+        for name in ("gateway", "router")
+        for record in mesh.log_records(name)
+        if record.get("message") == "circuit breaker transition"
+    )
+
+
+def test_fault(scenario: Scenario, fault_mesh: FaultMesh) -> None:
+    mesh = fault_mesh.mesh
+    token = mesh.token()
+    result = asyncio.run(_drive(fault_mesh, scenario, token))
+    lost, doubled = _lost_or_doubled(mesh, token, result)
+    row = {
+        "scenario": scenario.name,
+        "requests": len(result.outcomes),
+        "answered": result.count("answered"),
+        "degraded": result.count("degraded"),
+        "refused": result.count("refused"),
+        "failed": result.count("failed"),
+        "p99_ms": round(result.p99_ms(), 1),
+        "deadline_ms": int(scenario.deadline_s * 1000),
+        "overruns": len(result.overruns()),
+        "breaker_transitions": _breaker_transitions(mesh),
+        "acknowledged": sum(1 for o in result.outcomes if o.acknowledged),
+        "lost": len(lost),
+        "doubled": len(doubled),
+        "codes": dict(Counter(o.code for o in result.outcomes)),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as out:
+        out.write(json.dumps(row) + "\n")
+    assert result.outcomes, "the load sent nothing"
+    assert not lost, f"acknowledged turns lost: {lost[:5]}"
+    assert not doubled, f"turns stored twice: {doubled[:5]}"
+    assert not result.overruns(), f"requests outlived their deadline + 50 ms: {row}"
+    if scenario.refusals_expected:
+        assert row["refused"] > 0, row
+        refused = [o for o in result.outcomes if o.kind == "refused"]
+        assert max(o.latency_s for o in refused) < 0.2, "refusals must be immediate"
+    else:
+        assert row["failed"] == 0 and row["refused"] == 0, row
