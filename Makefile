@@ -85,7 +85,7 @@ baseline: install
 # The failure suite at full length; writes the table in docs/reliability.md.
 faults: install gen
 	rm -f var/faults/results.jsonl
-	TOOLMESH_FAULTS_FULL=1 $(BIN)/pytest -q -p no:randomly tests/faults
+	TOOLMESH_FAULTS_FULL=1 $(BIN)/pytest -q tests/faults
 	$(BIN)/python -m tests.faults.report var/faults/results.jsonl docs/reliability.md
 
 bench: install gen
