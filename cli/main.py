@@ -287,10 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--window", type=int, default=3600, help="seconds (default 3600)")
     stats.set_defaults(handler=cmd_stats)
 
-    from cli import admin, up
+    from cli import admin, migrate, up
 
     admin.add_parsers(sub, common)
     up.add_parser(sub)
+    migrate.add_parser(sub)
     return parser
 
 
@@ -300,6 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cli import up
 
         return up.run(args)
+    if args.command == "migrate":
+        from cli import migrate
+
+        return migrate.run(args)
     handler: Command = args.handler
     conn: Connection | None = None
     try:
