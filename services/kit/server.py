@@ -81,6 +81,10 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+        # Headers up to 32 KiB reach the service, so its own caps (the gateway's 8 KiB token
+        # cap) answer an oversized token with UNAUTHENTICATED, not a transport error.
+        ("grpc.max_metadata_size", 32 * 1024),
+        ("grpc.absolute_max_metadata_size", 32 * 1024),
     ]
 
 
