@@ -38,18 +38,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def service_of(instance: str) -> str:
+    """"memory" and "memory-1" are both instances of the memory service."""
+    return instance.split("-", maxsplit=1)[0]
+
+
 @dataclass
 class Mesh:
+    """Processes by instance name: "router" is the first replica, "router-1" the second."""
+
     data_dir: Path
     database_urls: dict[str, str] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     tls: bool = False
+    replicas: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.ports:
-            self.ports = {name: free_port() for name in SERVICES}
+            self.ports = {name: free_port() for name in self.all_instances()}
         if self.tls and not (self.certs / "ca.pem").exists():
             make_all(self.certs)
 
@@ -65,28 +73,46 @@ class Mesh:
         )
 
     def channel(self, name: str, identity: str = "operator") -> grpc.Channel:
-        """A blocking channel to one service, as ``identity`` when mTLS is on."""
+        """A blocking channel to one instance, as ``identity`` when mTLS is on."""
         if self.tls:
             return grpc.secure_channel(self.target(name), self.credentials(identity))
         return grpc.insecure_channel(self.target(name))
 
+    def instances(self, service: str) -> list[str]:
+        count = self.replicas.get(service, 1)
+        return [service] + [f"{service}-{i}" for i in range(1, count)]
+
+    def all_instances(self) -> list[str]:
+        return [instance for name in SERVICES for instance in self.instances(name)]
+
     def target(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
+
+    def service_target(self, service: str) -> str:
+        """Every replica of a service, as a comma list the kit turns into round_robin."""
+        return ",".join(self.target(instance) for instance in self.instances(service))
 
     @property
     def gateway(self) -> str:
         return self.target("gateway")
 
-    def env(self) -> dict[str, str]:
+    def env(self, instance: str = "") -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOOLMESH_")}
         env["PYTHONPATH"] = str(REPO)
         env["TOOLMESH_DATA_DIR"] = str(self.data_dir)
+        if instance.startswith("gateway-"):
+            # Each gateway replica keeps its own outbox file.
+            env["TOOLMESH_DATA_DIR"] = str(self.data_dir / instance)
         env["TOOLMESH_OTLP_ENDPOINT"] = self.target("telemetry")
         env["TOOLMESH_GRACE_PERIOD_S"] = "3"
         for name in SERVICES:
             env[f"TOOLMESH_{name.upper()}_PORT"] = str(self.ports[name])
-            env[f"TOOLMESH_GATEWAY_{name.upper()}_TARGET"] = self.target(name)
-        env["TOOLMESH_ROUTER_TELEMETRY_TARGET"] = self.target("telemetry")
+            env[f"TOOLMESH_GATEWAY_{name.upper()}_TARGET"] = self.service_target(name)
+        if instance:
+            env[f"TOOLMESH_{service_of(instance).upper()}_PORT"] = str(self.ports[instance])
+        # Auth replicas share the signing keys and the dev client's credentials file.
+        env["TOOLMESH_AUTH_DATA_DIR"] = str(self.data_dir)
+        env["TOOLMESH_ROUTER_TELEMETRY_TARGET"] = self.service_target("telemetry")
         for name in SERVICES:
             env[f"TOOLMESH_{name.upper()}_METRICS_PORT"] = "0"
         if self.tls:
@@ -109,16 +135,16 @@ class Mesh:
         self.log_path(name).parent.mkdir(parents=True, exist_ok=True)
         with self.log_path(name).open("ab") as log:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", MODULES[name]],
+                [sys.executable, "-m", MODULES[service_of(name)]],
                 cwd=REPO,
-                env=self.env(),
+                env=self.env(name),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
         self.wait_serving(name, timeout)
 
     def start_all(self) -> None:
-        for name in SERVICES:
+        for name in self.all_instances():
             self.start(name)
 
     def wait_serving(self, name: str, timeout: float) -> None:
@@ -156,7 +182,9 @@ class Mesh:
             return proc.wait()
 
     def stop_all(self) -> dict[str, int]:
-        return {name: self.stop(name) for name in reversed(SERVICES) if name in self.procs}
+        return {
+            name: self.stop(name) for name in reversed(self.all_instances()) if name in self.procs
+        }
 
     def log_records(self, name: str) -> list[dict[str, object]]:
         records = []
