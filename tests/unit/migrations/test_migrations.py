@@ -162,3 +162,18 @@ async def test_a_create_all_database_is_adopted_with_its_data(database_url: str,
     finally:
         await engine.dispose()
     assert await model_diff(database_url, service) == []
+
+
+async def test_telemetry_revisions_run_through_the_kit_as_toolmesh_migrate_runs_them(
+    database_url: str,
+) -> None:
+    """Telemetry still migrates in its own start-up path; the kit helper is its drop-in."""
+    from cli.migrate import migrations_of
+
+    migrations = migrations_of("telemetry")
+    assert migrations.version_table == "telemetry_alembic_version"
+    status = await kit.check_schema(database_url, migrations, migrate_on_start=True)
+    assert status.after == migrations.heads
+    await kit.downgrade(database_url, migrations, "base")
+    assert await tables(database_url) <= {migrations.version_table}
+    assert (await kit.upgrade(database_url, migrations)).after == migrations.heads
