@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 from grpc import aio
 
 from gateway.settings import GatewaySettings
-from services.kit.channels import open_channel, retry_policy
+from services.kit.channels import open_channel as kit_open_channel
+from services.kit.channels import retry_policy
 from toolmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from toolmesh.memory.v1 import memory_pb2, memory_pb2_grpc
 from toolmesh.router.v1 import router_pb2, router_pb2_grpc
@@ -29,6 +33,32 @@ _RETRIES = [
     retry_policy(["toolmesh.router.v1.Router"], methods=["InvokeTool"], max_attempts=2),
     retry_policy(["toolmesh.telemetry.v1.Telemetry"], methods=["GetStats"]),
 ]
+
+
+# The calls started under the current Guard.call (see gateway.reliability).
+started_calls: ContextVar[list[Any] | None] = ContextVar("started_calls", default=None)
+
+
+class _CallTracker(aio.UnaryUnaryClientInterceptor):
+    """Innermost interceptor: hands the real call to whoever started it.
+
+    Through client interceptors, cancelling the task that awaits a call does not cancel the RPC
+    (an interceptor awaiting ``call.code()`` is cancelled instead and the call runs on,
+    orphaned, until its timeout); the Guard cancels the calls recorded here.
+    """
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        call = await continuation(client_call_details, request)
+        calls = started_calls.get()
+        if calls is not None:
+            calls.append(call)
+        return call
+
+
+def open_channel(target: str, method_configs: Sequence[dict[str, Any]] = ()) -> aio.Channel:
+    """The kit's channel (round robin, retries under a retryThrottling budget, mTLS when
+    configured, tracing, request ids) with the call tracker innermost."""
+    return kit_open_channel(target, method_configs, extra_interceptors=[_CallTracker()])
 
 
 @dataclass

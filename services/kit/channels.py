@@ -67,6 +67,7 @@ def open_channel(
     target: str,
     method_configs: Sequence[dict[str, Any]] = (),
     credentials: grpc.ChannelCredentials | None = None,
+    extra_interceptors: Sequence[aio.ClientInterceptor] = (),
 ) -> aio.Channel:
     """A channel with client-side round-robin balancing and a retry budget.
 
@@ -87,10 +88,19 @@ def open_channel(
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2_000),
     ]
-    interceptors: list[Any] = [*aio_client_interceptors(), _RequestIdInterceptor()]
+    interceptors: list[Any] = [
+        *aio_client_interceptors(),
+        _RequestIdInterceptor(),
+        *extra_interceptors,
+    ]
     target = normalize_target(target)
     credentials = credentials or client_credentials()
     if credentials is not None:
+        if target.startswith("ipv4:"):
+            # A static list has no single authority; verify each server's certificate
+            # against the first address (certificates for a static list carry its IPs).
+            first_host = target[len("ipv4:") :].split(",")[0].rsplit(":", 1)[0]
+            options.append(("grpc.ssl_target_name_override", first_host))
         return aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
     return aio.insecure_channel(target, options=options, interceptors=interceptors)
 
