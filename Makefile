@@ -9,7 +9,7 @@ BASELINE := protos/baseline/toolmesh-v1.binpb
 PYDIRS := services gateway cli bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen run test check checkov lint typecheck buf-lint buf-breaking baseline bench faults certs clean
+.PHONY: help install gen run test check checkov lint typecheck buf-lint buf-breaking baseline bench faults scale-test certs clean
 
 help:
 	@echo "make run       install, generate code, start the whole mesh on loopback (SQLite)"
@@ -17,6 +17,7 @@ help:
 	@echo "make check     ruff, mypy, buf lint, buf breaking against the committed v1 baseline"
 	@echo "make bench     measure Run beside a raw gRPC echo, write BENCHMARKS.md"
 	@echo "make faults    the failure suite at full length, writes docs/reliability.md"
+	@echo "make scale-test  two replicas of everything on PostgreSQL, writes docs/scaling.md"
 	@echo "make baseline  record the current contracts as the released baseline (on release only)"
 
 $(VENV)/.stamp-install: pyproject.toml
@@ -87,6 +88,11 @@ faults: install gen
 	rm -f var/faults/results.jsonl
 	TOOLMESH_FAULTS_FULL=1 $(BIN)/pytest -q tests/faults
 	$(BIN)/python -m tests.faults.report var/faults/results.jsonl docs/reliability.md
+
+# Two replicas of every service on one fresh PostgreSQL database; writes docs/scaling.md.
+scale-test: install gen
+	TOOLMESH_SCALE_FULL=1 $(BIN)/pytest -q tests/scale
+	$(BIN)/python -m tests.scale.report var/scale/results.json docs/scaling.md
 
 bench: install gen
 	$(BIN)/python -m bench.run
