@@ -9,7 +9,7 @@ BASELINE := protos/baseline/toolmesh-v1.binpb
 PYDIRS := services gateway cli bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen run test check checkov lint typecheck buf-lint buf-breaking baseline bench faults scale-test certs clean
+.PHONY: help install gen run test check checkov lint typecheck buf-lint buf-breaking baseline bench faults scale-test docs certs clean
 
 help:
 	@echo "make run       install, generate code, start the whole mesh on loopback (SQLite)"
@@ -93,6 +93,10 @@ faults: install gen
 scale-test: install gen
 	TOOLMESH_SCALE_FULL=1 $(BIN)/pytest -q tests/scale
 	$(BIN)/python -m tests.scale.report var/scale/results.json docs/scaling.md
+
+# Regenerate the README's configuration table from the settings classes.
+docs: install gen
+	$(BIN)/python -m tests.docs.configtable
 
 bench: install gen
 	$(BIN)/python -m bench.run

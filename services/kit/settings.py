@@ -42,11 +42,15 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
+    # dev or production; production refuses plaintext, dev keys and default secrets.
     env: Environment = Environment.DEV
+    # Address to bind; 0.0.0.0 in a container.
     host: str = "127.0.0.1"
     # Subclasses default this to their port from DEFAULT_PORTS; 0 picks a free port.
     port: int = Field(default=0, ge=0, le=65535)
+    # Where SQLite files, keys and the outbox live (relative to the working directory).
     data_dir: Path = Path("var")
+    # Python logging level of the JSON logs on stderr.
     log_level: str = "INFO"
     # Seconds that in-flight calls get to finish after SIGTERM.
     grace_period_s: float = Field(default=10.0, ge=0)
@@ -60,7 +64,9 @@ class ServiceSettings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     # Mutual TLS: this process's certificate and key, and the mesh CA. All three or none.
     tls_cert_file: Path | None = None
+    # PEM private key of tls_cert_file (mode 0600).
     tls_key_file: Path | None = None
+    # PEM CA that signs every certificate of the mesh.
     tls_ca_file: Path | None = None
     # Inner services require a client certificate; the public gateway port may not.
     tls_require_client_auth: bool = True
