@@ -51,6 +51,10 @@ class GatewayOutbox:
             self.store, idle_s=idle_s, base_backoff_s=base_backoff_s, max_backoff_s=max_backoff_s
         )
         self._task: asyncio.Task[None] | None = None
+        # Group commit: puts arriving while a commit runs share the next transaction (and its
+        # fsync), so a burst of Runs falling back at once does not queue one fsync per Run.
+        self._waiting: list[tuple[Item, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         await self.store.open()
@@ -62,11 +66,36 @@ class GatewayOutbox:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
         await self.store.close()
 
     async def put(self, kind: str, key: str, message: Message) -> None:
-        """Commit durably (fsync'd) before returning; a key already queued is kept as is."""
-        await self.store.put([Item(kind, f"{kind}:{key}", message.SerializeToString())])
+        """Commit durably (fsync'd) before returning; a key already queued is kept as is.
+
+        Cancelling the caller does not cancel the commit (it may still land: the item was then
+        never acknowledged, and the receiver de-duplicates a retry by key)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Retrieve the outcome even when nobody waits any more, so it is never "unretrieved".
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._waiting.append((Item(kind, f"{kind}:{key}", message.SerializeToString()), done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="outbox-writer")
+        await asyncio.shield(done)
+
+    async def _write(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                await self.store.put([item for item, _ in batch])
+            except Exception as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
 
     def route(
         self,

@@ -20,6 +20,7 @@ import grpc
 from grpc import aio
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from gateway.clients import started_calls
 from services.kit.breaker import BreakerConfig, BreakerOpen, BreakerRegistry
 from services.kit.metrics import meter
 
@@ -86,7 +87,19 @@ class Guard:
     ) -> Any:
         """``method(request, timeout=timeout_s)`` under the dependency's breaker, bounded by
         ``timeout`` on our side too; raises DependencyError for every failure."""
-        return await self.run(dependency, lambda: method(request, timeout=timeout_s), timeout_s)
+        calls: list[Any] = []
+        token = started_calls.set(calls)
+        try:
+            return await self.run(dependency, lambda: method(request, timeout=timeout_s), timeout_s)
+        except BaseException:
+            # A timeout or our caller going away must stop the downstream work: cancel the
+            # real calls (cancelling the awaiting task does not reach them through client
+            # interceptors, see gateway.clients).
+            for call in calls:
+                call.cancel()
+            raise
+        finally:
+            started_calls.reset(token)
 
     async def run(self, dependency: str, start: Callable[[], Awaitable[T]], timeout_s: float) -> T:
         breaker = self.breakers.get(dependency)

@@ -59,7 +59,7 @@ _TOOL_REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECO
 # Memory refusing the turns themselves: replaying them would fail forever, so they are not queued.
 _PERMANENT_WRITE_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED}
 # Time kept after the outbox write to send the answer (or the UNAVAILABLE).
-_ANSWER_MARGIN_S = 0.005
+_ANSWER_MARGIN_S = 0.02
 
 
 def request_id_for(principal: Principal, idempotency_key: str) -> str:

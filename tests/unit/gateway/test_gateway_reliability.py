@@ -1,0 +1,332 @@
+"""Failure behaviour over real gRPC: deadline budget, cancellation, breakers, outbox, shedding,
+readiness. Each dependency fault is made in a contract fake; the gateway is the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from services.kit.server import Running, start
+from services.kit.settings import ServiceSettings
+from tests.unit.gateway.conftest import GatewayUnderTest, bearer, start_gateway, start_gateway_on
+from tests.unit.gateway.fakes import Fakes
+from toolmesh.gateway.v1 import gateway_pb2
+from toolmesh.memory.v1 import memory_pb2
+
+RESERVE_S = 0.05
+# Scheduling, the outbox fsync and the answer's trip back over loopback.
+EPSILON_S = 0.04
+
+
+def _request(prompt: str = "what is 2 + 2", **fields: str) -> gateway_pb2.RunRequest:
+    return gateway_pb2.RunRequest(
+        session_id=fields.pop("session_id", "s-1"), prompt=prompt, **fields
+    )
+
+
+async def _timed_run(
+    gw: GatewayUnderTest, timeout: float | None, prompt: str = "what is 2 + 2"
+) -> tuple[gateway_pb2.RunResponse, float]:
+    started = time.monotonic()
+    reply = await gw.stub.Run(_request(prompt), metadata=bearer(gw.token()), timeout=timeout)
+    return reply, time.monotonic() - started
+
+
+async def _eventually(check: Callable[[], bool], within_s: float = 3.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def _outbox_rows(gw: GatewayUnderTest) -> list[tuple[str, str, bytes]]:
+    path = Path(gw.settings.data_dir) / "gateway-outbox.db"
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT kind, key, payload FROM outbox ORDER BY id").fetchall()
+
+
+class _Mesh:
+    def __init__(self) -> None:
+        self.stops: list[Callable[[], object]] = []
+
+    async def gateway(self, fakes: Fakes, **overrides: object) -> GatewayUnderTest:
+        inner, gateway, channel, gw = await start_gateway(fakes, **overrides)
+        self.stops.extend([lambda: inner.stop(0), lambda: gateway.stop(0), channel.close])
+        return gw
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[_Mesh]:
+    made = _Mesh()
+    yield made
+    for stop in reversed(made.stops):
+        await stop()  # type: ignore[misc]
+
+
+# -- deadline budget ---------------------------------------------------------------------------
+
+
+async def test_hanging_tool_answers_the_fallback_before_the_callers_deadline(
+    gw: GatewayUnderTest,
+) -> None:
+    gw.fakes.router.invoke_delay_s = 10.0
+    reply, elapsed = await _timed_run(gw, timeout=0.5)
+    assert reply.outcome == gateway_pb2.OUTCOME_FALLBACK
+    assert reply.answer == "The calculator is unavailable."
+    assert list(reply.degraded) == ["tool:calculator"]
+    assert 0.5 - RESERVE_S - 0.02 < elapsed < 0.5 - RESERVE_S + EPSILON_S
+    # The gateway gave up on the hanging call: the tool saw it cancelled.
+    await _eventually(lambda: "InvokeTool" in gw.fakes.router.cancelled)
+    # No time was left for memory, so the turn went to the outbox and is delivered later.
+    await _eventually(lambda: gw.fakes.memory.stored[reply.request_id] == 1)
+
+
+async def test_hanging_router_answers_the_fallback_before_the_callers_deadline(
+    gw: GatewayUnderTest,
+) -> None:
+    gw.fakes.router.route_delay_s = 10.0
+    reply, elapsed = await _timed_run(gw, timeout=0.5)
+    assert reply.outcome == gateway_pb2.OUTCOME_FALLBACK
+    assert list(reply.degraded) == ["router"]
+    assert elapsed < 0.5 - RESERVE_S + EPSILON_S
+    await _eventually(lambda: "Route" in gw.fakes.router.cancelled)
+
+
+async def test_without_a_caller_deadline_the_default_bounds_a_hanging_tool(mesh: _Mesh) -> None:
+    gw = await mesh.gateway(Fakes(), default_deadline_s=0.4)
+    await gw.wait_ready()
+    gw.fakes.router.invoke_delay_s = 10.0
+    reply, elapsed = await _timed_run(gw, timeout=None)
+    assert reply.outcome == gateway_pb2.OUTCOME_FALLBACK
+    assert elapsed < 0.4 - RESERVE_S + EPSILON_S
+
+
+async def test_caller_cancelling_cancels_the_downstream_call(gw: GatewayUnderTest) -> None:
+    gw.fakes.router.invoke_delay_s = 10.0
+    call = gw.stub.Run(_request(), metadata=bearer(gw.token()), timeout=5)
+    await asyncio.wait_for(gw.fakes.router.invoke_started.wait(), 2)
+    call.cancel()
+    await _eventually(lambda: "InvokeTool" in gw.fakes.router.cancelled, within_s=1)
+
+
+# -- circuit breakers --------------------------------------------------------------------------
+
+_FAST_BREAKER = {
+    "breaker_window": 4,
+    "breaker_minimum_calls": 4,
+    "breaker_open_s": 0.3,
+    "breaker_half_open_calls": 2,
+}
+
+
+async def test_router_breaker_opens_fails_fast_half_opens_and_closes(mesh: _Mesh) -> None:
+    gw = await mesh.gateway(Fakes(), **_FAST_BREAKER)
+    await gw.wait_ready()
+    router = gw.fakes.router
+    router.route_error = grpc.StatusCode.INTERNAL
+    for _ in range(4):
+        reply, _ = await _timed_run(gw, timeout=2)
+        assert list(reply.degraded) == ["router"]
+    calls = len(router.routes)
+    reply, elapsed = await _timed_run(gw, timeout=2)
+    assert reply.outcome == gateway_pb2.OUTCOME_FALLBACK and list(reply.degraded) == ["router"]
+    assert len(router.routes) == calls, "an open breaker must not call the router"
+    assert elapsed < 0.1
+    # Half-open after open_s: a failing trial opens it again at once.
+    await asyncio.sleep(0.35)
+    await _timed_run(gw, timeout=2)
+    assert len(router.routes) == calls + 1
+    await _timed_run(gw, timeout=2)
+    assert len(router.routes) == calls + 1
+    # Recovered: two successful trials close it, and every call goes through again.
+    router.route_error = None
+    await asyncio.sleep(0.35)
+    for _ in range(4):
+        reply, _ = await _timed_run(gw, timeout=2)
+        assert reply.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
+    assert len(router.routes) == calls + 5
+
+
+async def test_tool_breaker_gives_the_fallback_without_calling_the_tool(mesh: _Mesh) -> None:
+    gw = await mesh.gateway(Fakes(), **_FAST_BREAKER)
+    await gw.wait_ready()
+    router = gw.fakes.router
+    router.invoke_error = (grpc.StatusCode.INTERNAL, "tool broke")
+    for _ in range(4):
+        await _timed_run(gw, timeout=2)
+    invoked = len(router.invocations)
+    reply, _ = await _timed_run(gw, timeout=2)
+    assert reply.answer == "The calculator is unavailable."
+    assert list(reply.degraded) == ["tool:calculator"]
+    assert reply.usage.tool_calls == 0
+    assert len(router.invocations) == invoked
+    # The router's own breaker is untouched: routing still happens.
+    assert router.routes[-1].prompt == "what is 2 + 2"
+
+
+# -- durable outbox ----------------------------------------------------------------------------
+
+
+async def test_memory_down_queues_the_turns_and_the_relay_delivers_them_once(
+    gw: GatewayUnderTest,
+) -> None:
+    memory = gw.fakes.memory
+    memory.fail_reads = memory.fail_writes = True
+    reply, _ = await _timed_run(gw, timeout=2)
+    assert reply.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
+    assert list(reply.degraded) == ["memory"]
+    rows = _outbox_rows(gw)
+    assert [(kind, key) for kind, key, _ in rows] == [("memory", f"memory:{reply.request_id}")]
+    queued = memory_pb2.AppendTurnsRequest.FromString(rows[0][2])
+    assert queued.request_id == reply.request_id
+    assert [t.content for t in queued.turns] == ["what is 2 + 2", "calculator says 391"]
+    assert memory.stored[reply.request_id] == 0
+    memory.fail_reads = memory.fail_writes = False
+    await _eventually(lambda: memory.stored[reply.request_id] == 1)
+    await _eventually(lambda: _outbox_rows(gw) == [])
+    await asyncio.sleep(0.2)
+    assert memory.stored[reply.request_id] == 1
+    stored = memory.turns[("acme", "s-1")]
+    assert [t.content for t in stored] == ["what is 2 + 2", "calculator says 391"]
+
+
+async def test_a_restarted_gateway_delivers_what_its_outbox_holds(tmp_path: Path) -> None:
+    fakes = Fakes()
+    fakes.memory.fail_writes = True
+    inner = await start(ServiceSettings(port=0), fakes.register)
+    try:
+        first, channel, gw = await start_gateway_on(inner.port, fakes, data_dir=str(tmp_path))
+        try:
+            await gw.wait_ready()
+            replies = [(await _timed_run(gw, timeout=2))[0] for _ in range(3)]
+        finally:
+            await channel.close()
+            await first.stop(0)
+        ids = [r.request_id for r in replies]
+        assert len(set(ids)) == 3 and sum(fakes.memory.stored.values()) == 0
+        fakes.memory.fail_writes = False
+        second, channel, gw = await start_gateway_on(inner.port, fakes, data_dir=str(tmp_path))
+        try:
+            await _eventually(lambda: all(fakes.memory.stored[i] == 1 for i in ids))
+            await _eventually(lambda: _outbox_rows(gw) == [])
+        finally:
+            await channel.close()
+            await second.stop(0)
+        assert sorted(fakes.memory.stored.elements()) == sorted(ids)
+    finally:
+        await inner.stop(0)
+
+
+async def test_outbox_write_failing_means_unavailable_and_no_answer(gw: GatewayUnderTest) -> None:
+    gw.fakes.memory.fail_writes = True
+    # Another writer holds the outbox file: the gateway's commit cannot happen in time.
+    blocker = sqlite3.connect(Path(gw.settings.data_dir) / "gateway-outbox.db", timeout=0)
+    blocker.isolation_level = None
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        call = gw.stub.Run(_request(), metadata=bearer(gw.token()), timeout=0.6)
+        with pytest.raises(aio.AioRpcError) as err:
+            await call
+        elapsed = time.monotonic() - started
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "could not be stored" in (err.value.details() or "")
+        assert elapsed < 0.6
+        assert sum(gw.fakes.memory.stored.values()) == 0
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+# -- load shedding -----------------------------------------------------------------------------
+
+
+def _retry_delay(status: object) -> float | None:
+    for detail in getattr(status, "details", []):
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return info.retry_delay.ToMilliseconds() / 1000
+    return None
+
+
+async def test_runs_over_the_cap_are_refused_at_once_with_retry_info(mesh: _Mesh) -> None:
+    gw = await mesh.gateway(Fakes(), max_inflight_runs=2)
+    await gw.wait_ready()
+    gw.fakes.router.invoke_delay_s = 0.5
+    busy = [
+        asyncio.ensure_future(gw.stub.Run(_request(), metadata=bearer(gw.token()), timeout=5))
+        for _ in range(2)
+    ]
+    await _eventually(lambda: len(gw.fakes.router.invocations) == 2)
+    started = time.monotonic()
+    call = gw.stub.Run(_request(), metadata=bearer(gw.token()), timeout=5)
+    with pytest.raises(aio.AioRpcError) as err:
+        await call
+    elapsed = time.monotonic() - started
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert elapsed < 0.02
+    assert _retry_delay(await rpc_status.aio.from_call(call)) == pytest.approx(0.2)
+    replies = await asyncio.gather(*busy)
+    assert {r.outcome for r in replies} == {gateway_pb2.OUTCOME_TOOL_ANSWERED}
+    # Capacity is back once they are done.
+    reply, _ = await _timed_run(gw, timeout=2)
+    assert reply.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
+
+
+async def test_tool_calls_over_the_per_tool_cap_are_refused_at_once(mesh: _Mesh) -> None:
+    gw = await mesh.gateway(Fakes(), max_inflight_per_tool=1)
+    await gw.wait_ready()
+    gw.fakes.router.invoke_delay_s = 0.4
+    busy = asyncio.ensure_future(gw.stub.Run(_request(), metadata=bearer(gw.token()), timeout=5))
+    await _eventually(lambda: len(gw.fakes.router.invocations) == 1)
+    call = gw.stub.Run(_request(), metadata=bearer(gw.token()), timeout=5)
+    with pytest.raises(aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "calculator" in (err.value.details() or "")
+    assert _retry_delay(await rpc_status.aio.from_call(call)) is not None
+    assert len(gw.fakes.router.invocations) == 1
+    # Another tool has its own bulkhead.
+    other = await gw.stub.Run(_request("note: buy milk"), metadata=bearer(gw.token()), timeout=5)
+    assert other.tool_name == "save_note"
+    assert (await busy).outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
+
+
+# -- readiness ---------------------------------------------------------------------------------
+
+
+async def _health(gateway: Running) -> int:
+    async with aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="toolmesh.gateway.v1.Gateway"), timeout=1
+        )
+        return int(reply.status)
+
+
+async def test_not_serving_until_auth_state_arrives() -> None:
+    fakes = Fakes()
+    fakes.auth.down = True
+    inner, gateway, channel, gw = await start_gateway(fakes)
+    try:
+        await asyncio.sleep(0.3)
+        assert await _health(gateway) == health_pb2.HealthCheckResponse.NOT_SERVING
+        fakes.auth.down = False
+        await gw.wait_ready()
+        deadline = time.monotonic() + 2
+        while await _health(gateway) != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+    finally:
+        await channel.close()
+        await gateway.stop(0)
+        await inner.stop(0)
