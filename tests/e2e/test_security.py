@@ -248,7 +248,13 @@ def test_revoked_jti_client_and_disabled_client_refused_within_bound(mesh: Mesh)
     other = dev_token(mesh, ("tools:read",))
     revoked_id, revoked_secret = create_client(mesh, "dev", scopes="tools:read")
     disabled_id, disabled_secret = create_client(mesh, "dev", scopes="tools:read")
-    by_revoked = issue(mesh, revoked_id, revoked_secret)
+    secret_file = mesh.data_dir / f"{revoked_id}.secret"
+    secret_file.write_text(revoked_secret + "\n")
+    by_revoked = ok(
+        cli(mesh, "token", "--client-id", revoked_id, "--client-secret-file", str(secret_file))
+    ).strip()
+    SEEN_SECRETS.add(by_revoked)
+    assert jwt.decode(by_revoked, options={"verify_signature": False})["sub"] == revoked_id
     by_disabled = issue(mesh, disabled_id, disabled_secret)
     for token in (jti_token, by_revoked, by_disabled):
         assert list_tools(mesh, token) == grpc.StatusCode.OK
