@@ -27,10 +27,6 @@ _SETTINGS = {
     "memory": "MemorySettings",
     "telemetry": "TelemetrySettings",
 }
-# Telemetry's migrations package predates services.kit.migrations and names no MIGRATIONS yet;
-# this is the advisory lock key its start-up path takes (services/telemetry/database.py), so the
-# Job and starting replicas still take turns.
-_LEGACY_LOCK_KEYS = {"telemetry": 0x74656C656D}
 
 
 def add_parser(sub: Any) -> None:
@@ -66,9 +62,9 @@ def migrations_of(service: str) -> Any:
 
     package = f"services.{service}.migrations"
     found = getattr(importlib.import_module(package), "MIGRATIONS", None)
-    if isinstance(found, ServiceMigrations):
-        return found
-    return ServiceMigrations(service=service, package=package, lock_key=_LEGACY_LOCK_KEYS[service])
+    if not isinstance(found, ServiceMigrations):
+        raise MigrateError(f"{package} defines no MIGRATIONS")
+    return found
 
 
 def database_url(service: str, explicit: str) -> str:

@@ -12,16 +12,12 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import DeclarativeBase
 
 from services.kit.db import create_engine, session_factory
-from services.telemetry.migrations import upgrade_to_head
-
-# Any constant works; it only has to be the same for every telemetry replica.
-_SCHEMA_LOCK_KEY = 0x74656C656D
 
 
 class Base(DeclarativeBase):
@@ -35,21 +31,6 @@ class Database:
         self.sessions = session_factory(self.engine)
         # SQLite has one writer: queue this process's writers here, not in SQLite's busy loop.
         self._local_write_lock = asyncio.Lock() if self.is_sqlite else None
-
-    async def migrate(self) -> None:
-        """Bring the schema to the latest revision; replicas starting together take turns.
-
-        One transaction holding PostgreSQL's advisory lock or SQLite's write lock, so a second
-        replica waits and then finds nothing to do.
-        """
-        async with self.engine.begin() as conn:
-            if self.is_sqlite:
-                await conn.exec_driver_sql("BEGIN IMMEDIATE")
-            else:
-                await conn.execute(
-                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
-                )
-            await conn.run_sync(upgrade_to_head)
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -28,6 +28,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from services.kit.buildinfo import service_info
 from services.kit.errors import abort, abort_invalid, retry_info
 from services.kit.metrics import meter
+from services.kit.migrations import check_schema
 from services.kit.pricing import PriceTable
 from services.kit.server import Cleanup, Register
 from services.kit.settings import ServiceSettings
@@ -36,6 +37,7 @@ from services.telemetry.audit import AuditLog
 from services.telemetry.database import Database
 from services.telemetry.forward import Forwarder
 from services.telemetry.ledger import COST_KEYS, Amounts, BudgetState, Ledger, Reservation
+from services.telemetry.migrations import MIGRATIONS
 from services.telemetry.settings import TelemetrySettings
 from services.telemetry.stats import summarize
 from services.telemetry.store import SpanRow, SpanStore
@@ -651,8 +653,10 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
     slos = slo.SloConfig.load(settings.slo_file)
 
     async def register(server: aio.Server) -> Sequence[str]:
-        database = Database(settings.resolved_database_url())
-        await database.migrate()
+        url = settings.resolved_database_url()
+        # At head, or migrated to it under the schema lock, or refused with what to run.
+        await check_schema(url, MIGRATIONS, migrate_on_start=settings.migrate_on_start)
+        database = Database(url)
         cleanups.append(database.close)
         store = SpanStore(database)
         ledger = Ledger(database, prices)

@@ -1,24 +1,22 @@
-"""Alembic migrations of the telemetry schema, applied at start-up by every replica.
+"""Alembic migrations of the telemetry schema (run by services.kit.migrations).
 
 A schema change is a new file in versions/ whose down_revision is the latest one;
-test_migrations_match_the_models fails until the migrations and the models agree.
+test_migrations_match_the_models fails until the migrations and the models agree. Follow
+docs/migrations.md (expand/contract) so old and new replicas can share the schema.
+
+This module stays light: `toolmesh migrate` imports it (and only it) from the telemetry service.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Connection
+from services.kit.migrations import ServiceMigrations, version_table
 
 # Per service, so services that share one PostgreSQL database keep separate histories.
-VERSION_TABLE = "telemetry_alembic_version"
+VERSION_TABLE = version_table("telemetry")  # "telemetry_alembic_version"
 
-
-def upgrade_to_head(connection: Connection) -> None:
-    """Apply every missing revision on ``connection``, inside its open transaction."""
-    config = Config()
-    config.set_main_option("script_location", str(Path(__file__).parent))
-    config.attributes["connection"] = connection
-    command.upgrade(config, "head")
+MIGRATIONS = ServiceMigrations(
+    service="telemetry",
+    package=__name__,
+    # Any constant works; it only has to be the same for every telemetry replica and the Job.
+    lock_key=0x74656C656D,
+)
