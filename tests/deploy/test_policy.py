@@ -403,6 +403,19 @@ def test_production_mode_always_comes_with_mutual_tls(
             assert file.rsplit("/", 1)[0] in mounts, (path, file)
 
 
+@pytest.mark.parametrize("path", kube.KUSTOMIZATIONS)
+def test_production_replicas_never_migrate_the_schema_themselves(
+    rendered: dict[str, list[kube.Doc]], path: str
+) -> None:
+    """In production the migration Job changes the schema; a replica only checks it."""
+    docs = rendered[path]
+    for deployment in toolmesh_deployments(docs):
+        (container,) = kube.pod_spec(deployment)["containers"]
+        env = kube.config_env(docs, container)
+        if env.get("TOOLMESH_ENV") == "production" and service_of(deployment) != "gateway":
+            assert env.get("TOOLMESH_MIGRATE_ON_START") == "false", (path, service_of(deployment))
+
+
 @pytest.mark.parametrize("app", kube.SERVICES)
 def test_each_service_ships_alone_in_production(
     rendered: dict[str, list[kube.Doc]], app: str
