@@ -58,20 +58,32 @@ async def ensure_dev_client(settings: AuthSettings, store: Store, hasher: Secret
         return
     secret: SecretStr = new_secret()
     now = time.time()
-    row = ClientRow(client_id=DEV_CLIENT_ID, tenant=DEV_TENANT, scopes=DEV_SCOPES, roles="admin",
-                    state=CLIENT_ENABLED, secret_hash=await hasher.hash(secret),
-                    created_at=now, updated_at=now)
+    row = ClientRow(
+        client_id=DEV_CLIENT_ID,
+        tenant=DEV_TENANT,
+        scopes=DEV_SCOPES,
+        roles="admin",
+        state=CLIENT_ENABLED,
+        secret_hash=await hasher.hash(secret),
+        created_at=now,
+        updated_at=now,
+    )
     try:
         await store.add_client(row)
     except Conflict:
         return  # another replica created it and wrote the file
-    write_private_json(settings.dev_client_file(), {
-        "client_id": DEV_CLIENT_ID,
-        "client_secret": secret.get_secret_value(),
-        "tenant": DEV_TENANT,
-    })
-    log.info("created dev client", extra={"client_id": DEV_CLIENT_ID,
-                                          "file": str(settings.dev_client_file())})
+    write_private_json(
+        settings.dev_client_file(),
+        {
+            "client_id": DEV_CLIENT_ID,
+            "client_secret": secret.get_secret_value(),
+            "tenant": DEV_TENANT,
+        },
+    )
+    log.info(
+        "created dev client",
+        extra={"client_id": DEV_CLIENT_ID, "file": str(settings.dev_client_file())},
+    )
 
 
 async def check_production(store: Store) -> None:
@@ -80,17 +92,20 @@ async def check_production(store: Store) -> None:
     if active is None:
         raise StartupRefused(
             "no active signing key: run `python -m services.auth rotate-key` with the production "
-            "settings to create one, then start again")
+            "settings to create one, then start again"
+        )
     dev_keys = [k.kid for k in await store.keys() if k.dev and k.state != KEY_RETIRED]
     if dev_keys:
         raise StartupRefused(
             f"the auto-created dev signing key {dev_keys[0]} is still in use: run `python -m "
-            "services.auth rotate-key`, then `python -m services.auth retire-key <dev kid>`")
+            "services.auth rotate-key`, then `python -m services.auth retire-key <dev kid>`"
+        )
     dev_client = await store.client(DEV_CLIENT_ID)
     if dev_client is not None and dev_client.state != CLIENT_DELETED:
         raise StartupRefused(
             "the dev client exists: run `python -m services.auth delete-client dev` (and create "
-            "real clients with CreateClient), then start again")
+            "real clients with CreateClient), then start again"
+        )
 
 
 async def check_signing_key(store: Store, key_files: KeyFiles) -> None:
@@ -104,7 +119,8 @@ async def check_signing_key(store: Store, key_files: KeyFiles) -> None:
         raise StartupRefused(
             f"signing key {signer.kid} is not readable at {key_files.path(signer.kid)} "
             f"({type(error).__name__}): mount the keys dir every replica shares, or rotate with "
-            "`python -m services.auth rotate-key` where it is writable") from None
+            "`python -m services.auth rotate-key` where it is writable"
+        ) from None
 
 
 def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:

@@ -39,8 +39,9 @@ def public_x(key: Ed25519PublicKey) -> str:
 
 def thumbprint(x: str) -> str:
     """RFC 7638 thumbprint: SHA-256 of the required members in lexicographic order."""
-    canonical = json.dumps({"crv": "Ed25519", "kty": "OKP", "x": x}, separators=(",", ":"),
-                           sort_keys=True)
+    canonical = json.dumps(
+        {"crv": "Ed25519", "kty": "OKP", "x": x}, separators=(",", ":"), sort_keys=True
+    )
     return b64url(hashlib.sha256(canonical.encode()).digest())
 
 
@@ -103,5 +104,6 @@ class KeyFiles:
         try:
             self.path(kid).unlink(missing_ok=True)
         except OSError as error:
-            log.warning("could not delete retired key file",
-                        extra={"kid": kid, "error": error.strerror})
+            log.warning(
+                "could not delete retired key file", extra={"kid": kid, "error": error.strerror}
+            )

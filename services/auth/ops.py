@@ -30,8 +30,9 @@ ACTOR = "local-operator"
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m services.auth",
-                                  description="Run the auth server, or an operator command.")
+    top = argparse.ArgumentParser(
+        prog="python -m services.auth", description="Run the auth server, or an operator command."
+    )
     commands = top.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the server (the default)")
     commands.add_parser("rotate-key", help="create a signing key and make it active")
@@ -39,8 +40,9 @@ def parser() -> argparse.ArgumentParser:
     retire.add_argument("kid")
     delete = commands.add_parser("delete-client", help="delete a client (e.g. dev)")
     delete.add_argument("client_id")
-    create = commands.add_parser("create-client",
-                                 help="create a client; prints its secret once as JSON")
+    create = commands.add_parser(
+        "create-client", help="create a client; prints its secret once as JSON"
+    )
     create.add_argument("--tenant", required=True)
     create.add_argument("--scope", action="append", default=[])
     create.add_argument("--role", action="append", default=[])
@@ -68,7 +70,8 @@ async def run(settings: AuthSettings, args: argparse.Namespace) -> dict[str, Any
             return {"retired": retired.kid}
         if args.command == "delete-client":
             deleted = await store.set_client_state(
-                args.client_id, CLIENT_DELETED, (CLIENT_ENABLED, CLIENT_DISABLED, CLIENT_REVOKED))
+                args.client_id, CLIENT_DELETED, (CLIENT_ENABLED, CLIENT_DISABLED, CLIENT_REVOKED)
+            )
             audit("client.delete", ACTOR, deleted.client_id, "ok", tenant=deleted.tenant)
             return {"deleted": deleted.client_id}
         return await _create_client(settings, store, args)
@@ -92,12 +95,28 @@ async def _create_client(
         raise ValueError(f"roles not in the policy: {', '.join(sorted(unknown))}")
     secret = new_secret()
     now = time.time()
-    row = ClientRow(client_id=client_id, tenant=args.tenant, scopes=" ".join(args.scope),
-                    roles=" ".join(args.role), state=CLIENT_ENABLED,
-                    secret_hash=await SecretHasher().hash(secret), created_at=now, updated_at=now)
+    row = ClientRow(
+        client_id=client_id,
+        tenant=args.tenant,
+        scopes=" ".join(args.scope),
+        roles=" ".join(args.role),
+        state=CLIENT_ENABLED,
+        secret_hash=await SecretHasher().hash(secret),
+        created_at=now,
+        updated_at=now,
+    )
     await store.add_client(row)
-    audit("client.create", ACTOR, client_id, "ok", tenant=row.tenant, scopes=row.scopes,
-          roles=row.roles)
-    return {"client_id": client_id, "client_secret": secret.get_secret_value(),
-            "tenant": row.tenant}
-
+    audit(
+        "client.create",
+        ACTOR,
+        client_id,
+        "ok",
+        tenant=row.tenant,
+        scopes=row.scopes,
+        roles=row.roles,
+    )
+    return {
+        "client_id": client_id,
+        "client_secret": secret.get_secret_value(),
+        "tenant": row.tenant,
+    }

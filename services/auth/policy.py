@@ -71,8 +71,11 @@ class PolicySource:
         try:
             stamp = self._stamp()
         except OSError as error:
-            log.error("policy file unreadable, keeping version %s", self._policy.version,
-                      extra={"path": str(self._path), "error": error.strerror})
+            log.error(
+                "policy file unreadable, keeping version %s",
+                self._policy.version,
+                extra={"path": str(self._path), "error": error.strerror},
+            )
             return self._policy
         if stamp == self._seen:
             return self._policy
@@ -80,11 +83,16 @@ class PolicySource:
         try:
             policy = load_policy(self._path)
         except (OSError, tomllib.TOMLDecodeError, ValidationError) as error:
-            log.error("policy file invalid, keeping version %s", self._policy.version,
-                      extra={"path": str(self._path), "error": str(error)[:500]})
+            log.error(
+                "policy file invalid, keeping version %s",
+                self._policy.version,
+                extra={"path": str(self._path), "error": str(error)[:500]},
+            )
             return self._policy
         if policy.version != self._policy.version:
-            log.info("policy reloaded", extra={"version": policy.version,
-                                               "previous": self._policy.version})
+            log.info(
+                "policy reloaded",
+                extra={"version": policy.version, "previous": self._policy.version},
+            )
         self._policy = policy
         return policy

@@ -72,8 +72,10 @@ _STORE_CODES = {
 
 def audit(event: str, actor: str, target: str, outcome: str, **fields: object) -> None:
     """One structured line per security-relevant event; callers never pass secrets."""
-    audit_log.info("audit", extra={"event": event, "actor": actor, "target": target,
-                                   "outcome": outcome, **fields})
+    audit_log.info(
+        "audit",
+        extra={"event": event, "actor": actor, "target": target, "outcome": outcome, **fields},
+    )
 
 
 def timestamp(seconds: float | None) -> Timestamp | None:
@@ -109,8 +111,11 @@ def key_pb(row: SigningKeyRow) -> auth_pb2.SigningKey:
 
 
 def bad_entries(field: str, values: Sequence[str], pattern: str) -> list[tuple[str, str]]:
-    return [(f"{field}[{i}]", "not a valid name") for i, value in enumerate(values)
-            if not re.fullmatch(pattern, value)]
+    return [
+        (f"{field}[{i}]", "not a valid name")
+        for i, value in enumerate(values)
+        if not re.fullmatch(pattern, value)
+    ]
 
 
 class SecretHasher:
@@ -183,8 +188,12 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         wait = self._throttle.begin(client_id)
         if wait:
             audit("token.issue", client_id, client_id, "throttled")
-            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        "too many failed attempts for this client; retry later", retry_info(wait))
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too many failed attempts for this client; retry later",
+                retry_info(wait),
+            )
         client = await self._store.client(client_id)
         if not await self._hasher.matches(client.secret_hash if client else "", secret):
             audit("token.issue", client_id, client_id, "denied", reason="bad credentials")
@@ -196,20 +205,31 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
             audit("token.issue", client_id, client_id, "denied", reason=client.state)
             await abort(context, grpc.StatusCode.PERMISSION_DENIED, "client is disabled")
         granted = set(client.scopes.split()) | self._policy.current().role_scopes(
-            client.roles.split())
+            client.roles.split()
+        )
         wanted = list(dict.fromkeys(request.scopes)) or sorted(granted)
         for scope in wanted:
             if scope not in granted:
                 audit("token.issue", client_id, client_id, "denied", reason=f"scope {scope}")
-                await abort(context, grpc.StatusCode.PERMISSION_DENIED,
-                            f"scope {scope} is not granted to this client")
+                await abort(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"scope {scope} is not granted to this client",
+                )
         try:
             issued = await self._tokens.issue(client, wanted)
         except NoSigningKey as error:
             log.error("cannot sign", extra={"error": str(error)})
             await abort(context, grpc.StatusCode.UNAVAILABLE, "signing key unavailable")
-        audit("token.issue", client_id, client_id, "ok", tenant=client.tenant,
-              token_id=issued.token_id, scopes=wanted)
+        audit(
+            "token.issue",
+            client_id,
+            client_id,
+            "ok",
+            tenant=client.tenant,
+            token_id=issued.token_id,
+            scopes=wanted,
+        )
         return auth_pb2.IssueTokenResponse(
             access_token=issued.token,
             token_type="Bearer",  # noqa: S106 - the RFC 6750 scheme name
@@ -230,8 +250,12 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
     ) -> auth_pb2.VerifyTokenResponse:
         claims = await self._verify(request.token, context)
         return auth_pb2.VerifyTokenResponse(
-            caller=common_pb2.Caller(subject=claims.subject, tenant=claims.tenant,
-                                     scopes=claims.scopes, roles=claims.roles),
+            caller=common_pb2.Caller(
+                subject=claims.subject,
+                tenant=claims.tenant,
+                scopes=claims.scopes,
+                roles=claims.roles,
+            ),
             token_id=claims.token_id,
             expires_at=timestamp(claims.expires_at),
         )
@@ -241,9 +265,10 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
     ) -> auth_pb2.GetRevocationsResponse:
         revoked, disabled, as_of = await self._store.revocations()
         return auth_pb2.GetRevocationsResponse(
-            revoked_tokens=[auth_pb2.RevokedToken(token_id=row.jti,
-                                                  expires_at=timestamp(row.expires_at))
-                            for row in revoked],
+            revoked_tokens=[
+                auth_pb2.RevokedToken(token_id=row.jti, expires_at=timestamp(row.expires_at))
+                for row in revoked
+            ],
             disabled_clients=disabled,
             as_of=timestamp(as_of),
         )
@@ -254,10 +279,14 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         policy = self._policy.current()
         return auth_pb2.GetPolicyResponse(
             version=policy.version,
-            tenants=[auth_pb2.TenantPolicy(tenant=name, allowed_tools=rules.allowed_tools)
-                     for name, rules in sorted(policy.tenants.items())],
-            roles=[auth_pb2.RoleScopes(role=role, scopes=scopes)
-                   for role, scopes in sorted(policy.roles.items())],
+            tenants=[
+                auth_pb2.TenantPolicy(tenant=name, allowed_tools=rules.allowed_tools)
+                for name, rules in sorted(policy.tenants.items())
+            ],
+            roles=[
+                auth_pb2.RoleScopes(role=role, scopes=scopes)
+                for role, scopes in sorted(policy.roles.items())
+            ],
         )
 
     async def GetServiceInfo(
@@ -278,8 +307,11 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
             violations.append(("tenant", "required, lower-case letters, digits, '_', '.', '-'"))
         violations += bad_entries("scopes", request.scopes, SCOPE_PATTERN)
         known_roles = self._policy.current().roles
-        violations += [(f"roles[{i}]", "no such role in the policy")
-                       for i, role in enumerate(request.roles) if role not in known_roles]
+        violations += [
+            (f"roles[{i}]", "no such role in the policy")
+            for i, role in enumerate(request.roles)
+            if role not in known_roles
+        ]
         if not request.scopes and not request.roles:
             violations.append(("scopes", "give at least one scope or role"))
         if violations:
@@ -297,12 +329,21 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
             created_at=now,
             updated_at=now,
         )
-        await self._run_store(context, "client.create", actor, client_id,
-                              self._store.add_client(row))
-        audit("client.create", actor, client_id, "ok", tenant=row.tenant,
-              scopes=row.scopes, roles=row.roles)
-        return auth_pb2.CreateClientResponse(client=client_pb(row),
-                                             client_secret=secret.get_secret_value())
+        await self._run_store(
+            context, "client.create", actor, client_id, self._store.add_client(row)
+        )
+        audit(
+            "client.create",
+            actor,
+            client_id,
+            "ok",
+            tenant=row.tenant,
+            scopes=row.scopes,
+            roles=row.roles,
+        )
+        return auth_pb2.CreateClientResponse(
+            client=client_pb(row), client_secret=secret.get_secret_value()
+        )
 
     async def ListClients(
         self, request: auth_pb2.ListClientsRequest, context: aio.ServicerContext
@@ -317,24 +358,36 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         self, request: auth_pb2.DisableClientRequest, context: aio.ServicerContext
     ) -> auth_pb2.DisableClientResponse:
         row = await self._change_client_state(
-            context, "client.disable", request.client_id, CLIENT_DISABLED,
-            (CLIENT_ENABLED, CLIENT_DISABLED))
+            context,
+            "client.disable",
+            request.client_id,
+            CLIENT_DISABLED,
+            (CLIENT_ENABLED, CLIENT_DISABLED),
+        )
         return auth_pb2.DisableClientResponse(client=client_pb(row))
 
     async def DeleteClient(
         self, request: auth_pb2.DeleteClientRequest, context: aio.ServicerContext
     ) -> auth_pb2.DeleteClientResponse:
         row = await self._change_client_state(
-            context, "client.delete", request.client_id, CLIENT_DELETED,
-            (CLIENT_ENABLED, CLIENT_DISABLED, CLIENT_REVOKED))
+            context,
+            "client.delete",
+            request.client_id,
+            CLIENT_DELETED,
+            (CLIENT_ENABLED, CLIENT_DISABLED, CLIENT_REVOKED),
+        )
         return auth_pb2.DeleteClientResponse(client=client_pb(row))
 
     async def RevokeClient(
         self, request: auth_pb2.RevokeClientRequest, context: aio.ServicerContext
     ) -> auth_pb2.RevokeClientResponse:
         row = await self._change_client_state(
-            context, "client.revoke", request.client_id, CLIENT_REVOKED,
-            (CLIENT_ENABLED, CLIENT_DISABLED, CLIENT_REVOKED))
+            context,
+            "client.revoke",
+            request.client_id,
+            CLIENT_REVOKED,
+            (CLIENT_ENABLED, CLIENT_DISABLED, CLIENT_REVOKED),
+        )
         return auth_pb2.RevokeClientResponse(client=client_pb(row))
 
     async def RotateClientSecret(
@@ -344,11 +397,17 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         await self._check_client_id(context, request.client_id)
         secret = new_secret()
         secret_hash = await self._hasher.hash(secret)
-        row = await self._run_store(context, "client.rotate_secret", actor, request.client_id,
-                                    self._store.set_secret_hash(request.client_id, secret_hash))
+        row = await self._run_store(
+            context,
+            "client.rotate_secret",
+            actor,
+            request.client_id,
+            self._store.set_secret_hash(request.client_id, secret_hash),
+        )
         audit("client.rotate_secret", actor, request.client_id, "ok")
-        return auth_pb2.RotateClientSecretResponse(client=client_pb(row),
-                                                   client_secret=secret.get_secret_value())
+        return auth_pb2.RotateClientSecretResponse(
+            client=client_pb(row), client_secret=secret.get_secret_value()
+        )
 
     async def ListKeys(
         self, request: auth_pb2.ListKeysRequest, context: aio.ServicerContext
@@ -366,20 +425,24 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
             # E.g. keys projected read-only from a secret: rotate where the keys are managed.
             log.error("cannot write a key file", extra={"error": error.strerror})
             audit("key.rotate", actor, "", "failed", reason="keys dir not writable")
-            await abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                        "the keys dir is not writable here; rotate with `python -m services.auth "
-                        "rotate-key` where the key files are managed")
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the keys dir is not writable here; rotate with `python -m services.auth "
+                "rotate-key` where the key files are managed",
+            )
         try:
-            new, previous = await self._store.rotate_to(
-                kid, x, self._settings.key_publish_ahead_s)
+            new, previous = await self._store.rotate_to(kid, x, self._settings.key_publish_ahead_s)
         except Conflict:
             self._keys.remove(kid)
             audit("key.rotate", actor, kid, "conflict")
-            await abort(context, grpc.StatusCode.ABORTED,
-                        "another key rotation ran at the same time; retry")
+            await abort(
+                context, grpc.StatusCode.ABORTED, "another key rotation ran at the same time; retry"
+            )
         audit("key.rotate", actor, kid, "ok", previous=previous.kid if previous else "")
         return auth_pb2.RotateKeyResponse(
-            active=key_pb(new), previous=key_pb(previous) if previous else None)
+            active=key_pb(new), previous=key_pb(previous) if previous else None
+        )
 
     async def RetireKey(
         self, request: auth_pb2.RetireKeyRequest, context: aio.ServicerContext
@@ -387,8 +450,9 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         actor = await self._admin(context, "key.retire")
         if not re.fullmatch(OPAQUE_ID_PATTERN, request.kid):
             await abort_invalid(context, [("kid", "required, a key id from ListKeys")])
-        row = await self._run_store(context, "key.retire", actor, request.kid,
-                                    self._store.retire(request.kid))
+        row = await self._run_store(
+            context, "key.retire", actor, request.kid, self._store.retire(request.kid)
+        )
         self._keys.remove(row.kid)
         audit("key.retire", actor, row.kid, "ok")
         return auth_pb2.RetireKeyResponse(key=key_pb(row))
@@ -413,7 +477,8 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         row = await self._store.revoke_token(request.token_id, expires_at)
         audit("token.revoke", actor, request.token_id, "ok", expires_at=row.expires_at)
         return auth_pb2.RevokeTokenResponse(
-            revoked=auth_pb2.RevokedToken(token_id=row.jti, expires_at=timestamp(row.expires_at)))
+            revoked=auth_pb2.RevokedToken(token_id=row.jti, expires_at=timestamp(row.expires_at))
+        )
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -432,8 +497,11 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             audit(event, "", "", "denied", reason="missing bearer token")
-            await abort(context, grpc.StatusCode.UNAUTHENTICATED,
-                        "missing bearer token in the authorization metadata")
+            await abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing bearer token in the authorization metadata",
+            )
         try:
             claims = await self._tokens.verify(token.strip())
         except TokenRejected as rejected:
@@ -458,13 +526,22 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
     ) -> ClientRow:
         actor = await self._admin(context, event)
         await self._check_client_id(context, client_id)
-        row = await self._run_store(context, event, actor, client_id,
-                                    self._store.set_client_state(client_id, state, allowed_from))
+        row = await self._run_store(
+            context,
+            event,
+            actor,
+            client_id,
+            self._store.set_client_state(client_id, state, allowed_from),
+        )
         audit(event, actor, client_id, "ok", tenant=row.tenant)
         return row
 
     async def _run_store(
-        self, context: aio.ServicerContext, event: str, actor: str, target: str,
+        self,
+        context: aio.ServicerContext,
+        event: str,
+        actor: str,
+        target: str,
         operation: Coroutine[Any, Any, T],
     ) -> T:
         """Await a store change, turning its refusals into the matching status code."""
@@ -472,5 +549,8 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
             return await operation
         except StoreError as error:
             audit(event, actor, target, "refused", reason=str(error))
-            await abort(context, _STORE_CODES.get(type(error), grpc.StatusCode.FAILED_PRECONDITION),
-                        str(error))
+            await abort(
+                context,
+                _STORE_CODES.get(type(error), grpc.StatusCode.FAILED_PRECONDITION),
+                str(error),
+            )

@@ -85,8 +85,15 @@ class Store:
     async def add_first_key(self, kid: str, x: str, *, dev: bool) -> bool:
         """Record a key as active if none is; False when another replica got there first."""
         now = time.time()
-        row = SigningKeyRow(kid=kid, alg="EdDSA", public_x=x, state=KEY_ACTIVE, dev=dev,
-                            created_at=now, signs_from=now)
+        row = SigningKeyRow(
+            kid=kid,
+            alg="EdDSA",
+            public_x=x,
+            state=KEY_ACTIVE,
+            dev=dev,
+            created_at=now,
+            signs_from=now,
+        )
         try:
             async with self._sessions.begin() as session:
                 session.add(row)
@@ -97,13 +104,20 @@ class Store:
     async def signing_key(self) -> SigningKeyRow | None:
         """The active key, or while it is only published (not yet signing) the previous one."""
         async with self._sessions() as session:
-            active = (await session.scalars(
-                select(SigningKeyRow).where(SigningKeyRow.state == KEY_ACTIVE))).first()
+            active = (
+                await session.scalars(
+                    select(SigningKeyRow).where(SigningKeyRow.state == KEY_ACTIVE)
+                )
+            ).first()
             if active is None or active.signs_from <= time.time():
                 return active
-            previous = (await session.scalars(
-                select(SigningKeyRow).where(SigningKeyRow.state == KEY_VERIFYING)
-                .order_by(SigningKeyRow.state_changed_at.desc()))).first()
+            previous = (
+                await session.scalars(
+                    select(SigningKeyRow)
+                    .where(SigningKeyRow.state == KEY_VERIFYING)
+                    .order_by(SigningKeyRow.state_changed_at.desc())
+                )
+            ).first()
             return previous or active
 
     async def rotate_to(
@@ -115,7 +129,8 @@ class Store:
             async with self._sessions.begin() as session:
                 previous = (
                     await session.scalars(
-                        select(SigningKeyRow).where(SigningKeyRow.state == KEY_ACTIVE)
+                        select(SigningKeyRow)
+                        .where(SigningKeyRow.state == KEY_ACTIVE)
                         .with_for_update()
                     )
                 ).first()
@@ -123,9 +138,15 @@ class Store:
                     previous.state = KEY_VERIFYING
                     previous.state_changed_at = now
                     await session.flush()
-                new = SigningKeyRow(kid=kid, alg="EdDSA", public_x=x, state=KEY_ACTIVE,
-                                    dev=False, created_at=now,
-                                    signs_from=now + (publish_ahead_s if previous else 0))
+                new = SigningKeyRow(
+                    kid=kid,
+                    alg="EdDSA",
+                    public_x=x,
+                    state=KEY_ACTIVE,
+                    dev=False,
+                    created_at=now,
+                    signs_from=now + (publish_ahead_s if previous else 0),
+                )
                 session.add(new)
         except IntegrityError as error:
             raise Conflict("another key rotation ran at the same time; retry") from error
@@ -216,26 +237,38 @@ class Store:
             if now - self._pruned_at >= PRUNE_EVERY_S:
                 self._pruned_at = now
                 await session.execute(
-                    delete(RevokedTokenRow).where(RevokedTokenRow.expires_at < now))
+                    delete(RevokedTokenRow).where(RevokedTokenRow.expires_at < now)
+                )
                 await session.execute(
                     delete(ClientRow).where(
                         ClientRow.state == CLIENT_DELETED,
                         ClientRow.updated_at < now - MAX_TOKEN_LIFETIME_S - 60,
                     )
                 )
-            revoked = list(await session.scalars(
-                select(RevokedTokenRow).where(RevokedTokenRow.expires_at >= now)
-                .order_by(RevokedTokenRow.expires_at)))
-            disabled = list(await session.scalars(
-                select(ClientRow.client_id).where(ClientRow.state != CLIENT_ENABLED)
-                .order_by(ClientRow.client_id)))
+            revoked = list(
+                await session.scalars(
+                    select(RevokedTokenRow)
+                    .where(RevokedTokenRow.expires_at >= now)
+                    .order_by(RevokedTokenRow.expires_at)
+                )
+            )
+            disabled = list(
+                await session.scalars(
+                    select(ClientRow.client_id)
+                    .where(ClientRow.state != CLIENT_ENABLED)
+                    .order_by(ClientRow.client_id)
+                )
+            )
         return revoked, disabled, now
 
     async def verify_facts(self, kid: str, jti: str, subject: str) -> VerifyFacts:
         async with self._sessions() as session:
             key = await session.get(SigningKeyRow, kid)
-            revoked = await session.scalar(
-                select(RevokedTokenRow.jti).where(RevokedTokenRow.jti == jti)) is not None
+            revoked = (
+                await session.scalar(select(RevokedTokenRow.jti).where(RevokedTokenRow.jti == jti))
+                is not None
+            )
             state = await session.scalar(
-                select(ClientRow.state).where(ClientRow.client_id == subject))
+                select(ClientRow.state).where(ClientRow.client_id == subject)
+            )
         return VerifyFacts(key=key, revoked=revoked, client_state=state)

@@ -75,8 +75,9 @@ class Tokens:
             "exp": now + ttl,
             "jti": token_id,
         }
-        token = jwt.encode(claims, private, algorithm=ALG,
-                           headers={"kid": signer.kid, "typ": TOKEN_TYPE})
+        token = jwt.encode(
+            claims, private, algorithm=ALG, headers={"kid": signer.kid, "typ": TOKEN_TYPE}
+        )
         return Issued(token=token, token_id=token_id, expires_in=ttl)
 
     def _public_key(self, kid: str, x: str) -> Ed25519PublicKey:

@@ -94,8 +94,7 @@ async def test_rotate_key_says_so_when_the_keys_dir_is_not_writable(auth: AuthSe
     keys_dir = auth.settings.resolved_keys_dir()
     keys_dir.rename(keys_dir.with_name("moved"))
     keys_dir.write_text("not a directory")  # stands in for a read-only secret mount
-    code, details = await code_of(auth.stub.RotateKey(auth_pb2.RotateKeyRequest(),
-                                                      metadata=admin))
+    code, details = await code_of(auth.stub.RotateKey(auth_pb2.RotateKeyRequest(), metadata=admin))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "rotate-key" in details
     listed = await auth.stub.ListKeys(auth_pb2.ListKeysRequest(), metadata=admin)
     assert len(listed.keys) == 1
