@@ -19,6 +19,7 @@ import grpc
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2
 from grpc import aio
 
 from services.kit.buildinfo import service_info
@@ -162,6 +163,8 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
         self.invoke_error: tuple[grpc.StatusCode, str] | None = None
         self.invoke_delay_s = 0.0
         self.route_delay_s = 0.0
+        # ListTools answers this status with a google.rpc.BadRequest detail naming the field.
+        self.list_error: tuple[grpc.StatusCode, str] | None = None
         # Handlers that saw their call cancelled (the gateway gave up or its caller went away).
         self.cancelled: list[str] = []
         self.invoke_started = asyncio.Event()
@@ -224,6 +227,17 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
     async def ListTools(
         self, request: router_pb2.ListToolsRequest, context: aio.ServicerContext
     ) -> router_pb2.ListToolsResponse:
+        if self.list_error is not None:
+            code, field_name = self.list_error
+            violation = error_details_pb2.BadRequest.FieldViolation(
+                field=field_name, description="not acceptable"
+            )
+            await abort(
+                context,
+                code,
+                f"{field_name}: not acceptable",
+                error_details_pb2.BadRequest(field_violations=[violation]),
+            )
         allowed = set(request.allowed_tools)
         return router_pb2.ListToolsResponse(
             tools=[t for t in self.tools.values() if "*" in allowed or t.name in allowed]

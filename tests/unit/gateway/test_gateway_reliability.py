@@ -330,3 +330,37 @@ async def test_not_serving_until_auth_state_arrives() -> None:
         await channel.close()
         await gateway.stop(0)
         await inner.stop(0)
+
+
+# -- auth down, forwarded errors ---------------------------------------------------------------
+
+
+async def test_auth_down_keeps_verifying_within_staleness_then_fails_closed(mesh: _Mesh) -> None:
+    gw = await mesh.gateway(Fakes(), auth_refresh_s=0.05, auth_staleness_s=0.8, **_FAST_BREAKER)
+    await gw.wait_ready()
+    gw.fakes.auth.down = True
+    await asyncio.sleep(0.4)  # refreshes fail (the auth breaker opens); cached keys still verify
+    reply, _ = await _timed_run(gw, timeout=2)
+    assert reply.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
+    await asyncio.sleep(0.6)
+    call = gw.stub.Run(_request(), metadata=bearer(gw.token()), timeout=2)
+    with pytest.raises(aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert _retry_delay(await rpc_status.aio.from_call(call)) is not None
+    gw.fakes.auth.down = False
+    await gw.wait_ready()  # the breaker half-opens, a trial refresh succeeds
+
+
+async def test_a_forwarded_error_keeps_its_status_details(gw: GatewayUnderTest) -> None:
+    gw.fakes.router.list_error = (grpc.StatusCode.INVALID_ARGUMENT, "allowed_tools")
+    call = gw.stub.ListTools(gateway_pb2.ListToolsRequest(), metadata=bearer(gw.token()))
+    with pytest.raises(aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "router: allowed_tools: not acceptable"
+    status = await rpc_status.aio.from_call(call)
+    assert status is not None and status.message == err.value.details()
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    assert [v.field for v in bad_request.field_violations] == ["allowed_tools"]
