@@ -12,6 +12,7 @@ from pathlib import Path
 from grpc import aio
 from pydantic import SecretStr
 
+from services.auth.audit import AuditTrail
 from services.auth.keys import KeyFiles
 from services.auth.models import CLIENT_DELETED, CLIENT_ENABLED, KEY_RETIRED, ClientRow
 from services.auth.policy import PolicySource
@@ -148,7 +149,25 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
             await engine.dispose()  # the server never started, so no clean-up would run
             raise
         cleanups.append(engine.dispose)
-        servicer = AuthServicer(settings, store, key_files, policy, hasher)
+        # Audit events wait in this file until telemetry has them; a relay started here
+        # delivers them (and whatever an earlier run left behind) with backoff.
+        trail = AuditTrail(
+            settings.resolved_audit_outbox_file(),
+            settings.telemetry_target,
+            lambda: policy.current().version,
+            call_timeout_s=settings.audit_call_timeout_s,
+            base_backoff_s=settings.audit_backoff_base_s,
+            max_backoff_s=settings.audit_backoff_max_s,
+        )
+        try:
+            await trail.open()
+        except BaseException:
+            await trail.close()
+            raise
+        # Cleanups run in reverse: the trail closes before the engine is disposed.
+        cleanups.append(trail.close)
+        trail.start()
+        servicer = AuthServicer(settings, store, key_files, policy, hasher, audit=trail)
         auth_pb2_grpc.add_AuthServicer_to_server(servicer, server)
         return [auth_pb2.DESCRIPTOR.services_by_name["Auth"].full_name]
 

@@ -12,6 +12,7 @@ import secrets
 import time
 from typing import Any
 
+from services.auth.audit import SUCCESS, AuditTrail
 from services.auth.keys import KeyFiles
 from services.auth.models import (
     CLIENT_DELETED,
@@ -21,12 +22,22 @@ from services.auth.models import (
     ClientRow,
 )
 from services.auth.policy import NAME_PATTERN, SCOPE_PATTERN, load_policy
-from services.auth.servicer import CLIENT_ID_PATTERN, SecretHasher, audit, new_secret
+from services.auth.servicer import (
+    CLIENT_CREATE,
+    CLIENT_DELETE,
+    CLIENT_ID_PATTERN,
+    KEY_RETIRE,
+    KEY_ROTATE,
+    SecretHasher,
+    new_secret,
+)
 from services.auth.settings import AuthSettings
 from services.auth.store import Store
 from services.kit.db import create_engine
 
 ACTOR = "local-operator"
+# The local operator has no tenant of its own; names starting with "_" are never real tenants.
+OPERATOR_TENANT = "_operator"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,33 +65,51 @@ async def run(settings: AuthSettings, args: argparse.Namespace) -> dict[str, Any
     """Run one command; returns what to print. Raises ValueError for bad input."""
     settings.ensure_data_dir()
     engine = create_engine(settings.db_url())
+    # Events go to the same outbox file as the server's: its relay (or the next start's)
+    # delivers them to telemetry.
+    trail = AuditTrail(
+        settings.resolved_audit_outbox_file(),
+        settings.telemetry_target,
+        lambda: load_policy(settings.policy_file).version,
+    )
     try:
+        await trail.open()
         store = Store(engine)
         await store.create_schema(migrate=settings.migrate_on_start)
         keys = KeyFiles(settings.resolved_keys_dir())
         if args.command == "rotate-key":
             kid, x = keys.create()
             new, previous = await store.rotate_to(kid, x, settings.key_publish_ahead_s)
-            audit("key.rotate", ACTOR, kid, "ok", previous=previous.kid if previous else "")
+            previous_kid = previous.kid if previous else ""
+            await record(trail, KEY_ROTATE, new.kid, {"previous": previous_kid})
             return {"active": new.kid, "previous": previous.kid if previous else None}
         if args.command == "retire-key":
             retired = await store.retire(args.kid)
             keys.remove(retired.kid)
-            audit("key.retire", ACTOR, retired.kid, "ok")
+            await record(trail, KEY_RETIRE, retired.kid)
             return {"retired": retired.kid}
         if args.command == "delete-client":
             deleted = await store.set_client_state(
                 args.client_id, CLIENT_DELETED, (CLIENT_ENABLED, CLIENT_DISABLED, CLIENT_REVOKED)
             )
-            audit("client.delete", ACTOR, deleted.client_id, "ok", tenant=deleted.tenant)
+            await record(trail, CLIENT_DELETE, deleted.client_id, {"client_tenant": deleted.tenant})
             return {"deleted": deleted.client_id}
-        return await _create_client(settings, store, args)
+        return await _create_client(settings, store, trail, args)
     finally:
+        await trail.close()
         await engine.dispose()
 
 
+async def record(
+    trail: AuditTrail, action: str, target: str, details: dict[str, object] | None = None
+) -> None:
+    await trail.record(
+        action, SUCCESS, tenant=OPERATOR_TENANT, actor=ACTOR, target=target, details=details
+    )
+
+
 async def _create_client(
-    settings: AuthSettings, store: Store, args: argparse.Namespace
+    settings: AuthSettings, store: Store, trail: AuditTrail, args: argparse.Namespace
 ) -> dict[str, Any]:
     client_id = args.client_id or f"c-{secrets.token_hex(8)}"
     if not re.fullmatch(CLIENT_ID_PATTERN, client_id):
@@ -106,15 +135,8 @@ async def _create_client(
         updated_at=now,
     )
     await store.add_client(row)
-    audit(
-        "client.create",
-        ACTOR,
-        client_id,
-        "ok",
-        tenant=row.tenant,
-        scopes=row.scopes,
-        roles=row.roles,
-    )
+    details = {"client_tenant": row.tenant, "scopes": args.scope, "roles": args.role}
+    await record(trail, CLIENT_CREATE, client_id, details)
     return {
         "client_id": client_id,
         "client_secret": secret.get_secret_value(),

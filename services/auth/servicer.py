@@ -9,7 +9,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -19,6 +19,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 from pydantic import SecretStr
 
+from services.auth.audit import (
+    AUTH_FAILURE,
+    DENIED,
+    FAILURE,
+    PERMISSION_DENIED,
+    SUCCESS,
+    TOKEN_ISSUE,
+    UNKNOWN_TENANT,
+    AuditTrail,
+)
 from services.auth.keys import KeyFiles, public_jwk
 from services.auth.models import (
     CLIENT_DELETED,
@@ -43,7 +53,6 @@ from toolmesh.common.v1 import common_pb2
 
 T = TypeVar("T")
 
-audit_log = logging.getLogger("toolmesh.auth.audit")
 log = logging.getLogger("toolmesh.auth")
 
 CONTRACT_VERSIONS = ["toolmesh.auth.v1"]
@@ -51,6 +60,16 @@ ADMIN_SCOPE = "admin"
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 OPAQUE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_SECRET_CHARS = 256
+
+# Audit actions of the admin changes (services.auth.audit has the others).
+CLIENT_CREATE = "admin.client.create"
+CLIENT_DISABLE = "admin.client.disable"
+CLIENT_DELETE = "admin.client.delete"
+CLIENT_REVOKE = "admin.client.revoke"
+CLIENT_ROTATE_SECRET = "admin.client.rotate_secret"  # noqa: S105 - an action name
+KEY_ROTATE = "admin.key.rotate"
+KEY_RETIRE = "admin.key.retire"
+TOKEN_REVOKE = "admin.token.revoke"  # noqa: S105 - an action name
 
 _CLIENT_STATES = {
     CLIENT_ENABLED: auth_pb2.CLIENT_STATE_ENABLED,
@@ -68,14 +87,6 @@ _STORE_CODES = {
     Conflict: grpc.StatusCode.ALREADY_EXISTS,
     WrongState: grpc.StatusCode.FAILED_PRECONDITION,
 }
-
-
-def audit(event: str, actor: str, target: str, outcome: str, **fields: object) -> None:
-    """One structured line per security-relevant event; callers never pass secrets."""
-    audit_log.info(
-        "audit",
-        extra={"event": event, "actor": actor, "target": target, "outcome": outcome, **fields},
-    )
 
 
 def timestamp(seconds: float | None) -> Timestamp | None:
@@ -160,8 +171,11 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         key_files: KeyFiles,
         policy: PolicySource,
         hasher: SecretHasher,
+        *,
+        audit: AuditTrail,
     ) -> None:
         self._settings = settings
+        self._audit = audit
         self._store = store
         self._keys = key_files
         self._policy = policy
@@ -187,7 +201,14 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         client_id, secret = request.client_id, SecretStr(request.client_secret)
         wait = self._throttle.begin(client_id)
         if wait:
-            audit("token.issue", client_id, client_id, "throttled")
+            known = await self._store.client(client_id)
+            await self._record_refusal(
+                AUTH_FAILURE,
+                tenant=known.tenant if known else UNKNOWN_TENANT,
+                actor=client_id,
+                target=client_id,
+                details={"rpc": "IssueToken", "reason": "throttled"},
+            )
             await abort(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -196,13 +217,28 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
             )
         client = await self._store.client(client_id)
         if not await self._hasher.matches(client.secret_hash if client else "", secret):
-            audit("token.issue", client_id, client_id, "denied", reason="bad credentials")
+            await self._record_refusal(
+                AUTH_FAILURE,
+                tenant=client.tenant if client else UNKNOWN_TENANT,
+                actor=client_id,
+                target=client_id,
+                details={
+                    "rpc": "IssueToken",
+                    "reason": "wrong secret" if client else "unknown client",
+                },
+            )
             # One message for unknown id and wrong secret: no hint which one was wrong.
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, "invalid client credentials")
         assert client is not None
         self._throttle.succeeded(client_id)
         if client.state != CLIENT_ENABLED:
-            audit("token.issue", client_id, client_id, "denied", reason=client.state)
+            await self._record_refusal(
+                AUTH_FAILURE,
+                tenant=client.tenant,
+                actor=client_id,
+                target=client_id,
+                details={"rpc": "IssueToken", "reason": f"client {client.state}"},
+            )
             await abort(context, grpc.StatusCode.PERMISSION_DENIED, "client is disabled")
         granted = set(client.scopes.split()) | self._policy.current().role_scopes(
             client.roles.split()
@@ -210,7 +246,13 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         wanted = list(dict.fromkeys(request.scopes)) or sorted(granted)
         for scope in wanted:
             if scope not in granted:
-                audit("token.issue", client_id, client_id, "denied", reason=f"scope {scope}")
+                await self._record_refusal(
+                    PERMISSION_DENIED,
+                    tenant=client.tenant,
+                    actor=client_id,
+                    target=client_id,
+                    details={"rpc": "IssueToken", "reason": "scope not granted", "scope": scope},
+                )
                 await abort(
                     context,
                     grpc.StatusCode.PERMISSION_DENIED,
@@ -221,14 +263,19 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         except NoSigningKey as error:
             log.error("cannot sign", extra={"error": str(error)})
             await abort(context, grpc.StatusCode.UNAVAILABLE, "signing key unavailable")
-        audit(
-            "token.issue",
-            client_id,
-            client_id,
-            "ok",
+        # Before the token leaves: a token that was handed out is always in the trail.
+        await self._record_required(
+            context,
+            TOKEN_ISSUE,
+            SUCCESS,
             tenant=client.tenant,
-            token_id=issued.token_id,
-            scopes=wanted,
+            actor=client_id,
+            target=client_id,
+            details={
+                "token_id": issued.token_id,
+                "scopes": wanted,
+                "expires_in": issued.expires_in,
+            },
         )
         return auth_pb2.IssueTokenResponse(
             access_token=issued.token,
@@ -299,7 +346,7 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
     async def CreateClient(
         self, request: auth_pb2.CreateClientRequest, context: aio.ServicerContext
     ) -> auth_pb2.CreateClientResponse:
-        actor = await self._admin(context, "client.create")
+        actor = await self._admin(context, CLIENT_CREATE)
         violations: list[tuple[str, str]] = []
         if request.client_id and not re.fullmatch(CLIENT_ID_PATTERN, request.client_id):
             violations.append(("client_id", "1-64 letters, digits, '_', '.', '-'"))
@@ -329,17 +376,13 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
             created_at=now,
             updated_at=now,
         )
-        await self._run_store(
-            context, "client.create", actor, client_id, self._store.add_client(row)
-        )
-        audit(
-            "client.create",
+        await self._run_store(context, CLIENT_CREATE, actor, client_id, self._store.add_client(row))
+        await self._record_change(
+            context,
+            CLIENT_CREATE,
             actor,
             client_id,
-            "ok",
-            tenant=row.tenant,
-            scopes=row.scopes,
-            roles=row.roles,
+            {"client_tenant": row.tenant, "scopes": row.scopes.split(), "roles": row.roles.split()},
         )
         return auth_pb2.CreateClientResponse(
             client=client_pb(row), client_secret=secret.get_secret_value()
@@ -348,7 +391,7 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
     async def ListClients(
         self, request: auth_pb2.ListClientsRequest, context: aio.ServicerContext
     ) -> auth_pb2.ListClientsResponse:
-        await self._admin(context, "client.list")
+        await self._admin(context, "admin.client.list")
         if request.tenant and not re.fullmatch(NAME_PATTERN, request.tenant):
             await abort_invalid(context, [("tenant", "not a valid tenant name")])
         rows = await self._store.list_clients(request.tenant, request.include_deleted)
@@ -359,7 +402,7 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
     ) -> auth_pb2.DisableClientResponse:
         row = await self._change_client_state(
             context,
-            "client.disable",
+            CLIENT_DISABLE,
             request.client_id,
             CLIENT_DISABLED,
             (CLIENT_ENABLED, CLIENT_DISABLED),
@@ -371,7 +414,7 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
     ) -> auth_pb2.DeleteClientResponse:
         row = await self._change_client_state(
             context,
-            "client.delete",
+            CLIENT_DELETE,
             request.client_id,
             CLIENT_DELETED,
             (CLIENT_ENABLED, CLIENT_DISABLED, CLIENT_REVOKED),
@@ -383,7 +426,7 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
     ) -> auth_pb2.RevokeClientResponse:
         row = await self._change_client_state(
             context,
-            "client.revoke",
+            CLIENT_REVOKE,
             request.client_id,
             CLIENT_REVOKED,
             (CLIENT_ENABLED, CLIENT_DISABLED, CLIENT_REVOKED),
@@ -393,18 +436,20 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
     async def RotateClientSecret(
         self, request: auth_pb2.RotateClientSecretRequest, context: aio.ServicerContext
     ) -> auth_pb2.RotateClientSecretResponse:
-        actor = await self._admin(context, "client.rotate_secret")
+        actor = await self._admin(context, CLIENT_ROTATE_SECRET)
         await self._check_client_id(context, request.client_id)
         secret = new_secret()
         secret_hash = await self._hasher.hash(secret)
         row = await self._run_store(
             context,
-            "client.rotate_secret",
+            CLIENT_ROTATE_SECRET,
             actor,
             request.client_id,
             self._store.set_secret_hash(request.client_id, secret_hash),
         )
-        audit("client.rotate_secret", actor, request.client_id, "ok")
+        await self._record_change(
+            context, CLIENT_ROTATE_SECRET, actor, row.client_id, {"client_tenant": row.tenant}
+        )
         return auth_pb2.RotateClientSecretResponse(
             client=client_pb(row), client_secret=secret.get_secret_value()
         )
@@ -412,19 +457,25 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
     async def ListKeys(
         self, request: auth_pb2.ListKeysRequest, context: aio.ServicerContext
     ) -> auth_pb2.ListKeysResponse:
-        await self._admin(context, "key.list")
+        await self._admin(context, "admin.key.list")
         return auth_pb2.ListKeysResponse(keys=[key_pb(row) for row in await self._store.keys()])
 
     async def RotateKey(
         self, request: auth_pb2.RotateKeyRequest, context: aio.ServicerContext
     ) -> auth_pb2.RotateKeyResponse:
-        actor = await self._admin(context, "key.rotate")
+        actor = await self._admin(context, KEY_ROTATE)
         try:
             kid, x = await asyncio.to_thread(self._keys.create)
         except OSError as error:
             # E.g. keys projected read-only from a secret: rotate where the keys are managed.
             log.error("cannot write a key file", extra={"error": error.strerror})
-            audit("key.rotate", actor, "", "failed", reason="keys dir not writable")
+            await self._record_refusal(
+                KEY_ROTATE,
+                FAILURE,
+                tenant=actor.tenant,
+                actor=actor.subject,
+                details={"reason": "keys dir not writable"},
+            )
             await abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -435,11 +486,21 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
             new, previous = await self._store.rotate_to(kid, x, self._settings.key_publish_ahead_s)
         except Conflict:
             self._keys.remove(kid)
-            audit("key.rotate", actor, kid, "conflict")
+            await self._record_refusal(
+                KEY_ROTATE,
+                FAILURE,
+                tenant=actor.tenant,
+                actor=actor.subject,
+                target=kid,
+                details={"reason": "concurrent rotation"},
+            )
             await abort(
                 context, grpc.StatusCode.ABORTED, "another key rotation ran at the same time; retry"
             )
-        audit("key.rotate", actor, kid, "ok", previous=previous.kid if previous else "")
+        # kid is the public key's thumbprint: naming it reveals nothing of the private key.
+        await self._record_change(
+            context, KEY_ROTATE, actor, new.kid, {"previous": previous.kid if previous else ""}
+        )
         return auth_pb2.RotateKeyResponse(
             active=key_pb(new), previous=key_pb(previous) if previous else None
         )
@@ -447,20 +508,20 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
     async def RetireKey(
         self, request: auth_pb2.RetireKeyRequest, context: aio.ServicerContext
     ) -> auth_pb2.RetireKeyResponse:
-        actor = await self._admin(context, "key.retire")
+        actor = await self._admin(context, KEY_RETIRE)
         if not re.fullmatch(OPAQUE_ID_PATTERN, request.kid):
             await abort_invalid(context, [("kid", "required, a key id from ListKeys")])
         row = await self._run_store(
-            context, "key.retire", actor, request.kid, self._store.retire(request.kid)
+            context, KEY_RETIRE, actor, request.kid, self._store.retire(request.kid)
         )
         self._keys.remove(row.kid)
-        audit("key.retire", actor, row.kid, "ok")
+        await self._record_change(context, KEY_RETIRE, actor, row.kid)
         return auth_pb2.RetireKeyResponse(key=key_pb(row))
 
     async def RevokeToken(
         self, request: auth_pb2.RevokeTokenRequest, context: aio.ServicerContext
     ) -> auth_pb2.RevokeTokenResponse:
-        actor = await self._admin(context, "token.revoke")
+        actor = await self._admin(context, TOKEN_REVOKE)
         now = time.time()
         # No token outlives this, so a later expiry would only keep the entry around longer.
         latest = now + MAX_TOKEN_LIFETIME_S + self._settings.leeway_s
@@ -475,7 +536,9 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         if violations:
             await abort_invalid(context, violations)
         row = await self._store.revoke_token(request.token_id, expires_at)
-        audit("token.revoke", actor, request.token_id, "ok", expires_at=row.expires_at)
+        await self._record_change(
+            context, TOKEN_REVOKE, actor, row.jti, {"expires_at": round(row.expires_at, 3)}
+        )
         return auth_pb2.RevokeTokenResponse(
             revoked=auth_pb2.RevokedToken(token_id=row.jti, expires_at=timestamp(row.expires_at))
         )
@@ -486,17 +549,30 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         try:
             return await self._tokens.verify(token)
         except TokenRejected as rejected:
+            # The reason is one of a fixed set of short phrases, never the token; the token's
+            # own claims are not trusted for the tenant, so the event goes to UNKNOWN_TENANT.
+            await self._record_refusal(
+                AUTH_FAILURE,
+                tenant=UNKNOWN_TENANT,
+                actor="",
+                details={"rpc": "VerifyToken", "reason": str(rejected)},
+            )
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(rejected))
 
-    async def _admin(self, context: aio.ServicerContext, event: str) -> str:
-        """The subject of a verified bearer token with the admin scope, or abort."""
+    async def _admin(self, context: aio.ServicerContext, action: str) -> Claims:
+        """The claims of a verified bearer token with the admin scope, or abort (audited)."""
         header = ""
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
                 header = value.decode() if isinstance(value, bytes) else value
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            audit(event, "", "", "denied", reason="missing bearer token")
+            await self._record_refusal(
+                AUTH_FAILURE,
+                tenant=UNKNOWN_TENANT,
+                actor="",
+                details={"attempted": action, "reason": "missing bearer token"},
+            )
             await abort(
                 context,
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -505,12 +581,22 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         try:
             claims = await self._tokens.verify(token.strip())
         except TokenRejected as rejected:
-            audit(event, "", "", "denied", reason=str(rejected))
+            await self._record_refusal(
+                AUTH_FAILURE,
+                tenant=UNKNOWN_TENANT,
+                actor="",
+                details={"attempted": action, "reason": str(rejected)},
+            )
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(rejected))
         if ADMIN_SCOPE not in claims.scopes:
-            audit(event, claims.subject, "", "denied", reason="scope admin missing")
+            await self._record_refusal(
+                PERMISSION_DENIED,
+                tenant=claims.tenant,
+                actor=claims.subject,
+                details={"attempted": action, "reason": "scope admin required"},
+            )
             await abort(context, grpc.StatusCode.PERMISSION_DENIED, "scope admin required")
-        return claims.subject
+        return claims
 
     async def _check_client_id(self, context: aio.ServicerContext, client_id: str) -> None:
         if not re.fullmatch(CLIENT_ID_PATTERN, client_id):
@@ -519,28 +605,28 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
     async def _change_client_state(
         self,
         context: aio.ServicerContext,
-        event: str,
+        action: str,
         client_id: str,
         state: str,
         allowed_from: tuple[str, ...],
     ) -> ClientRow:
-        actor = await self._admin(context, event)
+        actor = await self._admin(context, action)
         await self._check_client_id(context, client_id)
         row = await self._run_store(
             context,
-            event,
+            action,
             actor,
             client_id,
             self._store.set_client_state(client_id, state, allowed_from),
         )
-        audit(event, actor, client_id, "ok", tenant=row.tenant)
+        await self._record_change(context, action, actor, client_id, {"client_tenant": row.tenant})
         return row
 
     async def _run_store(
         self,
         context: aio.ServicerContext,
-        event: str,
-        actor: str,
+        action: str,
+        actor: Claims,
         target: str,
         operation: Coroutine[Any, Any, T],
     ) -> T:
@@ -548,9 +634,78 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         try:
             return await operation
         except StoreError as error:
-            audit(event, actor, target, "refused", reason=str(error))
+            await self._record_refusal(
+                action,
+                FAILURE,
+                tenant=actor.tenant,
+                actor=actor.subject,
+                target=target,
+                details={"reason": str(error)},
+            )
             await abort(
                 context,
                 _STORE_CODES.get(type(error), grpc.StatusCode.FAILED_PRECONDITION),
                 str(error),
             )
+
+    async def _record_change(
+        self,
+        context: aio.ServicerContext,
+        action: str,
+        actor: Claims,
+        target: str,
+        details: Mapping[str, object] | None = None,
+    ) -> None:
+        """Record an admin change made by ``actor``, in the actor's tenant, before answering."""
+        await self._record_required(
+            context,
+            action,
+            SUCCESS,
+            tenant=actor.tenant,
+            actor=actor.subject,
+            target=target,
+            details=details,
+        )
+
+    async def _record_required(
+        self,
+        context: aio.ServicerContext,
+        action: str,
+        outcome: str,
+        *,
+        tenant: str,
+        actor: str,
+        target: str,
+        details: Mapping[str, object] | None = None,
+    ) -> None:
+        """Commit an event the answer depends on: without it, the RPC answers UNAVAILABLE."""
+        try:
+            await self._audit.record(
+                action, outcome, tenant=tenant, actor=actor, target=target, details=details
+            )
+        except Exception:
+            log.exception("audit outbox write failed", extra={"action": action})
+            await abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                f"{action}: the audit record could not be written, so the result is not "
+                "returned (a change may have been applied: check before retrying)",
+            )
+
+    async def _record_refusal(
+        self,
+        action: str,
+        outcome: str = DENIED,
+        *,
+        tenant: str,
+        actor: str,
+        target: str = "",
+        details: Mapping[str, object] | None = None,
+    ) -> None:
+        """Commit the event of a refusal; the refusal stands even if the outbox fails."""
+        try:
+            await self._audit.record(
+                action, outcome, tenant=tenant, actor=actor, target=target, details=details
+            )
+        except Exception:
+            log.exception("audit outbox write failed", extra={"action": action})

@@ -39,12 +39,28 @@ class AuthSettings(ServiceSettings):
     throttle_failures: int = Field(default=5, ge=1)
     throttle_window_s: float = Field(default=60.0, gt=0)
     throttle_backoff_s: float = Field(default=60.0, gt=0)
+    # Where audit events go (telemetry's AppendAudit): host:port, a comma list of replicas,
+    # ipv4:... or dns:///name:port. mTLS is used when this process has a certificate.
+    telemetry_target: str = f"127.0.0.1:{DEFAULT_PORTS['telemetry']}"
+    # The durable queue (SQLite) of audit events not yet delivered to telemetry; unset means
+    # <data_dir>/auth/audit-outbox.db. Keep it on a disk that outlives the process.
+    audit_outbox_file: Path | None = None
+    # Seconds each AppendAudit call may take before the batch is retried later.
+    audit_call_timeout_s: float = Field(default=5.0, gt=0)
+    # While telemetry is down the relay retries after a random delay of up to
+    # base * 2^failures seconds (full jitter), capped at audit_backoff_max_s.
+    audit_backoff_base_s: float = Field(default=0.2, ge=0)
+    # The longest delay between two delivery attempts, in seconds.
+    audit_backoff_max_s: float = Field(default=10.0, ge=0)
 
     def db_url(self) -> str:
         return self.database_url or sqlite_url(self.data_dir, "auth")
 
     def resolved_keys_dir(self) -> Path:
         return self.keys_dir or self.data_dir / "auth" / "keys"
+
+    def resolved_audit_outbox_file(self) -> Path:
+        return self.audit_outbox_file or self.data_dir / "auth" / "audit-outbox.db"
 
     def dev_client_file(self) -> Path:
         return self.data_dir / "auth" / "dev-client.json"

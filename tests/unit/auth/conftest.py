@@ -39,6 +39,8 @@ def make_settings(data_dir: Path, **overrides: Any) -> AuthSettings:
         "metrics_port": 0,
         "policy_file": policy,
         "policy_check_interval_s": 0,
+        # Nothing listens there: audit events wait in the outbox unless a test starts telemetry.
+        "telemetry_target": "127.0.0.1:9",
     }
     values.update(overrides)
     return AuthSettings(**values)

@@ -103,18 +103,19 @@ async def test_client_lifecycle_is_audited_without_secrets(
     changes = [
         (a["event"], a["target"], a["outcome"])
         for a in audits
-        if a["event"].startswith("client.") and a["event"] != "client.list"
+        if a["event"].startswith("admin.client.")
     ]
     assert changes == [
-        ("client.create", "billing-bot", "ok"),
-        ("client.create", "billing-bot", "refused"),
-        ("client.rotate_secret", "billing-bot", "ok"),
-        ("client.revoke", "billing-bot", "ok"),
-        ("client.disable", "billing-bot", "refused"),
-        ("client.delete", "billing-bot", "ok"),
-        ("client.delete", "billing-bot", "refused"),
+        ("admin.client.create", "billing-bot", "success"),
+        ("admin.client.create", "billing-bot", "failure"),
+        ("admin.client.rotate_secret", "billing-bot", "success"),
+        ("admin.client.revoke", "billing-bot", "success"),
+        ("admin.client.disable", "billing-bot", "failure"),
+        ("admin.client.delete", "billing-bot", "success"),
+        ("admin.client.delete", "billing-bot", "failure"),
     ]
-    assert all(a["actor"] == "dev" for a in audits if a["event"].startswith("client."))
+    assert all(a["actor"] == "dev" for a in audits if a["event"].startswith("admin."))
+    assert all(a["tenant"] == "dev" for a in audits if a["event"].startswith("admin."))
     everything = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
     for secret in (first_secret, rotated.client_secret, auth.dev_credentials()["client_secret"]):
         assert secret not in everything
