@@ -39,7 +39,7 @@ def free_port() -> int:
 
 
 def service_of(instance: str) -> str:
-    """"memory" and "memory-1" are both instances of the memory service."""
+    """ "memory" and "memory-1" are both instances of the memory service."""
     return instance.split("-", maxsplit=1)[0]
 
 
@@ -113,6 +113,7 @@ class Mesh:
         # Auth replicas share the signing keys and the dev client's credentials file.
         env["TOOLMESH_AUTH_DATA_DIR"] = str(self.data_dir)
         env["TOOLMESH_ROUTER_TELEMETRY_TARGET"] = self.service_target("telemetry")
+        env["TOOLMESH_AUTH_TELEMETRY_TARGET"] = self.service_target("telemetry")
         for name in SERVICES:
             env[f"TOOLMESH_{name.upper()}_METRICS_PORT"] = "0"
         if self.tls:

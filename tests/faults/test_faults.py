@@ -145,8 +145,8 @@ async def _drive(fm: FaultMesh, scenario: Scenario, token: str) -> LoadResult:
         return await load
 
 
-def _stored_turns(mesh: Mesh, token: str, sessions: set[str]) -> Counter[str]:
-    """Turns per request id, over every session the load used."""
+def _stored_turns(mesh: Mesh, token: str, sessions: set[str]) -> Counter[str] | None:
+    """Turns per request id over every session the load used; None while memory is not back."""
     counts: Counter[str] = Counter()
     with mesh.channel("gateway") as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -160,6 +160,8 @@ def _stored_turns(mesh: Mesh, token: str, sessions: set[str]) -> Counter[str]:
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.NOT_FOUND:
                     continue
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    return None  # reconnecting, or the breaker is still open
                 raise
             counts.update(turn.request_id for turn in reply.turns)
     return counts
@@ -171,6 +173,10 @@ def _lost_or_doubled(mesh: Mesh, token: str, result: LoadResult) -> tuple[list[s
     deadline = time.monotonic() + 30
     while True:
         counts = _stored_turns(mesh, token, sessions)
+        if counts is None:
+            assert time.monotonic() < deadline, "memory never came back"
+            time.sleep(0.5)
+            continue
         lost = sorted(r for r in acknowledged if counts[r] < 2)
         doubled = sorted(r for r, n in counts.items() if n > 2)
         if not lost or time.monotonic() > deadline:

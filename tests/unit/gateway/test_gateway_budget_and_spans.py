@@ -5,7 +5,9 @@ from __future__ import annotations
 import grpc
 import pytest
 from grpc import aio
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -98,3 +100,49 @@ async def test_run_span_carries_tenant_request_tool_and_outcome(
     assert attributes["toolmesh.outcome"] == "OUTCOME_TOOL_ANSWERED"
     assert tuple(attributes["toolmesh.degraded"]) == ()  # type: ignore[arg-type]
     assert reply.trace_id == format(run_spans[-1].context.trace_id, "032x")
+
+
+@pytest.fixture(scope="module")
+def metric_reader() -> InMemoryMetricReader:
+    """The gateway's instruments are made on the global meter; give it a provider to read."""
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    return reader
+
+
+def _points(reader: InMemoryMetricReader, name: str) -> list[dict[str, object]]:
+    data = reader.get_metrics_data()
+    found: list[dict[str, object]] = []
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    found.extend(
+                        {**dict(p.attributes or {}), "value": p.value}  # type: ignore[union-attr]
+                        for p in metric.data.data_points
+                    )
+    return found
+
+
+async def test_a_fallback_is_on_the_span_and_counted_by_dependency(
+    spans: InMemorySpanExporter, metric_reader: InMemoryMetricReader
+) -> None:
+    fakes = Fakes()
+    fakes.router.route_error = grpc.StatusCode.UNAVAILABLE
+    inner, gateway, channel, gw = await start_gateway(fakes)
+    try:
+        await gw.wait_ready()
+        reply = await _run(gw, timeout=5)
+        inflight = _points(metric_reader, "toolmesh.gateway.inflight")
+    finally:
+        await channel.close()
+        await gateway.stop(0)
+        await inner.stop(0)
+    assert list(reply.degraded) == ["router"]
+    run_span = [s for s in spans.get_finished_spans() if s.name.endswith("Gateway/Run")][-1]
+    attributes = dict(run_span.attributes or {})
+    assert attributes["toolmesh.outcome"] == "OUTCOME_FALLBACK"
+    assert tuple(attributes["toolmesh.degraded"]) == ("router",)  # type: ignore[arg-type]
+    fallbacks = _points(metric_reader, "toolmesh.gateway.fallbacks")
+    assert any(p["dependency"] == "router" and p["value"] >= 1 for p in fallbacks), fallbacks
+    assert {"bulkhead": "runs", "value": 0} in inflight
