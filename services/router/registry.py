@@ -165,15 +165,11 @@ class Registry:
 
     def latest(self, name: str) -> Tool | None:
         """The highest released (non pre-release) version, which routing offers."""
-        released = [
-            tool for (n, v), tool in self._tools.items() if n == name and "-" not in v
-        ]
+        released = [tool for (n, v), tool in self._tools.items() if n == name and "-" not in v]
         return max(released, key=lambda t: semver_key(t.spec.version), default=None)
 
     def all(self) -> list[Tool]:
-        return sorted(
-            self._tools.values(), key=lambda t: (t.spec.name, semver_key(t.spec.version))
-        )
+        return sorted(self._tools.values(), key=lambda t: (t.spec.name, semver_key(t.spec.version)))
 
     def fingerprints(self) -> dict[str, str]:
         return {tool.key: tool.spec.fingerprint() for tool in self.all()}

@@ -132,8 +132,7 @@ class ToolRouter:
             return Decision(False, [], threshold, self._rules.version, reason)
         best = candidates[0]
         parts = (
-            f"intent {best.intent:.2f}, schema fit {best.schema_fit:.2f}, "
-            f"health {best.health:.2f}"
+            f"intent {best.intent:.2f}, schema fit {best.schema_fit:.2f}, health {best.health:.2f}"
         )
         if best.confidence >= threshold:
             reason = (

@@ -53,7 +53,7 @@ def _power(base: Fraction, exponent: Fraction) -> Fraction:
         raise CalculatorError("result is too large")
     if base == 0 and exponent < 0:
         raise CalculatorError("division by zero")
-    return base ** exponent.numerator
+    return base**exponent.numerator
 
 
 def _evaluate(node: ast.AST, source: str) -> Fraction:

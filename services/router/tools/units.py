@@ -20,10 +20,14 @@ _UNITS: list[tuple[Unit, tuple[str, ...]]] = [
     # length, base metre
     (Unit("m", "length", _F(1)), ("m", "meter", "meters", "metre", "metres")),
     (Unit("km", "length", _F(1000)), ("km", "kilometer", "kilometers", "kilometre", "kilometres")),
-    (Unit("cm", "length", _F(1, 100)), ("cm", "centimeter", "centimeters", "centimetre",
-                                        "centimetres")),
-    (Unit("mm", "length", _F(1, 1000)), ("mm", "millimeter", "millimeters", "millimetre",
-                                         "millimetres")),
+    (
+        Unit("cm", "length", _F(1, 100)),
+        ("cm", "centimeter", "centimeters", "centimetre", "centimetres"),
+    ),
+    (
+        Unit("mm", "length", _F(1, 1000)),
+        ("mm", "millimeter", "millimeters", "millimetre", "millimetres"),
+    ),
     (Unit("mi", "length", _F("1609.344")), ("mi", "mile", "miles")),
     (Unit("yd", "length", _F("0.9144")), ("yd", "yard", "yards")),
     (Unit("ft", "length", _F("0.3048")), ("ft", "foot", "feet")),
@@ -38,12 +42,13 @@ _UNITS: list[tuple[Unit, tuple[str, ...]]] = [
     # temperature, base kelvin
     (Unit("K", "temperature", _F(1)), ("k", "kelvin")),
     (Unit("°C", "temperature", _F(1), _F("273.15")), ("c", "°c", "celsius", "centigrade")),
-    (Unit("°F", "temperature", _F(5, 9), _F("273.15") - _F(160, 9)),
-     ("f", "°f", "fahrenheit")),
+    (Unit("°F", "temperature", _F(5, 9), _F("273.15") - _F(160, 9)), ("f", "°f", "fahrenheit")),
     # volume, base litre (gallon, quart, pint and cup are US customary)
     (Unit("L", "volume", _F(1)), ("l", "liter", "liters", "litre", "litres")),
-    (Unit("mL", "volume", _F(1, 1000)), ("ml", "milliliter", "milliliters", "millilitre",
-                                         "millilitres")),
+    (
+        Unit("mL", "volume", _F(1, 1000)),
+        ("ml", "milliliter", "milliliters", "millilitre", "millilitres"),
+    ),
     (Unit("m³", "volume", _F(1000)), ("m3", "m³", "cubic meter", "cubic meters")),
     (Unit("gal", "volume", _F("3.785411784")), ("gal", "gallon", "gallons")),
     (Unit("qt", "volume", _F("3.785411784") / 4), ("qt", "quart", "quarts")),
@@ -51,8 +56,10 @@ _UNITS: list[tuple[Unit, tuple[str, ...]]] = [
     (Unit("cup", "volume", _F("3.785411784") / 16), ("cup", "cups")),
     # speed, base metre per second
     (Unit("m/s", "speed", _F(1)), ("m/s", "mps", "meters per second", "metres per second")),
-    (Unit("km/h", "speed", _F(1000, 3600)), ("km/h", "kmh", "kph", "kilometers per hour",
-                                             "kilometres per hour")),
+    (
+        Unit("km/h", "speed", _F(1000, 3600)),
+        ("km/h", "kmh", "kph", "kilometers per hour", "kilometres per hour"),
+    ),
     (Unit("mph", "speed", _F("1609.344") / 3600), ("mph", "miles per hour")),
     (Unit("kn", "speed", _F(1852, 3600)), ("kn", "knot", "knots")),
 ]
@@ -75,8 +82,9 @@ def convert(value: Fraction, source: str, target: str) -> tuple[Fraction, Unit, 
     """``value`` in ``source`` units expressed in ``target`` units, exactly."""
     src, dst = lookup(source), lookup(target)
     if src.dimension != dst.dimension:
-        raise UnitError(f"cannot convert {src.dimension} ({src.symbol}) to "
-                        f"{dst.dimension} ({dst.symbol})")
+        raise UnitError(
+            f"cannot convert {src.dimension} ({src.symbol}) to {dst.dimension} ({dst.symbol})"
+        )
     base = value * src.scale + src.offset
     if src.dimension == "temperature" and base < 0:
         raise UnitError("temperature is below absolute zero")
