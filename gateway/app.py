@@ -10,7 +10,7 @@ from grpc import aio
 from gateway.authn import AuthState
 from gateway.clients import Clients
 from gateway.outbox import KIND_MEMORY, GatewayOutbox
-from gateway.reliability import Guard
+from gateway.reliability import Guard, stop_tasks
 from gateway.service import GatewayServicer
 from gateway.settings import GatewaySettings
 from services.kit.breaker import BreakerConfig
@@ -64,9 +64,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         outbox.start()
 
         async def stop() -> None:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_tasks(tasks)
             await outbox.close()
             await clients.close()
 

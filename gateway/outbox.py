@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 
+from gateway.reliability import stop_tasks
 from services.kit.outbox import Item, Outbox, Pending, Relay
 
 log = logging.getLogger("toolmesh.gateway.outbox")
@@ -64,8 +65,7 @@ class GatewayOutbox:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stop_tasks([self._task])
         if self._writer is not None:
             await asyncio.gather(self._writer, return_exceptions=True)
         await self.store.close()

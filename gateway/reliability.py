@@ -2,7 +2,7 @@
 
 Every downstream call goes through ``Guard.call``: the dependency's circuit breaker decides
 whether it may be tried at all, the call carries a timeout taken from the request's budget and
-is also bounded on our side with ``asyncio.wait_for`` (gRPC rounds timeouts on the wire), and
+is also bounded on our side with ``asyncio.timeout`` (gRPC rounds timeouts on the wire), and
 its outcome is reported back to the breaker. Whatever went wrong comes out as one exception,
 ``DependencyError``, which the caller turns into a fallback or a precise status.
 """
@@ -115,7 +115,10 @@ class Guard:
             ) from None
         started = self._clock()
         try:
-            result = await asyncio.wait_for(start(), timeout_s)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the call completes, and a cancelled Run or relay must stop.
+            async with asyncio.timeout(timeout_s):
+                result = await start()
         except TimeoutError:
             breaker.record(False, self._clock() - started, permit)
             raise DependencyError(
@@ -138,6 +141,17 @@ class Guard:
             raise
         breaker.record(True, self._clock() - started, permit)
         return result
+
+
+async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until they are done, cancelling again if one swallowed it."""
+    pending = [t for t in tasks if not t.done()]
+    while pending:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.1)
+        pending = [t for t in pending if not t.done()]
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Bulkhead:

@@ -494,10 +494,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 )
                 run.degrade("memory")
         try:
-            await asyncio.wait_for(
-                self._outbox.put(KIND_MEMORY, run.request_id, request),
-                max(run.deadline.remaining() - _ANSWER_MARGIN_S, 0.001),
-            )
+            async with asyncio.timeout(max(run.deadline.remaining() - _ANSWER_MARGIN_S, 0.001)):
+                await self._outbox.put(KIND_MEMORY, run.request_id, request)
         except Exception as exc:
             log.error(
                 "outbox write failed; turn not stored, run not acknowledged",
