@@ -29,6 +29,7 @@ from gateway.authz import (
     side_effect_name,
 )
 from gateway.clients import Clients
+from gateway.operations import Operations
 from gateway.outbox import KIND_MEMORY, GatewayOutbox
 from gateway.reliability import FALLBACKS, Bulkhead, DependencyError, Guard
 from gateway.settings import GatewaySettings
@@ -397,7 +398,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         run.tool = tool
         write = tool.side_effect != router_pb2.SIDE_EFFECT_READ_ONLY
         fallback = tool.fallback_answer or TOOL_FALLBACK.format(name=tool.name)
-        if run.deadline.spent():
+        try:
+            timeout = run.deadline.timeout()
+        except DeadlineSpentError:
             log.warning("no time left to run the tool", extra={"tool": tool.name})
             run.answer, run.outcome = fallback, gateway_pb2.OUTCOME_FALLBACK
             run.degrade(f"tool:{tool.name}")
@@ -420,7 +423,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     idempotency_key=run.request_id if write else "",
                     allowed_tools=sorted(run.allowed),
                 ),
-                run.deadline.timeout(),
+                timeout,
             )
         except DependencyError as err:
             run.outcome = gateway_pb2.OUTCOME_FALLBACK
@@ -471,18 +474,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 ),
             ],
         )
-        if run.deadline.spent():
+        try:
+            timeout: float | None = run.deadline.timeout(
+                self._settings.memory_write_timeout_ms / 1000
+            )
+        except DeadlineSpentError:
+            timeout = None
+        if timeout is None:
             # No time for a hop: the outbox (a local fsync) still fits in the reserve.
             log.info("no time left for memory; turn deferred to the outbox")
         else:
-            cap = self._settings.memory_write_timeout_ms / 1000
             try:
-                await self._guard.call(
-                    "memory",
-                    self._clients.memory.AppendTurns,
-                    request,
-                    run.deadline.timeout(cap),
-                )
+                await self._guard.call("memory", self._clients.memory.AppendTurns, request, timeout)
                 return
             except DependencyError as err:
                 if err.code in _PERMANENT_WRITE_ERRORS and err.tried:
@@ -631,3 +634,51 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """Any valid token may ask; only IssueToken is open to unauthenticated callers."""
         await self._authenticate(context)
         return gateway_pb2.GetServiceInfoResponse(info=service_info("gateway", CONTRACT_VERSIONS))
+
+    # -- operator views, in gateway.operations --------------------------------------------------
+
+    @property
+    def _operations(self) -> Operations:
+        return Operations(
+            telemetry=self._clients.telemetry,
+            authenticate=self._authenticate,
+            deadline=self._deadline,
+            timeout=self._timeout,
+            call=self._guard.call,
+            forward_error=self._forward_error,
+        )
+
+    async def GetTrace(
+        self, request: gateway_pb2.GetTraceRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.GetTraceResponse:
+        return await self._operations.GetTrace(request, context)
+
+    async def GetCost(
+        self, request: gateway_pb2.GetCostRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.GetCostResponse:
+        return await self._operations.GetCost(request, context)
+
+    async def SetBudget(
+        self, request: gateway_pb2.SetBudgetRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.SetBudgetResponse:
+        return await self._operations.SetBudget(request, context)
+
+    async def ListBudgets(
+        self, request: gateway_pb2.ListBudgetsRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.ListBudgetsResponse:
+        return await self._operations.ListBudgets(request, context)
+
+    async def ListAudit(
+        self, request: gateway_pb2.ListAuditRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.ListAuditResponse:
+        return await self._operations.ListAudit(request, context)
+
+    async def VerifyAudit(
+        self, request: gateway_pb2.VerifyAuditRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.VerifyAuditResponse:
+        return await self._operations.VerifyAudit(request, context)
+
+    async def GetSlo(
+        self, request: gateway_pb2.GetSloRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.GetSloResponse:
+        return await self._operations.GetSlo(request, context)
