@@ -287,8 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--window", type=int, default=3600, help="seconds (default 3600)")
     stats.set_defaults(handler=cmd_stats)
 
-    from cli import admin, migrate, up
+    from cli import admin, capacity, migrate, ops, up
 
+    ops.add_parsers(sub, common)
+    capacity.add_parser(sub, common)
     admin.add_parsers(sub, common)
     up.add_parser(sub)
     migrate.add_parser(sub)
