@@ -162,6 +162,8 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
         self.route_error: grpc.StatusCode | None = None
         self.invoke_error: tuple[grpc.StatusCode, str] | None = None
         self.invoke_delay_s = 0.0
+        # The next this-many InvokeTool calls answer UNAVAILABLE (a replica going away).
+        self.invoke_unavailable_times = 0
         self.route_delay_s = 0.0
         # ListTools answers this status with a google.rpc.BadRequest detail naming the field.
         self.list_error: tuple[grpc.StatusCode, str] | None = None
@@ -206,6 +208,9 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
         self.invocations.append(request)
         self.invoke_budgets.append(context.time_remaining())
         self.invoke_started.set()
+        if self.invoke_unavailable_times > 0:
+            self.invoke_unavailable_times -= 1
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "router replica going away")
         if self.invoke_delay_s:
             await self._sleep("InvokeTool", self.invoke_delay_s)
         if self.invoke_error is not None:

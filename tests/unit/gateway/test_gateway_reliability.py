@@ -364,3 +364,23 @@ async def test_a_forwarded_error_keeps_its_status_details(gw: GatewayUnderTest) 
     bad_request = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(bad_request)
     assert [v.field for v in bad_request.field_violations] == ["allowed_tools"]
+
+
+# -- retries -----------------------------------------------------------------------------------
+
+
+async def test_a_write_tool_is_retried_once_on_unavailable_with_the_same_key(
+    gw: GatewayUnderTest,
+) -> None:
+    gw.fakes.router.invoke_unavailable_times = 1
+    reply = await gw.stub.Run(_request("note: buy milk"), metadata=bearer(gw.token()), timeout=5)
+    assert reply.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
+    keys = [i.idempotency_key for i in gw.fakes.router.invocations]
+    assert keys == [reply.request_id, reply.request_id]
+
+
+async def test_a_tool_unavailable_twice_is_not_retried_a_third_time(gw: GatewayUnderTest) -> None:
+    gw.fakes.router.invoke_unavailable_times = 5
+    reply, _ = await _timed_run(gw, timeout=5)
+    assert reply.outcome == gateway_pb2.OUTCOME_FALLBACK
+    assert len(gw.fakes.router.invocations) == 2
