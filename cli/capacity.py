@@ -7,8 +7,8 @@ mean latency from telemetry (``GetStats`` by service over ``--window``, mean_ms 
 single-threaded asyncio process, so the replica count is W.
 
 The maths is exact: Q, U and L are read from their decimal text as fractions, so the worked
-example Q=20, L=0.3, U=0.6 gives exactly 10 (20 * 0.3 / 0.6 in floating point is
-10.000000000000002, whose ceiling would be 11).
+example Q=20, L=0.3, U=0.6 gives exactly 10, and a whole W is never pushed to the next integer
+by rounding (3 * 0.1 / 0.1 in floating point is 3.0000000000000004, whose ceiling is 4).
 
 ``--emit-hpa DIR`` writes, per service, ``DIR/<service>/hpa-min-replicas.yaml``: a strategic
 merge patch of that service's HorizontalPodAutoscaler setting ``minReplicas`` to W. Point DIR
