@@ -86,7 +86,7 @@ class Guard:
         timeout_s: float,
     ) -> Any:
         """``method(request, timeout=timeout_s)`` under the dependency's breaker, bounded by
-        ``timeout`` on our side too; raises DependencyError for every failure."""
+        ``timeout_s`` on our side too; raises DependencyError for every failure."""
         calls: list[Any] = []
         token = started_calls.set(calls)
         try:

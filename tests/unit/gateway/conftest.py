@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -69,15 +70,23 @@ async def start_gateway_on(
         "telemetry_target": target,
         "auth_refresh_s": 0.1,
         "otlp_endpoint": "",
-        # Each gateway gets its own outbox file unless a test passes a data_dir to share.
-        "data_dir": tempfile.mkdtemp(prefix="toolmesh-gw-"),
         "outbox_idle_s": 0.05,
         "outbox_backoff_base_s": 0.02,
         "outbox_backoff_max_s": 0.1,
         **overrides,
     }
+    own_dir = "data_dir" not in values
+    if own_dir:
+        # Each gateway gets its own outbox file unless a test passes a data_dir to share.
+        values["data_dir"] = tempfile.mkdtemp(prefix="toolmesh-gw-")
     settings = GatewaySettings(**values)  # type: ignore[arg-type]
     cleanups: list[Cleanup] = []
+    if own_dir:
+
+        async def remove_dir() -> None:  # runs last: clean-ups run in reverse
+            shutil.rmtree(settings.data_dir, ignore_errors=True)
+
+        cleanups.append(remove_dir)
     gateway = await start(settings, build(settings, cleanups))
     gateway.cleanups.extend(cleanups)
     channel = aio.insecure_channel(f"127.0.0.1:{gateway.port}")
