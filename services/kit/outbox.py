@@ -228,8 +228,11 @@ class Relay:
             if delivered:
                 continue
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation,
+            # and a relay that ignores its cancel hangs the server's shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._idle_s)
+                async with asyncio.timeout(self._idle_s):
+                    await self._wake.wait()
 
 
 def _describe(exc: BaseException) -> str:
