@@ -135,10 +135,12 @@ def format_trace(reply: gateway_pb2.GetTraceResponse) -> str:
         status = "ERROR" if span.error else "ok"
         if span.HasField("grpc_status_code") and span.grpc_status_code:
             status += f" (grpc {span.grpc_status_code})"
+        kind = telemetry_pb2.SpanKind.Name(span.kind).removeprefix("SPAN_KIND_").lower()
         rows.append(
             [
                 "  " * depth + span.name,
                 short_service(span.service),
+                kind,
                 f"{span.duration_ms:.1f}",
                 status,
             ]
@@ -150,7 +152,7 @@ def format_trace(reply: gateway_pb2.GetTraceResponse) -> str:
         walk(root, 0)
     services = sorted({short_service(span.service) for span in spans})
     footer = f"\n{len(spans)} spans; services: {', '.join(services)}"
-    return output.table(["SPAN", "SERVICE", "MS", "STATUS"], rows) + footer
+    return output.table(["SPAN", "SERVICE", "KIND", "MS", "STATUS"], rows) + footer
 
 
 def format_cost(reply: gateway_pb2.GetCostResponse, keys: list[str]) -> str:

@@ -189,7 +189,7 @@ def test_trace_tree_indents_children_under_their_parent() -> None:
         ]
     )
     lines = ops.format_trace(reply).splitlines()
-    assert lines[0].split() == ["SPAN", "SERVICE", "MS", "STATUS"]
+    assert lines[0].split() == ["SPAN", "SERVICE", "KIND", "MS", "STATUS"]
     assert lines[1].startswith("Gateway/Run ")
     assert lines[2].startswith("  Router/Route ")
     assert lines[3].startswith("    Router/Route ") and "router" in lines[3]
