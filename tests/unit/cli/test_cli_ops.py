@@ -15,6 +15,7 @@ import yaml
 
 from cli import capacity, ops
 from cli.main import build_parser, main
+from tests.unit.gateway import test_operations as gateway_ops
 from toolmesh.gateway.v1 import gateway_pb2
 from toolmesh.telemetry.v1 import telemetry_pb2
 
@@ -268,3 +269,51 @@ def test_slo_table_shows_firing_alerts() -> None:
     row = ops.format_slo(reply).splitlines()[1]
     assert row.split()[:4] == ["flaky", "router", "tool", "chaos_flaky"]
     assert row.rstrip().endswith("PAGE") and "50.0" in row
+
+
+# -- the commands against a real gateway and telemetry, in-process ------------------------------
+
+
+# The real gateway in front of a real telemetry (tests.unit.gateway.test_operations).
+ops_stack = gateway_ops.stack
+
+
+async def _toolmesh(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    import asyncio
+
+    code = await asyncio.to_thread(main, list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_commands_against_a_real_gateway(
+    ops_stack: gateway_ops.Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = f"--target={ops_stack.target}"
+    admin = f"--token={ops_stack.token(scope='ops:read admin')}"
+    trace_id = await gateway_ops._a_trace(ops_stack, "acme")
+
+    code, out, err = await _toolmesh(capsys, "trace", trace_id, target, admin)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1].startswith("toolmesh.gateway.v1.Gateway/Run")
+    assert out.splitlines()[2].startswith("  toolmesh.router.v1.Router/Route")
+
+    code, out, err = await _toolmesh(
+        capsys, "budget", "set", "--period", "month", "--cost", "0.25", target, admin
+    )
+    assert code == 0, err
+    assert "0.000000 / 0.250000" in out
+    code, out, _ = await _toolmesh(capsys, "budget", "show", "--json", target, admin)
+    assert json.loads(out)["budgets"][0]["limits"]["cost_micros"] == 250_000
+
+    code, out, _ = await _toolmesh(capsys, "cost", "--by", "tool,day", target, admin)
+    assert code == 0 and out.startswith("(no usage in this window)")
+
+    code, out, _ = await _toolmesh(capsys, "audit", "verify", target, admin)
+    assert code == 0 and out.startswith("audit chain ok: 0 events checked")
+
+    code, out, _ = await _toolmesh(capsys, "slo", target, admin)
+    assert code == 0 and "gateway-run" in out
+
+    code, _, err = await _toolmesh(capsys, "trace", "0" * 32, target, admin)
+    assert code == 1 and "INVALID_ARGUMENT" in err and "trace_id" in err

@@ -42,6 +42,7 @@ class Stack:
     gw: GatewayUnderTest
     telemetry: telemetry_pb2_grpc.TelemetryStub
     otlp: trace_service_pb2_grpc.TraceServiceStub
+    target: str
 
     def token(self, tenant: str = "acme", scope: str = OPS, sub: str = "client-1") -> str:
         return self.gw.token(tenant=tenant, scope=scope, sub=sub)
@@ -67,6 +68,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         under_test,
         telemetry_pb2_grpc.TelemetryStub(tel_channel),
         trace_service_pb2_grpc.TraceServiceStub(tel_channel),
+        f"127.0.0.1:{gateway.port}",
     )
     await tel_channel.close()
     await channel.close()
