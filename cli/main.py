@@ -1,6 +1,8 @@
 """``toolmesh``: argparse front end.
 
-``run``, ``history``, ``token``, ``tools`` and ``stats`` map to one gateway RPC each; ``clients``,
+``run``, ``history``, ``token``, ``tools`` and ``stats`` map to one gateway RPC each, and so do
+the operator views ``trace``, ``cost``, ``budget``, ``audit`` and ``slo`` (cli.ops); ``capacity``
+sizes replicas from measured latency (cli.capacity); ``clients``,
 ``keys`` and ``revoke`` are admin RPCs sent to the auth service directly (it verifies the bearer
 token and needs scope ``admin``); ``up`` starts a local mesh. With ``--ca-file`` (or env
 TOOLMESH_CLI_TLS_CA_FILE / TOOLMESH_TLS_CA_FILE) every channel is TLS, and with a client
