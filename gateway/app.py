@@ -7,9 +7,10 @@ import asyncio
 
 from grpc import aio
 
+from gateway.accounting import Accounting, deliver_audit, deliver_usage
 from gateway.authn import AuthState
 from gateway.clients import Clients
-from gateway.outbox import KIND_MEMORY, GatewayOutbox
+from gateway.outbox import KIND_AUDIT, KIND_MEMORY, KIND_USAGE, GatewayOutbox
 from gateway.reliability import Guard, stop_tasks
 from gateway.service import GatewayServicer
 from gateway.settings import GatewaySettings
@@ -18,6 +19,7 @@ from services.kit.server import Cleanup, Register, Registered
 from services.kit.settings import ServiceSettings
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from toolmesh.memory.v1 import memory_pb2
+from toolmesh.telemetry.v1 import telemetry_pb2
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
@@ -57,20 +59,32 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
             )
 
         outbox.route(KIND_MEMORY, memory_pb2.AppendTurnsRequest, append_turns)
+        # Usage records and audit events go to telemetry in batches (it de-duplicates them).
+        timeout = settings.outbox_call_timeout_s
+        outbox.route_batch(
+            KIND_USAGE, telemetry_pb2.UsageRecord, deliver_usage(clients.telemetry, guard, timeout)
+        )
+        outbox.route_batch(
+            KIND_AUDIT, telemetry_pb2.AuditEvent, deliver_audit(clients.telemetry, guard, timeout)
+        )
+        accounting = Accounting.create(clients.telemetry, guard, settings)
         tasks = [
             asyncio.create_task(auth_state.run(guard), name="auth-refresh"),
             asyncio.create_task(clients.check_contracts(), name="contract-check"),
+            asyncio.create_task(accounting.prices.run(guard), name="price-refresh"),
         ]
         outbox.start()
 
         async def stop() -> None:
             await stop_tasks(tasks)
+            await accounting.budgets.close()
             await outbox.close()
             await clients.close()
 
         cleanups.append(stop)
         gateway_pb2_grpc.add_GatewayServicer_to_server(
-            GatewayServicer(settings, auth_state, clients, guard, outbox), server
+            GatewayServicer(settings, auth_state, clients, guard, outbox, accounting=accounting),
+            server,
         )
         return Registered([SERVICE_NAME], ready=auth_state.wait_loaded)
 

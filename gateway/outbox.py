@@ -5,18 +5,22 @@ serialized protobuf request of the receiving service's contract, so replay is "p
 
 - kind ``memory``: payload ``toolmesh.memory.v1.AppendTurnsRequest``, key
   ``memory:<request id>``, delivered by memory.AppendTurns.
-- kinds ``usage`` and ``audit``: the telemetry request that records them (to be wired), key
-  ``<kind>:<id>``, delivered by a route added with ``GatewayOutbox.route``.
+- kind ``usage``: payload ``toolmesh.telemetry.v1.UsageRecord``, key ``usage:<request id>``,
+  delivered in batches by telemetry.RecordUsage (de-duplicated by tenant and request id).
+- kind ``audit``: payload ``toolmesh.telemetry.v1.AuditEvent``, key ``audit:<event id>``,
+  delivered in batches by telemetry.AppendAudit (de-duplicated by tenant and event id).
 
-Receivers de-duplicate by the request's own key (memory by request id), so a replay after a
-crash between delivery and deletion stores nothing twice.
+A Run's items (its usage record, its audit events, and its turns when memory could not take
+them) are committed together with ``put_many``: one transaction, one fsync, before the answer.
+Receivers de-duplicate by the item's own key, so a replay after a crash between delivery and
+deletion stores nothing twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -75,10 +79,18 @@ class GatewayOutbox:
 
         Cancelling the caller does not cancel the commit (it may still land: the item was then
         never acknowledged, and the receiver de-duplicates a retry by key)."""
+        await self.put_many([(kind, key, message)])
+
+    async def put_many(self, entries: Sequence[tuple[str, str, Message]]) -> None:
+        """Commit ``(kind, key, message)`` entries in one transaction, as ``put`` does one."""
+        if not entries:
+            return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Retrieve the outcome even when nobody waits any more, so it is never "unretrieved".
         done.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._waiting.append((Item(kind, f"{kind}:{key}", message.SerializeToString()), done))
+        # Appended together, so the writer always takes them into the same transaction.
+        for kind, key, message in entries:
+            self._waiting.append((Item(kind, f"{kind}:{key}", message.SerializeToString()), done))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write(), name="outbox-writer")
         await asyncio.shield(done)
@@ -110,6 +122,22 @@ class GatewayOutbox:
         async def deliver(pending: list[Pending]) -> None:
             for item in pending:
                 await send(message_type.FromString(item.payload))
+            log.info("outbox delivered", extra={"kind": kind, "items": len(pending)})
+
+        self.relay.route(kind, deliver, batch)
+
+    def route_batch(
+        self,
+        kind: str,
+        message_type: type[M],
+        send: Callable[[list[M]], Awaitable[object]],
+        batch: int = 200,
+    ) -> None:
+        """Deliver up to ``batch`` items of ``kind`` per ``send`` call (a batch RPC such as
+        RecordUsage); a failure retries the batch later with backoff."""
+
+        async def deliver(pending: list[Pending]) -> None:
+            await send([message_type.FromString(item.payload) for item in pending])
             log.info("outbox delivered", extra={"kind": kind, "items": len(pending)})
 
         self.relay.route(kind, deliver, batch)

@@ -16,10 +16,24 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 import grpc
+from google.protobuf.message import Message
 from grpc import aio
 from opentelemetry import trace
 from pydantic import ValidationError
 
+from gateway.accounting import (
+    AUTH_FAILURE,
+    BUDGET_DENIED,
+    GATEWAY_CONTRACTS,
+    PERMISSION_DENIED,
+    TOOL_WRITE,
+    Accounting,
+    audit_event,
+    count_reservation,
+    run_event_id,
+    usage_record,
+    verified_identity,
+)
 from gateway.authn import AuthState, AuthUnavailableError, Policy, Principal, TokenError
 from gateway.authz import (
     SCOPE_OPS_READ,
@@ -30,7 +44,7 @@ from gateway.authz import (
 )
 from gateway.clients import Clients
 from gateway.operations import Operations
-from gateway.outbox import KIND_MEMORY, GatewayOutbox
+from gateway.outbox import KIND_AUDIT, KIND_MEMORY, KIND_USAGE, GatewayOutbox
 from gateway.reliability import FALLBACKS, Bulkhead, DependencyError, Guard
 from gateway.settings import GatewaySettings
 from gateway.validation import HistoryInput, RunInput, StatsInput
@@ -38,6 +52,7 @@ from services.kit.buildinfo import service_info
 from services.kit.context import request_id_var
 from services.kit.deadlines import Deadline, DeadlineSpentError
 from services.kit.errors import abort, abort_invalid, forward, retry_info, violations_from
+from services.kit.pricing import cost_micros
 from services.kit.tracing import current_trace_id
 from toolmesh.auth.v1 import auth_pb2
 from toolmesh.common.v1 import common_pb2
@@ -61,6 +76,14 @@ _TOOL_REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECO
 _PERMANENT_WRITE_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED}
 # Time kept after the outbox write to send the answer (or the UNAVAILABLE).
 _ANSWER_MARGIN_S = 0.02
+# Longest an audit event of a refusal may hold up the refusal itself.
+_REFUSAL_AUDIT_S = 0.5
+# The usage record's outcome for each Run outcome.
+_USAGE_OUTCOMES = {
+    gateway_pb2.OUTCOME_TOOL_ANSWERED: "ok",
+    gateway_pb2.OUTCOME_FALLBACK: "fallback",
+    gateway_pb2.OUTCOME_NO_MATCH: "no_match",
+}
 
 
 def request_id_for(principal: Principal, idempotency_key: str) -> str:
@@ -93,6 +116,12 @@ def bearer_token(context: aio.ServicerContext) -> str:
     return ""
 
 
+def _rpc_name() -> str:
+    """The RPC being served, from the server span's name (the audit target of a refusal)."""
+    name = getattr(trace.get_current_span(), "name", "")
+    return name if isinstance(name, str) and name.startswith("/") else "toolmesh.gateway.v1.Gateway"
+
+
 @dataclass
 class _Run:
     """One Run in flight: who asked, its budget, and what it has learned so far."""
@@ -112,6 +141,10 @@ class _Run:
     result_json: str = ""
     tool_calls: int = 0
     cost_units: int = 0
+    # The budget reservation this Run's usage record commits ("" when none was needed).
+    reservation_id: str = ""
+    # Audit events committed with the Run's usage record (tool.write).
+    audit: list[telemetry_pb2.AuditEvent] = field(default_factory=list)
 
     def degrade(self, what: str) -> None:
         """Name what was degraded in the answer, and count the fallback by dependency."""
@@ -129,12 +162,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         clients: Clients,
         guard: Guard,
         outbox: GatewayOutbox,
+        *,
+        accounting: Accounting,
     ) -> None:
         self._settings = settings
         self._auth = auth_state
         self._clients = clients
         self._guard = guard
         self._outbox = outbox
+        self._accounting = accounting
         self._runs = Bulkhead("runs", settings.max_inflight_runs)
         self._tool_calls = Bulkhead("tool_calls", settings.max_inflight_per_tool)
 
@@ -169,6 +205,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> tuple[Principal, Policy]:
         token = bearer_token(context)
         if not token:
+            await self._audit_auth_failure(context, "", "missing bearer token")
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
         try:
             principal, policy = await self._auth.verify(token)
@@ -181,6 +218,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
         except TokenError as exc:
             log.info("token rejected", extra={"reason": exc.reason})
+            await self._audit_auth_failure(context, token, exc.reason)
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, exc.reason)
         if scope and scope not in principal.scopes:
             log.info(
@@ -194,8 +232,96 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     "policy_version": policy.version,
                 },
             )
+            await self._audit_refusal(
+                context,
+                audit_event(
+                    tenant=principal.tenant,
+                    actor=principal.subject,
+                    action=PERMISSION_DENIED,
+                    target=_rpc_name(),
+                    outcome="denied",
+                    request_id=request_id_var.get(),
+                    trace_id=current_trace_id(),
+                    policy_version=policy.version,
+                    contract_versions=GATEWAY_CONTRACTS,
+                    details={"reason": f"missing scope {scope}", "missing_scope": scope},
+                ),
+            )
             await abort(context, grpc.StatusCode.PERMISSION_DENIED, f"missing scope {scope}")
         return principal, policy
+
+    # -- audit of refusals ----------------------------------------------------------------------
+
+    async def _audit_refusal(
+        self, context: aio.ServicerContext, *events: telemetry_pb2.AuditEvent
+    ) -> None:
+        """Commit a refusal's audit events to the outbox before refusing (bounded by what is
+        left of the caller's deadline); a failure is logged and the refusal stands."""
+        remaining = context.time_remaining()
+        bound = _REFUSAL_AUDIT_S if remaining is None else min(_REFUSAL_AUDIT_S, remaining)
+        try:
+            async with asyncio.timeout(max(bound - _ANSWER_MARGIN_S, 0.001)):
+                await self._outbox.put_many([(KIND_AUDIT, e.event_id, e) for e in events])
+        except Exception as exc:
+            log.error(
+                "audit event not stored",
+                extra={
+                    "actions": [e.action for e in events],
+                    "error": f"{type(exc).__name__}: {exc}",
+                },
+            )
+
+    async def _audit_auth_failure(
+        self, context: aio.ServicerContext, token: str, reason: str
+    ) -> None:
+        """auth.failure, at most ``audit_auth_failures_per_s`` per replica; never the token.
+
+        The tenant and actor are recorded only when the token's signature verifies (an expired
+        or revoked token, say); otherwise the tenant is "_unknown"."""
+        if not self._accounting.auth_failures.allow():
+            return
+        try:
+            snapshot = self._auth.snapshot()
+        except AuthUnavailableError:
+            snapshot = None
+        tenant, subject, token_id = verified_identity(token, snapshot) if token else ("", "", "")
+        details = {"reason": reason}
+        if token_id:
+            details["token_id"] = token_id
+        await self._audit_refusal(
+            context,
+            audit_event(
+                tenant=tenant,
+                actor=subject,
+                action=AUTH_FAILURE,
+                target=_rpc_name(),
+                outcome="refused",
+                request_id=request_id_var.get(),
+                trace_id=current_trace_id(),
+                policy_version=snapshot.policy.version if snapshot else "",
+                contract_versions=GATEWAY_CONTRACTS,
+                details=details,
+            ),
+        )
+
+    def _run_event(
+        self, run: _Run, action: str, target: str, outcome: str, **details: object
+    ) -> telemetry_pb2.AuditEvent:
+        if run.tool is not None:
+            details.setdefault("tool", f"{run.tool.name}@{run.tool.version}")
+        return audit_event(
+            tenant=run.principal.tenant,
+            actor=run.principal.subject,
+            action=action,
+            target=target,
+            outcome=outcome,
+            request_id=run.request_id,
+            trace_id=current_trace_id(),
+            policy_version=run.policy.version,
+            details=details,
+            # A Run's tool.write is recorded once however often the Run is retried.
+            event_id=run_event_id(run.request_id, action) if action == TOOL_WRITE else "",
+        )
 
     async def _forward_error(
         self, context: aio.ServicerContext, error: DependencyError, prefix: bool = True
@@ -263,6 +389,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
         if not run.allowed:
             self._log_decision(run, Decision(False, "tenant has no allowed tools"))
+            await self._audit_refusal(
+                context,
+                self._run_event(
+                    run,
+                    PERMISSION_DENIED,
+                    f"tenant:{principal.tenant}",
+                    "denied",
+                    reason="tenant has no allowed tools",
+                ),
+            )
             await abort(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -283,12 +419,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             run.outcome = gateway_pb2.OUTCOME_NO_MATCH
         else:
             await self._authorize(run, route.tool)
+            await self._reserve(run, route.tool)
             await self._invoke(run, route)
 
-        await self._remember(run)
+        usage = common_pb2.Usage(
+            tokens_in=whitespace_tokens(run_input.prompt),
+            tokens_out=whitespace_tokens(run.answer),
+            tool_calls=run.tool_calls,
+            cost_units=run.cost_units,
+        )
+        await self._remember(run, usage)
+        price = self._accounting.prices.price(
+            usage.tokens_in, usage.tokens_out, usage.tool_calls, usage.cost_units
+        )
         tool_name = run.tool.name if run.tool else ""
         outcome_name = gateway_pb2.Outcome.Name(run.outcome)
         span.set_attribute("gen_ai.tool.name", tool_name)
+        span.set_attribute("gen_ai.usage.input_tokens", usage.tokens_in)
+        span.set_attribute("gen_ai.usage.output_tokens", usage.tokens_out)
         span.set_attribute("toolmesh.outcome", outcome_name)
         span.set_attribute("toolmesh.degraded", list(run.degraded))
         log.info(
@@ -305,15 +453,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             confidence_parts=gateway_pb2.ConfidenceParts(
                 intent=parts.intent, schema_fit=parts.schema_fit, health=parts.health
             ),
-            usage=common_pb2.Usage(
-                tokens_in=whitespace_tokens(run_input.prompt),
-                tokens_out=whitespace_tokens(run.answer),
-                tool_calls=run.tool_calls,
-                cost_units=run.cost_units,
-            ),
+            usage=usage,
             degraded=run.degraded,
             outcome=run.outcome,
             result_json=run.result_json,
+            cost_micros=price.cost_micros,
+            currency=price.currency,
+            price_version=price.version,
         )
 
     async def _recall_and_route(self, run: _Run) -> router_pb2.RouteResponse | None:
@@ -386,7 +532,90 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         decision = authorize_tool(run.principal, tool, run.allowed)
         self._log_decision(run, decision)
         if not decision.allowed:
+            await self._audit_refusal(
+                run.context,
+                audit_event(
+                    tenant=run.principal.tenant,
+                    actor=run.principal.subject,
+                    action=PERMISSION_DENIED,
+                    target=tool.name,
+                    outcome="denied",
+                    request_id=run.request_id,
+                    trace_id=current_trace_id(),
+                    policy_version=run.policy.version,
+                    details={
+                        "reason": decision.reason,
+                        "missing_scope": decision.missing_scope,
+                        "tool": f"{tool.name}@{tool.version}",
+                    },
+                ),
+            )
             await abort(run.context, grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+
+    async def _reserve(self, run: _Run, tool: router_pb2.ToolContract) -> None:
+        """Reserve one tool call (and estimated tokens and cost) against the caller's budgets
+        before the tool runs; the Run's usage record commits it (gateway.accounting).
+
+        Callers known to have no budget skip the hop. Over budget: telemetry's
+        RESOURCE_EXHAUSTED (message naming the budget and its reset, QuotaFailure, RetryInfo)
+        reaches the caller unchanged and no tool runs. Ledger unreachable: UNAVAILABLE, unless
+        ``budget_fail_open`` (then the tool runs unchecked and "budget" is degraded).
+        """
+        budgets = self._accounting.budgets
+        if budgets.known(run.caller) is False:
+            return
+        tokens_in = whitespace_tokens(run.input.prompt)
+        tokens_out = self._settings.budget_output_tokens_estimate
+        table = self._accounting.prices.table
+        estimate = cost_micros(table, tokens_in, tokens_out, 1, tool.cost_units) if table else 0
+        try:
+            timeout = run.deadline.timeout(self._settings.budget_call_timeout_ms / 1000)
+        except DeadlineSpentError:
+            await abort(
+                run.context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exhausted before budget"
+            )
+        try:
+            reply = await self._guard.call(
+                "telemetry",
+                self._clients.telemetry.ReserveBudget,
+                telemetry_pb2.ReserveBudgetRequest(
+                    caller=run.caller,
+                    request_id=run.request_id,
+                    tool_calls=1,
+                    tokens=tokens_in + tokens_out,
+                    cost_micros=estimate,
+                    ttl_seconds=self._settings.budget_reservation_ttl_s,
+                ),
+                timeout,
+            )
+        except DependencyError as err:
+            if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.rpc_error is not None:
+                count_reservation("refused")
+                budgets.learn(run.caller, True)
+                log.info("budget refused", extra={"tool": tool.name, "reason": err.reason})
+                await self._audit_refusal(
+                    run.context,
+                    self._run_event(run, BUDGET_DENIED, tool.name, "denied", reason=err.reason),
+                )
+                await forward(run.context, err.rpc_error)
+            count_reservation("unavailable")
+            if self._settings.budget_fail_open:
+                log.warning("budget ledger unreachable; failing open", extra={"error": str(err)})
+                run.degrade("budget")
+                return
+            log.warning("budget ledger unreachable; failing closed", extra={"error": str(err)})
+            await abort(
+                run.context,
+                grpc.StatusCode.UNAVAILABLE,
+                "the budget ledger is unavailable, so no tool may run; retry later",
+                retry_info(err.retry_after_s or self._settings.shed_retry_after_ms / 1000),
+            )
+        budgets.learn(run.caller, not reply.unlimited)
+        if reply.reserved:
+            count_reservation("granted")
+            run.reservation_id = reply.reservation_id
+        else:
+            count_reservation("unlimited")
 
     async def _invoke(self, run: _Run, route: router_pb2.RouteResponse) -> None:
         """Run the tool; failures become the contract's fallback, refusals an explanation.
@@ -427,7 +656,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
         except DependencyError as err:
             run.outcome = gateway_pb2.OUTCOME_FALLBACK
+            if write and err.tried:
+                run.audit.append(self._run_event(run, TOOL_WRITE, tool.name, "failure"))
             if err.code == grpc.StatusCode.PERMISSION_DENIED:
+                await self._audit_refusal(
+                    run.context,
+                    *run.audit,
+                    self._run_event(run, PERMISSION_DENIED, tool.name, "denied", reason=err.reason),
+                )
                 await self._forward_error(run.context, err)
             if err.code in _TOOL_REFUSALS and err.tried:
                 run.answer = f"The tool {tool.name} refused the arguments: {err.reason}"
@@ -445,14 +681,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         run.result_json = reply.result_json
         run.cost_units = tool.cost_units
         run.outcome = gateway_pb2.OUTCOME_TOOL_ANSWERED
+        if write:
+            run.audit.append(self._run_event(run, TOOL_WRITE, tool.name, "success"))
 
-    async def _remember(self, run: _Run) -> None:
-        """Store the user turn and the answer before answering; never acknowledge a lost turn.
+    async def _remember(self, run: _Run, usage: common_pb2.Usage) -> None:
+        """Store the user turn and the answer, the usage record and the audit events before
+        answering; never acknowledge a lost turn or an unrecorded cost.
 
         AppendTurns is tried directly (at most ``memory_write_timeout_ms``, within the budget);
-        when memory fails, its breaker is open, or no time is left, the request is committed to
-        the durable outbox and replayed later (memory de-duplicates by request id). If even the
-        outbox write fails, the Run fails UNAVAILABLE: the caller must not think it was stored.
+        the usage record (committing the Run's reservation) and audit events always go to the
+        durable outbox, together with the turns when memory failed, its breaker is open, or no
+        time is left: one outbox transaction per Run, replayed later (memory de-duplicates by
+        request id, telemetry by request id and event id). If the outbox write fails, the Run
+        fails UNAVAILABLE: the caller must not think it was stored.
         """
         tool = run.tool if run.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED else None
         request = memory_pb2.AppendTurnsRequest(
@@ -480,28 +721,44 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
         except DeadlineSpentError:
             timeout = None
+        entries: list[tuple[str, str, Message]] = [
+            (
+                KIND_USAGE,
+                run.request_id,
+                usage_record(
+                    request_id=run.request_id,
+                    caller=run.caller,
+                    tool_name=run.tool.name if run.tool else "",
+                    tool_version=run.tool.version if run.tool else "",
+                    usage=usage,
+                    outcome=_USAGE_OUTCOMES.get(run.outcome, "error"),
+                    reservation_id=run.reservation_id,
+                ),
+            ),
+            *((KIND_AUDIT, event.event_id, event) for event in run.audit),
+        ]
         if timeout is None:
             # No time for a hop: the outbox (a local fsync) still fits in the reserve.
             log.info("no time left for memory; turn deferred to the outbox")
+            entries.append((KIND_MEMORY, run.request_id, request))
         else:
             try:
                 await self._guard.call("memory", self._clients.memory.AppendTurns, request, timeout)
-                return
             except DependencyError as err:
+                run.degrade("memory")
                 if err.code in _PERMANENT_WRITE_ERRORS and err.tried:
                     log.error("memory refused the turns", extra={"error": str(err)})
-                    run.degrade("memory")
-                    return
-                log.warning(
-                    "memory write failed; turn goes to the outbox", extra={"error": str(err)}
-                )
-                run.degrade("memory")
+                else:
+                    log.warning(
+                        "memory write failed; turn goes to the outbox", extra={"error": str(err)}
+                    )
+                    entries.append((KIND_MEMORY, run.request_id, request))
         try:
             async with asyncio.timeout(max(run.deadline.remaining() - _ANSWER_MARGIN_S, 0.001)):
-                await self._outbox.put(KIND_MEMORY, run.request_id, request)
+                await self._outbox.put_many(entries)
         except Exception as exc:
             log.error(
-                "outbox write failed; turn not stored, run not acknowledged",
+                "outbox write failed; turn or usage not stored, run not acknowledged",
                 extra={"error": f"{type(exc).__name__}: {exc}"},
             )
             await abort(

@@ -60,6 +60,25 @@ class GatewaySettings(ServiceSettings):
     # Per delivery call made by the relay.
     outbox_call_timeout_s: float = Field(default=2.0, gt=0)
 
+    # Cost and governance (gateway.accounting). Telemetry's price table is refreshed this often;
+    # until it first arrives Runs are priced 0 with price_version "unpriced".
+    prices_refresh_s: float = Field(default=5.0, gt=0)
+    # How long "no budget applies to (tenant, principal)" is trusted before a background
+    # re-check (GetBudgetState); a caller with a budget reserves on every Run that runs a tool.
+    budget_state_ttl_s: float = Field(default=5.0, gt=0)
+    # Cap on the ReserveBudget call (within the request's remaining deadline).
+    budget_call_timeout_ms: int = Field(default=500, ge=1)
+    # A reservation never committed by a usage record is released by telemetry after this.
+    budget_reservation_ttl_s: int = Field(default=60, ge=1, le=3600)
+    # Output tokens assumed when reserving (the answer is not known yet).
+    budget_output_tokens_estimate: int = Field(default=64, ge=0)
+    # Ledger unreachable while a budget applies (or may apply): refuse with UNAVAILABLE (false,
+    # the default) or run the tool unchecked and report "budget" in degraded (true).
+    budget_fail_open: bool = False
+    # auth.failure audit events per second per gateway replica (token bucket, burst the same);
+    # beyond it they are counted in toolmesh.gateway.audit.dropped and not recorded.
+    audit_auth_failures_per_s: float = Field(default=10.0, gt=0)
+
     @model_validator(mode="after")
     def _staleness_outlasts_refresh(self) -> Self:
         """A bound shorter than the refresh interval would fail closed between two refreshes."""

@@ -301,6 +301,47 @@ class FakeMemory(memory_pb2_grpc.MemoryServicer):
 
 
 class FakeTelemetry(telemetry_pb2_grpc.TelemetryServicer):
+    """No budget applies to anyone; usage records and audit events are kept as received
+    (tests/unit/gateway/fake_ledger.py adds prices, budgets and outages)."""
+
+    def __init__(self) -> None:
+        self.usage: list[telemetry_pb2.UsageRecord] = []
+        self.audit: list[telemetry_pb2.AuditEvent] = []
+
+    async def GetPrices(
+        self, request: telemetry_pb2.GetPricesRequest, context: aio.ServicerContext
+    ) -> telemetry_pb2.GetPricesResponse:
+        return telemetry_pb2.GetPricesResponse(
+            version="test-prices-1",
+            currency="USD",
+            input_per_1k_tokens_micros=3000,
+            output_per_1k_tokens_micros=15000,
+            per_tool_call_micros=1000,
+            per_cost_unit_micros=500,
+        )
+
+    async def ReserveBudget(
+        self, request: telemetry_pb2.ReserveBudgetRequest, context: aio.ServicerContext
+    ) -> telemetry_pb2.ReserveBudgetResponse:
+        return telemetry_pb2.ReserveBudgetResponse(unlimited=True)
+
+    async def GetBudgetState(
+        self, request: telemetry_pb2.GetBudgetStateRequest, context: aio.ServicerContext
+    ) -> telemetry_pb2.GetBudgetStateResponse:
+        return telemetry_pb2.GetBudgetStateResponse(budgeted=False)
+
+    async def RecordUsage(
+        self, request: telemetry_pb2.RecordUsageRequest, context: aio.ServicerContext
+    ) -> telemetry_pb2.RecordUsageResponse:
+        self.usage.extend(request.records)
+        return telemetry_pb2.RecordUsageResponse(stored=len(request.records))
+
+    async def AppendAudit(
+        self, request: telemetry_pb2.AppendAuditRequest, context: aio.ServicerContext
+    ) -> telemetry_pb2.AppendAuditResponse:
+        self.audit.extend(request.events)
+        return telemetry_pb2.AppendAuditResponse(stored=len(request.events))
+
     async def GetStats(
         self, request: telemetry_pb2.GetStatsRequest, context: aio.ServicerContext
     ) -> telemetry_pb2.GetStatsResponse:

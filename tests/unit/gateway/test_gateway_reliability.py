@@ -185,7 +185,8 @@ async def test_memory_down_queues_the_turns_and_the_relay_delivers_them_once(
     reply, _ = await _timed_run(gw, timeout=2)
     assert reply.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
     assert list(reply.degraded) == ["memory"]
-    rows = _outbox_rows(gw)
+    # The Run's usage record went in the same commit (kind usage, delivered to telemetry).
+    rows = [row for row in _outbox_rows(gw) if row[0] == "memory"]
     assert [(kind, key) for kind, key, _ in rows] == [("memory", f"memory:{reply.request_id}")]
     queued = memory_pb2.AppendTurnsRequest.FromString(rows[0][2])
     assert queued.request_id == reply.request_id

@@ -1,0 +1,405 @@
+"""Cost and governance for the gateway's Run: prices, budget checks, usage and audit records.
+
+- :class:`PriceCache` keeps telemetry's price table (GetPrices) fresh in the background, so every
+  RunResponse is priced locally with ``services.kit.pricing.cost_micros`` (the same function
+  telemetry prices usage with at ingest). Until the first table arrives, Runs are priced at zero
+  with price version ``unpriced``.
+- :class:`BudgetCache` remembers per (tenant, principal) whether any budget applies, so callers
+  without a budget never pay a hop: a caller not known yet reserves (telemetry answers
+  ``unlimited`` when no budget applies), a caller known to be unbudgeted is re-checked with
+  GetBudgetState in the background once its entry is older than ``budget_state_ttl_s``.
+- :class:`AuditLimiter` caps ``auth.failure`` events per gateway replica (a token bucket), so a
+  client spraying bad tokens cannot flood the outbox and the audit chain.
+- ``usage_record`` and ``audit_event`` build the telemetry messages that travel through the
+  durable outbox (kinds ``usage`` and ``audit``); :func:`deliver_usage` / :func:`deliver_audit`
+  send them in batches (telemetry de-duplicates by request id / event id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import jwt
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from gateway.authn import ALGORITHM, AuthSnapshot
+from gateway.reliability import DependencyError, Guard
+from gateway.settings import GatewaySettings
+from services.kit.metrics import meter
+from services.kit.pricing import PriceTable, cost_micros
+from toolmesh.common.v1 import common_pb2
+from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
+
+log = logging.getLogger("toolmesh.gateway.accounting")
+
+TELEMETRY = "telemetry"
+RUN_ROUTE = "/toolmesh.gateway.v1.Gateway/Run"
+UNPRICED = "unpriced"
+UNKNOWN_TENANT = "_unknown"
+RUN_CONTRACTS = ("toolmesh.gateway.v1", "toolmesh.router.v1")
+GATEWAY_CONTRACTS = ("toolmesh.gateway.v1",)
+# Audit actions emitted by the gateway.
+TOOL_WRITE = "tool.write"
+PERMISSION_DENIED = "permission.denied"
+AUTH_FAILURE = "auth.failure"
+BUDGET_DENIED = "budget.denied"
+# Bound on the (tenant, principal) entries the budget cache keeps; the oldest go first.
+MAX_BUDGET_ENTRIES = 100_000
+# Audit event ids of a Run's own events derive from its request id, so a retried Run (same
+# idempotency key, same request id) records its tool.write once.
+_AUDIT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:toolmesh:gateway:audit")
+
+_AUDIT_DROPPED = meter().create_counter(
+    "toolmesh.gateway.audit.dropped",
+    description="auth.failure audit events not recorded because of the per-replica rate limit.",
+)
+_RESERVATIONS = meter().create_counter(
+    "toolmesh.gateway.budget.reservations",
+    description="Budget reservations asked by the gateway, by result.",
+)
+
+
+def now_timestamp() -> Timestamp:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+@dataclass(frozen=True)
+class Price:
+    cost_micros: int
+    currency: str
+    version: str
+
+
+class PriceCache:
+    """telemetry.GetPrices, refreshed every ``prices_refresh_s`` in the background."""
+
+    def __init__(self, stub: telemetry_pb2_grpc.TelemetryStub, settings: GatewaySettings):
+        self._stub = stub
+        self._settings = settings
+        self.table: PriceTable | None = None
+
+    def price(self, tokens_in: int, tokens_out: int, tool_calls: int, cost_units: int) -> Price:
+        table = self.table
+        if table is None:
+            return Price(0, "", UNPRICED)
+        return Price(
+            cost_micros(table, tokens_in, tokens_out, tool_calls, cost_units),
+            table.currency,
+            table.version,
+        )
+
+    async def refresh(self, guard: Guard) -> None:
+        reply = await guard.call(
+            TELEMETRY,
+            self._stub.GetPrices,
+            telemetry_pb2.GetPricesRequest(),
+            self._settings.outbox_call_timeout_s,
+        )
+        table = PriceTable(
+            version=reply.version,
+            currency=reply.currency,
+            input_per_1k_tokens_micros=reply.input_per_1k_tokens_micros,
+            output_per_1k_tokens_micros=reply.output_per_1k_tokens_micros,
+            per_tool_call_micros=reply.per_tool_call_micros,
+            per_cost_unit_micros=reply.per_cost_unit_micros,
+        )
+        if not table.version:
+            raise ValueError("telemetry served a price table without a version")
+        if self.table is None or self.table.version != table.version:
+            log.info("price table loaded", extra={"price_version": table.version})
+        self.table = table
+
+    async def run(self, guard: Guard) -> None:
+        """Refresh forever; a failure keeps the last table and retries on the next tick."""
+        failing = False
+        while True:
+            try:
+                await self.refresh(guard)
+                failing = False
+            except Exception as exc:
+                if not failing:
+                    log.warning("price refresh failed", extra={"error": str(exc)})
+                failing = True
+            await asyncio.sleep(self._settings.prices_refresh_s)
+
+
+@dataclass
+class _BudgetEntry:
+    budgeted: bool
+    checked_at: float
+
+
+class BudgetCache:
+    """Whether a budget applies to (tenant, principal), as last learned from telemetry."""
+
+    def __init__(
+        self,
+        stub: telemetry_pb2_grpc.TelemetryStub,
+        guard: Guard,
+        settings: GatewaySettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._stub = stub
+        self._guard = guard
+        self._settings = settings
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, str], _BudgetEntry] = OrderedDict()
+        self._refreshing: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    def known(self, caller: common_pb2.Caller) -> bool | None:
+        """True/False as last learned, None when never learned (then reserve to find out)."""
+        key = (caller.tenant, caller.subject)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if (
+            not entry.budgeted
+            and self._clock() - entry.checked_at > self._settings.budget_state_ttl_s
+            and key not in self._refreshing
+        ):
+            # Stale "no budget": keep using it, re-check in the background (never a hop here).
+            task = asyncio.create_task(self._refresh(key, caller), name="budget-state")
+            self._refreshing[key] = task
+            task.add_done_callback(lambda _t: self._refreshing.pop(key, None))
+        return entry.budgeted
+
+    def learn(self, caller: common_pb2.Caller, budgeted: bool) -> None:
+        key = (caller.tenant, caller.subject)
+        self._entries[key] = _BudgetEntry(budgeted, self._clock())
+        self._entries.move_to_end(key)
+        while len(self._entries) > MAX_BUDGET_ENTRIES:
+            self._entries.popitem(last=False)
+
+    async def _refresh(self, key: tuple[str, str], caller: common_pb2.Caller) -> None:
+        try:
+            reply = await self._guard.call(
+                TELEMETRY,
+                self._stub.GetBudgetState,
+                telemetry_pb2.GetBudgetStateRequest(caller=caller),
+                self._settings.outbox_call_timeout_s,
+            )
+        except Exception as exc:
+            # Keep the last answer and ask again after another TTL.
+            log.info("budget state refresh failed", extra={"error": str(exc)})
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.checked_at = self._clock()
+            return
+        self.learn(caller, reply.budgeted)
+
+    async def close(self) -> None:
+        tasks = list(self._refreshing.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class AuditLimiter:
+    """A token bucket: at most ``rate`` events a second on average, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._clock = clock
+        self._at = clock()
+
+    def allow(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        _AUDIT_DROPPED.add(1, {"action": AUTH_FAILURE})
+        return False
+
+
+def count_reservation(result: str) -> None:
+    _RESERVATIONS.add(1, {"result": result})
+
+
+def run_event_id(request_id: str, action: str) -> str:
+    return uuid.uuid5(_AUDIT_NAMESPACE, f"{request_id}\x1f{action}").hex
+
+
+def audit_event(
+    *,
+    tenant: str,
+    actor: str,
+    action: str,
+    target: str,
+    outcome: str,
+    request_id: str = "",
+    trace_id: str = "",
+    policy_version: str = "",
+    contract_versions: Sequence[str] = RUN_CONTRACTS,
+    details: dict[str, Any] | None = None,
+    event_id: str = "",
+) -> telemetry_pb2.AuditEvent:
+    return telemetry_pb2.AuditEvent(
+        event_id=event_id or uuid.uuid4().hex,
+        occurred_at=now_timestamp(),
+        tenant=tenant or UNKNOWN_TENANT,
+        actor=actor,
+        action=action,
+        target=target[:4096],
+        outcome=outcome,
+        request_id=request_id,
+        trace_id=trace_id,
+        policy_version=policy_version,
+        contract_versions=list(contract_versions),
+        details_json=json.dumps(details, sort_keys=True) if details else "",
+    )
+
+
+def usage_record(
+    *,
+    request_id: str,
+    caller: common_pb2.Caller,
+    tool_name: str,
+    tool_version: str,
+    usage: common_pb2.Usage,
+    outcome: str,
+    reservation_id: str,
+) -> telemetry_pb2.UsageRecord:
+    return telemetry_pb2.UsageRecord(
+        request_id=request_id,
+        tenant=caller.tenant,
+        principal=caller.subject,
+        route=RUN_ROUTE,
+        tool_name=tool_name,
+        tool_version=tool_version,
+        tokens_in=usage.tokens_in,
+        tokens_out=usage.tokens_out,
+        tool_calls=usage.tool_calls,
+        cost_units=usage.cost_units,
+        occurred_at=now_timestamp(),
+        outcome=outcome,
+        reservation_id=reservation_id,
+    )
+
+
+def verified_identity(token: str, snapshot: AuthSnapshot | None) -> tuple[str, str, str]:
+    """(tenant, subject, token id) of a refused token whose signature verifies with a known
+    key (say, expired or revoked), else ("_unknown", "", ""): claims of a token whose
+    signature does not verify are the sender's word and are never recorded as fact."""
+    if snapshot is None or len(token) > 16384:
+        return UNKNOWN_TENANT, "", ""
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+        key = snapshot.keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            return UNKNOWN_TENANT, "", ""
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=[ALGORITHM],
+            options={
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+                "verify_aud": False,
+                "verify_iss": False,
+            },
+        )
+    except (jwt.PyJWTError, ValueError, TypeError):
+        return UNKNOWN_TENANT, "", ""
+    tenant, subject, jti = claims.get("tenant"), claims.get("sub"), claims.get("jti")
+
+    def text(value: object) -> str:
+        return value[:256] if isinstance(value, str) else ""
+
+    return text(tenant) or UNKNOWN_TENANT, text(subject), text(jti)
+
+
+Send = Callable[[Any], Awaitable[object]]
+
+
+async def _send_batches(
+    kind: str,
+    items: list[Any],
+    send_all: Callable[[list[Any]], Awaitable[object]],
+) -> None:
+    """Send ``items`` in one call; if telemetry refuses the batch as INVALID_ARGUMENT, send them
+    one by one and set aside (log) only those refused on their own, so one bad item can never
+    block the queue behind it."""
+    try:
+        await send_all(items)
+        return
+    except DependencyError as err:
+        if err.code != grpc.StatusCode.INVALID_ARGUMENT or not err.tried:
+            raise
+        if len(items) == 1:
+            log.error(
+                "telemetry refused an outbox item; dropped",
+                extra={"kind": kind, "error": str(err)},
+            )
+            return
+    for item in items:
+        await _send_batches(kind, [item], send_all)
+
+
+def deliver_usage(
+    stub: telemetry_pb2_grpc.TelemetryStub, guard: Guard, timeout_s: float
+) -> Callable[[list[telemetry_pb2.UsageRecord]], Awaitable[None]]:
+    async def send_all(records: list[telemetry_pb2.UsageRecord]) -> object:
+        return await guard.call(
+            TELEMETRY,
+            stub.RecordUsage,
+            telemetry_pb2.RecordUsageRequest(records=records),
+            timeout_s,
+        )
+
+    async def deliver(records: list[telemetry_pb2.UsageRecord]) -> None:
+        await _send_batches("usage", records, send_all)
+
+    return deliver
+
+
+def deliver_audit(
+    stub: telemetry_pb2_grpc.TelemetryStub, guard: Guard, timeout_s: float
+) -> Callable[[list[telemetry_pb2.AuditEvent]], Awaitable[None]]:
+    async def send_all(events: list[telemetry_pb2.AuditEvent]) -> object:
+        return await guard.call(
+            TELEMETRY,
+            stub.AppendAudit,
+            telemetry_pb2.AppendAuditRequest(events=events),
+            timeout_s,
+        )
+
+    async def deliver(events: list[telemetry_pb2.AuditEvent]) -> None:
+        await _send_batches("audit", events, send_all)
+
+    return deliver
+
+
+@dataclass
+class Accounting:
+    """What the servicer needs for cost and governance, built and started by gateway.app."""
+
+    prices: PriceCache
+    budgets: BudgetCache
+    auth_failures: AuditLimiter
+
+    @classmethod
+    def create(
+        cls, stub: telemetry_pb2_grpc.TelemetryStub, guard: Guard, settings: GatewaySettings
+    ) -> Accounting:
+        rate = settings.audit_auth_failures_per_s
+        return cls(
+            prices=PriceCache(stub, settings),
+            budgets=BudgetCache(stub, guard, settings),
+            auth_failures=AuditLimiter(rate, max(1, int(rate))),
+        )
