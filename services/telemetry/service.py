@@ -23,7 +23,10 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc import aio
+from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from services.kit.buildinfo import service_info
 from services.kit.errors import abort, abort_invalid, retry_info
@@ -38,6 +41,7 @@ from services.telemetry.database import Database
 from services.telemetry.forward import Forwarder
 from services.telemetry.ledger import COST_KEYS, Amounts, BudgetState, Ledger, Reservation
 from services.telemetry.migrations import MIGRATIONS
+from services.telemetry.selfspans import LocalSpanExporter
 from services.telemetry.settings import TelemetrySettings
 from services.telemetry.stats import summarize
 from services.telemetry.store import SpanRow, SpanStore
@@ -643,6 +647,14 @@ def _background(coroutine: Awaitable[None]) -> Cleanup:
     return cancel
 
 
+def _record_own_spans(store: SpanStore) -> None:
+    """Telemetry's spans go to its own store (see selfspans) when the SDK is installed."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        exporter = LocalSpanExporter(store, asyncio.get_running_loop())
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
+
+
 def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
     """Open the store and start the background tasks inside the server's event loop."""
     if not isinstance(settings, TelemetrySettings):
@@ -659,6 +671,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         database = Database(url)
         cleanups.append(database.close)
         store = SpanStore(database)
+        _record_own_spans(store)
         ledger = Ledger(database, prices)
         forwarder = None
         if settings.forward_otlp_endpoint:
