@@ -3,7 +3,8 @@
 `make faults` runs every scenario at full length and writes the table in docs/reliability.md;
 `make test` (and so CI) runs the same scenarios shorter. Each scenario passes only if every
 acknowledged turn is stored exactly once after recovery and no request outlived its deadline
-by more than 50 ms.
+by more than 50 ms, every acknowledged Run's usage record is stored exactly once in
+telemetry's ledger, and the audit chain verifies.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -184,6 +186,48 @@ def _lost_or_doubled(mesh: Mesh, token: str, result: LoadResult) -> tuple[list[s
         time.sleep(0.5)  # the gateway's outbox is still replaying
 
 
+def _stored_usage(mesh: Mesh) -> Counter[str] | None:
+    """Usage records per request id for the load's principal (the dev client), read from
+    telemetry's own database; None while telemetry is not back."""
+    principal = mesh.dev_credentials()["client_id"]
+    try:
+        with sqlite3.connect(f"file:{mesh.data_dir / 'telemetry.db'}?mode=ro", uri=True) as conn:
+            rows = conn.execute(
+                "SELECT request_id, COUNT(*) FROM telemetry_usage"
+                " WHERE tenant = 'dev' AND principal = ? GROUP BY request_id",
+                (principal,),
+            ).fetchall()
+    except sqlite3.OperationalError:
+        return None
+    return Counter(dict(rows))
+
+
+def _usage_lost_or_doubled(mesh: Mesh, result: LoadResult) -> tuple[list[str], list[str]]:
+    """Every acknowledged Run's usage record stored once (telemetry de-duplicates by request
+    id; the gateways' outboxes may still be replaying after the fault)."""
+    acknowledged = {o.request_id for o in result.outcomes if o.acknowledged}
+    deadline = time.monotonic() + 40
+    while True:
+        counts = _stored_usage(mesh)
+        lost = sorted(acknowledged - set(counts or ()))
+        doubled = sorted(r for r, n in (counts or Counter()).items() if n > 1)
+        if counts is not None and not lost:
+            return lost, doubled
+        if time.monotonic() > deadline:
+            return lost, doubled
+        time.sleep(0.5)
+
+
+def _audit_chain_ok(mesh: Mesh, token: str) -> bool:
+    with mesh.channel("gateway") as channel:
+        verdict = gateway_pb2_grpc.GatewayStub(channel).VerifyAudit(
+            gateway_pb2.VerifyAuditRequest(),
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=10,
+        )
+    return bool(verdict.ok)
+
+
 def _breaker_transitions(mesh: Mesh) -> int:
     return sum(
         1
@@ -198,6 +242,8 @@ def test_fault(scenario: Scenario, fault_mesh: FaultMesh) -> None:
     token = mesh.token()
     result = asyncio.run(_drive(fault_mesh, scenario, token))
     lost, doubled = _lost_or_doubled(mesh, token, result)
+    usage_lost, usage_doubled = _usage_lost_or_doubled(mesh, result)
+    audit_ok = _audit_chain_ok(mesh, token)
     row = {
         "scenario": scenario.name,
         "requests": len(result.outcomes),
@@ -212,6 +258,9 @@ def test_fault(scenario: Scenario, fault_mesh: FaultMesh) -> None:
         "acknowledged": sum(1 for o in result.outcomes if o.acknowledged),
         "lost": len(lost),
         "doubled": len(doubled),
+        "usage_lost": len(usage_lost),
+        "usage_doubled": len(usage_doubled),
+        "audit_chain": "ok" if audit_ok else "BROKEN",
         "codes": dict(Counter(o.code for o in result.outcomes)),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +269,9 @@ def test_fault(scenario: Scenario, fault_mesh: FaultMesh) -> None:
     assert result.outcomes, "the load sent nothing"
     assert not lost, f"acknowledged turns lost: {lost[:5]}"
     assert not doubled, f"turns stored twice: {doubled[:5]}"
+    assert not usage_lost, f"acknowledged Runs without a usage record: {usage_lost[:5]}"
+    assert not usage_doubled, f"usage recorded twice: {usage_doubled[:5]}"
+    assert audit_ok, "the audit chain does not verify"
     assert not result.overruns(), f"requests outlived their deadline + 50 ms: {row}"
     if scenario.refusals_expected:
         assert row["refused"] > 0, row
