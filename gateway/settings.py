@@ -66,8 +66,9 @@ class GatewaySettings(ServiceSettings):
     # How long "no budget applies to (tenant, principal)" is trusted before a background
     # re-check (GetBudgetState); a caller with a budget reserves on every Run that runs a tool.
     budget_state_ttl_s: float = Field(default=5.0, gt=0)
-    # Cap on the ReserveBudget call (within the request's remaining deadline).
-    budget_call_timeout_ms: int = Field(default=500, ge=1)
+    # Cap on the ReserveBudget call (within the request's remaining deadline); reservations of
+    # one tenant are serialized by telemetry, so a burst of them queues there.
+    budget_call_timeout_ms: int = Field(default=2000, ge=1)
     # A reservation never committed by a usage record is released by telemetry after this.
     budget_reservation_ttl_s: int = Field(default=60, ge=1, le=3600)
     # Output tokens assumed when reserving (the answer is not known yet).
