@@ -21,6 +21,10 @@ pytestmark = pytest.mark.e2e
 TOOLMESH = shutil.which("toolmesh") or str(Path(os.sys.executable).parent / "toolmesh")
 
 
+def _serving(target: str) -> bool:
+    return _gateway_serving(target)
+
+
 def _gateway_serving(target: str) -> bool:
     try:
         with grpc.insecure_channel(target) as channel:
@@ -48,6 +52,27 @@ def _up(mesh: Mesh, log: Path) -> subprocess.Popen[bytes]:
 def _down(proc: subprocess.Popen[bytes], log: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, log.read_text()
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Child pid -> command line, read from /proc."""
+    found: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                child = int(stat.parent.name)
+                found[child] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _memory_child(proc: subprocess.Popen[bytes]) -> int | None:
+    for child, cmdline in _children(proc.pid).items():
+        if "services.memory" in cmdline:
+            return child
+    return None
 
 
 def _cli(mesh: Mesh, *args: str) -> subprocess.CompletedProcess[str]:
@@ -78,6 +103,16 @@ def test_up_run_restart_history(tmp_path: Path) -> None:
         bad = _cli(mesh, "run", "", "--session", "demo")
         assert bad.returncode != 0
         assert "INVALID_ARGUMENT" in bad.stderr and "Traceback" not in bad.stderr
+
+        # A crashed service is restarted by `up`, as the deployment platform would.
+        crashed = _memory_child(proc)
+        assert crashed is not None
+        os.kill(crashed, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while (_memory_child(proc) in (None, crashed)) or not _serving(mesh.target("memory")):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert "restarting" in log.read_text()
     finally:
         _down(proc, log)
     for name in SERVICES:
