@@ -14,6 +14,10 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.kit.pricing import cost_micros
 from tests.unit.gateway.conftest import GatewayUnderTest, bearer, start_gateway
@@ -330,3 +334,27 @@ async def test_auth_failures_are_audited_without_the_token_and_rate_limited() ->
             assert expired not in event.SerializeToString().decode(errors="replace")
     finally:
         await stop()  # type: ignore[misc]
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+async def test_run_span_carries_the_genai_usage_attributes(spans: InMemorySpanExporter) -> None:
+    lg, stop = await _start()
+    try:
+        reply = await lg.run(READ)
+    finally:
+        await stop()  # type: ignore[misc]
+    run_span = [s for s in spans.get_finished_spans() if s.name.endswith("Gateway/Run")][-1]
+    attributes = dict(run_span.attributes or {})
+    assert attributes["gen_ai.tool.name"] == "calculator"
+    assert attributes["gen_ai.usage.input_tokens"] == reply.usage.tokens_in
+    assert attributes["gen_ai.usage.output_tokens"] == reply.usage.tokens_out
