@@ -294,6 +294,17 @@ async def test_a_retried_run_records_its_usage_and_write_once(lg: Ledgered) -> N
     assert lg.ledger.actions() == ["tool.write"]
 
 
+async def test_a_failed_write_is_audited_as_a_failure(lg: Ledgered) -> None:
+    lg.gw.fakes.router.invoke_error = (grpc.StatusCode.INTERNAL, "disk full")
+    reply = await lg.run(WRITE)
+    assert reply.outcome == gateway_pb2.OUTCOME_FALLBACK
+    await _eventually(lambda: "tool.write" in lg.ledger.actions() and len(lg.ledger.usage) == 1)
+    event = next(e for e in lg.ledger.audit if e.action == "tool.write")
+    assert (event.outcome, event.target) == ("failure", "save_note")
+    assert lg.ledger.usage[0].outcome == "fallback"
+    assert lg.ledger.usage[0].tool_calls == 1
+
+
 async def test_denials_are_audited_with_their_reason(lg: Ledgered) -> None:
     with pytest.raises(aio.AioRpcError) as raised:
         await lg.run(WRITE, scope="tools:read")
