@@ -31,7 +31,19 @@ _RETRIES = [
     retry_policy(["toolmesh.memory.v1.Memory"], methods=["GetHistory", "AppendTurns"]),
     retry_policy(["toolmesh.router.v1.Router"], methods=["Route", "ListTools"]),
     retry_policy(["toolmesh.router.v1.Router"], methods=["InvokeTool"], max_attempts=2),
-    retry_policy(["toolmesh.telemetry.v1.Telemetry"], methods=["GetStats"]),
+    # Each is a read or is de-duplicated by telemetry (reservations by request id, usage by
+    # request id, audit by event id), so a retry on another replica never counts twice.
+    retry_policy(
+        ["toolmesh.telemetry.v1.Telemetry"],
+        methods=[
+            "GetStats",
+            "GetPrices",
+            "GetBudgetState",
+            "ReserveBudget",
+            "RecordUsage",
+            "AppendAudit",
+        ],
+    ),
 ]
 
 

@@ -21,8 +21,11 @@ COLUMNS = (
     ("overruns", "over deadline+50ms"),
     ("breaker_transitions", "breaker transitions"),
     ("acknowledged", "acknowledged"),
-    ("lost", "lost"),
-    ("doubled", "stored twice"),
+    ("lost", "turns lost"),
+    ("doubled", "turns stored twice"),
+    ("usage_lost", "usage lost"),
+    ("usage_doubled", "usage stored twice"),
+    ("audit_chain", "audit chain"),
 )
 
 
