@@ -30,10 +30,15 @@ class LocalSpanExporter(SpanExporter):
     def __init__(self, store: SpanStore, loop: asyncio.AbstractEventLoop) -> None:
         self._store = store
         self._loop = loop
+        self._closed = False
+
+    async def close(self) -> None:
+        """The store is closing: spans that end after this are dropped, not exported."""
+        self._closed = True
 
     def export(self, batch: Sequence[ReadableSpan]) -> SpanExportResult:
         wanted = [span for span in batch if span.name != INGEST_SPAN]
-        if not wanted:
+        if not wanted or self._closed or self._loop.is_closed():
             return SpanExportResult.SUCCESS
         records, violations = spans.decode(encode_spans(wanted))
         if violations:

@@ -647,12 +647,13 @@ def _background(coroutine: Awaitable[None]) -> Cleanup:
     return cancel
 
 
-def _record_own_spans(store: SpanStore) -> None:
+def _record_own_spans(store: SpanStore, cleanups: list[Cleanup]) -> None:
     """Telemetry's spans go to its own store (see selfspans) when the SDK is installed."""
     provider = trace.get_tracer_provider()
     if isinstance(provider, TracerProvider):
         exporter = LocalSpanExporter(store, asyncio.get_running_loop())
         provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
+        cleanups.append(exporter.close)
 
 
 def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
@@ -671,7 +672,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         database = Database(url)
         cleanups.append(database.close)
         store = SpanStore(database)
-        _record_own_spans(store)
+        _record_own_spans(store, cleanups)
         ledger = Ledger(database, prices)
         forwarder = None
         if settings.forward_otlp_endpoint:
