@@ -143,6 +143,20 @@ def test_fifty_concurrent_runs_against_ten_tool_calls(
             return count if count >= RUNS - LIMIT else 0
 
         assert _eventually(denied) == RUNS - LIMIT
+
+        # A budgeted Run's trace reaches into telemetry: the reservation is on its path.
+        on_path = {"toolmesh-gateway", "toolmesh-router", "toolmesh-memory", "toolmesh-telemetry"}
+
+        def services_in_trace() -> set[str] | None:
+            trace = gateway.GetTrace(
+                gateway_pb2.GetTraceRequest(trace_id=answered[0].trace_id),
+                metadata=bearer(token),
+                timeout=10,
+            )
+            found = {s.service for s in trace.spans if s.kind == telemetry_pb2.SPAN_KIND_SERVER}
+            return found if found >= on_path else None
+
+        assert _eventually(services_in_trace) >= on_path
     finally:
         budget.limits.CopyFrom(telemetry_pb2.BudgetAmounts())
         with contextlib.suppress(grpc.RpcError):
