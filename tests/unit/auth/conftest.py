@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import jwt
-import psycopg
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -23,8 +21,6 @@ from services.auth.settings import PACKAGED_POLICY, AuthSettings
 from services.kit.channels import open_channel
 from services.kit.server import Cleanup, Running, start
 from toolmesh.auth.v1 import auth_pb2, auth_pb2_grpc
-
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> AuthSettings:
@@ -128,27 +124,6 @@ async def code_of(call: Any) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
     return info.value.code(), info.value.details() or ""
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh database toolmesh_test_auth_<random>, dropped afterwards.
-
-    Skipped only when PostgreSQL is unreachable outside CI; in CI that is a failure.
-    """
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"PostgreSQL unreachable: {exc}")
-    name = f"toolmesh_test_auth_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from services.kit.channels import open_channel
@@ -16,8 +13,6 @@ from services.kit.server import Cleanup, Running, start
 from services.memory.service import build
 from services.memory.settings import MemorySettings
 from toolmesh.memory.v1 import memory_pb2_grpc
-
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
 
 
 class MemoryServer:
@@ -40,24 +35,6 @@ class MemoryServer:
             await self.channel.close()
             await self.running.stop(0)
             self.running = None
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh database toolmesh_test_mem_<random>, dropped afterwards."""
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"PostgreSQL unreachable: {exc}")
-    name = f"toolmesh_test_mem_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
@@ -16,8 +13,6 @@ from services.kit.server import Cleanup, Running, start
 from services.telemetry.service import build
 from services.telemetry.settings import TelemetrySettings
 from toolmesh.telemetry.v1 import telemetry_pb2_grpc
-
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
 
 
 class TelemetryServer:
@@ -42,24 +37,6 @@ class TelemetryServer:
             await self.channel.close()
             await self.running.stop(0)
             self.running = None
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh database toolmesh_test_tel_<random>, dropped afterwards."""
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"PostgreSQL unreachable: {exc}")
-    name = f"toolmesh_test_tel_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
