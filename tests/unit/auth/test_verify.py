@@ -21,7 +21,11 @@ from tests.unit.auth.conftest import AuthServer, b64, claims, code_of, sign
 from toolmesh.auth.v1 import auth_pb2
 
 Forge = Callable[[str, Ed25519PrivateKey], str]
-NOW = int(time.time())
+
+
+def now() -> int:
+    """Read when a token is forged, not at import: a long run must not age the cases."""
+    return int(time.time())
 
 
 def _hs256_with_public_key(kid: str, key: Ed25519PrivateKey) -> str:
@@ -56,11 +60,13 @@ CASES: dict[str, tuple[Forge, str]] = {
     "unknown kid": (_fresh_key_unknown_kid, "unknown signing key"),
     "known kid, other key": (_fresh_key_known_kid, "bad signature"),
     "expired": (
-        lambda kid, key: sign(claims(iat=NOW - 1000, nbf=NOW - 1000, exp=NOW - 100), key, kid),
+        lambda kid, key: sign(
+            claims(iat=now() - 1000, nbf=now() - 1000, exp=now() - 100), key, kid
+        ),
         "token expired",
     ),
     "nbf in future": (
-        lambda kid, key: sign(claims(nbf=NOW + 300, exp=NOW + 600), key, kid),
+        lambda kid, key: sign(claims(nbf=now() + 300, exp=now() + 600), key, kid),
         "token not yet valid",
     ),
     "wrong iss": (lambda kid, key: sign(claims(iss="evil"), key, kid), "wrong issuer"),
@@ -72,7 +78,7 @@ CASES: dict[str, tuple[Forge, str]] = {
         "missing claim tenant",
     ),
     "lifetime over an hour": (
-        lambda kid, key: sign(claims(exp=NOW + 7200), key, kid),
+        lambda kid, key: sign(claims(exp=now() + 7200), key, kid),
         "token lifetime too long",
     ),
     "no typ": (
