@@ -83,7 +83,7 @@ def write_report(
         "in the gateway), memory (history read + two turns appended, SQLite WAL with "
         "synchronous=FULL), router (route + invoke) and telemetry (spans exported in batches). "
         "Ratios: latency is Run p50 / echo p50; throughput is Run rps / echo rps. "
-        "\"degraded or failed\" counts answers that were not a clean tool answer (for example "
+        '"degraded or failed" counts answers that were not a clean tool answer (for example '
         "a turn that went to the outbox because memory's direct write took longer than "
         "`memory_write_timeout_ms` under load) and errors; they are left out of the latencies.",
         "",
