@@ -187,6 +187,19 @@ def test_gateway_balances_over_headless_services(rendered: dict[str, list[kube.D
         assert f"{target}-headless" in headless
 
 
+@pytest.mark.parametrize("service", ["auth", "router"])
+def test_services_that_call_telemetry_balance_over_its_replicas(
+    rendered: dict[str, list[kube.Doc]], service: str
+) -> None:
+    """Router reads tool health and auth sends its audit trail to telemetry."""
+    docs = rendered["overlays/prod"]
+    (container,) = kube.pod_spec(kube.by_name(docs, "Deployment", service))["containers"]
+    env = kube.config_env(docs, container)
+    assert env[f"TOOLMESH_{service.upper()}_TELEMETRY_TARGET"] == (
+        f"dns:///telemetry-headless.toolmesh.svc.cluster.local:{DEFAULT_PORTS['telemetry']}"
+    )
+
+
 # ---------------------------------------------------------------- secrets
 
 
