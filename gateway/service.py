@@ -48,6 +48,7 @@ from gateway.outbox import KIND_AUDIT, KIND_MEMORY, KIND_USAGE, GatewayOutbox
 from gateway.reliability import FALLBACKS, Bulkhead, DependencyError, Guard
 from gateway.settings import GatewaySettings
 from gateway.validation import HistoryInput, RunInput, StatsInput
+from services.kit.bearer import bearer_token
 from services.kit.buildinfo import service_info
 from services.kit.context import request_id_var
 from services.kit.deadlines import Deadline, DeadlineSpentError
@@ -105,15 +106,6 @@ def caller_proto(principal: Principal) -> common_pb2.Caller:
         scopes=sorted(principal.scopes),
         roles=list(principal.roles),
     )
-
-
-def bearer_token(context: aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            text = value.decode() if isinstance(value, bytes) else value
-            scheme, _, token = text.partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else ""
-    return ""
 
 
 def _rpc_name() -> str:
@@ -203,7 +195,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _authenticate(
         self, context: aio.ServicerContext, scope: str = ""
     ) -> tuple[Principal, Policy]:
-        token = bearer_token(context)
+        token = bearer_token(context.invocation_metadata())
         if not token:
             await self._audit_auth_failure(context, "", "missing bearer token")
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")

@@ -11,6 +11,7 @@ from services.kit.settings import DEFAULT_PORTS, ServiceSettings
 
 class GatewaySettings(ServiceSettings):
     service_name: ClassVar[str] = "gateway"
+    inner: ClassVar[bool] = False
 
     port: int = Field(default=DEFAULT_PORTS["gateway"], ge=0, le=65535)
     auth_target: str = f"127.0.0.1:{DEFAULT_PORTS['auth']}"

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from grpc import aio
@@ -20,7 +19,8 @@ from services.auth.servicer import AuthServicer, SecretHasher, new_secret
 from services.auth.settings import AuthSettings
 from services.auth.store import Conflict, Store
 from services.kit.db import create_engine
-from services.kit.server import Cleanup, Register, StartupRefused
+from services.kit.peers import ANY_PEER, GATEWAY, OPERATOR, PeerRules
+from services.kit.server import Cleanup, Register, Registered, StartupRefused
 from services.kit.settings import Environment, ServiceSettings
 from toolmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -29,6 +29,31 @@ log = logging.getLogger("toolmesh.auth")
 DEV_CLIENT_ID = "dev"
 DEV_TENANT = "dev"
 DEV_SCOPES = "tools:read tools:write ops:read admin"
+SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["Auth"].full_name
+# The gateway keeps keys, revocations and policy fresh and forwards token requests; the
+# operator's tools call the admin RPCs directly (each also checks the admin token it carries).
+_GATEWAY_OR_OPERATOR = [GATEWAY, OPERATOR]
+PEER_RULES = PeerRules.for_service(
+    SERVICE_NAME,
+    {
+        "IssueToken": _GATEWAY_OR_OPERATOR,
+        "GetJwks": _GATEWAY_OR_OPERATOR,
+        "VerifyToken": _GATEWAY_OR_OPERATOR,
+        "GetRevocations": _GATEWAY_OR_OPERATOR,
+        "GetPolicy": _GATEWAY_OR_OPERATOR,
+        "GetServiceInfo": [ANY_PEER],
+        "CreateClient": _GATEWAY_OR_OPERATOR,
+        "ListClients": _GATEWAY_OR_OPERATOR,
+        "DisableClient": _GATEWAY_OR_OPERATOR,
+        "DeleteClient": _GATEWAY_OR_OPERATOR,
+        "RotateClientSecret": _GATEWAY_OR_OPERATOR,
+        "ListKeys": _GATEWAY_OR_OPERATOR,
+        "RotateKey": _GATEWAY_OR_OPERATOR,
+        "RetireKey": _GATEWAY_OR_OPERATOR,
+        "RevokeToken": _GATEWAY_OR_OPERATOR,
+        "RevokeClient": _GATEWAY_OR_OPERATOR,
+    },
+)
 
 
 def write_private_json(path: Path, payload: dict[str, str]) -> None:
@@ -128,7 +153,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
     """The kit's entry point: set everything up when the server registers its services."""
     assert isinstance(settings, AuthSettings)
 
-    async def register(server: aio.Server) -> Sequence[str]:
+    async def register(server: aio.Server) -> Registered:
         settings.ensure_data_dir()
         # Holds the dev client's secret and, by default, the private keys.
         settings.dev_client_file().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -169,6 +194,6 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         trail.start()
         servicer = AuthServicer(settings, store, key_files, policy, hasher, audit=trail)
         auth_pb2_grpc.add_AuthServicer_to_server(servicer, server)
-        return [auth_pb2.DESCRIPTOR.services_by_name["Auth"].full_name]
+        return Registered([SERVICE_NAME], peers=PEER_RULES)
 
     return register

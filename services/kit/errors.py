@@ -12,6 +12,8 @@ from grpc import aio
 from grpc_status import rpc_status
 from pydantic import ValidationError
 
+from services.kit.limits import MAX_REPORTED_VIOLATIONS
+
 
 def _rich_status(
     code: grpc.StatusCode, message: str, details: Iterable[object] = ()
@@ -39,7 +41,14 @@ async def abort(
 async def abort_invalid(
     context: aio.ServicerContext, violations: list[tuple[str, str]]
 ) -> NoReturn:
-    """INVALID_ARGUMENT naming every bad field, with a google.rpc.BadRequest detail."""
+    """INVALID_ARGUMENT naming the bad fields, with a google.rpc.BadRequest detail.
+
+    At most ``MAX_REPORTED_VIOLATIONS`` are listed; the last entry then counts the rest.
+    """
+    if len(violations) > MAX_REPORTED_VIOLATIONS:
+        kept = violations[: MAX_REPORTED_VIOLATIONS - 1]
+        more = len(violations) - len(kept)
+        violations = [*kept, ("request", f"and {more} more violations not listed")]
     bad_request = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=field, description=description)

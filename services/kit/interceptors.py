@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -19,11 +20,19 @@ log = logging.getLogger("toolmesh.rpc")
 _Handler = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
 
 
-def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str:
+# A request id a caller may set: it travels into logs, spans and audit rows, so anything else
+# (too long, control characters, undecodable bytes) is ignored rather than stored.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_of(details: grpc.HandlerCallDetails) -> str:
+    """The caller's ``x-request-id`` when it is a well-formed id, else ""."""
     for item in details.invocation_metadata or ():
-        if item.key == key:
+        if item.key == REQUEST_ID_METADATA_KEY:
             value = item.value
-            return value.decode() if isinstance(value, bytes) else str(value)
+            if isinstance(value, bytes):
+                value = value.decode("ascii", errors="replace")
+            return value if _REQUEST_ID.fullmatch(value) else ""
     return ""
 
 
@@ -50,7 +59,7 @@ class GuardInterceptor(aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None:
             return handler
         method = handler_call_details.method
-        request_id = _metadata_value(handler_call_details, REQUEST_ID_METADATA_KEY)
+        request_id = request_id_of(handler_call_details)
         inner: _Handler = handler.unary_unary
         duration = self._duration
 

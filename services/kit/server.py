@@ -23,13 +23,9 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from services.kit.interceptors import GuardInterceptor
 from services.kit.logs import configure_logging
 from services.kit.metrics import configure_metrics
+from services.kit.peers import PeerAuthorizer, PeerRules, PeerRulesError, parse_aliases
 from services.kit.settings import Environment, ServiceSettings
-from services.kit.tls import (
-    PeerAllowlistInterceptor,
-    TlsFiles,
-    client_credentials,
-    configure_client_tls,
-)
+from services.kit.tls import TlsFiles, client_credentials, configure_client_tls
 from services.kit.tracing import configure_tracing
 
 log = logging.getLogger("toolmesh.server")
@@ -39,14 +35,18 @@ Cleanup = Callable[[], Awaitable[None]]
 
 @dataclass(frozen=True)
 class Registered:
-    """What a service registered: its full service names, and optionally a readiness wait.
+    """What a service registered: its full service names, optionally a readiness wait, and
+    the peer rules of an inner service.
 
     With ``ready`` set, health stays NOT_SERVING until it returns, so balancers and probes
     do not send traffic before the service can answer (the gateway waits for auth's keys).
+    ``peers`` names, for every RPC served, the mesh roles that may call it
+    (services.kit.peers); None means a public service whose callers carry no mesh identity.
     """
 
     names: Sequence[str]
     ready: Callable[[], Awaitable[None]] | None = None
+    peers: PeerRules | None = None
 
 
 # Registers servicers on the server: returns the full service names it added, or Registered.
@@ -100,15 +100,28 @@ def tls_files(settings: ServiceSettings) -> TlsFiles | None:
 
 
 def check_environment(settings: ServiceSettings) -> None:
-    """Production refuses plaintext; dev on loopback may run without TLS but says so."""
+    """Production refuses plaintext, and an inner service that would take calls from peers it
+    cannot identify; dev on loopback may run without TLS but says so."""
+    prefix = f"TOOLMESH_{settings.service_name.upper()}_"
+    if settings.env is Environment.PRODUCTION:
+        if not settings.tls_enabled:
+            raise StartupRefused(
+                f"{settings.service_name}: TOOLMESH_ENV=production requires mutual TLS; set "
+                "TOOLMESH_TLS_CERT_FILE, TOOLMESH_TLS_KEY_FILE and TOOLMESH_TLS_CA_FILE "
+                "(`make certs` makes a dev CA)"
+            )
+        if settings.inner and not settings.tls_require_client_auth:
+            raise StartupRefused(
+                f"{settings.service_name}: an inner service must require client certificates "
+                f"in production; unset {prefix}TLS_REQUIRE_CLIENT_AUTH (it defaults to true)"
+            )
+        if settings.inner and not settings.peer_allowlist:
+            raise StartupRefused(
+                f"{settings.service_name}: set {prefix}ALLOWED_PEERS to the certificate names "
+                "that may call it (an empty allowlist would admit every mesh certificate)"
+            )
     if settings.tls_enabled:
         return
-    if settings.env is Environment.PRODUCTION:
-        raise StartupRefused(
-            f"{settings.service_name}: TOOLMESH_ENV=production requires mutual TLS; set "
-            "TOOLMESH_TLS_CERT_FILE, TOOLMESH_TLS_KEY_FILE and TOOLMESH_TLS_CA_FILE "
-            "(`make certs` makes a dev CA)"
-        )
     log.warning(
         "TLS is off: plaintext gRPC, acceptable only for local development",
         extra={"address": settings.address},
@@ -121,8 +134,10 @@ async def start(
     """Start serving; ``cleanups`` run (in reverse) after the server stops."""
     files = tls_files(settings)
     interceptors: list[aio.ServerInterceptor] = [aio_server_interceptor(), GuardInterceptor()]
-    if files and settings.peer_allowlist:
-        interceptors.append(PeerAllowlistInterceptor(settings.peer_allowlist))
+    # Rules arrive with register(); the server serves nothing before it has them.
+    authorizer = PeerAuthorizer(None, settings.peer_allowlist, parse_aliases(settings.peer_aliases))
+    if files and settings.tls_require_client_auth:
+        interceptors.append(authorizer)
     server = aio.server(
         interceptors=interceptors,
         options=server_options(settings),
@@ -134,6 +149,15 @@ async def start(
     if not isinstance(registered, Registered):
         registered = Registered(list(registered))
     names = list(registered.names)
+    try:
+        if registered.peers is not None:
+            registered.peers.check_covers(names)
+        elif settings.inner and authorizer in interceptors:
+            raise PeerRulesError("an inner service must say which peers may call each RPC")
+    except PeerRulesError as error:
+        await _run_cleanups(list(cleanups))
+        raise StartupRefused(f"{settings.service_name}: {error}") from None
+    authorizer.rules = registered.peers
     reflection.enable_server_reflection(
         [
             *names,

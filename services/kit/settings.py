@@ -10,7 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -39,6 +39,9 @@ class ServiceSettings(BaseSettings):
     """Settings shared by every server; subclasses set ``service_name`` and add their own."""
 
     service_name: ClassVar[str] = "service"
+    # Inner services take calls only from mesh peers (mutual TLS, per-RPC peer rules); the
+    # gateway, whose callers are outside the mesh, is the one public service.
+    inner: ClassVar[bool] = True
 
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
@@ -70,9 +73,13 @@ class ServiceSettings(BaseSettings):
     tls_ca_file: Path | None = None
     # Inner services require a client certificate; the public gateway port may not.
     tls_require_client_auth: bool = True
-    # Common names of client certificates allowed to call (comma-separated); empty: any peer
-    # with a certificate from the mesh CA.
+    # Common names of client certificates allowed to call (comma-separated); empty admits any
+    # peer with a certificate from the mesh CA (refused in production for inner services).
+    # Which of them may call which RPC is fixed per service (services.kit.peers).
     allowed_peers: str = ""
+    # Certificate names that play a mesh role under another name, "CN=role,CN=role" (the roles:
+    # gateway, auth, router, memory, telemetry, operator, otel-collector).
+    peer_aliases: str = ""
     # Database-owning services: bring the schema to this release's head at start-up (under a
     # lock, see services.kit.migrations). True suits the embedded SQLite dev mode; production
     # sets it false and runs `toolmesh migrate --service <name>` (the migration Job) before the
@@ -91,6 +98,14 @@ class ServiceSettings(BaseSettings):
         own = EnvSettingsSource(settings_cls, env_prefix=f"TOOLMESH_{cls.service_name.upper()}_")
         shared = EnvSettingsSource(settings_cls, env_prefix="TOOLMESH_")
         return (init_settings, own, shared, file_secret_settings)
+
+    @field_validator("peer_aliases")
+    @classmethod
+    def _aliases_parse(cls, value: str) -> str:
+        from services.kit.peers import parse_aliases
+
+        parse_aliases(value)
+        return value
 
     @model_validator(mode="after")
     def _tls_all_or_nothing(self) -> ServiceSettings:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -12,7 +11,8 @@ from grpc import aio
 from services.kit.buildinfo import service_info
 from services.kit.errors import abort_invalid
 from services.kit.migrations import check_schema
-from services.kit.server import Cleanup, Register
+from services.kit.peers import ANY_PEER, GATEWAY, PeerRules
+from services.kit.server import Cleanup, Register, Registered
 from services.kit.settings import ServiceSettings
 from services.memory.migrations import MIGRATIONS
 from services.memory.settings import MemorySettings
@@ -21,6 +21,12 @@ from toolmesh.common.v1 import common_pb2
 from toolmesh.memory.v1 import memory_pb2, memory_pb2_grpc
 
 CONTRACT_VERSIONS = ["toolmesh.memory.v1"]
+SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name
+# Turns carry a tenant: only the gateway, which authenticated the caller, may read or write.
+PEER_RULES = PeerRules.for_service(
+    SERVICE_NAME,
+    {"AppendTurns": [GATEWAY], "GetHistory": [GATEWAY], "GetServiceInfo": [ANY_PEER]},
+)
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_TURNS_PER_REQUEST = 16
@@ -135,13 +141,13 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
     if not isinstance(settings, MemorySettings):
         raise TypeError("memory needs MemorySettings")
 
-    async def register(server: aio.Server) -> Sequence[str]:
+    async def register(server: aio.Server) -> Registered:
         url = settings.resolved_database_url()
         # At head, or migrated to it under the schema lock, or refused with what to run.
         await check_schema(url, MIGRATIONS, migrate_on_start=settings.migrate_on_start)
         store = TurnStore(url)
         cleanups.append(store.close)
         memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(settings, store), server)
-        return [memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name]
+        return Registered([SERVICE_NAME], peers=PEER_RULES)
 
     return register

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from grpc import aio
 from opentelemetry import trace
 
@@ -11,7 +9,8 @@ from services.kit.breaker import BreakerRegistry
 from services.kit.channels import open_channel
 from services.kit.db import create_engine, session_factory, sqlite_url
 from services.kit.migrations import check_schema
-from services.kit.server import Cleanup, Register
+from services.kit.peers import ANY_PEER, GATEWAY, PeerRules
+from services.kit.server import Cleanup, Register, Registered
 from services.kit.settings import ServiceSettings
 from services.router.catalog import default_registry
 from services.router.health import ToolHealth
@@ -26,6 +25,16 @@ from services.router.settings import RouterSettings
 from toolmesh.router.v1 import router_pb2, router_pb2_grpc
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+# Only the gateway routes and invokes for a caller (the tenant and scopes come from it).
+PEER_RULES = PeerRules.for_service(
+    SERVICE_NAME,
+    {
+        "Route": [GATEWAY],
+        "InvokeTool": [GATEWAY],
+        "ListTools": [GATEWAY],
+        "GetServiceInfo": [ANY_PEER],
+    },
+)
 
 
 def build(
@@ -47,7 +56,7 @@ def build(
     rules = load_rules(settings.rules_file)
     tracer = trace.get_tracer("toolmesh.router", tracer_provider=tracer_provider)
 
-    async def register(server: aio.Server) -> Sequence[str]:
+    async def register(server: aio.Server) -> Registered:
         url = settings.database_url or sqlite_url(settings.ensure_data_dir(), "router")
         # At head, or migrated to it under the schema lock, or refused with what to run.
         await check_schema(url, MIGRATIONS, migrate_on_start=settings.migrate_on_start)
@@ -71,6 +80,6 @@ def build(
             notes=NotesStore(session_factory(engine)),
         )
         router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
-        return [SERVICE_NAME]
+        return Registered([SERVICE_NAME], peers=PEER_RULES)
 
     return register

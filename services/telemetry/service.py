@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from fractions import Fraction
 from typing import Any
@@ -32,8 +32,9 @@ from services.kit.buildinfo import service_info
 from services.kit.errors import abort, abort_invalid, retry_info
 from services.kit.metrics import meter
 from services.kit.migrations import check_schema
+from services.kit.peers import ANY_PEER, AUTH, GATEWAY, ROUTER, PeerRules
 from services.kit.pricing import PriceTable
-from services.kit.server import Cleanup, Register
+from services.kit.server import Cleanup, Register, Registered
 from services.kit.settings import ServiceSettings
 from services.telemetry import slo, spans, validation
 from services.telemetry.audit import AuditLog
@@ -656,6 +657,31 @@ def _record_own_spans(store: SpanStore, cleanups: list[Cleanup]) -> None:
         cleanups.append(exporter.close)
 
 
+SERVICE_NAME = telemetry_pb2.DESCRIPTOR.services_by_name["Telemetry"].full_name
+# Every RPC that carries a tenant, or reads one, is the gateway's alone (it authenticated the
+# caller); auth also appends its own audit events. Spans come from every process of the mesh
+# and the collector, which is why they never write tenant data (docs/security.md).
+PEER_RULES = PeerRules.for_service(
+    SERVICE_NAME,
+    {
+        "GetStats": [GATEWAY, ROUTER],
+        "GetServiceInfo": [ANY_PEER],
+        "GetTrace": [GATEWAY],
+        "RecordUsage": [GATEWAY],
+        "GetPrices": [GATEWAY],
+        "GetCost": [GATEWAY],
+        "SetBudget": [GATEWAY],
+        "ListBudgets": [GATEWAY],
+        "GetBudgetState": [GATEWAY],
+        "ReserveBudget": [GATEWAY],
+        "AppendAudit": [GATEWAY, AUTH],
+        "ListAudit": [GATEWAY],
+        "VerifyAudit": [GATEWAY],
+        "GetSlo": [GATEWAY],
+    },
+).merged(PeerRules.for_service(TraceService.SERVICE, {"Export": [ANY_PEER]}))
+
+
 def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
     """Open the store and start the background tasks inside the server's event loop."""
     if not isinstance(settings, TelemetrySettings):
@@ -665,7 +691,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
     prices = PriceTable.load(settings.prices_file)
     slos = slo.SloConfig.load(settings.slo_file)
 
-    async def register(server: aio.Server) -> Sequence[str]:
+    async def register(server: aio.Server) -> Registered:
         url = settings.resolved_database_url()
         # At head, or migrated to it under the schema lock, or refused with what to run.
         await check_schema(url, MIGRATIONS, migrate_on_start=settings.migrate_on_start)
@@ -684,9 +710,6 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
             TelemetryServicer(settings, store, ledger, AuditLog(database), slos), server
         )
         TraceService(store, forwarder).add_to_server(server)
-        return [
-            telemetry_pb2.DESCRIPTOR.services_by_name["Telemetry"].full_name,
-            TraceService.SERVICE,
-        ]
+        return Registered([SERVICE_NAME, TraceService.SERVICE], peers=PEER_RULES)
 
     return register

@@ -16,7 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from services.kit.channels import open_channel
+from services.kit.context import request_id_var
 from services.kit.errors import abort_invalid
+from services.kit.limits import MAX_REPORTED_VIOLATIONS
 from services.kit.server import Running, start
 from services.kit.settings import ServiceSettings
 
@@ -41,10 +43,25 @@ async def _invalid(request: bytes, context: aio.ServicerContext) -> bytes:
     return b""
 
 
+async def _many_invalid(request: bytes, context: aio.ServicerContext) -> bytes:
+    await abort_invalid(context, [(f"items[{i}]", "bad") for i in range(5000)])
+    return b""
+
+
+async def _request_id(request: bytes, context: aio.ServicerContext) -> bytes:
+    return request_id_var.get().encode()
+
+
 async def _register(server: aio.Server) -> Sequence[str]:
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(fn)
-        for name, fn in (("Slow", _slow), ("Boom", _boom), ("Invalid", _invalid))
+        for name, fn in (
+            ("Slow", _slow),
+            ("Boom", _boom),
+            ("Invalid", _invalid),
+            ("ManyInvalid", _many_invalid),
+            ("RequestId", _request_id),
+        )
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     return [SERVICE]
@@ -187,3 +204,31 @@ async def test_a_failed_bind_runs_the_clean_ups(running: Running) -> None:
     with pytest.raises(RuntimeError):
         await start(EchoSettings(port=running.port), _register, [cleanup])
     assert cleaned == ["done"]
+
+
+async def test_thousands_of_violations_are_capped(channel: aio.Channel) -> None:
+    """One violation per bad item would outgrow gRPC's metadata limit; the rest are counted."""
+    call = channel.unary_unary(f"/{SERVICE}/ManyInvalid")(b"", timeout=2)
+    with pytest.raises(aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = await rpc_status.aio.from_call(call)
+    assert status is not None
+    bad_request = error_details_pb2.BadRequest()
+    status.details[0].Unpack(bad_request)
+    violations = bad_request.field_violations
+    assert len(violations) == MAX_REPORTED_VIOLATIONS
+    assert violations[-1].description == "and 4981 more violations not listed"
+
+
+@pytest.mark.parametrize(
+    ("sent", "seen"),
+    [("req-1.a:b", "req-1.a:b"), ("x" * 129, ""), ("a b", ""), ("a;b", "")],
+)
+async def test_only_well_formed_request_ids_are_taken(
+    channel: aio.Channel, sent: str, seen: str
+) -> None:
+    reply = await channel.unary_unary(f"/{SERVICE}/RequestId")(
+        b"", metadata=(("x-request-id", sent),), timeout=2
+    )
+    assert reply.decode() == seen
