@@ -25,7 +25,12 @@ SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name
 # Turns carry a tenant: only the gateway, which authenticated the caller, may read or write.
 PEER_RULES = PeerRules.for_service(
     SERVICE_NAME,
-    {"AppendTurns": [GATEWAY], "GetHistory": [GATEWAY], "GetServiceInfo": [ANY_PEER]},
+    {
+        "AppendTurns": [GATEWAY],
+        "GetHistory": [GATEWAY],
+        "ClaimRequest": [GATEWAY],
+        "GetServiceInfo": [ANY_PEER],
+    },
 )
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
