@@ -10,29 +10,25 @@
   GetBudgetState in the background once its entry is older than ``budget_state_ttl_s``.
 - :class:`AuditLimiter` caps ``auth.failure`` events per gateway replica (a token bucket), so a
   client spraying bad tokens cannot flood the outbox and the audit chain.
-- ``usage_record`` and ``audit_event`` build the telemetry messages that travel through the
-  durable outbox (kinds ``usage`` and ``audit``); :func:`deliver_usage` / :func:`deliver_audit`
-  send them in batches (telemetry de-duplicates by request id / event id).
+- ``usage_record`` builds the compact per-request record that travels through the durable
+  outbox (kind ``usage``; gateway.outbox delivers it); audit events are built by the kit's one
+  builder (services.kit.audit).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import grpc
 import jwt
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gateway.authn import ALGORITHM, AuthSnapshot
-from gateway.reliability import DependencyError, Guard
+from gateway.reliability import Guard
 from gateway.settings import GatewaySettings
 from services.kit.metrics import meter
 from services.kit.pricing import PriceTable, cost_micros
@@ -47,16 +43,8 @@ UNPRICED = "unpriced"
 UNKNOWN_TENANT = "_unknown"
 RUN_CONTRACTS = ("toolmesh.gateway.v1", "toolmesh.router.v1")
 GATEWAY_CONTRACTS = ("toolmesh.gateway.v1",)
-# Audit actions emitted by the gateway.
-TOOL_WRITE = "tool.write"
-PERMISSION_DENIED = "permission.denied"
-AUTH_FAILURE = "auth.failure"
-BUDGET_DENIED = "budget.denied"
 # Bound on the (tenant, principal) entries the budget cache keeps; the oldest go first.
 MAX_BUDGET_ENTRIES = 100_000
-# Audit event ids of a Run's own events derive from its request id, so a retried Run (same
-# idempotency key, same request id) records its tool.write once.
-_AUDIT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:toolmesh:gateway:audit")
 
 _AUDIT_DROPPED = meter().create_counter(
     "toolmesh.gateway.audit.dropped",
@@ -222,46 +210,12 @@ class AuditLimiter:
         if self._tokens >= 1:
             self._tokens -= 1
             return True
-        _AUDIT_DROPPED.add(1, {"action": AUTH_FAILURE})
+        _AUDIT_DROPPED.add(1, {"action": "auth.failure"})
         return False
 
 
 def count_reservation(result: str) -> None:
     _RESERVATIONS.add(1, {"result": result})
-
-
-def run_event_id(request_id: str, action: str) -> str:
-    return uuid.uuid5(_AUDIT_NAMESPACE, f"{request_id}\x1f{action}").hex
-
-
-def audit_event(
-    *,
-    tenant: str,
-    actor: str,
-    action: str,
-    target: str,
-    outcome: str,
-    request_id: str = "",
-    trace_id: str = "",
-    policy_version: str = "",
-    contract_versions: Sequence[str] = RUN_CONTRACTS,
-    details: dict[str, Any] | None = None,
-    event_id: str = "",
-) -> telemetry_pb2.AuditEvent:
-    return telemetry_pb2.AuditEvent(
-        event_id=event_id or uuid.uuid4().hex,
-        occurred_at=now_timestamp(),
-        tenant=tenant or UNKNOWN_TENANT,
-        actor=actor,
-        action=action,
-        target=target[:4096],
-        outcome=outcome,
-        request_id=request_id,
-        trace_id=trace_id,
-        policy_version=policy_version,
-        contract_versions=list(contract_versions),
-        details_json=json.dumps(details, sort_keys=True) if details else "",
-    )
 
 
 def usage_record(
@@ -322,67 +276,6 @@ def verified_identity(token: str, snapshot: AuthSnapshot | None) -> tuple[str, s
         return value[:256] if isinstance(value, str) else ""
 
     return text(tenant) or UNKNOWN_TENANT, text(subject), text(jti)
-
-
-Send = Callable[[Any], Awaitable[object]]
-
-
-async def _send_batches(
-    kind: str,
-    items: list[Any],
-    send_all: Callable[[list[Any]], Awaitable[object]],
-) -> None:
-    """Send ``items`` in one call; if telemetry refuses the batch as INVALID_ARGUMENT, send them
-    one by one and set aside (log) only those refused on their own, so one bad item can never
-    block the queue behind it."""
-    try:
-        await send_all(items)
-        return
-    except DependencyError as err:
-        if err.code != grpc.StatusCode.INVALID_ARGUMENT or not err.tried:
-            raise
-        if len(items) == 1:
-            log.error(
-                "telemetry refused an outbox item; dropped",
-                extra={"kind": kind, "error": str(err)},
-            )
-            return
-    for item in items:
-        await _send_batches(kind, [item], send_all)
-
-
-def deliver_usage(
-    stub: telemetry_pb2_grpc.TelemetryStub, guard: Guard, timeout_s: float
-) -> Callable[[list[telemetry_pb2.UsageRecord]], Awaitable[None]]:
-    async def send_all(records: list[telemetry_pb2.UsageRecord]) -> object:
-        return await guard.call(
-            TELEMETRY,
-            stub.RecordUsage,
-            telemetry_pb2.RecordUsageRequest(records=records),
-            timeout_s,
-        )
-
-    async def deliver(records: list[telemetry_pb2.UsageRecord]) -> None:
-        await _send_batches("usage", records, send_all)
-
-    return deliver
-
-
-def deliver_audit(
-    stub: telemetry_pb2_grpc.TelemetryStub, guard: Guard, timeout_s: float
-) -> Callable[[list[telemetry_pb2.AuditEvent]], Awaitable[None]]:
-    async def send_all(events: list[telemetry_pb2.AuditEvent]) -> object:
-        return await guard.call(
-            TELEMETRY,
-            stub.AppendAudit,
-            telemetry_pb2.AppendAuditRequest(events=events),
-            timeout_s,
-        )
-
-    async def deliver(events: list[telemetry_pb2.AuditEvent]) -> None:
-        await _send_batches("audit", events, send_all)
-
-    return deliver
 
 
 @dataclass

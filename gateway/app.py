@@ -1,5 +1,6 @@
 """Wires the gateway: channels, breakers, the outbox and its relay, the background auth refresh
-and contract check, the servicer; health stays NOT_SERVING until auth's state has arrived."""
+and contract check, the pipeline and the servicer; health stays NOT_SERVING until auth's state
+has arrived."""
 
 from __future__ import annotations
 
@@ -7,19 +8,20 @@ import asyncio
 
 from grpc import aio
 
-from gateway.accounting import Accounting, deliver_audit, deliver_usage
+from gateway.access import Access
+from gateway.accounting import Accounting
 from gateway.authn import AuthState
 from gateway.clients import Clients
-from gateway.outbox import KIND_AUDIT, KIND_MEMORY, KIND_USAGE, GatewayOutbox
+from gateway.operations import Operations
+from gateway.outbox import open_outbox
+from gateway.pipeline import Pipeline
 from gateway.reliability import Guard, stop_tasks
-from gateway.service import GatewayServicer
+from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
 from services.kit.breaker import BreakerConfig
 from services.kit.server import Cleanup, Register, Registered
 from services.kit.settings import ServiceSettings
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from toolmesh.memory.v1 import memory_pb2
-from toolmesh.telemetry.v1 import telemetry_pb2
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
@@ -42,32 +44,22 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
     assert isinstance(settings, GatewaySettings)
 
     async def register(server: aio.Server) -> Registered:
-        outbox = GatewayOutbox(
-            settings.ensure_data_dir(),
-            idle_s=settings.outbox_idle_s,
-            base_backoff_s=settings.outbox_backoff_base_s,
-            max_backoff_s=settings.outbox_backoff_max_s,
-        )
-        await outbox.open()
         clients = Clients.open(settings)
         guard = Guard(breaker_config(settings))
+        outbox = open_outbox(settings, clients, guard)
+        await outbox.open()
         auth_state = AuthState(clients.auth, settings)
-
-        async def append_turns(request: memory_pb2.AppendTurnsRequest) -> object:
-            return await guard.call(
-                "memory", clients.memory.AppendTurns, request, settings.outbox_call_timeout_s
-            )
-
-        outbox.route(KIND_MEMORY, memory_pb2.AppendTurnsRequest, append_turns)
-        # Usage records and audit events go to telemetry in batches (it de-duplicates them).
-        timeout = settings.outbox_call_timeout_s
-        outbox.route_batch(
-            KIND_USAGE, telemetry_pb2.UsageRecord, deliver_usage(clients.telemetry, guard, timeout)
-        )
-        outbox.route_batch(
-            KIND_AUDIT, telemetry_pb2.AuditEvent, deliver_audit(clients.telemetry, guard, timeout)
-        )
         accounting = Accounting.create(clients.telemetry, guard, settings)
+        access = Access(settings, auth_state, outbox, accounting.auth_failures)
+        pipeline = Pipeline(
+            settings=settings,
+            access=access,
+            clients=clients,
+            guard=guard,
+            outbox=outbox,
+            accounting=accounting,
+        )
+        operations = Operations(clients.telemetry, access, pipeline.deadline, guard)
         tasks = [
             asyncio.create_task(auth_state.run(guard), name="auth-refresh"),
             asyncio.create_task(clients.check_contracts(), name="contract-check"),
@@ -83,8 +75,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
 
         cleanups.append(stop)
         gateway_pb2_grpc.add_GatewayServicer_to_server(
-            GatewayServicer(settings, auth_state, clients, guard, outbox, accounting=accounting),
-            server,
+            GatewayServicer(pipeline, access, clients, guard, operations), server
         )
         return Registered([SERVICE_NAME], ready=auth_state.wait_loaded)
 

@@ -8,23 +8,22 @@ a trace is the caller's only if one of its spans carries the caller's tenant (th
 Run span sets ``toolmesh.tenant``); otherwise the answer is exactly the one for an unknown
 trace id. Telemetry's own errors reach the caller with their code and google.rpc details.
 
-The servicer (gateway.service) delegates to :class:`Operations`, handing it its helpers:
-authentication, the request's deadline, the guarded call and error forwarding.
+The servicer (gateway.servicer) delegates to :class:`Operations`, built once by gateway.app.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 from grpc import aio
 
-from gateway.authn import Policy, Principal
+from gateway.access import Access, caller_proto, hop_timeout
 from gateway.authz import SCOPE_OPS_READ
-from gateway.reliability import DependencyError
+from gateway.reliability import DependencyError, Guard
 from services.kit.deadlines import Deadline
 from services.kit.errors import abort, abort_invalid
 from toolmesh.common.v1 import common_pb2
@@ -52,19 +51,6 @@ _COST_GROUPS = {
 _PERIODS = {telemetry_pb2.BUDGET_PERIOD_DAY, telemetry_pb2.BUDGET_PERIOD_MONTH}
 
 Violations = list[tuple[str, str]]
-Authenticate = Callable[[aio.ServicerContext, str], Awaitable[tuple[Principal, Policy]]]
-Timeout = Callable[[aio.ServicerContext, Deadline, str], Awaitable[float]]
-GuardedCall = Callable[[str, Callable[..., Any], Any, float], Awaitable[Any]]
-ForwardError = Callable[[aio.ServicerContext, DependencyError], Awaitable[NoReturn]]
-
-
-def caller_of(principal: Principal) -> common_pb2.Caller:
-    return common_pb2.Caller(
-        subject=principal.subject,
-        tenant=principal.tenant,
-        scopes=sorted(principal.scopes),
-        roles=list(principal.roles),
-    )
 
 
 def _has_control(text: str) -> bool:
@@ -144,14 +130,12 @@ def tenant_spans(
 
 @dataclass
 class Operations:
-    """The operator RPCs, using the servicer's authentication, deadline and guarded calls."""
+    """The operator RPCs, using the gateway's authentication, deadline and guarded calls."""
 
     telemetry: telemetry_pb2_grpc.TelemetryStub
-    authenticate: Authenticate
+    access: Access
     deadline: Callable[[aio.ServicerContext], Deadline]
-    timeout: Timeout
-    call: GuardedCall
-    forward_error: ForwardError
+    guard: Guard
 
     async def _ask(
         self,
@@ -165,12 +149,12 @@ class Operations:
         deadline = self.deadline(context)
         if violations:
             await abort_invalid(context, violations)
-        principal, _ = await self.authenticate(context, scope)
-        timeout = await self.timeout(context, deadline, TELEMETRY)
+        principal, _ = await self.access.authenticate(context, scope)
+        timeout = await hop_timeout(context, deadline, TELEMETRY)
         try:
-            return await self.call(TELEMETRY, method, build(caller_of(principal)), timeout)
+            return await self.guard.call(TELEMETRY, method, build(caller_proto(principal)), timeout)
         except DependencyError as err:
-            await self.forward_error(context, err)
+            await self.access.forward_error(context, err)
 
     async def GetTrace(
         self, request: gateway_pb2.GetTraceRequest, context: aio.ServicerContext
@@ -178,10 +162,10 @@ class Operations:
         deadline = self.deadline(context)
         if violations := trace_violations(request):
             await abort_invalid(context, violations)
-        principal, _ = await self.authenticate(context, SCOPE_OPS_READ)
-        timeout = await self.timeout(context, deadline, TELEMETRY)
+        principal, _ = await self.access.authenticate(context, SCOPE_OPS_READ)
+        timeout = await hop_timeout(context, deadline, TELEMETRY)
         try:
-            reply = await self.call(
+            reply = await self.guard.call(
                 TELEMETRY,
                 self.telemetry.GetTrace,
                 telemetry_pb2.GetTraceRequest(trace_id=request.trace_id.lower()),
@@ -190,7 +174,7 @@ class Operations:
         except DependencyError as err:
             if err.code == grpc.StatusCode.NOT_FOUND and err.tried:
                 await abort(context, grpc.StatusCode.NOT_FOUND, NO_SUCH_TRACE)
-            await self.forward_error(context, err)
+            await self.access.forward_error(context, err)
         spans = tenant_spans(list(reply.spans), principal.tenant)
         if spans is None:
             # Exactly the answer for an unknown trace id: nothing about other tenants leaks.

@@ -1,33 +1,39 @@
 """The gateway's durable outbox: writes that must not be lost, replayed until delivered.
 
-One SQLite file, ``<data_dir>/gateway-outbox.db`` (services.kit.outbox). Every item is a
-serialized protobuf request of the receiving service's contract, so replay is "parse, send":
+One SQLite file, ``<data_dir>/gateway-outbox.db`` (services.kit.outbox.MessageOutbox). Every
+item is a serialized protobuf request of the receiving service's contract, so replay is
+"parse, send":
 
 - kind ``memory``: payload ``toolmesh.memory.v1.AppendTurnsRequest``, key
-  ``memory:<request id>``, delivered by memory.AppendTurns.
+  ``memory:<request id>``, delivered by memory.AppendTurns (de-duplicated by request id; the
+  turns carry their acknowledgment time, so a late delivery lands in its place in the session).
 - kind ``usage``: payload ``toolmesh.telemetry.v1.UsageRecord``, key ``usage:<request id>``,
   delivered in batches by telemetry.RecordUsage (de-duplicated by tenant and request id).
 - kind ``audit``: payload ``toolmesh.telemetry.v1.AuditEvent``, key ``audit:<event id>``,
   delivered in batches by telemetry.AppendAudit (de-duplicated by tenant and event id).
 
-A Run's items (its usage record, its audit events, and its turns when memory could not take
-them) are committed together with ``put_many``: one transaction, one fsync, before the answer.
-Receivers de-duplicate by the item's own key, so a replay after a crash between delivery and
-deletion stores nothing twice.
+A request's items (its usage record, its audit events, and its turns when memory could not
+take them) are committed together: one transaction, one fsync, before the answer.
+
+An item a receiver refuses for its content is set aside as a dead letter (metric, error log);
+for an audit event a ``audit.dead_letter`` notice, built from the refused event's cleaned
+fields, takes its place in the tenant's chain, so `toolmesh audit verify` says an event was
+set aside instead of the chain silently missing it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
-from typing import TypeVar
 
-from google.protobuf.message import Message
+import grpc
 
-from gateway.reliability import stop_tasks
-from services.kit.outbox import Item, Outbox, Pending, Relay
+from gateway.clients import Clients
+from gateway.reliability import DependencyError, Guard
+from gateway.settings import GatewaySettings
+from services.kit.audit import dead_letter_notice
+from services.kit.outbox import MessageOutbox, send_splitting_refusals
+from toolmesh.memory.v1 import memory_pb2
+from toolmesh.telemetry.v1 import telemetry_pb2
 
 log = logging.getLogger("toolmesh.gateway.outbox")
 
@@ -35,109 +41,70 @@ KIND_MEMORY = "memory"
 KIND_USAGE = "usage"
 KIND_AUDIT = "audit"
 FILE_NAME = "gateway-outbox.db"
+TELEMETRY = "telemetry"
 
-M = TypeVar("M", bound=Message)
+
+def _refusal(exc: Exception) -> str | None:
+    """The reason when a receiver refused the content itself (so retrying cannot help)."""
+    if (
+        isinstance(exc, DependencyError)
+        and exc.tried
+        and exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
+    ):
+        return f"{exc.code.name}: {exc.reason}"
+    return None
 
 
-class GatewayOutbox:
-    """Typed puts and per-kind delivery routes over the kit's Outbox and Relay."""
+def open_outbox(settings: GatewaySettings, clients: Clients, guard: Guard) -> MessageOutbox:
+    """The outbox with its three delivery routes (not yet opened or started)."""
+    outbox = MessageOutbox(
+        settings.ensure_data_dir() / FILE_NAME,
+        idle_s=settings.outbox_idle_s,
+        base_backoff_s=settings.outbox_backoff_base_s,
+        max_backoff_s=settings.outbox_backoff_max_s,
+    )
+    timeout = settings.outbox_call_timeout_s
 
-    def __init__(
-        self,
-        data_dir: Path,
-        *,
-        idle_s: float = 0.5,
-        base_backoff_s: float = 0.2,
-        max_backoff_s: float = 10.0,
-    ) -> None:
-        self.path = data_dir / FILE_NAME
-        self.store = Outbox(self.path)
-        self.relay = Relay(
-            self.store, idle_s=idle_s, base_backoff_s=base_backoff_s, max_backoff_s=max_backoff_s
-        )
-        self._task: asyncio.Task[None] | None = None
-        # Group commit: puts arriving while a commit runs share the next transaction (and its
-        # fsync), so a burst of Runs falling back at once does not queue one fsync per Run.
-        self._waiting: list[tuple[Item, asyncio.Future[None]]] = []
-        self._writer: asyncio.Task[None] | None = None
-
-    async def open(self) -> None:
-        await self.store.open()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self.relay.run(), name="outbox-relay")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            await stop_tasks([self._task])
-        if self._writer is not None:
-            await asyncio.gather(self._writer, return_exceptions=True)
-        await self.store.close()
-
-    async def put(self, kind: str, key: str, message: Message) -> None:
-        """Commit durably (fsync'd) before returning; a key already queued is kept as is.
-
-        Cancelling the caller does not cancel the commit (it may still land: the item was then
-        never acknowledged, and the receiver de-duplicates a retry by key)."""
-        await self.put_many([(kind, key, message)])
-
-    async def put_many(self, entries: Sequence[tuple[str, str, Message]]) -> None:
-        """Commit ``(kind, key, message)`` entries in one transaction, as ``put`` does one."""
-        if not entries:
-            return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # Retrieve the outcome even when nobody waits any more, so it is never "unretrieved".
-        done.add_done_callback(lambda f: f.cancelled() or f.exception())
-        # Appended together, so the writer always takes them into the same transaction.
-        for kind, key, message in entries:
-            self._waiting.append((Item(kind, f"{kind}:{key}", message.SerializeToString()), done))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write(), name="outbox-writer")
-        await asyncio.shield(done)
-
-    async def _write(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
+    async def append_turns(requests: list[memory_pb2.AppendTurnsRequest]) -> list[tuple[int, str]]:
+        refused: list[tuple[int, str]] = []
+        for index, request in enumerate(requests):
             try:
-                await self.store.put([item for item, _ in batch])
-            except Exception as exc:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-            else:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
+                await guard.call("memory", clients.memory.AppendTurns, request, timeout)
+            except DependencyError as err:
+                reason = _refusal(err)
+                if reason is None:
+                    raise
+                refused.append((index, reason))
+        return refused
 
-    def route(
-        self,
-        kind: str,
-        message_type: type[M],
-        send: Callable[[M], Awaitable[object]],
-        batch: int = 50,
-    ) -> None:
-        """Deliver items of ``kind`` with ``send``, one by one in queue order; a failure retries
-        the batch later with backoff (items already sent are de-duplicated by the receiver)."""
+    async def record_usage(records: list[telemetry_pb2.UsageRecord]) -> list[tuple[int, str]]:
+        async def send(batch: list[telemetry_pb2.UsageRecord]) -> object:
+            request = telemetry_pb2.RecordUsageRequest(records=batch)
+            return await guard.call(TELEMETRY, clients.telemetry.RecordUsage, request, timeout)
 
-        async def deliver(pending: list[Pending]) -> None:
-            for item in pending:
-                await send(message_type.FromString(item.payload))
-            log.info("outbox delivered", extra={"kind": kind, "items": len(pending)})
+        return await send_splitting_refusals(records, send, _refusal)
 
-        self.relay.route(kind, deliver, batch)
+    async def append_audit(events: list[telemetry_pb2.AuditEvent]) -> list[tuple[int, str]]:
+        async def send(batch: list[telemetry_pb2.AuditEvent]) -> object:
+            request = telemetry_pb2.AppendAuditRequest(events=batch)
+            return await guard.call(TELEMETRY, clients.telemetry.AppendAudit, request, timeout)
 
-    def route_batch(
-        self,
-        kind: str,
-        message_type: type[M],
-        send: Callable[[list[M]], Awaitable[object]],
-        batch: int = 200,
-    ) -> None:
-        """Deliver up to ``batch`` items of ``kind`` per ``send`` call (a batch RPC such as
-        RecordUsage); a failure retries the batch later with backoff."""
+        return await send_splitting_refusals(events, send, _refusal)
 
-        async def deliver(pending: list[Pending]) -> None:
-            await send([message_type.FromString(item.payload) for item in pending])
-            log.info("outbox delivered", extra={"kind": kind, "items": len(pending)})
+    async def leave_notice(refused: telemetry_pb2.AuditEvent, reason: str) -> None:
+        if refused.action == "audit.dead_letter":
+            return  # a refused notice is itself only set aside, never noticed again
+        notice = dead_letter_notice(refused, reason)
+        await outbox.put_many([(KIND_AUDIT, notice.event_id, notice)])
 
-        self.relay.route(kind, deliver, batch)
+    # Turns go one request at a time, in queue order (acknowledgment order per gateway).
+    outbox.route(KIND_MEMORY, memory_pb2.AppendTurnsRequest, append_turns, batch=50)
+    outbox.route(KIND_USAGE, telemetry_pb2.UsageRecord, record_usage, batch=200)
+    outbox.route(
+        KIND_AUDIT,
+        telemetry_pb2.AuditEvent,
+        append_audit,
+        batch=200,
+        on_dead_letter=leave_notice,
+    )
+    return outbox

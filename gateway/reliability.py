@@ -10,11 +10,14 @@ its outcome is reported back to the breaker. Whatever went wrong comes out as on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc import aio
@@ -154,29 +157,100 @@ async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+# Waiters a compartment queues at least, however small its limit.
+_MIN_QUEUE = 16
+
+
+class Shed(Exception):
+    """A bulkhead stayed full for as long as the call could wait."""
+
+
+@dataclass
+class _Compartment:
+    inflight: int = 0
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+
+
 class Bulkhead:
-    """Counts calls in flight against a limit; never queues: over the limit is refused."""
+    """Calls in flight per key against a limit.
+
+    A call over the limit waits (first come, first served, at most ``max(limit, 16)`` waiters
+    per key) for up to the wait it is given, then is refused: a short queue absorbs bursts of
+    healthy load, while a key that stays full — one tenant flooding the gateway, one tool
+    hanging — is refused instead of holding callers until their deadlines."""
 
     def __init__(self, name: str, limit: int) -> None:
         self.name = name
         self.limit = limit
-        self.inflight: dict[str, int] = {}
+        self._keys: dict[str, _Compartment] = {}
         _BULKHEADS.add(self)
 
-    def try_enter(self, key: str = "") -> bool:
-        current = self.inflight.get(key, 0)
-        if current >= self.limit:
-            _SHED.add(1, {"bulkhead": self.name})
-            return False
-        self.inflight[key] = current + 1
-        return True
+    @property
+    def inflight(self) -> dict[str, int]:
+        return {key: c.inflight for key, c in self._keys.items() if c.inflight}
 
-    def leave(self, key: str = "") -> None:
-        left = self.inflight.get(key, 0) - 1
-        if left > 0:
-            self.inflight[key] = left
+    @contextlib.asynccontextmanager
+    async def slot(self, key: str = "", wait_s: float = 0.0) -> AsyncIterator[None]:
+        """Hold a slot of ``key`` for the block; raises Shed when none came within ``wait_s``."""
+        await self._enter(key, wait_s)
+        try:
+            yield
+        finally:
+            self._leave(key)
+
+    async def _enter(self, key: str, wait_s: float) -> None:
+        compartment = self._keys.setdefault(key, _Compartment())
+        if compartment.inflight < self.limit and not compartment.waiters:
+            compartment.inflight += 1
+            return
+        if wait_s <= 0 or len(compartment.waiters) >= max(self.limit, _MIN_QUEUE):
+            self._refuse(key)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        compartment.waiters.append(waiter)
+        try:
+            async with asyncio.timeout(wait_s):
+                await waiter  # resolved by _leave, which hands its slot over
+        except TimeoutError:
+            self._give_up(key, compartment, waiter)
+        except asyncio.CancelledError:
+            self._give_up(key, compartment, waiter, cancelled=True)
+            raise
+
+    def _give_up(
+        self,
+        key: str,
+        compartment: _Compartment,
+        waiter: asyncio.Future[None],
+        *,
+        cancelled: bool = False,
+    ) -> None:
+        if waiter.done() and not waiter.cancelled():
+            # The slot was handed over just as the wait ended: pass it on, then refuse.
+            self._leave(key)
         else:
-            self.inflight.pop(key, None)
+            waiter.cancel()
+            with contextlib.suppress(ValueError):
+                compartment.waiters.remove(waiter)
+        if not cancelled:
+            self._refuse(key)
+
+    def _refuse(self, key: str) -> NoReturn:
+        _SHED.add(1, {"bulkhead": self.name})
+        compartment = self._keys.get(key)
+        if compartment is not None and not compartment.inflight and not compartment.waiters:
+            del self._keys[key]
+        raise Shed(self.name)
+
+    def _leave(self, key: str) -> None:
+        compartment = self._keys[key]
+        while compartment.waiters:
+            waiter = compartment.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes to the oldest waiter
+                return
+        compartment.inflight -= 1
+        if not compartment.inflight:
+            del self._keys[key]
 
 
 _BULKHEADS: weakref.WeakSet[Bulkhead] = weakref.WeakSet()

@@ -24,10 +24,14 @@ class GatewaySettings(ServiceSettings):
     max_deadline_s: float = Field(default=30.0, gt=0)
     # Kept back from every downstream timeout so the gateway still has time to answer.
     deadline_reserve_ms: int = Field(default=50, ge=0)
-    # The direct memory.AppendTurns gets at most this long; past it the turn goes to the outbox.
+    # The direct memory.AppendTurns (and an idempotency claim) gets at most this long; past it
+    # the turn goes to the outbox (the claim: UNAVAILABLE).
     memory_write_timeout_ms: int = Field(default=250, ge=1)
-    # Turns of session history sent to the router.
-    history_turns: int = Field(default=20, ge=0, le=1000)
+    # Route gets at most this long (within the request's deadline); past it: router fallback.
+    route_timeout_ms: int = Field(default=2000, ge=1)
+    # A claimed idempotency key holds for the request's deadline plus this long, so that a
+    # retry does not run it again while its answer waits in the outbox for memory.
+    idempotency_lease_grace_s: float = Field(default=30.0, ge=0, le=300)
 
     # How often JWKS, revocations and policy are refreshed from auth.
     auth_refresh_s: float = Field(default=5.0, gt=0)
@@ -39,10 +43,14 @@ class GatewaySettings(ServiceSettings):
     max_token_lifetime_s: int = Field(default=3600, gt=0)
     leeway_s: int = Field(default=30, ge=0, le=30)
 
-    # Load shedding: Runs in flight at once, and tool calls in flight per tool; the excess is
-    # refused at once with RESOURCE_EXHAUSTED and a RetryInfo of shed_retry_after_ms.
-    max_inflight_runs: int = Field(default=64, ge=1)
-    max_inflight_per_tool: int = Field(default=16, ge=1)
+    # Bulkheads: requests in flight in the gateway, per tenant (so one tenant cannot starve the
+    # others) and tool calls per tool. A request over a limit waits up to admission_wait_ms
+    # (never more than half of what is left of its deadline) for a slot, first come first
+    # served, then is refused with RESOURCE_EXHAUSTED and a RetryInfo of shed_retry_after_ms.
+    max_inflight_runs: int = Field(default=128, ge=1)
+    max_inflight_per_tenant: int = Field(default=64, ge=1)
+    max_inflight_per_tool: int = Field(default=32, ge=1)
+    admission_wait_ms: int = Field(default=250, ge=0)
     shed_retry_after_ms: int = Field(default=200, ge=0)
 
     # One circuit breaker per dependency (auth, router, memory, telemetry) and per tool.
@@ -57,7 +65,8 @@ class GatewaySettings(ServiceSettings):
     # Durable outbox (<data_dir>/gateway-outbox.db) relay: idle poll and retry backoff.
     outbox_idle_s: float = Field(default=0.5, gt=0)
     outbox_backoff_base_s: float = Field(default=0.2, gt=0)
-    outbox_backoff_max_s: float = Field(default=10.0, gt=0)
+    # Capped low so replay starts within a second or two of a dependency's recovery.
+    outbox_backoff_max_s: float = Field(default=1.0, gt=0)
     # Per delivery call made by the relay.
     outbox_call_timeout_s: float = Field(default=2.0, gt=0)
 

@@ -187,7 +187,7 @@ class AuditTrail:
                     if not done.done():
                         done.set_result(None)
 
-    async def _deliver(self, pending: list[Pending]) -> None:
+    async def _deliver(self, pending: list[Pending]) -> list[tuple[Pending, str]]:
         request = telemetry_pb2.AppendAuditRequest(
             events=[telemetry_pb2.AuditEvent.FromString(item.payload) for item in pending]
         )
@@ -196,6 +196,7 @@ class AuditTrail:
             "audit events delivered",
             extra={"items": len(pending), "stored": reply.stored, "duplicates": reply.duplicates},
         )
+        return []
 
 
 __all__ = [

@@ -5,5 +5,8 @@ from __future__ import annotations
 from contextvars import ContextVar
 
 REQUEST_ID_METADATA_KEY = "x-request-id"
+# The address of the gateway's caller, forwarded to auth with IssueToken (auth trusts it only
+# from the gateway's certificate) so failed secrets are throttled per client and address.
+CLIENT_ADDRESS_METADATA_KEY = "x-toolmesh-client-address"
 
 request_id_var: ContextVar[str] = ContextVar("toolmesh_request_id", default="")

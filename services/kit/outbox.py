@@ -3,7 +3,13 @@
 The sender commits an item here before acknowledging its own caller, then a relay delivers
 items in batches with exponential backoff and jitter. Receivers de-duplicate by the item's
 key, so delivering twice (a crash between delivery and ``done``) is harmless: at least once
-here, exactly once there.
+here, exactly once there. An item its receiver refuses for good (its own content is bad, not
+the receiver's health) is never dropped silently: it moves to the dead-letter table, with a
+metric, an error log and a hook its owner uses to say so where it matters (the audit chain).
+
+Layers: ``Outbox`` is the file; ``Relay`` delivers per kind; ``MessageOutbox`` is what a
+service uses — protobuf messages by kind, group commit (puts arriving while a commit runs
+share the next transaction and its fsync), typed delivery routes.
 
 Uses the standard library's sqlite3 on one dedicated thread rather than SQLAlchemy: it is a
 local queue file, not a shared schema, and one thread keeps every access serialized.
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from google.protobuf.message import Message
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from services.kit.metrics import meter
@@ -42,6 +49,16 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (kind, next_attempt_at, id);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    dead_at REAL NOT NULL
+);
 """
 
 
@@ -59,6 +76,16 @@ class Pending:
     key: str
     payload: bytes
     attempts: int
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    kind: str
+    key: str
+    payload: bytes
+    reason: str
+    dead_at: float
 
 
 class Outbox:
@@ -145,6 +172,40 @@ class Outbox:
 
         await self._run(update)
 
+    async def dead_letter(self, refused: Sequence[tuple[int, str]]) -> None:
+        """Move items their receiver refused for good to the dead-letter table, with why."""
+        now = time.time()
+
+        def move(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                for item_id, reason in refused:
+                    conn.execute(
+                        "INSERT INTO dead_letters"
+                        " (id, kind, key, payload, created_at, attempts, reason, dead_at)"
+                        " SELECT id, kind, key, payload, created_at, attempts, ?, ?"
+                        " FROM outbox WHERE id = ?",
+                        (reason[:2000], now, item_id),
+                    )
+                    conn.execute("DELETE FROM outbox WHERE id = ?", (item_id,))
+
+        await self._run(move)
+        await self.refresh_depths()
+
+    async def dead_letters(self, kind: str = "") -> list[DeadLetter]:
+        """What was set aside (all kinds, or one), oldest first."""
+
+        def select(conn: sqlite3.Connection) -> list[DeadLetter]:
+            query = "SELECT id, kind, key, payload, reason, dead_at FROM dead_letters"
+            rows = (
+                conn.execute(query + " WHERE kind = ? ORDER BY id", (kind,))
+                if kind
+                else conn.execute(query + " ORDER BY id")
+            )
+            return [DeadLetter(*row) for row in rows.fetchall()]
+
+        return await self._run(select)
+
     async def refresh_depths(self) -> dict[str, int]:
         def count(conn: sqlite3.Connection) -> dict[str, int]:
             rows = conn.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind").fetchall()
@@ -155,13 +216,18 @@ class Outbox:
         return self.depths
 
 
-Deliver = Callable[[list[Pending]], Awaitable[None]]
+# Delivers a batch; returns the items the receiver refused for good, with the reason (they go
+# to the dead-letter table); raises when the batch should be retried later.
+Deliver = Callable[[list[Pending]], Awaitable[list[tuple[Pending, str]]]]
+# Told about each dead letter (after it was set aside), e.g. to leave a notice elsewhere.
+OnDeadLetter = Callable[[Pending, str], Awaitable[None]]
 
 
 @dataclass
 class _Route:
     deliver: Deliver
     batch: int
+    on_dead_letter: OnDeadLetter | None = None
     failures: int = 0
 
 
@@ -184,8 +250,14 @@ class Relay:
         self._wake = asyncio.Event()
         _OUTBOXES.append(outbox)
 
-    def route(self, kind: str, deliver: Deliver, batch: int = 100) -> None:
-        self._routes[kind] = _Route(deliver, batch)
+    def route(
+        self,
+        kind: str,
+        deliver: Deliver,
+        batch: int = 100,
+        on_dead_letter: OnDeadLetter | None = None,
+    ) -> None:
+        self._routes[kind] = _Route(deliver, batch, on_dead_letter)
 
     def wake(self) -> None:
         self._wake.set()
@@ -202,7 +274,7 @@ class Relay:
             if not pending:
                 continue
             try:
-                await route.deliver(pending)
+                refused = await route.deliver(pending)
             except Exception as exc:
                 route.failures += 1
                 delay = self.backoff_s(route.failures)
@@ -218,9 +290,31 @@ class Relay:
                 )
                 continue
             route.failures = 0
-            await self._outbox.done([p.id for p in pending])
-            delivered += len(pending)
+            if refused:
+                await self._set_aside(kind, route, refused)
+            gone = {item.id for item, _ in refused}
+            await self._outbox.done([p.id for p in pending if p.id not in gone])
+            delivered += len(pending) - len(gone)
         return delivered
+
+    async def _set_aside(
+        self, kind: str, route: _Route, refused: list[tuple[Pending, str]]
+    ) -> None:
+        await self._outbox.dead_letter([(item.id, reason) for item, reason in refused])
+        for item, reason in refused:
+            _DEAD_LETTERS.add(1, {"kind": kind})
+            log.error(
+                "outbox item refused by its receiver; set aside as a dead letter",
+                extra={"kind": kind, "key": item.key, "reason": reason},
+            )
+            if route.on_dead_letter is not None:
+                try:
+                    await route.on_dead_letter(item, reason)
+                except Exception as exc:
+                    log.error(
+                        "dead-letter notice failed",
+                        extra={"kind": kind, "key": item.key, "error": _describe(exc)},
+                    )
 
     async def run(self) -> None:
         while True:
@@ -256,10 +350,147 @@ def _observe_depths(_options: CallbackOptions) -> list[Observation]:
     ]
 
 
+_DEAD_LETTERS = meter().create_counter(
+    "toolmesh.outbox.dead_letters",
+    unit="{item}",
+    description="Outbox items their receiver refused for good, set aside by kind.",
+)
 meter().create_observable_gauge(
     "toolmesh.outbox.depth",
     callbacks=[_observe_depths],
     description="Items waiting in the durable outbox, by kind.",
 )
 
-__all__ = ["Item", "Outbox", "Pending", "Relay"]
+M = TypeVar("M", bound=Message)
+
+
+class MessageOutbox:
+    """Protobuf messages by kind: group-committed puts, typed delivery routes, one relay task.
+
+    ``put_many`` returns once the entries are committed (fsync'd) in one transaction; entries
+    put while a commit runs share the next one, so a burst of callers costs one fsync, not one
+    each. Cancelling a caller does not cancel the commit (the item may still land: it was then
+    never acknowledged, and the receiver de-duplicates a retry by key).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        idle_s: float = 0.5,
+        base_backoff_s: float = 0.2,
+        max_backoff_s: float = 2.0,
+    ) -> None:
+        self.path = path
+        self.store = Outbox(path)
+        self.relay = Relay(
+            self.store, idle_s=idle_s, base_backoff_s=base_backoff_s, max_backoff_s=max_backoff_s
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._waiting: list[tuple[Item, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        await self.store.open()
+
+    def start(self) -> None:
+        """Start relaying, including what an earlier run left in the file."""
+        self._task = asyncio.create_task(self.relay.run(), name=f"relay:{self.path.name}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
+        await self.store.close()
+
+    async def put_many(self, entries: Sequence[tuple[str, str, Message]]) -> None:
+        """Commit ``(kind, key, message)`` entries in one transaction; a key already queued
+        is kept as is."""
+        if not entries:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Retrieve the outcome even when nobody waits any more, so it is never "unretrieved".
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # Appended together, so the writer always takes them into the same transaction.
+        for kind, key, message in entries:
+            self._waiting.append((Item(kind, f"{kind}:{key}", message.SerializeToString()), done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="outbox-writer")
+        await asyncio.shield(done)
+
+    async def _write(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                await self.store.put([item for item, _ in batch])
+            except Exception as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    def route(
+        self,
+        kind: str,
+        message_type: type[M],
+        send: Callable[[list[M]], Awaitable[list[tuple[int, str]]]],
+        *,
+        batch: int = 100,
+        on_dead_letter: Callable[[M, str], Awaitable[None]] | None = None,
+    ) -> None:
+        """Deliver up to ``batch`` items of ``kind`` per ``send`` call, in queue order.
+
+        ``send`` returns the positions (in the list it got) the receiver refused for good,
+        with the reason; raising retries the whole batch later with backoff (items already
+        taken are de-duplicated by the receiver)."""
+
+        async def deliver(pending: list[Pending]) -> list[tuple[Pending, str]]:
+            refused = await send([message_type.FromString(item.payload) for item in pending])
+            log.info("outbox delivered", extra={"kind": kind, "items": len(pending)})
+            return [(pending[index], reason) for index, reason in refused]
+
+        async def told(item: Pending, reason: str) -> None:
+            if on_dead_letter is not None:
+                await on_dead_letter(message_type.FromString(item.payload), reason)
+
+        self.relay.route(kind, deliver, batch, told if on_dead_letter else None)
+
+
+async def send_splitting_refusals(
+    items: list[M],
+    send_all: Callable[[list[M]], Awaitable[object]],
+    refusal: Callable[[Exception], str | None],
+) -> list[tuple[int, str]]:
+    """Send ``items`` in one call; if the receiver refuses the batch for its content
+    (``refusal`` names why, else the exception propagates and the batch is retried), halve it
+    and send the halves, so the items refused on their own are found in O(k log n) calls and
+    every other item is delivered. Returns the refused positions with the reasons."""
+    try:
+        await send_all(items)
+        return []
+    except Exception as exc:
+        reason = refusal(exc)
+        if reason is None:
+            raise
+        if len(items) == 1:
+            return [(0, reason)]
+    middle = len(items) // 2
+    first = await send_splitting_refusals(items[:middle], send_all, refusal)
+    second = await send_splitting_refusals(items[middle:], send_all, refusal)
+    return first + [(index + middle, reason) for index, reason in second]
+
+
+__all__ = [
+    "DeadLetter",
+    "Item",
+    "MessageOutbox",
+    "Outbox",
+    "Pending",
+    "Relay",
+    "send_splitting_refusals",
+]

@@ -26,6 +26,7 @@ from services.kit.metrics import configure_metrics
 from services.kit.peers import PeerAuthorizer, PeerRules, PeerRulesError, parse_aliases
 from services.kit.settings import Environment, ServiceSettings
 from services.kit.tls import TlsFiles, client_credentials, configure_client_tls
+from services.kit.tracecontext import UntrustedTraceContext
 from services.kit.tracing import configure_tracing
 
 log = logging.getLogger("toolmesh.server")
@@ -134,6 +135,9 @@ async def start(
     """Start serving; ``cleanups`` run (in reverse) after the server stops."""
     files = tls_files(settings)
     interceptors: list[aio.ServerInterceptor] = [aio_server_interceptor(), GuardInterceptor()]
+    if not settings.inner:
+        # Callers from outside the mesh never choose our trace (services.kit.tracecontext).
+        interceptors.insert(0, UntrustedTraceContext())
     # Rules arrive with register(); the server serves nothing before it has them.
     authorizer = PeerAuthorizer(None, settings.peer_allowlist, parse_aliases(settings.peer_aliases))
     if files and settings.tls_require_client_auth:

@@ -265,6 +265,8 @@ class FakeMemory(memory_pb2_grpc.MemoryServicer):
         # AppendTurns calls and turn pairs stored, by request id (a duplicate is not stored).
         self.append_calls: Counter[str] = Counter()
         self.stored: Counter[str] = Counter()
+        # Idempotency claims by (tenant, request id): (session, fingerprint, response or None).
+        self.claims: dict[tuple[str, str], tuple[str, str, bytes | None]] = {}
 
     async def AppendTurns(
         self, request: memory_pb2.AppendTurnsRequest, context: aio.ServicerContext
@@ -276,6 +278,9 @@ class FakeMemory(memory_pb2_grpc.MemoryServicer):
             return memory_pb2.AppendTurnsResponse(duplicate=True)
         self.seen.add(request.request_id)
         self.stored[request.request_id] += 1
+        if request.fingerprint:
+            key = (request.caller.tenant, request.request_id)
+            self.claims[key] = (request.session_id, request.fingerprint, request.response)
         stored = self.turns.setdefault((request.caller.tenant, request.session_id), [])
         for turn in request.turns:
             copy = common_pb2.Turn()
@@ -283,6 +288,32 @@ class FakeMemory(memory_pb2_grpc.MemoryServicer):
             copy.seq = len(stored) + 1
             stored.append(copy)
         return memory_pb2.AppendTurnsResponse(turns=request.turns)
+
+    async def ClaimRequest(
+        self, request: memory_pb2.ClaimRequestRequest, context: aio.ServicerContext
+    ) -> memory_pb2.ClaimRequestResponse:
+        """The contract's semantics, without leases expiring (tests run well inside them)."""
+        if self.fail_writes:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "memory is down")
+        key = (request.caller.tenant, request.request_id)
+        claim = self.claims.get(key)
+        if claim is None:
+            self.claims[key] = (request.session_id, request.fingerprint, None)
+            return memory_pb2.ClaimRequestResponse(state=memory_pb2.CLAIM_STATE_CLAIMED)
+        session, fingerprint, response = claim
+        if session != request.session_id:
+            return memory_pb2.ClaimRequestResponse(
+                state=memory_pb2.CLAIM_STATE_CONFLICT, conflict="session"
+            )
+        if fingerprint != request.fingerprint:
+            return memory_pb2.ClaimRequestResponse(
+                state=memory_pb2.CLAIM_STATE_CONFLICT, conflict="content"
+            )
+        if response is None:
+            return memory_pb2.ClaimRequestResponse(state=memory_pb2.CLAIM_STATE_IN_PROGRESS)
+        return memory_pb2.ClaimRequestResponse(
+            state=memory_pb2.CLAIM_STATE_COMPLETED, response=response
+        )
 
     async def GetHistory(
         self, request: memory_pb2.GetHistoryRequest, context: aio.ServicerContext

@@ -171,7 +171,8 @@ async def test_over_budget_is_resource_exhausted_with_details_and_no_tool_runs(
     assert lg.ledger.usage[0].reservation_id == lg.ledger.committed[0]
     await _eventually(lambda: "budget.denied" in lg.ledger.actions())
     denied = next(e for e in lg.ledger.audit if e.action == "budget.denied")
-    assert (denied.tenant, denied.actor, denied.target) == ("acme", "client-1", "calculator")
+    assert (denied.tenant, denied.actor) == ("acme", "client-1")
+    assert denied.target == "/toolmesh.gateway.v1.Gateway/Run"
     assert "over budget" in json.loads(denied.details_json)["reason"]
 
 
@@ -203,10 +204,11 @@ async def test_ledger_down_with_a_budget_fails_closed_without_budget_runs(lg: Le
     assert err.code() == grpc.StatusCode.UNAVAILABLE
     assert "budget ledger is unavailable" in (err.details() or "")
     assert len(lg.gw.fakes.router.invocations) == before
-    # A caller known to have no budget still runs, and so does a Run that needs no tool.
+    # A caller known to have no budget still runs; a budgeted Run that would need no tool
+    # is checked all the same (its prompt's tokens count against the budget).
     reply = await lg.run(READ, sub="free")
     assert reply.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
-    assert (await lg.run("hello", sub="budgeted")).outcome == gateway_pb2.OUTCOME_NO_MATCH
+    assert (await lg.refused("hello", sub="budgeted")).code() == grpc.StatusCode.UNAVAILABLE
     # A caller never seen may have a budget: closed as well.
     assert (await lg.refused(READ, sub="stranger")).code() == grpc.StatusCode.UNAVAILABLE
 

@@ -102,6 +102,40 @@ async def test_run_span_carries_tenant_request_tool_and_outcome(
     assert reply.trace_id == format(run_spans[-1].context.trace_id, "032x")
 
 
+async def test_a_callers_trace_context_is_a_link_never_the_parent(
+    spans: InMemorySpanExporter,
+) -> None:
+    """A caller cannot join another trace, nor switch recording off with sampled=0."""
+    foreign_trace = "0af7651916cd43dd8448eb211c80319c"
+    inner, gateway, channel, gw = await start_gateway(Fakes())
+    try:
+        await gw.wait_ready()
+        for flags in ("01", "00"):
+            reply = await gw.stub.Run(
+                gateway_pb2.RunRequest(session_id="s", prompt="what is 1 + 1"),
+                metadata=(
+                    *bearer(gw.token()),
+                    ("traceparent", f"00-{foreign_trace}-b7ad6b7169203331-{flags}"),
+                ),
+                timeout=5,
+            )
+            assert reply.trace_id != foreign_trace
+            run_span = next(
+                s
+                for s in spans.get_finished_spans()
+                if s.name.endswith("Gateway/Run")
+                and format(s.context.trace_id, "032x") == reply.trace_id
+            )
+            assert run_span.parent is None
+            assert run_span.context.trace_flags.sampled
+            links = [format(link.context.trace_id, "032x") for link in run_span.links]
+            assert links == [foreign_trace]
+    finally:
+        await channel.close()
+        await gateway.stop(0)
+        await inner.stop(0)
+
+
 @pytest.fixture(scope="module")
 def metric_reader() -> InMemoryMetricReader:
     """The gateway's instruments are made on the global meter; give it a provider to read."""

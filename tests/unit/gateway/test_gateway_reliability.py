@@ -261,7 +261,7 @@ def _retry_delay(status: object) -> float | None:
 
 
 async def test_runs_over_the_cap_are_refused_at_once_with_retry_info(mesh: _Mesh) -> None:
-    gw = await mesh.gateway(Fakes(), max_inflight_runs=2)
+    gw = await mesh.gateway(Fakes(), max_inflight_runs=2, admission_wait_ms=0)
     await gw.wait_ready()
     gw.fakes.router.invoke_delay_s = 0.5
     busy = [
@@ -284,8 +284,45 @@ async def test_runs_over_the_cap_are_refused_at_once_with_retry_info(mesh: _Mesh
     assert reply.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
 
 
+async def test_a_run_over_the_cap_waits_briefly_for_a_slot(mesh: _Mesh) -> None:
+    """Healthy load a little over the cap queues (first come, first served) instead of
+    failing; only a wait past admission_wait_ms is refused."""
+    gw = await mesh.gateway(Fakes(), max_inflight_runs=1, admission_wait_ms=2000)
+    await gw.wait_ready()
+    gw.fakes.router.invoke_delay_s = 0.2
+    replies = await asyncio.gather(
+        *(gw.stub.Run(_request(), metadata=bearer(gw.token()), timeout=5) for _ in range(3))
+    )
+    assert {r.outcome for r in replies} == {gateway_pb2.OUTCOME_TOOL_ANSWERED}
+
+
+async def test_one_tenant_at_its_limit_does_not_starve_another(mesh: _Mesh) -> None:
+    fakes = Fakes()
+    fakes.auth.tenants["other"] = ["*"]
+    gw = await mesh.gateway(
+        fakes, max_inflight_per_tenant=2, max_inflight_runs=50, admission_wait_ms=0
+    )
+    await gw.wait_ready()
+    gw.fakes.router.invoke_delay_s = 0.5
+    busy = [
+        asyncio.ensure_future(gw.stub.Run(_request(), metadata=bearer(gw.token()), timeout=5))
+        for _ in range(2)
+    ]
+    await _eventually(lambda: len(gw.fakes.router.invocations) == 2)
+    call = gw.stub.Run(_request(), metadata=bearer(gw.token()), timeout=5)
+    with pytest.raises(aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "tenant acme at capacity" in (err.value.details() or "")
+    assert _retry_delay(await rpc_status.aio.from_call(call)) == pytest.approx(0.2)
+    # Another tenant still gets through while acme is at its limit.
+    other = await gw.stub.Run(_request(), metadata=bearer(gw.token(tenant="other")), timeout=5)
+    assert other.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
+    assert {r.outcome for r in await asyncio.gather(*busy)} == {gateway_pb2.OUTCOME_TOOL_ANSWERED}
+
+
 async def test_tool_calls_over_the_per_tool_cap_are_refused_at_once(mesh: _Mesh) -> None:
-    gw = await mesh.gateway(Fakes(), max_inflight_per_tool=1)
+    gw = await mesh.gateway(Fakes(), max_inflight_per_tool=1, admission_wait_ms=0)
     await gw.wait_ready()
     gw.fakes.router.invoke_delay_s = 0.4
     busy = asyncio.ensure_future(gw.stub.Run(_request(), metadata=bearer(gw.token()), timeout=5))

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from gateway.authn import Policy, Principal
 from gateway.authz import authorize_tool, required_scope, tool_allowed
-from gateway.service import request_id_for
+from gateway.pipeline import request_id_for
 from gateway.validation import HistoryInput, RunInput
 from services.kit.deadlines import Deadline, DeadlineSpentError
 from services.kit.errors import violations_from

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
-from services.kit.outbox import Item, Outbox, Pending, Relay
+from services.kit.outbox import (
+    Item,
+    MessageOutbox,
+    Outbox,
+    Pending,
+    Relay,
+    send_splitting_refusals,
+)
+from toolmesh.telemetry.v1 import telemetry_pb2
 
 
 @pytest.fixture
@@ -34,8 +43,9 @@ async def test_items_survive_reopening_and_keys_are_unique(tmp_path: Path) -> No
 async def test_relay_delivers_in_order_and_empties_the_box(outbox: Outbox) -> None:
     got: list[str] = []
 
-    async def deliver(batch: list[Pending]) -> None:
+    async def deliver(batch: list[Pending]) -> list[tuple[Pending, str]]:
         got.extend(p.key for p in batch)
+        return []
 
     relay = Relay(outbox)
     relay.route("usage", deliver, batch=2)
@@ -49,11 +59,12 @@ async def test_relay_delivers_in_order_and_empties_the_box(outbox: Outbox) -> No
 async def test_failed_delivery_is_kept_and_retried_after_backoff(outbox: Outbox) -> None:
     calls = 0
 
-    async def flaky(batch: list[Pending]) -> None:
+    async def flaky(batch: list[Pending]) -> list[tuple[Pending, str]]:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise ConnectionError("receiver down")
+        return []
 
     relay = Relay(outbox, base_backoff_s=0.0, max_backoff_s=0.0)
     relay.route("audit", flaky)
@@ -70,3 +81,65 @@ def test_backoff_is_bounded_full_jitter(tmp_path: Path) -> None:
     samples = [relay.backoff_s(n) for n in range(1, 30) for _ in range(20)]
     assert all(0 <= s <= 2.0 for s in samples)
     assert max(samples) > 1.0
+
+
+async def test_refused_items_become_dead_letters_and_the_rest_is_delivered(
+    outbox: Outbox,
+) -> None:
+    told: list[tuple[str, str]] = []
+
+    async def picky(batch: list[Pending]) -> list[tuple[Pending, str]]:
+        return [(p, "too long") for p in batch if p.key == "bad"]
+
+    async def notice(item: Pending, reason: str) -> None:
+        told.append((item.key, reason))
+
+    relay = Relay(outbox)
+    relay.route("audit", picky, on_dead_letter=notice)
+    await outbox.put([Item("audit", "good", b"1"), Item("audit", "bad", b"2")])
+    assert await relay.drain_once() == 1
+    assert await outbox.due("audit", 10) == []
+    dead = await outbox.dead_letters()
+    assert [(d.key, d.payload, d.reason) for d in dead] == [("bad", b"2", "too long")]
+    assert told == [("bad", "too long")]
+
+
+async def test_splitting_finds_exactly_the_refused_items() -> None:
+    sent: list[list[int]] = []
+
+    async def send_all(items: list[int]) -> object:
+        sent.append(items)
+        if any(i % 7 == 3 for i in items):
+            raise ValueError("refused")
+        return None
+
+    def refusal(exc: Exception) -> str | None:
+        return str(exc) if isinstance(exc, ValueError) else None
+
+    items = list(range(40))
+    refused = await send_splitting_refusals(items, send_all, refusal)
+    assert [items[i] for i, _ in refused] == [3, 10, 17, 24, 31, 38]
+    delivered = {i for batch in sent for i in batch if not any(j % 7 == 3 for j in batch)}
+    assert delivered == {i for i in items if i % 7 != 3}
+
+
+async def test_message_outbox_group_commits_and_routes_typed_messages(tmp_path: Path) -> None:
+    box = MessageOutbox(tmp_path / "m.db", idle_s=0.01)
+    await box.open()
+    got: list[str] = []
+
+    async def send(events: list[telemetry_pb2.AuditEvent]) -> list[tuple[int, str]]:
+        got.extend(e.event_id for e in events)
+        return []
+
+    box.route("audit", telemetry_pb2.AuditEvent, send)
+    await asyncio.gather(
+        *(
+            box.put_many([("audit", str(i), telemetry_pb2.AuditEvent(event_id=str(i)))])
+            for i in range(20)
+        )
+    )
+    while await box.relay.drain_once():
+        pass
+    assert sorted(got, key=int) == [str(i) for i in range(20)]
+    await box.close()

@@ -1,0 +1,742 @@
+"""The governed pipeline: every tool call a caller asks for goes through these steps, in order.
+
+    admit         the gateway's bulkhead, then the caller's tenant's: a brief wait for a slot,
+                  then RESOURCE_EXHAUSTED with RetryInfo, so one tenant cannot starve others
+    authenticate  the bearer JWT, verified locally (gateway.access); refusals audited
+    claim         a request with an idempotency key claims its request id in memory: the same
+                  key and content gets the original answer back (not run, not charged again);
+                  other content, or another session, is FAILED_PRECONDITION
+    select        Run: the router picks the tool and its arguments
+      || reserve  the budget reservation runs alongside: every request is checked against
+                  the caller's budgets, whether or not a tool ends up running
+    authorize     the tool against the tenant's allowlist and the scope its side effect needs
+    invoke        the tool in the router, under its breaker and bulkhead, within the deadline
+    remember      the turns and the answer to memory (completing the claim), else the outbox
+    account       the usage record and audit events, committed to the outbox with the turns
+    answer
+
+The request's deadline is a budget that shrinks across these hops (services.kit.deadlines);
+each hop also has its own cap, so a hung dependency costs a bounded share of it. Failures
+degrade as DESIGN.md's failure table says and are named in the answer's ``degraded``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import grpc
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc import aio
+from opentelemetry import trace
+from pydantic import ValidationError
+
+from gateway.access import ANSWER_MARGIN_S, Access, caller_proto
+from gateway.accounting import (
+    RUN_CONTRACTS,
+    RUN_ROUTE,
+    Accounting,
+    count_reservation,
+    usage_record,
+)
+from gateway.authn import Policy, Principal
+from gateway.authz import Decision, authorize_tool
+from gateway.clients import Clients
+from gateway.outbox import KIND_AUDIT, KIND_MEMORY, KIND_USAGE
+from gateway.reliability import FALLBACKS, Bulkhead, DependencyError, Guard, Shed
+from gateway.settings import GatewaySettings
+from gateway.validation import RunInput
+from services.kit.audit import DENIED, FAILURE, SUCCESS, audit_event, derived_event_id
+from services.kit.context import request_id_var
+from services.kit.deadlines import Deadline, DeadlineSpentError
+from services.kit.errors import abort, abort_invalid, forward, retry_info, violations_from
+from services.kit.outbox import MessageOutbox
+from services.kit.pricing import cost_micros
+from services.kit.tracecontext import link_caller_context
+from services.kit.tracing import current_trace_id
+from toolmesh.common.v1 import audit_pb2, common_pb2
+from toolmesh.gateway.v1 import gateway_pb2
+from toolmesh.memory.v1 import memory_pb2
+from toolmesh.router.v1 import router_pb2
+from toolmesh.telemetry.v1 import telemetry_pb2
+
+log = logging.getLogger("toolmesh.gateway")
+
+# Request ids derived from idempotency keys live in their own UUID namespace.
+_IDEMPOTENCY_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:toolmesh:gateway:idempotency")
+ROUTER_FALLBACK = (
+    "The tool router is unavailable right now, so no tool could run. Please try again."
+)
+TOOL_FALLBACK = "The tool {name} could not answer right now. Please try again."
+# Tool errors that mean "the tool said no" (an explanation), not "the tool failed" (fallback).
+_TOOL_REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
+# Memory refusing the turns themselves: replaying them would fail forever, so they are not queued.
+_PERMANENT_WRITE_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED}
+# The usage record's outcome for each outcome.
+_USAGE_OUTCOMES = {
+    gateway_pb2.OUTCOME_TOOL_ANSWERED: "ok",
+    gateway_pb2.OUTCOME_FALLBACK: "fallback",
+    gateway_pb2.OUTCOME_NO_MATCH: "no_match",
+}
+
+
+def request_id_for(principal: Principal, idempotency_key: str) -> str:
+    """A fresh id, or one derived from the key so a retried call gets the same id."""
+    if not idempotency_key:
+        return uuid.uuid4().hex
+    name = "\x1f".join((principal.tenant, principal.subject, idempotency_key))
+    return uuid.uuid5(_IDEMPOTENCY_NAMESPACE, name).hex
+
+
+def content_fingerprint(kind: str, session_id: str, *content: str) -> str:
+    """What an idempotency key is bound to: the kind of request and everything it asks."""
+    canonical = json.dumps([kind, session_id, *content], ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def whitespace_tokens(text: str) -> int:
+    return len(text.split())
+
+
+@dataclass
+class Flight:
+    """One request in flight: who asked, its budget, and what it has learned so far."""
+
+    context: aio.ServicerContext
+    deadline: Deadline
+    principal: Principal
+    policy: Policy
+    allowed: frozenset[str]
+    session_id: str
+    prompt: str
+    request_id: str
+    caller: common_pb2.Caller
+    # Set for a request with an idempotency key: what the key is bound to.
+    fingerprint: str = ""
+    acknowledged_at: Timestamp = field(default_factory=Timestamp)
+    answer: str = ""
+    outcome: gateway_pb2.Outcome = gateway_pb2.OUTCOME_UNSPECIFIED
+    degraded: list[str] = field(default_factory=list)
+    tool: router_pb2.ToolContract | None = None
+    result_json: str = ""
+    tool_calls: int = 0
+    cost_units: int = 0
+    # The budget reservation this request's usage record commits ("" when none was needed).
+    reservation_id: str = ""
+    # Audit events committed with the request's usage record (tool.write).
+    audit: list[telemetry_pb2.AuditEvent] = field(default_factory=list)
+
+    def degrade(self, what: str) -> None:
+        """Name what was degraded in the answer, and count the fallback by dependency."""
+        if what not in self.degraded:
+            self.degraded.append(what)
+            dependency, _, tool = what.partition(":")
+            FALLBACKS.add(1, {"dependency": dependency, "tool": tool})
+
+    def event(
+        self,
+        action: int,
+        target: str,
+        outcome: str,
+        **details: object,
+    ) -> telemetry_pb2.AuditEvent:
+        """An audit event of this request. Its tool.write is recorded once however often the
+        request is retried with the same idempotency key (the id derives from the request id)."""
+        if self.tool is not None:
+            details.setdefault("tool", f"{self.tool.name}@{self.tool.version}")
+        once = action == audit_pb2.AUDIT_ACTION_TOOL_WRITE
+        return audit_event(
+            action=action,
+            tenant=self.principal.tenant,
+            actor=self.principal.subject,
+            target=target,
+            outcome=outcome,
+            request_id=self.request_id,
+            trace_id=current_trace_id(),
+            policy_version=self.policy.version,
+            contract_versions=RUN_CONTRACTS,
+            details=details,
+            event_id=derived_event_id(self.request_id, "tool.write") if once else "",
+        )
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        settings: GatewaySettings,
+        access: Access,
+        clients: Clients,
+        guard: Guard,
+        outbox: MessageOutbox,
+        accounting: Accounting,
+    ) -> None:
+        self._settings = settings
+        self._access = access
+        self._clients = clients
+        self._guard = guard
+        self._outbox = outbox
+        self._accounting = accounting
+        self._gateway = Bulkhead("runs", settings.max_inflight_runs)
+        self._tenants = Bulkhead("tenant", settings.max_inflight_per_tenant)
+        self._tools = Bulkhead("tool_calls", settings.max_inflight_per_tool)
+
+    def deadline(self, context: aio.ServicerContext) -> Deadline:
+        return Deadline.for_request(
+            context.time_remaining(),
+            default_s=self._settings.default_deadline_s,
+            max_s=self._settings.max_deadline_s,
+            reserve_ms=self._settings.deadline_reserve_ms,
+        )
+
+    # -- admit ------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _admitted(
+        self, bulkhead: Bulkhead, key: str, deadline: Deadline, context: aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        """A slot of ``bulkhead`` for ``key``, waiting at most ``admission_wait_ms`` (and never
+        past the deadline); full for that long: RESOURCE_EXHAUSTED with RetryInfo."""
+        wait_s = min(self._settings.admission_wait_ms / 1000, max(deadline.remaining() / 2, 0))
+        try:
+            async with bulkhead.slot(key, wait_s):
+                yield
+        except Shed:
+            what = {"runs": "gateway", "tenant": f"tenant {key}"}.get(bulkhead.name, key)
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{what} at capacity; retry later",
+                retry_info(self._settings.shed_retry_after_ms / 1000),
+            )
+
+    # -- Run ----------------------------------------------------------------------------------
+
+    async def run(
+        self, request: gateway_pb2.RunRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.RunResponse:
+        """Answer a prompt with a tool, through every step above."""
+        deadline = self.deadline(context)
+        async with self._admitted(self._gateway, "", deadline, context):
+            try:
+                run_input = RunInput(
+                    session_id=request.session_id,
+                    prompt=request.prompt,
+                    idempotency_key=request.idempotency_key,
+                )
+            except ValidationError as exc:
+                await abort_invalid(context, violations_from(exc))
+            principal, policy = await self._access.authenticate(context)
+            async with self._admitted(self._tenants, principal.tenant, deadline, context):
+                flight = self._flight(context, deadline, principal, policy, run_input)
+                return await self._fly(flight, run_input.idempotency_key)
+
+    def _flight(
+        self,
+        context: aio.ServicerContext,
+        deadline: Deadline,
+        principal: Principal,
+        policy: Policy,
+        run_input: RunInput,
+    ) -> Flight:
+        request_id = request_id_for(principal, run_input.idempotency_key)
+        request_id_var.set(request_id)
+        span = trace.get_current_span()
+        link_caller_context(span)
+        span.set_attribute("toolmesh.tenant", principal.tenant)
+        span.set_attribute("toolmesh.request_id", request_id)
+        fingerprint = ""
+        if run_input.idempotency_key:
+            fingerprint = content_fingerprint("run", run_input.session_id, run_input.prompt)
+        return Flight(
+            context=context,
+            deadline=deadline,
+            principal=principal,
+            policy=policy,
+            allowed=policy.allowed_tools(principal.tenant),
+            session_id=run_input.session_id,
+            prompt=run_input.prompt,
+            request_id=request_id,
+            caller=caller_proto(principal),
+            fingerprint=fingerprint,
+        )
+
+    async def _fly(self, flight: Flight, idempotency_key: str) -> gateway_pb2.RunResponse:
+        if not flight.allowed:
+            await self._refuse_empty_allowlist(flight)
+        if idempotency_key:
+            replay = await self._claim(flight)
+            if replay is not None:
+                return replay
+        route = await self._select_and_reserve(flight)
+        parts = route.parts if route is not None else router_pb2.ConfidenceParts()
+        if route is None:
+            flight.answer, flight.outcome = ROUTER_FALLBACK, gateway_pb2.OUTCOME_FALLBACK
+            flight.degrade("router")
+        elif not route.matched:
+            flight.answer = (
+                "No tool is confident enough to answer this "
+                f"(best confidence {route.confidence:.2f}, threshold {route.threshold:.2f}). "
+                f"Router: {route.reason or 'no reason given'}"
+            )
+            flight.outcome = gateway_pb2.OUTCOME_NO_MATCH
+        else:
+            await self._authorize(flight, route.tool)
+            await self._invoke(flight, route.tool, route.arguments_json)
+        return await self._answer(flight, route, parts)
+
+    async def _refuse_empty_allowlist(self, flight: Flight) -> NoReturn:
+        reason = "tenant has no allowed tools"
+        self._log_decision(flight, Decision(False, reason))
+        await self._access.audit_refusal(
+            flight.context,
+            flight.event(
+                audit_pb2.AUDIT_ACTION_PERMISSION_DENIED,
+                f"tenant:{flight.principal.tenant}",
+                DENIED,
+                reason=reason,
+            ),
+        )
+        await abort(
+            flight.context,
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"tenant {flight.principal.tenant} may use no tools (policy {flight.policy.version})",
+        )
+
+    # -- claim --------------------------------------------------------------------------------
+
+    async def _claim(self, flight: Flight) -> gateway_pb2.RunResponse | None:
+        """Claim the request id for this content; returns the stored answer of a completed
+        request with the same content, or aborts. Memory unreachable: UNAVAILABLE, because
+        without the claim the key's promise (never run twice) cannot be kept."""
+        context = flight.context
+        lease_s = flight.deadline.remaining() + self._settings.idempotency_lease_grace_s
+        try:
+            reply = await self._guard.call(
+                "memory",
+                self._clients.memory.ClaimRequest,
+                memory_pb2.ClaimRequestRequest(
+                    caller=flight.caller,
+                    request_id=flight.request_id,
+                    session_id=flight.session_id,
+                    fingerprint=flight.fingerprint,
+                    lease_ms=max(1, min(int(lease_s * 1000), 600_000)),
+                ),
+                flight.deadline.timeout(self._settings.memory_write_timeout_ms / 1000),
+            )
+        except DeadlineSpentError:
+            await abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exhausted")
+        except DependencyError as err:
+            log.warning("idempotency claim failed", extra={"error": str(err)})
+            await abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "the idempotency key cannot be checked right now; retry with the same key",
+                retry_info(err.retry_after_s or self._settings.shed_retry_after_ms / 1000),
+            )
+        if reply.state == memory_pb2.CLAIM_STATE_CLAIMED:
+            return None
+        if reply.state == memory_pb2.CLAIM_STATE_COMPLETED and reply.response:
+            replay = gateway_pb2.RunResponse.FromString(reply.response)
+            replay.replayed = True
+            log.info("idempotent replay", extra={"request_id": flight.request_id})
+            return replay
+        if reply.state == memory_pb2.CLAIM_STATE_IN_PROGRESS:
+            left = reply.lease_expires_at.ToNanoseconds() / 1e9 - time.time()
+            await abort(
+                context,
+                grpc.StatusCode.ABORTED,
+                "a request with this idempotency key is still in progress; retry later",
+                retry_info(max(0.1, min(left or 1.0, 5.0))),
+            )
+        what = reply.conflict or "content"
+        message = (
+            "the idempotency key was already used in another session"
+            if what == "session"
+            else "the idempotency key was already used for a different request"
+        )
+        if reply.state == memory_pb2.CLAIM_STATE_COMPLETED:
+            message = "the idempotency key was already used; its answer is no longer kept"
+        await abort(context, grpc.StatusCode.FAILED_PRECONDITION, message)
+
+    # -- select || reserve ----------------------------------------------------------------------
+
+    async def _select_and_reserve(self, flight: Flight) -> router_pb2.RouteResponse | None:
+        """Route and reserve concurrently (one hop of latency instead of two). A budget refusal
+        wins over whatever the router said; the router failing means the fallback answer."""
+        try:
+            timeout = flight.deadline.timeout(self._settings.route_timeout_ms / 1000)
+        except DeadlineSpentError:
+            await abort(flight.context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exhausted")
+        route = asyncio.create_task(
+            self._guard.call(
+                "router",
+                self._clients.router.Route,
+                router_pb2.RouteRequest(
+                    caller=flight.caller,
+                    request_id=flight.request_id,
+                    prompt=flight.prompt,
+                    allowed_tools=sorted(flight.allowed),
+                ),
+                timeout,
+            )
+        )
+        try:
+            await self._reserve(flight)
+            routed: router_pb2.RouteResponse = await route
+        except DependencyError as err:
+            log.warning("routing failed", extra={"error": str(err)})
+            return None
+        finally:
+            route.cancel()
+        return routed
+
+    async def _reserve(self, flight: Flight) -> None:
+        """Reserve the request's tokens (prompt and an answer estimate), one tool call and its
+        estimated cost against the caller's budgets; the usage record commits it.
+
+        Callers known to have no budget skip the hop. Over budget: telemetry's
+        RESOURCE_EXHAUSTED (naming the budget and its reset, QuotaFailure, RetryInfo) reaches
+        the caller unchanged and nothing runs. Ledger unreachable: UNAVAILABLE, unless
+        ``budget_fail_open`` (then the request runs unchecked and "budget" is degraded).
+        """
+        budgets = self._accounting.budgets
+        if budgets.known(flight.caller) is False:
+            return
+        tokens_in = whitespace_tokens(flight.prompt)
+        tokens_out = self._settings.budget_output_tokens_estimate
+        table = self._accounting.prices.table
+        estimate = cost_micros(table, tokens_in, tokens_out, 1, 0) if table else 0
+        try:
+            timeout = flight.deadline.timeout(self._settings.budget_call_timeout_ms / 1000)
+        except DeadlineSpentError:
+            await abort(flight.context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exhausted")
+        try:
+            reply = await self._guard.call(
+                "telemetry",
+                self._clients.telemetry.ReserveBudget,
+                telemetry_pb2.ReserveBudgetRequest(
+                    caller=flight.caller,
+                    request_id=flight.request_id,
+                    tool_calls=1,
+                    tokens=tokens_in + tokens_out,
+                    cost_micros=estimate,
+                    ttl_seconds=self._settings.budget_reservation_ttl_s,
+                ),
+                timeout,
+            )
+        except DependencyError as err:
+            await self._reservation_failed(flight, err)
+            return
+        budgets.learn(flight.caller, not reply.unlimited)
+        if reply.reserved:
+            count_reservation("granted")
+            flight.reservation_id = reply.reservation_id
+        else:
+            count_reservation("unlimited")
+
+    async def _reservation_failed(self, flight: Flight, err: DependencyError) -> None:
+        if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.rpc_error is not None:
+            count_reservation("refused")
+            self._accounting.budgets.learn(flight.caller, True)
+            log.info("budget refused", extra={"reason": err.reason})
+            await self._access.audit_refusal(
+                flight.context,
+                flight.event(
+                    audit_pb2.AUDIT_ACTION_BUDGET_DENIED, RUN_ROUTE, DENIED, reason=err.reason
+                ),
+            )
+            await forward(flight.context, err.rpc_error)
+        count_reservation("unavailable")
+        if self._settings.budget_fail_open:
+            log.warning("budget ledger unreachable; failing open", extra={"error": str(err)})
+            flight.degrade("budget")
+            return
+        log.warning("budget ledger unreachable; failing closed", extra={"error": str(err)})
+        await abort(
+            flight.context,
+            grpc.StatusCode.UNAVAILABLE,
+            "the budget ledger is unavailable, so no tool may run; retry later",
+            retry_info(err.retry_after_s or self._settings.shed_retry_after_ms / 1000),
+        )
+
+    # -- authorize ------------------------------------------------------------------------------
+
+    def _log_decision(self, flight: Flight, decision: Decision) -> None:
+        """The authorization audit line: who, what, why, and under which policy version."""
+        log.info(
+            "authorization",
+            extra={
+                "decision": "allow" if decision.allowed else "deny",
+                "reason": decision.reason,
+                "missing_scope": decision.missing_scope,
+                "tenant": flight.principal.tenant,
+                "subject": flight.principal.subject,
+                "token_id": flight.principal.token_id,
+                "policy_version": flight.policy.version,
+            },
+        )
+
+    async def _authorize(self, flight: Flight, tool: router_pb2.ToolContract) -> None:
+        decision = authorize_tool(flight.principal, tool, flight.allowed)
+        self._log_decision(flight, decision)
+        if decision.allowed:
+            return
+        refusal = flight.event(
+            audit_pb2.AUDIT_ACTION_PERMISSION_DENIED,
+            tool.name,
+            DENIED,
+            reason=decision.reason,
+            missing_scope=decision.missing_scope,
+            tool=f"{tool.name}@{tool.version}",
+        )
+        entries: list[tuple[str, str, Message]] = [(KIND_AUDIT, refusal.event_id, refusal)]
+        if flight.reservation_id:
+            # The reservation is committed as what the request used (the prompt, no tool),
+            # rather than held until it expires.
+            usage = common_pb2.Usage(tokens_in=whitespace_tokens(flight.prompt))
+            entries.append((KIND_USAGE, flight.request_id, self._usage(flight, usage, "denied")))
+        await self._access.put_refusal(flight.context, entries)
+        await abort(flight.context, grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+
+    def _usage(
+        self, flight: Flight, usage: common_pb2.Usage, outcome: str
+    ) -> telemetry_pb2.UsageRecord:
+        return usage_record(
+            request_id=flight.request_id,
+            caller=flight.caller,
+            tool_name=flight.tool.name if flight.tool else "",
+            tool_version=flight.tool.version if flight.tool else "",
+            usage=usage,
+            outcome=outcome,
+            reservation_id=flight.reservation_id,
+        )
+
+    # -- invoke ---------------------------------------------------------------------------------
+
+    async def _invoke(
+        self, flight: Flight, tool: router_pb2.ToolContract, arguments_json: str
+    ) -> None:
+        """Run the tool; failures become the contract's fallback, refusals an explanation.
+
+        The call is under the tool's own breaker ("tool:<name>") and bulkhead, so one hanging
+        tool cannot open the router's breaker or take the slots of every other tool.
+        """
+        flight.tool = tool
+        write = tool.side_effect != router_pb2.SIDE_EFFECT_READ_ONLY
+        fallback = tool.fallback_answer or TOOL_FALLBACK.format(name=tool.name)
+        if flight.deadline.spent():
+            log.warning("no time left to run the tool", extra={"tool": tool.name})
+            flight.answer, flight.outcome = fallback, gateway_pb2.OUTCOME_FALLBACK
+            flight.degrade(f"tool:{tool.name}")
+            return
+        async with self._admitted(self._tools, tool.name, flight.deadline, flight.context):
+            try:
+                reply = await self._guard.call(
+                    f"tool:{tool.name}",
+                    self._clients.router.InvokeTool,
+                    router_pb2.InvokeToolRequest(
+                        caller=flight.caller,
+                        request_id=flight.request_id,
+                        session_id=flight.session_id,
+                        tool_name=tool.name,
+                        tool_version=tool.version,
+                        arguments_json=arguments_json,
+                        # The request id is stable across retries with the same key.
+                        idempotency_key=flight.request_id if write else "",
+                        allowed_tools=sorted(flight.allowed),
+                    ),
+                    flight.deadline.timeout(),
+                )
+            except DeadlineSpentError:
+                reply = None
+            except DependencyError as err:
+                await self._tool_failed(flight, tool, err, write, fallback)
+                return
+        if reply is None:
+            flight.answer, flight.outcome = fallback, gateway_pb2.OUTCOME_FALLBACK
+            flight.degrade(f"tool:{tool.name}")
+            return
+        flight.tool_calls = 1
+        flight.answer = reply.answer
+        flight.result_json = reply.result_json
+        flight.cost_units = tool.cost_units
+        flight.outcome = gateway_pb2.OUTCOME_TOOL_ANSWERED
+        if write:
+            flight.audit.append(flight.event(audit_pb2.AUDIT_ACTION_TOOL_WRITE, tool.name, SUCCESS))
+
+    async def _tool_failed(
+        self,
+        flight: Flight,
+        tool: router_pb2.ToolContract,
+        err: DependencyError,
+        write: bool,
+        fallback: str,
+    ) -> None:
+        flight.outcome = gateway_pb2.OUTCOME_FALLBACK
+        flight.tool_calls = 1 if err.tried else 0
+        if write and err.tried:
+            flight.audit.append(flight.event(audit_pb2.AUDIT_ACTION_TOOL_WRITE, tool.name, FAILURE))
+        if err.code == grpc.StatusCode.PERMISSION_DENIED:
+            await self._access.audit_refusal(
+                flight.context,
+                *flight.audit,
+                flight.event(
+                    audit_pb2.AUDIT_ACTION_PERMISSION_DENIED, tool.name, DENIED, reason=err.reason
+                ),
+            )
+            await self._access.forward_error(flight.context, err)
+        if err.code in _TOOL_REFUSALS and err.tried:
+            flight.answer = f"The tool {tool.name} refused the arguments: {err.reason}"
+            log.info("tool refused", extra={"tool": tool.name, "code": err.code.name})
+            return
+        log.warning("tool failed; contract fallback", extra={"error": str(err)})
+        flight.answer = fallback
+        flight.degrade(f"tool:{tool.name}")
+
+    # -- remember, account, answer --------------------------------------------------------------
+
+    async def _answer(
+        self,
+        flight: Flight,
+        route: router_pb2.RouteResponse | None,
+        parts: router_pb2.ConfidenceParts,
+    ) -> gateway_pb2.RunResponse:
+        usage = common_pb2.Usage(
+            tokens_in=whitespace_tokens(flight.prompt),
+            tokens_out=whitespace_tokens(flight.answer),
+            tool_calls=flight.tool_calls,
+            cost_units=flight.cost_units,
+        )
+        price = self._accounting.prices.price(
+            usage.tokens_in, usage.tokens_out, usage.tool_calls, usage.cost_units
+        )
+        tool = flight.tool
+        response = gateway_pb2.RunResponse(
+            request_id=flight.request_id,
+            trace_id=current_trace_id(),
+            answer=flight.answer,
+            tool_name=tool.name if tool else "",
+            tool_version=tool.version if tool else "",
+            confidence=route.confidence if route is not None else 0.0,
+            confidence_parts=gateway_pb2.ConfidenceParts(
+                intent=parts.intent, schema_fit=parts.schema_fit, health=parts.health
+            ),
+            usage=usage,
+            outcome=flight.outcome,
+            result_json=flight.result_json,
+            cost_micros=price.cost_micros,
+            currency=price.currency,
+            price_version=price.version,
+        )
+        await self._remember(flight, usage, response)
+        # Degradations found while remembering (memory) are part of the answer too.
+        response.degraded.extend(flight.degraded)
+        outcome_name = gateway_pb2.Outcome.Name(flight.outcome)
+        span = trace.get_current_span()
+        span.set_attribute("gen_ai.tool.name", response.tool_name)
+        span.set_attribute("gen_ai.usage.input_tokens", usage.tokens_in)
+        span.set_attribute("gen_ai.usage.output_tokens", usage.tokens_out)
+        span.set_attribute("toolmesh.outcome", outcome_name)
+        span.set_attribute("toolmesh.degraded", list(flight.degraded))
+        log.info(
+            "run answered",
+            extra={
+                "outcome": outcome_name,
+                "tool": response.tool_name,
+                "degraded": flight.degraded,
+            },
+        )
+        return response
+
+    async def _remember(
+        self, flight: Flight, usage: common_pb2.Usage, response: gateway_pb2.RunResponse
+    ) -> None:
+        """Store the turns and the answer, the usage record and the audit events before
+        answering; never acknowledge a lost turn or an unrecorded cost.
+
+        AppendTurns is tried directly (at most ``memory_write_timeout_ms``, within the budget)
+        and completes the idempotency claim with the answer; the usage record (committing the
+        reservation) and audit events always go to the durable outbox, together with the turns
+        when memory failed, its breaker is open, or no time is left: one outbox transaction per
+        request, replayed later (memory de-duplicates by request id and stores the turns in
+        acknowledgment order, telemetry by request id and event id). If the outbox write
+        fails, the request fails UNAVAILABLE: the caller must not think it was stored.
+        """
+        tool = flight.tool if flight.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED else None
+        flight.acknowledged_at.GetCurrentTime()
+        turns = memory_pb2.AppendTurnsRequest(
+            caller=flight.caller,
+            session_id=flight.session_id,
+            request_id=flight.request_id,
+            turns=[
+                common_pb2.Turn(
+                    role=common_pb2.TURN_ROLE_USER,
+                    content=flight.prompt,
+                    request_id=flight.request_id,
+                ),
+                common_pb2.Turn(
+                    role=common_pb2.TURN_ROLE_ASSISTANT,
+                    content=flight.answer,
+                    request_id=flight.request_id,
+                    tool_name=tool.name if tool else "",
+                    tool_version=tool.version if tool else "",
+                ),
+            ],
+            acknowledged_at=flight.acknowledged_at,
+            fingerprint=flight.fingerprint,
+            response=response.SerializeToString() if flight.fingerprint else b"",
+        )
+        entries: list[tuple[str, str, Message]] = [
+            (
+                KIND_USAGE,
+                flight.request_id,
+                self._usage(flight, usage, _USAGE_OUTCOMES.get(flight.outcome, "error")),
+            ),
+            *((KIND_AUDIT, event.event_id, event) for event in flight.audit),
+        ]
+        if not await self._append_turns(flight, turns):
+            entries.append((KIND_MEMORY, flight.request_id, turns))
+        try:
+            left = flight.deadline.remaining() - ANSWER_MARGIN_S
+            async with asyncio.timeout(max(left, 0.001)):
+                await self._outbox.put_many(entries)
+        except Exception as exc:
+            log.error(
+                "outbox write failed; turn or usage not stored, request not acknowledged",
+                extra={"error": f"{type(exc).__name__}: {exc}"},
+            )
+            await abort(
+                flight.context,
+                grpc.StatusCode.UNAVAILABLE,
+                "the conversation turn could not be stored; retry with the same idempotency key",
+                retry_info(self._settings.shed_retry_after_ms / 1000),
+            )
+
+    async def _append_turns(self, flight: Flight, turns: memory_pb2.AppendTurnsRequest) -> bool:
+        """True when memory took the turns now; False when they must go to the outbox."""
+        try:
+            timeout = flight.deadline.timeout(self._settings.memory_write_timeout_ms / 1000)
+        except DeadlineSpentError:
+            # No time for a hop: the outbox (a local fsync) still fits in the reserve.
+            log.info("no time left for memory; turn deferred to the outbox")
+            return False
+        try:
+            await self._guard.call("memory", self._clients.memory.AppendTurns, turns, timeout)
+        except DependencyError as err:
+            flight.degrade("memory")
+            if err.code in _PERMANENT_WRITE_ERRORS and err.tried:
+                log.error("memory refused the turns", extra={"error": str(err)})
+                return True
+            log.warning("memory write failed; turn goes to the outbox", extra={"error": str(err)})
+            return False
+        return True

@@ -1,0 +1,223 @@
+"""The Gateway servicer: one thin method per RPC.
+
+Run goes through the governed pipeline (gateway.pipeline, read it top to bottom); the other
+RPCs authenticate (gateway.access), validate, and ask one inner service; the operator views
+live in gateway.operations.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+from grpc import aio
+from pydantic import ValidationError
+
+from gateway.access import Access, caller_proto, client_address, hop_timeout
+from gateway.authz import SCOPE_OPS_READ, SCOPE_READ, side_effect_name
+from gateway.clients import Clients
+from gateway.operations import Operations
+from gateway.pipeline import Pipeline
+from gateway.reliability import DependencyError, Guard
+from gateway.validation import HistoryInput, StatsInput
+from services.kit.buildinfo import service_info
+from services.kit.context import CLIENT_ADDRESS_METADATA_KEY
+from services.kit.errors import abort, abort_invalid, violations_from
+from toolmesh.auth.v1 import auth_pb2
+from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from toolmesh.memory.v1 import memory_pb2
+from toolmesh.router.v1 import router_pb2
+from toolmesh.telemetry.v1 import telemetry_pb2
+
+log = logging.getLogger("toolmesh.gateway")
+
+CONTRACT_VERSIONS = ["toolmesh.gateway.v1"]
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        access: Access,
+        clients: Clients,
+        guard: Guard,
+        operations: Operations,
+    ) -> None:
+        self._pipeline = pipeline
+        self._access = access
+        self._clients = clients
+        self._guard = guard
+        self._operations = operations
+
+    async def Run(
+        self, request: gateway_pb2.RunRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.RunResponse:
+        return await self._pipeline.run(request, context)
+
+    # -- the other RPCs -----------------------------------------------------------------------
+
+    async def ListTools(
+        self, request: gateway_pb2.ListToolsRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.ListToolsResponse:
+        """The tools on the caller's allowlist; an empty allowlist never asks the router."""
+        deadline = self._pipeline.deadline(context)
+        principal, policy = await self._access.authenticate(context, SCOPE_READ)
+        allowed = policy.allowed_tools(principal.tenant)
+        if not allowed:
+            return gateway_pb2.ListToolsResponse()
+        timeout = await hop_timeout(context, deadline, "router")
+        try:
+            reply = await self._guard.call(
+                "router",
+                self._clients.router.ListTools,
+                router_pb2.ListToolsRequest(allowed_tools=sorted(allowed)),
+                timeout,
+            )
+        except DependencyError as err:
+            await self._access.forward_error(context, err)
+        return gateway_pb2.ListToolsResponse(
+            tools=[
+                gateway_pb2.Tool(
+                    name=t.name,
+                    version=t.version,
+                    description=t.description,
+                    side_effect=side_effect_name(t.side_effect),
+                    cost_units=t.cost_units,
+                    timeout_ms=t.timeout_ms,
+                    input_schema_json=t.input_schema_json,
+                    output_schema_json=t.output_schema_json,
+                )
+                for t in reply.tools
+            ]
+        )
+
+    async def GetHistory(
+        self, request: gateway_pb2.GetHistoryRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.GetHistoryResponse:
+        """A session's turns, always within the caller's own tenant (memory scopes by caller)."""
+        deadline = self._pipeline.deadline(context)
+        try:
+            query = HistoryInput(session_id=request.session_id, limit=request.limit)
+        except ValidationError as exc:
+            await abort_invalid(context, violations_from(exc))
+        principal, _ = await self._access.authenticate(context, SCOPE_READ)
+        timeout = await hop_timeout(context, deadline, "memory")
+        try:
+            reply = await self._guard.call(
+                "memory",
+                self._clients.memory.GetHistory,
+                memory_pb2.GetHistoryRequest(
+                    caller=caller_proto(principal), session_id=query.session_id, limit=query.limit
+                ),
+                timeout,
+            )
+        except DependencyError as err:
+            await self._access.forward_error(context, err)
+        if not reply.turns:
+            # No turns for this tenant: the same answer whether the session does not exist or
+            # belongs to another tenant, so a caller learns nothing about other tenants.
+            await abort(context, grpc.StatusCode.NOT_FOUND, "no such session")
+        return gateway_pb2.GetHistoryResponse(turns=reply.turns)
+
+    async def IssueToken(
+        self, request: gateway_pb2.IssueTokenRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.IssueTokenResponse:
+        """Forwarded to auth as is; auth's status codes and details reach the caller unchanged."""
+        deadline = self._pipeline.deadline(context)
+        timeout = await hop_timeout(context, deadline, "auth")
+        try:
+            # Auth throttles wrong secrets per client and source address, and trusts this
+            # header only from the gateway's certificate.
+            issue = functools.partial(
+                self._clients.auth.IssueToken,
+                metadata=((CLIENT_ADDRESS_METADATA_KEY, client_address(context)),),
+            )
+            reply = await self._guard.call(
+                "auth",
+                issue,
+                auth_pb2.IssueTokenRequest(
+                    client_id=request.client_id,
+                    client_secret=request.client_secret,
+                    scopes=request.scopes,
+                ),
+                timeout,
+            )
+        except DependencyError as err:
+            await self._access.forward_error(context, err, prefix=False)
+        return gateway_pb2.IssueTokenResponse(
+            access_token=reply.access_token,
+            token_type=reply.token_type,
+            expires_in=reply.expires_in,
+            scopes=reply.scopes,
+            token_id=reply.token_id,
+        )
+
+    async def GetStats(
+        self, request: gateway_pb2.GetStatsRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.GetStatsResponse:
+        deadline = self._pipeline.deadline(context)
+        try:
+            query = StatsInput(window_seconds=request.window_seconds, service=request.service)
+        except ValidationError as exc:
+            await abort_invalid(context, violations_from(exc))
+        await self._access.authenticate(context, SCOPE_OPS_READ)
+        timeout = await hop_timeout(context, deadline, "telemetry")
+        try:
+            reply = await self._guard.call(
+                "telemetry",
+                self._clients.telemetry.GetStats,
+                telemetry_pb2.GetStatsRequest(
+                    group_by=request.group_by,
+                    window_seconds=query.window_seconds,
+                    service=query.service,
+                ),
+                timeout,
+            )
+        except DependencyError as err:
+            await self._access.forward_error(context, err)
+        return gateway_pb2.GetStatsResponse(rows=reply.rows)
+
+    async def GetServiceInfo(
+        self, request: gateway_pb2.GetServiceInfoRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.GetServiceInfoResponse:
+        """Any valid token may ask; only IssueToken is open to unauthenticated callers."""
+        await self._access.authenticate(context)
+        return gateway_pb2.GetServiceInfoResponse(info=service_info("gateway", CONTRACT_VERSIONS))
+
+    # -- operator views, in gateway.operations --------------------------------------------------
+
+    async def GetTrace(
+        self, request: gateway_pb2.GetTraceRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.GetTraceResponse:
+        return await self._operations.GetTrace(request, context)
+
+    async def GetCost(
+        self, request: gateway_pb2.GetCostRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.GetCostResponse:
+        return await self._operations.GetCost(request, context)
+
+    async def SetBudget(
+        self, request: gateway_pb2.SetBudgetRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.SetBudgetResponse:
+        return await self._operations.SetBudget(request, context)
+
+    async def ListBudgets(
+        self, request: gateway_pb2.ListBudgetsRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.ListBudgetsResponse:
+        return await self._operations.ListBudgets(request, context)
+
+    async def ListAudit(
+        self, request: gateway_pb2.ListAuditRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.ListAuditResponse:
+        return await self._operations.ListAudit(request, context)
+
+    async def VerifyAudit(
+        self, request: gateway_pb2.VerifyAuditRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.VerifyAuditResponse:
+        return await self._operations.VerifyAudit(request, context)
+
+    async def GetSlo(
+        self, request: gateway_pb2.GetSloRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.GetSloResponse:
+        return await self._operations.GetSlo(request, context)
