@@ -82,12 +82,30 @@ _UNITS: list[tuple[Unit, tuple[str, ...]]] = [
     (Unit("pt", "volume", _F("3.785411784") / 8), ("pt", "pint", "pints")),
     (Unit("cup", "volume", _F("3.785411784") / 16), ("cup", "cups")),
     # speed, base metre per second
-    (Unit("m/s", "speed", _F(1)), ("m/s", "mps", "meters per second", "metres per second")),
+    (
+        Unit("m/s", "speed", _F(1)),
+        (
+            "m/s",
+            "mps",
+            "meter per second",
+            "meters per second",
+            "metre per second",
+            "metres per second",
+        ),
+    ),
     (
         Unit("km/h", "speed", _F(1000, 3600)),
-        ("km/h", "kmh", "kph", "kilometers per hour", "kilometres per hour"),
+        (
+            "km/h",
+            "kmh",
+            "kph",
+            "kilometer per hour",
+            "kilometers per hour",
+            "kilometre per hour",
+            "kilometres per hour",
+        ),
     ),
-    (Unit("mph", "speed", _F("1609.344") / 3600), ("mph", "miles per hour")),
+    (Unit("mph", "speed", _F("1609.344") / 3600), ("mph", "mile per hour", "miles per hour")),
     (Unit("kn", "speed", _F(1852, 3600)), ("kn", "knot", "knots")),
 ]
 

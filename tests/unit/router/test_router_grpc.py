@@ -60,13 +60,13 @@ async def test_route_picks_the_calculator_with_arguments(router: RouterServer) -
         timeout=5,
     )
     assert reply.matched
-    assert reply.tool.name == "calculator" and reply.tool.version == "1.0.0"
+    assert reply.tool.name == "calculator" and reply.tool.version == "1.1.0"
     assert reply.tool.side_effect == router_pb2.SIDE_EFFECT_READ_ONLY
     assert json.loads(reply.arguments_json) == {"expression": "17 * 23"}
     assert reply.confidence >= reply.threshold == 0.6
-    assert reply.parts.intent == pytest.approx(0.9)
+    assert reply.parts.intent == pytest.approx(1.0)
     assert reply.parts.schema_fit == 1.0 and reply.parts.health == 1.0
-    assert reply.rules_version == "2026.11.27-2"
+    assert reply.rules_version == "2026.11.29-1"
     assert reply.candidates[0].tool_name == "calculator"
     assert len(reply.candidates) == 5
     assert "calculator scored" in reply.reason
@@ -119,7 +119,7 @@ async def test_route_then_invoke_the_calculator(router: RouterServer) -> None:
     )
     assert json.loads(reply.result_json) == {"expression": "17 * 23", "value": "391", "exact": True}
     assert reply.answer == "17 * 23 = 391"
-    assert (reply.tool_name, reply.tool_version, reply.cost_units) == ("calculator", "1.0.0", 1)
+    assert (reply.tool_name, reply.tool_version, reply.cost_units) == ("calculator", "1.1.0", 1)
     assert not reply.replayed
 
 

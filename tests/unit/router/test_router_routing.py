@@ -55,7 +55,22 @@ def test_rules_file_with_bad_weights_is_refused_at_load(tmp_path: Path) -> None:
         ({"surprise": 1}, "surprise"),
         (
             {"tools": {"calculator": {"intents": [{"pattern": "(", "score": 1}]}}},
-            "invalid regular expression",
+            "calculator intent: pattern '\\(' is not valid RE2",
+        ),
+        (
+            {"tools": {"calculator": {"intents": [{"pattern": "{nope}", "score": 1}]}}},
+            "unknown set \\{nope\\}",
+        ),
+        (
+            {
+                "tools": {
+                    "calculator": {
+                        "intents": [{"pattern": "x", "score": 1}],
+                        "rewrites": [{"pattern": "(a)b", "replace": "\\2"}],
+                    }
+                }
+            },
+            "refers to missing group 2",
         ),
         (
             {"tools": {"calculator": {"intents": [{"pattern": "x", "score": 0}]}}},
@@ -102,19 +117,26 @@ def test_rules_must_match_the_registry() -> None:
         (
             "convert 5 miles to km",
             "unit_convert",
-            {"value": 5, "from_unit": "miles", "to_unit": "km"},
+            {"value": "5", "from_unit": "miles", "to_unit": "km"},
         ),
         (
             "convert 10 km to miles",
             "unit_convert",
-            {"value": 10, "from_unit": "km", "to_unit": "miles"},
+            {"value": "10", "from_unit": "km", "to_unit": "miles"},
         ),
-        ("100 f in c", "unit_convert", {"value": 100, "from_unit": "f", "to_unit": "c"}),
+        ("100 f in c", "unit_convert", {"value": "100", "from_unit": "f", "to_unit": "c"}),
         (
             "how many feet in 2.5 meters",
             "unit_convert",
-            {"value": 2.5, "from_unit": "meters", "to_unit": "feet"},
+            {"value": "2.5", "from_unit": "meters", "to_unit": "feet"},
         ),
+        (
+            "convert 1e308 km to miles",
+            "unit_convert",
+            {"value": "1e308", "from_unit": "km", "to_unit": "miles"},
+        ),
+        ("what is 1e400 * 2", "calculator", {"expression": "1e400 * 2"}),
+        ("what is 2x3x4", "calculator", {"expression": "2 * 3 * 4"}),
         ("what time is it in Asia/Tokyo", "current_time", {"zone": "Asia/Tokyo"}),
         ("what time is it in Europe/Paris?", "current_time", {"zone": "Europe/Paris"}),
         ("time in Tokyo", "current_time", {"zone": "Tokyo"}),
