@@ -199,7 +199,7 @@ class Tally:
 
 
 def tally(outcomes: Iterable[Outcome]) -> tuple[Tally, dict[str, Tally]]:
-    total, by_category = Tally(), {}
+    total, by_category = Tally(), dict[str, Tally]()
     for outcome in outcomes:
         total.add(outcome)
         by_category.setdefault(outcome.case.category, Tally()).add(outcome)
