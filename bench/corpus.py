@@ -55,6 +55,10 @@ class Case:
     result: dict[str, Any] = field(default_factory=dict)
     session: str = ""
     comment: str = ""
+    # A person asking this wants an answer that the tools or rules cannot give yet (number
+    # words, UTC offsets, two questions at once): declined today, counted against coverage
+    # of what people ask for.
+    wanted: bool = False
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Case:
@@ -63,6 +67,8 @@ class Case:
             raise ValueError(f"{case.prompt!r}: expect must be one of {EXPECTATIONS}")
         if (case.expect == "answer") != bool(case.answer):
             raise ValueError(f"{case.prompt!r}: an answer is given exactly when one is expected")
+        if case.wanted and case.expect == "answer":
+            raise ValueError(f"{case.prompt!r}: wanted marks a declined prompt")
         return case
 
 
@@ -172,6 +178,7 @@ class Tally:
     answered: int = 0
     correct_answers: int = 0
     expected_answers: int = 0
+    wanted: int = 0
     no_match: int = 0
     refused: int = 0
     failed: int = 0
@@ -181,6 +188,7 @@ class Tally:
     def add(self, outcome: Outcome) -> None:
         self.prompts += 1
         self.expected_answers += outcome.case.expect == "answer"
+        self.wanted += outcome.case.expect == "answer" or outcome.case.wanted
         self.answered += outcome.kind == "answer"
         self.correct_answers += outcome.kind == "answer" and outcome.correct
         self.no_match += outcome.kind == "no_match"
@@ -197,6 +205,11 @@ class Tally:
     def coverage(self) -> float:
         return self.correct_answers / self.expected_answers if self.expected_answers else 1.0
 
+    @property
+    def asked_coverage(self) -> float:
+        """Correct answers over every prompt a person wants answered."""
+        return self.correct_answers / self.wanted if self.wanted else 1.0
+
 
 def tally(outcomes: Iterable[Outcome]) -> tuple[Tally, dict[str, Tally]]:
     total, by_category = Tally(), dict[str, Tally]()
@@ -208,10 +221,11 @@ def tally(outcomes: Iterable[Outcome]) -> tuple[Tally, dict[str, Tally]]:
 
 def _row(name: str, t: Tally) -> str:
     coverage = f"{t.coverage:.0%}" if t.expected_answers else "-"
+    asked = f"{t.asked_coverage:.0%}" if t.wanted else "-"
     precision = f"{t.precision:.0%}" if t.answered else "-"
     return (
         f"| {name} | {t.prompts} | {t.answered} | {t.no_match} | {t.refused} | {t.wrong} "
-        f"| {precision} | {coverage} | {t.mismatched} |"
+        f"| {precision} | {coverage} | {asked} | {t.mismatched} |"
     )
 
 
@@ -225,12 +239,14 @@ def markdown(outcomes: list[Outcome]) -> str:
         "run through the real router (Route, then InvokeTool as the gateway does). "
         "Precision = correct answers / answers given; coverage = correct answers / prompts "
         "that expect an answer; a wrong answer is any answer that is not the expected one. "
-        "`other` counts prompts whose outcome differs from the expected one without being a "
-        "wrong answer (a refusal or no-match where an answer was expected).",
+        "Some prompts are declined by design although a person wants an answer (number "
+        "words, UTC offsets, two questions at once: the `wanted` cases); `asked-for coverage` "
+        "counts them too. `other` counts prompts whose outcome differs from the expected one "
+        "without being a wrong answer (a refusal or no-match where an answer was expected).",
         "",
         "| category | prompts | answered | no match | refused | wrong | precision | coverage "
-        "| other |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| asked-for coverage | other |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *(_row(name, t) for name, t in by_category.items()),
         _row("**all**", total),
         "",
