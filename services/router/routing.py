@@ -24,6 +24,9 @@ from services.router.tools.numbers import SIGNS, NumberError, parse_number
 
 # Captured numbers beyond this many digits stay text rather than become huge ints or infinity.
 MAX_NUMBER_DIGITS = 30
+# RE2's \s is ASCII: other spaces (no-break, thin, ideographic, vertical tab ...) are read as
+# plain spaces, one for one so that character offsets stay where they were.
+_SPACES = {i: " " for i in range(0x3001) if chr(i).isspace() and chr(i) not in "\t\n\f\r "}
 
 
 def confidence(weights: Weights, intent: float, schema_fit: float, health: float) -> float:
@@ -201,6 +204,7 @@ class ToolRouter:
     def route(self, prompt: str, allowed_tools: Iterable[str]) -> Decision:
         """Score every allowed tool; CPU-bound (RE2 and JSON Schema), linear in the prompt."""
         allowed = list(allowed_tools)
+        prompt = prompt.translate(_SPACES)
         veto = self._rules.veto(prompt)
         candidates = []
         for name, tool_rules in self._rules.tools.items():

@@ -290,6 +290,13 @@ def test_vetoes_say_why_no_tool_was_picked(router: ToolRouter, prompt: str, reas
 def test_matching_is_case_insensitive_and_offsets_count_characters(router: ToolRouter) -> None:
     decision = router.route("SAVE A NOTE: café 東京 ✓ done", ["*"])
     assert json.loads(decision.arguments_json) == {"text": "café 東京 ✓ done"}
+    # Spaces of any kind are spaces (RE2's \s alone is ASCII).
+    spaced = router.route("convert\u00a05\u2009km to\u3000miles", ["*"])
+    assert json.loads(spaced.arguments_json) == {
+        "value": "5",
+        "from_unit": "km",
+        "to_unit": "miles",
+    }
     # Digits of other scripts and letters glued to a number are not numbers.
     assert not router.route("what is ٣ + ٤", ["*"]).matched
     assert not router.route("what is 5 + 3é", ["*"]).matched
