@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
+from bench import corpus
 from bench.echo_server import METHOD
 from bench.load import Result, closed_loop
 from tests.e2e.mesh import REPO, Mesh, free_port
@@ -153,6 +154,8 @@ def main() -> None:
         echo.terminate()
         echo.wait()
     write_report(traced, untraced, REPO / "BENCHMARKS.md")
+    with (REPO / "BENCHMARKS.md").open("a", encoding="utf-8") as report:
+        report.write("\n" + corpus.section())
     print("wrote BENCHMARKS.md")
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import UTC, datetime
+
 from grpc import aio
 from opentelemetry import trace
 
@@ -18,7 +21,7 @@ from services.router.invoke import Executor
 from services.router.migrations import MIGRATIONS
 from services.router.notes import NotesStore
 from services.router.registry import Registry
-from services.router.routing import ToolRouter
+from services.router.routing import RoutePool, ToolRouter
 from services.router.rules import load_rules
 from services.router.servicer import RouterServicer
 from services.router.settings import RouterSettings
@@ -43,11 +46,13 @@ def build(
     *,
     registry: Registry | None = None,
     tracer_provider: trace.TracerProvider | None = None,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> Register:
     """Load and check rules and contracts now (a bad file fails start-up), serve later.
 
-    Test hook: ``registry`` replaces the published tools (for example to add a slow tool) and
-    ``tracer_provider`` receives the tool spans instead of the global provider.
+    Test hooks: ``registry`` replaces the published tools (for example to add a slow tool),
+    ``tracer_provider`` receives the tool spans instead of the global provider, and ``clock``
+    is the wall clock the tools read (fixed, for exact answers).
     """
     if not isinstance(settings, RouterSettings):
         raise TypeError("the router needs RouterSettings")
@@ -69,15 +74,18 @@ def build(
         )
         health.start()
         cleanups.append(health.stop)
+        pool = RoutePool(ToolRouter(rules, tools, health))
+        cleanups.append(pool.close)
         servicer = RouterServicer(
             registry=tools,
-            router=ToolRouter(rules, tools, health),
+            router=pool,
             executor=Executor(
                 max_result_bytes=settings.max_result_bytes,
                 tracer=tracer,
                 breakers=BreakerRegistry(settings.breaker_config()),
             ),
             notes=NotesStore(session_factory(engine)),
+            clock=clock,
         )
         router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
         return Registered([SERVICE_NAME], peers=PEER_RULES)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
+import sys
 from collections.abc import Sequence
-from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
@@ -59,6 +60,36 @@ CALCULATOR = ToolSpec(
     fallback_answer="I could not compute that expression.",
 )
 
+# 1.1.0 reads numbers in every common notation whole (1e400, 1,000, .5) and refuses the
+# ambiguous ones (1,5) with a reason; the tool, not a schema pattern, says what is wrong.
+CALCULATOR_1_1 = ToolSpec(
+    name="calculator",
+    version="1.1.0",
+    description=(
+        "Exact arithmetic: + - * / // % ** (also ^ and the \u00d7 \u00f7 signs) and "
+        "parentheses on integers and decimals, with exponents (1e400, 2.5e-3) and thousands "
+        "commas (1,000). Results that are not exact decimals are rounded to 20 significant "
+        "digits and marked exact=false."
+    ),
+    input_schema={
+        "type": "object",
+        "properties": {
+            "expression": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": calculator.MAX_EXPRESSION_CHARS,
+            }
+        },
+        "required": ["expression"],
+        "additionalProperties": False,
+    },
+    output_schema=CALCULATOR.output_schema,
+    side_effect=SideEffect.READ_ONLY,
+    cost_units=1,
+    timeout_ms=1000,
+    fallback_answer="I could not compute that expression.",
+)
+
 UNIT_CONVERT = ToolSpec(
     name="unit_convert",
     version="1.0.0",
@@ -83,6 +114,45 @@ UNIT_CONVERT = ToolSpec(
             "result": {"type": "number"},
         },
         "required": ["value", "from_unit", "to_unit", "dimension", "result"],
+        "additionalProperties": False,
+    },
+    side_effect=SideEffect.READ_ONLY,
+    cost_units=1,
+    timeout_ms=1000,
+    fallback_answer="I could not convert those units.",
+)
+
+# 1.1.0 takes the value as a number or as decimal text (read whole: "1e308", "1,000"), and
+# returns the result as decimal text with an exact flag instead of a rounded double.
+UNIT_CONVERT_1_1 = ToolSpec(
+    name="unit_convert",
+    version="1.1.0",
+    description=(
+        "Convert a quantity between units of length, mass, temperature, volume or speed. "
+        "value is a number or decimal text (1e308, 1,000); result is decimal text, exact "
+        f"when exact is true, else rounded to {units.ROUNDED_DIGITS} significant digits."
+    ),
+    input_schema={
+        "type": "object",
+        "properties": {
+            "value": {"type": ["number", "string"], "minLength": 1, "maxLength": 64},
+            "from_unit": {"type": "string", "minLength": 1, "maxLength": 32},
+            "to_unit": {"type": "string", "minLength": 1, "maxLength": 32},
+        },
+        "required": ["value", "from_unit", "to_unit"],
+        "additionalProperties": False,
+    },
+    output_schema={
+        "type": "object",
+        "properties": {
+            "value": {"type": "string"},
+            "from_unit": {"type": "string"},
+            "to_unit": {"type": "string"},
+            "dimension": {"type": "string"},
+            "result": {"type": "string"},
+            "exact": {"type": "boolean"},
+        },
+        "required": ["value", "from_unit", "to_unit", "dimension", "result", "exact"],
         "additionalProperties": False,
     },
     side_effect=SideEffect.READ_ONLY,
@@ -192,37 +262,74 @@ async def run_calculator(args: dict[str, Any], _ctx: ToolContext) -> ToolOutput:
     )
 
 
-def _number(value: Fraction) -> int | float:
-    """Whole results stay integers; others are rounded to 10 significant digits."""
+def _double(value: Fraction) -> int | float:
+    """unit_convert 1.0.0's result number: whole results as integers, others as doubles
+    rounded to 10 significant digits, refused where a double cannot hold them."""
     if value.denominator == 1:
         return value.numerator
-    return float(f"{float(value):.10g}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ToolInputError("the result is too large to represent") from None
+    if value and not sys.float_info.min <= abs(number) < math.inf:
+        raise ToolInputError("the result is too large or too small to represent as a number")
+    return float(f"{number:.10g}")
+
+
+def _conversion(args: dict[str, Any]) -> tuple[Fraction, units.Unit, units.Unit, Fraction]:
+    """The exact value asked for, both units and the exact result."""
+    try:
+        value = Fraction(units.quantity(args["value"]))
+        result, src, dst = units.convert(value, args["from_unit"], args["to_unit"])
+    except units.UnitError as error:
+        raise ToolInputError(str(error)) from None
+    return value, src, dst, result
 
 
 async def run_unit_convert(args: dict[str, Any], _ctx: ToolContext) -> ToolOutput:
+    """unit_convert 1.0.0: the result as a rounded number; the answer says when it is rounded."""
+    value, src, dst, result = _conversion(args)
+    number = _double(result)
     try:
-        value = Fraction(Decimal(str(args["value"])))
-        result, src, dst = units.convert(value, args["from_unit"], args["to_unit"])
-        shown = _number(result)
+        text = units.shown(result)
     except units.UnitError as error:
         raise ToolInputError(str(error)) from None
-    except OverflowError:
-        raise ToolInputError("the result is too large to represent") from None
+    given = units.shown(value).text
     return ToolOutput(
-        answer=f"{args['value']} {src.symbol} = {shown} {dst.symbol}",
+        answer=f"{given} {src.symbol} {text.relation} {text.text} {dst.symbol}",
         result={
             "value": args["value"],
             "from_unit": src.symbol,
             "to_unit": dst.symbol,
             "dimension": src.dimension,
-            "result": shown,
+            "result": number,
         },
     )
 
 
-async def run_current_time(args: dict[str, Any], _ctx: ToolContext) -> ToolOutput:
+async def run_unit_convert_1_1(args: dict[str, Any], _ctx: ToolContext) -> ToolOutput:
+    """unit_convert 1.1.0: exact decimal text, or rounded text marked exact=false."""
+    value, src, dst, result = _conversion(args)
     try:
-        now = clock.now_in(args.get("zone", "UTC"))
+        given, text = units.shown(value), units.shown(result)
+    except units.UnitError as error:
+        raise ToolInputError(str(error)) from None
+    return ToolOutput(
+        answer=f"{given.text} {src.symbol} {text.relation} {text.text} {dst.symbol}",
+        result={
+            "value": given.text,
+            "from_unit": src.symbol,
+            "to_unit": dst.symbol,
+            "dimension": src.dimension,
+            "result": text.text,
+            "exact": text.exact,
+        },
+    )
+
+
+async def run_current_time(args: dict[str, Any], ctx: ToolContext) -> ToolOutput:
+    try:
+        now = clock.now_in(args.get("zone", "UTC"), ctx.now())
     except clock.ZoneError as error:
         raise ToolInputError(str(error)) from None
     offset = now.strftime("%z")
@@ -285,7 +392,9 @@ async def run_list_notes(args: dict[str, Any], ctx: ToolContext) -> ToolOutput:
 
 TOOLS = [
     (CALCULATOR, run_calculator),
+    (CALCULATOR_1_1, run_calculator),
     (UNIT_CONVERT, run_unit_convert),
+    (UNIT_CONVERT_1_1, run_unit_convert_1_1),
     (CURRENT_TIME, run_current_time),
     (SAVE_NOTE, run_save_note),
     (LIST_NOTES, run_list_notes),

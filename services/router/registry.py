@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ class ToolContext:
     request_id: str
     idempotency_key: str
     notes: NotesStore
+    # The wall clock tools read (injected by tests and the routing corpus for exact answers).
+    now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,105 @@
-"""The routing rules file: loaded and validated once at start-up, refused if inconsistent."""
+"""The routing rules file: loaded, compiled and validated once at start-up, refused if
+inconsistent.
+
+Every pattern is compiled by RE2 (``google-re2``), a regular-expression engine whose matching
+time is linear in the length of the prompt whatever the pattern: no prompt can make it
+backtrack, so a caller cannot buy seconds of router CPU with a crafted prompt. RE2 has no
+look-around and no backreferences; a pattern that needs them is refused at start-up with the
+tool and the pattern named, so no backtracking engine ever runs a rule. Matching is
+case-insensitive. RE2 works on UTF-8: ``\\d``, ``\\w``, ``\\s`` and ``\\b`` are ASCII-only
+(``\\pL``, ``\\pN`` name Unicode letters and digits), and match offsets are in characters.
+
+Besides patterns the file may define named ``sets`` (pieces of pattern such as the number
+or unit grammar), used as ``{name}`` in any pattern, so one grammar serves every rule.
+"""
 
 from __future__ import annotations
 
 import math
-import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+import re2
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from services.router.registry import Registry
 
+_OPTIONS = re2.Options()
+_OPTIONS.case_sensitive = False
+# Errors are reported through RulesError; RE2's own log line on stderr would only add noise.
+_OPTIONS.log_errors = False
+# A set reference: {name}, where RE2's own {n,m} repetition always starts with a digit.
+_SET_REFERENCE = re2.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A group reference in a rewrite's replacement: \1 .. \9.
+_GROUP_REFERENCE = re2.compile(r"\\([1-9])")
 
-def _compiled(pattern: str) -> re.Pattern[str]:
+
+class RulesError(ValueError):
+    """The rules file is missing, unreadable or inconsistent."""
+
+
+if TYPE_CHECKING:
+    Regex = re2._Regexp[str]
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A rule pattern as written (for messages) and compiled by RE2 (with sets expanded)."""
+
+    source: str
+    regex: Regex
+
+
+def _expand(source: str, sets: dict[str, str]) -> str:
+    def replace(match: re2._Match[str]) -> str:
+        name = match.group(1)
+        if name not in sets:
+            raise ValueError(f"unknown set {{{name}}}")
+        return f"(?:{sets[name]})"
+
+    return _SET_REFERENCE.sub(replace, source)
+
+
+def compile_pattern(source: str, sets: dict[str, str], where: str) -> Pattern:
+    """``source`` compiled by RE2, or ValueError naming ``where`` and the pattern."""
     try:
-        return re.compile(pattern, re.IGNORECASE)
-    except re.error as error:
-        raise ValueError(f"invalid regular expression {pattern!r}: {error}") from None
+        regex = re2.compile(_expand(source, sets), _OPTIONS)
+    except (ValueError, re2.error) as error:
+        reason = error.args[0] if error.args else error
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise ValueError(
+            f"{where}: pattern {source!r} is not valid RE2 ({reason}); rules must compile "
+            "with RE2 (no look-around, no backreferences) so matching stays linear in the "
+            "prompt"
+        ) from None
+    return Pattern(source, regex)
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A rewrite's replacement: literal text and \\1-style group references, expanded by us
+    (the library's template expansion would unescape non-ASCII text)."""
+
+    pieces: tuple[str | int, ...]
+
+    @classmethod
+    def parse(cls, text: str, groups: int, where: str) -> Replacement:
+        pieces: list[str | int] = []
+        end = 0
+        for match in _GROUP_REFERENCE.finditer(text):
+            group = int(match.group(1))
+            if group > groups:
+                raise ValueError(f"{where}: replacement {text!r} refers to missing group {group}")
+            pieces += [text[end : match.start()], group]
+            end = match.end()
+        pieces.append(text[end:])
+        return cls(tuple(piece for piece in pieces if piece != ""))
+
+    def expand(self, match: re2._Match[str]) -> str:
+        return "".join(p if isinstance(p, str) else match.group(p) or "" for p in self.pieces)
 
 
 class _Strict(BaseModel):
@@ -41,62 +123,106 @@ class IntentRule(_Strict):
     pattern: str
     score: float = Field(gt=0, le=1)
 
-    @field_validator("pattern")
-    @classmethod
-    def _valid(cls, value: str) -> str:
-        _compiled(value)
-        return value
+
+class Veto(_Strict):
+    """A prompt matching ``pattern`` is not a request for the tool (or for any tool)."""
+
+    pattern: str
+    reason: str = Field(min_length=1)
 
 
 class Rewrite(_Strict):
     pattern: str
     replace: str
 
-    @field_validator("pattern")
-    @classmethod
-    def _valid(cls, value: str) -> str:
-        _compiled(value)
-        return value
+
+@dataclass(frozen=True)
+class Extracted:
+    """The named groups of the first extraction pattern that matched, with their spans in
+    the rewritten prompt (for the whole-token check)."""
+
+    text: str
+    groups: dict[str, str]
+    spans: dict[str, tuple[int, int]]
 
 
 class ToolRules(_Strict):
-    intents: list[IntentRule] = Field(min_length=1)
+    # Applied in order, before intents and extraction (so "times" can become "*").
     rewrites: list[Rewrite] = []
+    intents: list[IntentRule] = Field(min_length=1)
+    # Matched against the prompt as sent: any match makes the intent 0.
+    vetoes: list[Veto] = []
     # Tried in order; the named groups of the first that matches become the arguments.
     extract: list[str] = []
 
-    @field_validator("extract")
-    @classmethod
-    def _named_groups(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            if not _compiled(pattern).groupindex:
-                raise ValueError(f"extraction pattern {pattern!r} has no named group")
-        return value
+    _rewrites: list[tuple[Pattern, Replacement]] = PrivateAttr(default_factory=list)
+    _intents: list[tuple[Pattern, float]] = PrivateAttr(default_factory=list)
+    _vetoes: list[tuple[Pattern, str]] = PrivateAttr(default_factory=list)
+    _extract: list[Pattern] = PrivateAttr(default_factory=list)
 
-    def intent(self, prompt: str) -> float:
-        """The highest score among the intent patterns that match; 0 when none does."""
-        return max(
-            (rule.score for rule in self.intents if _compiled(rule.pattern).search(prompt)),
-            default=0.0,
-        )
-
-    def extract_raw(self, prompt: str) -> dict[str, str]:
-        """Named groups of the first matching extraction pattern, after the rewrites."""
+    def compile(self, name: str, sets: dict[str, str]) -> None:
+        """Compile every pattern with RE2 (ValueError naming the tool and pattern)."""
         for rewrite in self.rewrites:
-            prompt = _compiled(rewrite.pattern).sub(rewrite.replace, prompt)
-        for pattern in self.extract:
-            match = _compiled(pattern).search(prompt)
-            if match:
-                groups = match.groupdict().items()
-                return {k: " ".join(v.split()) for k, v in groups if v and v.strip()}
-        return {}
+            pattern = compile_pattern(rewrite.pattern, sets, f"{name} rewrite")
+            replacement = Replacement.parse(rewrite.replace, pattern.regex.groups, name)
+            self._rewrites.append((pattern, replacement))
+        for rule in self.intents:
+            self._intents.append(
+                (compile_pattern(rule.pattern, sets, f"{name} intent"), rule.score)
+            )
+        for veto in self.vetoes:
+            self._vetoes.append((compile_pattern(veto.pattern, sets, f"{name} veto"), veto.reason))
+        for source in self.extract:
+            pattern = compile_pattern(source, sets, f"{name} extraction")
+            if not pattern.regex.groupindex:
+                raise ValueError(f"{name}: extraction pattern {source!r} has no named group")
+            self._extract.append(pattern)
+
+    @property
+    def extraction_groups(self) -> set[str]:
+        return {group for pattern in self._extract for group in pattern.regex.groupindex}
+
+    def rewrite(self, prompt: str) -> str:
+        for pattern, replacement in self._rewrites:
+            prompt = pattern.regex.sub(replacement.expand, prompt)
+        return prompt
+
+    def veto(self, prompt: str) -> str:
+        """The reason of the first veto that matches the prompt as sent, else ''."""
+        return next((reason for p, reason in self._vetoes if p.regex.search(prompt)), "")
+
+    def intent(self, rewritten: str) -> float:
+        """The highest score among the intent patterns that match; 0 when none does."""
+        return max((score for p, score in self._intents if p.regex.search(rewritten)), default=0.0)
+
+    def extractions(self, rewritten: str) -> list[Extracted]:
+        """Each extraction pattern's match, in order (the caller takes the first whole one)."""
+        found = []
+        for pattern in self._extract:
+            match = pattern.regex.search(rewritten)
+            if match is None:
+                continue
+            groups, spans = {}, {}
+            for group, index in pattern.regex.groupindex.items():
+                value = match.group(index)
+                if value and value.strip():
+                    groups[group] = value
+                    spans[group] = match.span(index)
+            found.append(Extracted(rewritten, groups, spans))
+        return found
 
 
 class Rules(_Strict):
     version: str = Field(min_length=1)
     threshold: float = Field(gt=0, le=1)
     weights: Weights
+    # Named pieces of pattern, used as {name}; a set may use the sets defined before it.
+    sets: dict[str, str] = {}
+    # Prompts that ask for no tool at all (negations, several questions at once).
+    vetoes: list[Veto] = []
     tools: dict[str, ToolRules]
+
+    _vetoes: list[tuple[Pattern, str]] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _intent_required(self) -> Rules:
@@ -108,6 +234,22 @@ class Rules(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _compile(self) -> Rules:
+        sets: dict[str, str] = {}
+        for name, body in self.sets.items():
+            compile_pattern(body, sets, f"set {name}")
+            sets[name] = _expand(body, sets)
+        for veto in self.vetoes:
+            self._vetoes.append((compile_pattern(veto.pattern, sets, "veto"), veto.reason))
+        for name, tool_rules in self.tools.items():
+            tool_rules.compile(name, sets)
+        return self
+
+    def veto(self, prompt: str) -> str:
+        """The reason of the first rule-wide veto that matches, else ''."""
+        return next((reason for p, reason in self._vetoes if p.regex.search(prompt)), "")
+
     def check_against(self, registry: Registry) -> None:
         """Every routed tool is registered and every extracted argument is in its schema."""
         for name, tool_rules in self.tools.items():
@@ -115,16 +257,11 @@ class Rules(_Strict):
             if tool is None:
                 raise RulesError(f"rules route to {name!r}, which has no released version")
             properties = set(tool.spec.input_schema.get("properties", {}))
-            for pattern in tool_rules.extract:
-                unknown = set(_compiled(pattern).groupindex) - properties
-                if unknown:
-                    raise RulesError(
-                        f"{name}: extraction groups {sorted(unknown)} are not input properties"
-                    )
-
-
-class RulesError(ValueError):
-    """The rules file is missing, unreadable or inconsistent."""
+            unknown = tool_rules.extraction_groups - properties
+            if unknown:
+                raise RulesError(
+                    f"{name}: extraction groups {sorted(unknown)} are not input properties"
+                )
 
 
 def parse_rules(data: dict[str, Any]) -> Rules:

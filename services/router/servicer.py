@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import grpc
@@ -15,7 +17,7 @@ from services.kit.errors import abort, abort_invalid, retry_info
 from services.router.invoke import Executor, ToolRunError
 from services.router.notes import NotesStore
 from services.router.registry import Registry, SideEffect, Tool, ToolContext, is_allowed
-from services.router.routing import Candidate, ToolRouter
+from services.router.routing import Candidate, RoutePool, RoutingBusyError
 from toolmesh.router.v1 import router_pb2, router_pb2_grpc
 
 CONTRACT_VERSIONS = ["toolmesh.router.v1"]
@@ -25,6 +27,8 @@ MAX_ARGUMENTS_BYTES = 64 * 1024
 MAX_KEY_CHARS = 128
 # Time kept back from the caller's deadline so the answer still reaches it.
 DEADLINE_RESERVE_S = 0.02
+# Suggested wait when too many long prompts are queued for scoring.
+ROUTE_RETRY_AFTER_S = 0.5
 
 _SIDE_EFFECTS = {
     SideEffect.READ_ONLY: router_pb2.SIDE_EFFECT_READ_ONLY,
@@ -60,26 +64,57 @@ def _describe(error: ValidationError) -> str:
     return f"must satisfy {error.validator}: {json.dumps(error.validator_value)[:80]}"
 
 
+class _InexactNumber(ValueError):
+    """A JSON number that a double cannot carry: refused rather than silently changed."""
+
+
 def _no_constant(name: str) -> Any:
     """NaN and Infinity are not JSON, though Python's parser accepts them."""
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _exact_float(text: str) -> float:
+    """A JSON number with a fraction or exponent, only if a double holds exactly the value
+    written (as its shortest text): 1e400 would become infinity, 1e-400 zero, and
+    1.00000000000000000001 one, each a different question than the caller asked."""
+    number = float(text)
+    if Decimal(repr(number)) != Decimal(text):
+        raise _InexactNumber(
+            f"number {text[:40]} cannot be carried exactly by a double (out of range or too "
+            "many digits); send it as text where the tool accepts text"
+        )
+    return number
+
+
 class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(
-        self, registry: Registry, router: ToolRouter, executor: Executor, notes: NotesStore
+        self,
+        registry: Registry,
+        router: RoutePool,
+        executor: Executor,
+        notes: NotesStore,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._registry = registry
         self._router = router
         self._executor = executor
         self._notes = notes
+        self._clock = clock
 
     async def Route(
         self, request: router_pb2.RouteRequest, context: aio.ServicerContext
     ) -> router_pb2.RouteResponse:
         if len(request.prompt) > MAX_PROMPT_CHARS:
             await abort_invalid(context, [("prompt", f"longer than {MAX_PROMPT_CHARS} characters")])
-        decision = self._router.route(request.prompt, request.allowed_tools)
+        try:
+            decision = await self._router.route(request.prompt, request.allowed_tools)
+        except RoutingBusyError as error:
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the router is busy scoring long prompts ({error}); retry later",
+                retry_info(ROUTE_RETRY_AFTER_S),
+            )
         response = router_pb2.RouteResponse(
             matched=decision.matched,
             threshold=decision.threshold,
@@ -141,7 +176,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 f"tool {tool.spec.name} is not on the caller's allowed tools",
             )
         try:
-            arguments = json.loads(request.arguments_json or "{}", parse_constant=_no_constant)
+            arguments = json.loads(
+                request.arguments_json or "{}",
+                parse_constant=_no_constant,
+                parse_float=_exact_float,
+            )
+        except _InexactNumber as error:
+            await abort_invalid(context, [("arguments_json", str(error))])
         except ValueError:
             await abort_invalid(context, [("arguments_json", "is not valid JSON")])
         errors = sorted(tool.input_validator.iter_errors(arguments), key=lambda e: e.json_path)
@@ -177,6 +218,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             request_id=request.request_id,
             idempotency_key=request.idempotency_key,
             notes=self._notes,
+            now=self._clock,
         )
         try:
             run = await self._executor.run(tool, arguments, tool_context, budget_s)

@@ -33,6 +33,18 @@ ALIASES: dict[str, str] = {
 }
 
 
+# Words that may trail a zone in a question ("tokyo right now please") and are dropped. Any
+# other trailing word makes the name unknown: "Paris Texas" must not become Europe/Paris.
+FILLER_WORDS = frozenset(
+    {"right", "now", "please", "today", "currently", "exactly", "there", "at", "the", "moment"}
+)
+
+
+OFFSET_PREFIXES = frozenset(
+    f"{base}{sign}" for base in ("utc", "gmt") for sign in ("+", "-", "\u2212")
+)
+
+
 class ZoneError(ValueError):
     """No IANA zone matches the name."""
 
@@ -59,15 +71,24 @@ def _lookup(words: list[str]) -> str | None:
 def resolve_zone(name: str) -> str:
     """The canonical IANA key for a zone key or city name, in any case.
 
-    Trailing words that name no zone are dropped ("tokyo right now" is Asia/Tokyo), so a
-    phrase cut loosely from a prompt still resolves.
+    Trailing filler words are dropped ("tokyo right now" is Asia/Tokyo); any other word that
+    is not part of a zone's name makes the whole name unknown, never a shorter guess.
     """
-    words = name.split()
-    for end in range(len(words), 0, -1):
-        zone = _lookup(words[:end])
-        if zone is not None:
-            return zone
-    raise ZoneError(f"unknown time zone {name[:64]!r}")
+    words = name.replace(",", " , ").split()
+    end = len(words)
+    while end > 1 and words[end - 1].lower() in FILLER_WORDS:
+        end -= 1
+    zone = _lookup(words[:end]) if end else None
+    if zone is None and name.strip().lower()[:4] in OFFSET_PREFIXES:
+        raise ZoneError(
+            f"UTC offsets such as {name[:64]!r} are not supported: name an IANA zone "
+            "(Asia/Tokyo) or a large city"
+        )
+    if zone is None:
+        raise ZoneError(
+            f"unknown time zone {name[:64]!r}: name an IANA zone (Asia/Tokyo) or a large city"
+        )
+    return zone
 
 
 def now_in(zone: str, at: datetime | None = None) -> datetime:

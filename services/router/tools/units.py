@@ -1,9 +1,30 @@
-"""Unit conversion with exact factors: length, mass, temperature, volume, speed."""
+"""Unit conversion with exact factors: length, mass, temperature, volume, speed.
+
+Values and results are exact fractions; the text shown says whether it is exact (``=``) or
+rounded to ``ROUNDED_DIGITS`` significant digits (``≈``), never a rounded value as if exact.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from fractions import Fraction
+
+from services.router.tools.numbers import (
+    NumberError,
+    decimal_within,
+    format_decimal,
+    fraction_within,
+    parse_number,
+    rounded,
+)
+
+# Values and results beyond 10**±MAX_EXPONENT are refused: far past any physical quantity,
+# and the bound keeps every conversion a few small-integer multiplications.
+MAX_EXPONENT = 1000
+# A result whose exact decimal needs at most this many significant digits is shown exactly.
+EXACT_DIGITS = 20
+ROUNDED_DIGITS = 10
 
 
 @dataclass(frozen=True)
@@ -41,8 +62,14 @@ _UNITS: list[tuple[Unit, tuple[str, ...]]] = [
     (Unit("oz", "mass", _F("0.45359237") / 16), ("oz", "ounce", "ounces")),
     # temperature, base kelvin
     (Unit("K", "temperature", _F(1)), ("k", "kelvin")),
-    (Unit("°C", "temperature", _F(1), _F("273.15")), ("c", "°c", "celsius", "centigrade")),
-    (Unit("°F", "temperature", _F(5, 9), _F("273.15") - _F(160, 9)), ("f", "°f", "fahrenheit")),
+    (
+        Unit("°C", "temperature", _F(1), _F("273.15")),
+        ("c", "°c", "celsius", "centigrade", "degrees celsius", "degrees c", "deg c"),
+    ),
+    (
+        Unit("°F", "temperature", _F(5, 9), _F("273.15") - _F(160, 9)),
+        ("f", "°f", "fahrenheit", "degrees fahrenheit", "degrees f", "deg f"),
+    ),
     # volume, base litre (gallon, quart, pint and cup are US customary)
     (Unit("L", "volume", _F(1)), ("l", "liter", "liters", "litre", "litres")),
     (
@@ -55,12 +82,30 @@ _UNITS: list[tuple[Unit, tuple[str, ...]]] = [
     (Unit("pt", "volume", _F("3.785411784") / 8), ("pt", "pint", "pints")),
     (Unit("cup", "volume", _F("3.785411784") / 16), ("cup", "cups")),
     # speed, base metre per second
-    (Unit("m/s", "speed", _F(1)), ("m/s", "mps", "meters per second", "metres per second")),
+    (
+        Unit("m/s", "speed", _F(1)),
+        (
+            "m/s",
+            "mps",
+            "meter per second",
+            "meters per second",
+            "metre per second",
+            "metres per second",
+        ),
+    ),
     (
         Unit("km/h", "speed", _F(1000, 3600)),
-        ("km/h", "kmh", "kph", "kilometers per hour", "kilometres per hour"),
+        (
+            "km/h",
+            "kmh",
+            "kph",
+            "kilometer per hour",
+            "kilometers per hour",
+            "kilometre per hour",
+            "kilometres per hour",
+        ),
     ),
-    (Unit("mph", "speed", _F("1609.344") / 3600), ("mph", "miles per hour")),
+    (Unit("mph", "speed", _F("1609.344") / 3600), ("mph", "mile per hour", "miles per hour")),
     (Unit("kn", "speed", _F(1852, 3600)), ("kn", "knot", "knots")),
 ]
 
@@ -89,3 +134,40 @@ def convert(value: Fraction, source: str, target: str) -> tuple[Fraction, Unit, 
     if src.dimension == "temperature" and base < 0:
         raise UnitError("temperature is below absolute zero")
     return (base - dst.offset) / dst.scale, src, dst
+
+
+def quantity(value: int | float | str) -> Decimal:
+    """A value as given: a JSON number or decimal text read by the one number grammar."""
+    if isinstance(value, str):
+        try:
+            number = parse_number(value)
+        except NumberError as error:
+            raise UnitError(str(error)) from None
+    else:
+        # repr() is the shortest text that reads back as the same double: the JSON text sent.
+        number = Decimal(value) if isinstance(value, int) else Decimal(repr(value))
+    if not number.is_finite() or not decimal_within(number, MAX_EXPONENT):
+        raise UnitError(f"value is out of range (at most 1e{MAX_EXPONENT} in magnitude)")
+    return number
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A value as text, and whether the text is exact."""
+
+    text: str
+    exact: bool
+
+    @property
+    def relation(self) -> str:
+        return "=" if self.exact else "≈"
+
+
+def shown(value: Fraction) -> Shown:
+    """Exact decimal text when it needs at most EXACT_DIGITS digits, else ROUNDED_DIGITS."""
+    if not fraction_within(value, MAX_EXPONENT):
+        raise UnitError(f"result is out of range (at most 1e{MAX_EXPONENT} in magnitude)")
+    decimal, exact = rounded(value, EXACT_DIGITS)
+    if not exact:
+        decimal, _ = rounded(value, ROUNDED_DIGITS)
+    return Shown(format_decimal(decimal), exact)

@@ -60,13 +60,13 @@ async def test_route_picks_the_calculator_with_arguments(router: RouterServer) -
         timeout=5,
     )
     assert reply.matched
-    assert reply.tool.name == "calculator" and reply.tool.version == "1.0.0"
+    assert reply.tool.name == "calculator" and reply.tool.version == "1.1.0"
     assert reply.tool.side_effect == router_pb2.SIDE_EFFECT_READ_ONLY
     assert json.loads(reply.arguments_json) == {"expression": "17 * 23"}
     assert reply.confidence >= reply.threshold == 0.6
-    assert reply.parts.intent == pytest.approx(0.9)
+    assert reply.parts.intent == pytest.approx(1.0)
     assert reply.parts.schema_fit == 1.0 and reply.parts.health == 1.0
-    assert reply.rules_version == "2026.11.27-2"
+    assert reply.rules_version == "2026.11.29-1"
     assert reply.candidates[0].tool_name == "calculator"
     assert len(reply.candidates) == 5
     assert "calculator scored" in reply.reason
@@ -119,7 +119,7 @@ async def test_route_then_invoke_the_calculator(router: RouterServer) -> None:
     )
     assert json.loads(reply.result_json) == {"expression": "17 * 23", "value": "391", "exact": True}
     assert reply.answer == "17 * 23 = 391"
-    assert (reply.tool_name, reply.tool_version, reply.cost_units) == ("calculator", "1.0.0", 1)
+    assert (reply.tool_name, reply.tool_version, reply.cost_units) == ("calculator", "1.1.0", 1)
     assert not reply.replayed
 
 
@@ -454,3 +454,80 @@ async def test_save_note_on_postgresql(tmp_path: Path, postgres_url: str) -> Non
         assert first.result_json == again.result_json
         listed = await router.stub.InvokeTool(invoke_request("list_notes", {}), timeout=5)
         assert len(json.loads(listed.result_json)["notes"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("arguments_json", "problem"),
+    [
+        ('{"value": 1e400, "from_unit": "km", "to_unit": "mi"}', "number 1e400 cannot be carried"),
+        ('{"value": 1e-400, "from_unit": "km", "to_unit": "mi"}', "number 1e-400 cannot"),
+        (
+            '{"value": 1.00000000000000000001, "from_unit": "km", "to_unit": "mi"}',
+            "number 1.00000000000000000001 cannot",
+        ),
+    ],
+)
+async def test_json_numbers_a_double_cannot_carry_are_refused_not_changed(
+    router: RouterServer, arguments_json: str, problem: str
+) -> None:
+    error = await invoke_error(
+        router, invoke_request("unit_convert", {}, arguments_json=arguments_json)
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert problem in field_violations(error)["arguments_json"]
+
+
+async def test_unit_convert_1_0_says_when_its_number_is_rounded_and_refuses_denormals(
+    router: RouterServer,
+) -> None:
+    reply = await router.stub.InvokeTool(
+        invoke_request("unit_convert", {"value": 10, "from_unit": "km", "to_unit": "miles"}),
+        timeout=5,
+    )
+    assert reply.answer == "10 km ≈ 6.213711922 mi"
+    assert json.loads(reply.result_json)["result"] == 6.213711922
+    error = await invoke_error(
+        router,
+        invoke_request("unit_convert", {"value": 5e-320, "from_unit": "m", "to_unit": "km"}),
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "too large or too small to represent as a number" in error.details()
+
+
+async def test_unit_convert_1_1_reads_text_whole_and_answers_exactly(router: RouterServer) -> None:
+    reply = await router.stub.InvokeTool(
+        invoke_request(
+            "unit_convert",
+            {"value": "1e308", "from_unit": "km", "to_unit": "miles"},
+            tool_version="1.1.0",
+        ),
+        timeout=5,
+    )
+    assert reply.answer == "1e308 km ≈ 6.213711922e307 mi"
+    assert json.loads(reply.result_json) == {
+        "value": "1e308",
+        "from_unit": "km",
+        "to_unit": "mi",
+        "dimension": "length",
+        "result": "6.213711922e307",
+        "exact": False,
+    }
+    error = await invoke_error(
+        router,
+        invoke_request(
+            "unit_convert",
+            {"value": "1,5", "from_unit": "km", "to_unit": "mi"},
+            tool_version="1.1.0",
+        ),
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'1,5' is ambiguous" in error.details()
+
+
+async def test_the_published_1_0_contracts_still_answer(router: RouterServer) -> None:
+    reply = await router.stub.InvokeTool(
+        invoke_request("calculator", {"expression": "2 ** 10"}), timeout=5
+    )
+    assert (reply.tool_version, reply.answer) == ("1.0.0", "2 ** 10 = 1024")
+    error = await invoke_error(router, invoke_request("calculator", {"expression": "1e5"}))
+    assert "arguments_json.expression" in field_violations(error)
