@@ -36,6 +36,12 @@ PEER_RULES = PeerRules.for_service(
         "InvokeTool": [GATEWAY],
         "ListTools": [GATEWAY],
         "GetServiceInfo": [ANY_PEER],
+        "ResolveTool": [GATEWAY],
+        "RegisterBackend": [GATEWAY],
+        "ListBackends": [GATEWAY],
+        "RemoveBackend": [GATEWAY],
+        "ListToolVersions": [GATEWAY],
+        "ApproveToolVersion": [GATEWAY],
     },
 )
 

@@ -659,7 +659,7 @@ def _record_own_spans(store: SpanStore, cleanups: list[Cleanup]) -> None:
 
 SERVICE_NAME = telemetry_pb2.DESCRIPTOR.services_by_name["Telemetry"].full_name
 # Every RPC that carries a tenant, or reads one, is the gateway's alone (it authenticated the
-# caller); auth also appends its own audit events. Spans come from every process of the mesh
+# caller); auth and the router also append their own audit events (admin changes, tool drift). Spans come from every process of the mesh
 # and the collector, which is why they never write tenant data (docs/security.md).
 PEER_RULES = PeerRules.for_service(
     SERVICE_NAME,
@@ -674,7 +674,7 @@ PEER_RULES = PeerRules.for_service(
         "ListBudgets": [GATEWAY],
         "GetBudgetState": [GATEWAY],
         "ReserveBudget": [GATEWAY],
-        "AppendAudit": [GATEWAY, AUTH],
+        "AppendAudit": [GATEWAY, AUTH, ROUTER],
         "ListAudit": [GATEWAY],
         "VerifyAudit": [GATEWAY],
         "GetSlo": [GATEWAY],
