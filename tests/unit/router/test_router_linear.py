@@ -1,7 +1,7 @@
 """Routing costs time linear in the prompt, and long prompts never hold up short ones.
 
 Timings are compared with each other within one test (the machine is shared and noisy):
-the cost at 8,000 characters against the cost at 4,000 for the same crafted family, and
+the cost at 8,000 characters against the cost at 2,000 for the same crafted family, and
 against a short everyday prompt. The prompts are the shapes that made the old backtracking
 patterns take 0.3-1.2 s (digit runs before a unit, ``1 1 1``, ``note note``) and others that
 hit every rewrite, quantifier and set of the rules.
@@ -72,9 +72,12 @@ def tool_router() -> ToolRouter:
 def test_routing_time_grows_linearly_with_the_prompt(tool_router: ToolRouter, family: str) -> None:
     make = FAMILIES[family]
     baseline = min(_cost(tool_router, "what is 17 * 23", runs=20) for _ in range(3))
-    half, full = _cost(tool_router, make(4000)), _cost(tool_router, make(8000))
-    # Linear: twice the prompt costs about twice the time (quadratic would be 4x).
-    assert full < 3.0 * half, f"{family}: 4,000 chars {half * 1e3:.2f} ms, 8,000 {full * 1e3:.2f}"
+    quarter, full = _cost(tool_router, make(2000)), _cost(tool_router, make(8000))
+    # Linear: four times the prompt costs about four times the time; quadratic would be 16x.
+    # The margin between them keeps the check meaningful on a loaded machine.
+    assert full < 8.0 * quarter, (
+        f"{family}: 2,000 chars {quarter * 1e3:.2f} ms, 8,000 {full * 1e3:.2f}"
+    )
     # And bounded: the worst family costs ~175x a short prompt here; the backtracking patterns
     # cost ~18,000x at 8,000 characters.
     assert full < 1000 * baseline, f"{family}: {full * 1e3:.2f} ms vs {baseline * 1e6:.0f} us"
