@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.authn import Principal
+from services.kit.allowlist import tool_allowed
 from toolmesh.router.v1 import router_pb2
 
 SCOPE_READ = "tools:read"
 SCOPE_WRITE = "tools:write"
 SCOPE_OPS_READ = "ops:read"
-ALL_TOOLS = "*"
 
 
 @dataclass(frozen=True)
@@ -19,10 +19,6 @@ class Decision:
     reason: str
     # The scope the caller lacks, when that is why it was denied.
     missing_scope: str = ""
-
-
-def tool_allowed(tool_name: str, allowed_tools: frozenset[str]) -> bool:
-    return ALL_TOOLS in allowed_tools or tool_name in allowed_tools
 
 
 def required_scope(side_effect: router_pb2.SideEffect) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
+from services.kit.allowlist import tool_allowed
 from services.router.notes import NotesStore
 
 LOCK_FILE = Path(__file__).with_name("contracts.lock.json")
@@ -196,6 +197,5 @@ def load_lock(path: Path = LOCK_FILE) -> dict[str, str]:
 
 
 def is_allowed(name: str, allowed: Iterable[str]) -> bool:
-    """Deny by default: only listed names, or every tool when "*" is listed."""
-    allowed = set(allowed)
-    return "*" in allowed or name in allowed
+    """Deny by default (services.kit.allowlist: names, "<backend>.*", or "*")."""
+    return tool_allowed(name, allowed)

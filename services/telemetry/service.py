@@ -659,8 +659,9 @@ def _record_own_spans(store: SpanStore, cleanups: list[Cleanup]) -> None:
 
 SERVICE_NAME = telemetry_pb2.DESCRIPTOR.services_by_name["Telemetry"].full_name
 # Every RPC that carries a tenant, or reads one, is the gateway's alone (it authenticated the
-# caller); auth and the router also append their own audit events (admin changes, tool drift). Spans come from every process of the mesh
-# and the collector, which is why they never write tenant data (docs/security.md).
+# caller); auth and the router also append their own audit events (admin changes, tool
+# drift). Spans come from every process of the mesh and the collector, which is why they never
+# write tenant data (docs/security.md).
 PEER_RULES = PeerRules.for_service(
     SERVICE_NAME,
     {

@@ -6,9 +6,10 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.authn import Policy, Principal
-from gateway.authz import authorize_tool, required_scope, tool_allowed
+from gateway.authz import authorize_tool, required_scope
 from gateway.pipeline import request_id_for
 from gateway.validation import HistoryInput, RunInput
+from services.kit.allowlist import entry_problem, tool_allowed
 from services.kit.deadlines import Deadline, DeadlineSpentError
 from services.kit.errors import violations_from
 from toolmesh.router.v1 import router_pb2
@@ -118,6 +119,12 @@ def test_allowlist_star_and_names() -> None:
     assert tool_allowed("calculator", frozenset({"calculator"}))
     assert not tool_allowed("save_note", frozenset({"calculator"}))
     assert not tool_allowed("calculator", frozenset())
+    assert tool_allowed("time.get_current_time", {"time.*"})
+    assert not tool_allowed("time.", {"time.*"})
+    assert not tool_allowed("timer.now", {"time.*"})
+    assert not tool_allowed("time", {"time.*"})
+    assert entry_problem("time.*") is None and entry_problem("*") is None
+    assert entry_problem("ti*me") is not None and entry_problem(".*") is not None
 
 
 def test_scope_follows_side_effect_and_unspecified_counts_as_write() -> None:
