@@ -38,10 +38,8 @@ from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 log = logging.getLogger("toolmesh.gateway.accounting")
 
 TELEMETRY = "telemetry"
-RUN_ROUTE = "/toolmesh.gateway.v1.Gateway/Run"
 UNPRICED = "unpriced"
 UNKNOWN_TENANT = "_unknown"
-RUN_CONTRACTS = ("toolmesh.gateway.v1", "toolmesh.router.v1")
 GATEWAY_CONTRACTS = ("toolmesh.gateway.v1",)
 # Bound on the (tenant, principal) entries the budget cache keeps; the oldest go first.
 MAX_BUDGET_ENTRIES = 100_000
@@ -221,6 +219,7 @@ def count_reservation(result: str) -> None:
 def usage_record(
     *,
     request_id: str,
+    route: str,
     caller: common_pb2.Caller,
     tool_name: str,
     tool_version: str,
@@ -232,7 +231,7 @@ def usage_record(
         request_id=request_id,
         tenant=caller.tenant,
         principal=caller.subject,
-        route=RUN_ROUTE,
+        route=route,
         tool_name=tool_name,
         tool_version=tool_version,
         tokens_in=usage.tokens_in,

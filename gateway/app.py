@@ -11,6 +11,7 @@ from grpc import aio
 from gateway.access import Access
 from gateway.accounting import Accounting
 from gateway.authn import AuthState
+from gateway.backends import BackendAdmin
 from gateway.clients import Clients
 from gateway.operations import Operations
 from gateway.outbox import open_outbox
@@ -60,6 +61,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
             accounting=accounting,
         )
         operations = Operations(clients.telemetry, access, pipeline.deadline, guard)
+        backends = BackendAdmin(clients.router, access, pipeline.deadline, guard)
         tasks = [
             asyncio.create_task(auth_state.run(guard), name="auth-refresh"),
             asyncio.create_task(clients.check_contracts(), name="contract-check"),
@@ -75,7 +77,15 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
 
         cleanups.append(stop)
         gateway_pb2_grpc.add_GatewayServicer_to_server(
-            GatewayServicer(pipeline, access, clients, guard, operations), server
+            GatewayServicer(
+                pipeline=pipeline,
+                access=access,
+                clients=clients,
+                guard=guard,
+                operations=operations,
+                backends=backends,
+            ),
+            server,
         )
         return Registered([SERVICE_NAME], ready=auth_state.wait_loaded)
 

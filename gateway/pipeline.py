@@ -41,20 +41,14 @@ from opentelemetry import trace
 from pydantic import ValidationError
 
 from gateway.access import ANSWER_MARGIN_S, Access, caller_proto
-from gateway.accounting import (
-    RUN_CONTRACTS,
-    RUN_ROUTE,
-    Accounting,
-    count_reservation,
-    usage_record,
-)
+from gateway.accounting import Accounting, Price, count_reservation, usage_record
 from gateway.authn import Policy, Principal
 from gateway.authz import Decision, authorize_tool
 from gateway.clients import Clients
 from gateway.outbox import KIND_AUDIT, KIND_MEMORY, KIND_USAGE
 from gateway.reliability import FALLBACKS, Bulkhead, DependencyError, Guard, Shed
 from gateway.settings import GatewaySettings
-from gateway.validation import RunInput
+from gateway.validation import CallToolInput, RunInput
 from services.kit.audit import DENIED, FAILURE, SUCCESS, audit_event, derived_event_id
 from services.kit.context import request_id_var
 from services.kit.deadlines import Deadline, DeadlineSpentError
@@ -71,6 +65,10 @@ from toolmesh.telemetry.v1 import telemetry_pb2
 
 log = logging.getLogger("toolmesh.gateway")
 
+RUN = "/toolmesh.gateway.v1.Gateway/Run"
+CALL_TOOL = "/toolmesh.gateway.v1.Gateway/CallTool"
+# Contracts a request's audit events name.
+CONTRACTS = ("toolmesh.gateway.v1", "toolmesh.router.v1")
 # Request ids derived from idempotency keys live in their own UUID namespace.
 _IDEMPOTENCY_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:toolmesh:gateway:idempotency")
 ROUTER_FALLBACK = (
@@ -86,6 +84,7 @@ _USAGE_OUTCOMES = {
     gateway_pb2.OUTCOME_TOOL_ANSWERED: "ok",
     gateway_pb2.OUTCOME_FALLBACK: "fallback",
     gateway_pb2.OUTCOME_NO_MATCH: "no_match",
+    gateway_pb2.OUTCOME_TOOL_ERROR: "tool_error",
 }
 
 
@@ -116,10 +115,14 @@ class Flight:
     principal: Principal
     policy: Policy
     allowed: frozenset[str]
+    # The RPC served (its full name: usage records and audit events name it).
+    rpc: str
     session_id: str
-    prompt: str
     request_id: str
     caller: common_pb2.Caller
+    # Run: the prompt. CallTool: the arguments the caller chose.
+    prompt: str = ""
+    arguments_json: str = ""
     # Set for a request with an idempotency key: what the key is bound to.
     fingerprint: str = ""
     acknowledged_at: Timestamp = field(default_factory=Timestamp)
@@ -163,7 +166,7 @@ class Flight:
             request_id=self.request_id,
             trace_id=current_trace_id(),
             policy_version=self.policy.version,
-            contract_versions=RUN_CONTRACTS,
+            contract_versions=CONTRACTS,
             details=details,
             event_id=derived_event_id(self.request_id, "tool.write") if once else "",
         )
@@ -219,12 +222,12 @@ class Pipeline:
                 retry_info(self._settings.shed_retry_after_ms / 1000),
             )
 
-    # -- Run ----------------------------------------------------------------------------------
+    # -- Run and CallTool: admit, validate, authenticate -------------------------------------
 
     async def run(
         self, request: gateway_pb2.RunRequest, context: aio.ServicerContext
     ) -> gateway_pb2.RunResponse:
-        """Answer a prompt with a tool, through every step above."""
+        """Answer a prompt with the tool the router picks."""
         deadline = self.deadline(context)
         async with self._admitted(self._gateway, "", deadline, context):
             try:
@@ -237,8 +240,49 @@ class Pipeline:
                 await abort_invalid(context, violations_from(exc))
             principal, policy = await self._access.authenticate(context)
             async with self._admitted(self._tenants, principal.tenant, deadline, context):
-                flight = self._flight(context, deadline, principal, policy, run_input)
-                return await self._fly(flight, run_input.idempotency_key)
+                flight = self._flight(
+                    context,
+                    deadline,
+                    principal,
+                    policy,
+                    rpc=RUN,
+                    session_id=run_input.session_id,
+                    idempotency_key=run_input.idempotency_key,
+                    content=(run_input.prompt,),
+                )
+                flight.prompt = run_input.prompt
+                return await self._fly_run(flight, run_input.idempotency_key)
+
+    async def call_tool(
+        self, request: gateway_pb2.CallToolRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.CallToolResponse:
+        """Run the tool the caller chose, with its arguments."""
+        deadline = self.deadline(context)
+        async with self._admitted(self._gateway, "", deadline, context):
+            try:
+                call = CallToolInput(
+                    tool=request.tool,
+                    version=request.version,
+                    arguments_json=request.arguments_json,
+                    session_id=request.session_id,
+                    idempotency_key=request.idempotency_key,
+                )
+            except ValidationError as exc:
+                await abort_invalid(context, violations_from(exc))
+            principal, policy = await self._access.authenticate(context)
+            async with self._admitted(self._tenants, principal.tenant, deadline, context):
+                flight = self._flight(
+                    context,
+                    deadline,
+                    principal,
+                    policy,
+                    rpc=CALL_TOOL,
+                    session_id=call.session_id,
+                    idempotency_key=call.idempotency_key,
+                    content=(call.tool, call.version, call.canonical_arguments()),
+                )
+                flight.arguments_json = call.arguments_json
+                return await self._fly_call(flight, call)
 
     def _flight(
         self,
@@ -246,36 +290,41 @@ class Pipeline:
         deadline: Deadline,
         principal: Principal,
         policy: Policy,
-        run_input: RunInput,
+        *,
+        rpc: str,
+        session_id: str,
+        idempotency_key: str,
+        content: tuple[str, ...],
     ) -> Flight:
-        request_id = request_id_for(principal, run_input.idempotency_key)
+        request_id = request_id_for(principal, idempotency_key)
         request_id_var.set(request_id)
         span = trace.get_current_span()
         link_caller_context(span)
         span.set_attribute("toolmesh.tenant", principal.tenant)
         span.set_attribute("toolmesh.request_id", request_id)
-        fingerprint = ""
-        if run_input.idempotency_key:
-            fingerprint = content_fingerprint("run", run_input.session_id, run_input.prompt)
         return Flight(
             context=context,
             deadline=deadline,
             principal=principal,
             policy=policy,
             allowed=policy.allowed_tools(principal.tenant),
-            session_id=run_input.session_id,
-            prompt=run_input.prompt,
+            rpc=rpc,
+            session_id=session_id,
             request_id=request_id,
             caller=caller_proto(principal),
-            fingerprint=fingerprint,
+            fingerprint=(content_fingerprint(rpc, session_id, *content) if idempotency_key else ""),
         )
 
-    async def _fly(self, flight: Flight, idempotency_key: str) -> gateway_pb2.RunResponse:
+    # -- the two flows, step by step ------------------------------------------------------------
+
+    async def _fly_run(self, flight: Flight, idempotency_key: str) -> gateway_pb2.RunResponse:
         if not flight.allowed:
             await self._refuse_empty_allowlist(flight)
         if idempotency_key:
-            replay = await self._claim(flight)
-            if replay is not None:
+            stored = await self._claim(flight)
+            if stored is not None:
+                replay = gateway_pb2.RunResponse.FromString(stored)
+                replay.replayed = True
                 return replay
         route = await self._select_and_reserve(flight)
         parts = route.parts if route is not None else router_pb2.ConfidenceParts()
@@ -292,7 +341,74 @@ class Pipeline:
         else:
             await self._authorize(flight, route.tool)
             await self._invoke(flight, route.tool, route.arguments_json)
-        return await self._answer(flight, route, parts)
+        usage = common_pb2.Usage(
+            tokens_in=whitespace_tokens(flight.prompt),
+            tokens_out=whitespace_tokens(flight.answer),
+            tool_calls=flight.tool_calls,
+            cost_units=flight.cost_units,
+        )
+        price = self._price(usage)
+        tool = flight.tool
+        response = gateway_pb2.RunResponse(
+            request_id=flight.request_id,
+            trace_id=current_trace_id(),
+            answer=flight.answer,
+            tool_name=tool.name if tool else "",
+            tool_version=tool.version if tool else "",
+            confidence=route.confidence if route is not None else 0.0,
+            confidence_parts=gateway_pb2.ConfidenceParts(
+                intent=parts.intent, schema_fit=parts.schema_fit, health=parts.health
+            ),
+            usage=usage,
+            outcome=flight.outcome,
+            result_json=flight.result_json,
+            cost_micros=price.cost_micros,
+            currency=price.currency,
+            price_version=price.version,
+        )
+        await self._remember(flight, usage, response)
+        response.degraded.extend(flight.degraded)
+        self._record_answer(flight, usage)
+        return response
+
+    async def _fly_call(self, flight: Flight, call: CallToolInput) -> gateway_pb2.CallToolResponse:
+        if not flight.allowed:
+            await self._refuse_empty_allowlist(flight)
+        tool = await self._resolve(flight, call.tool, call.version)
+        await self._authorize(flight, tool)
+        if tool.side_effect != router_pb2.SIDE_EFFECT_READ_ONLY and not call.idempotency_key:
+            await abort_invalid(
+                flight.context,
+                [("idempotency_key", f"required for the write-capable tool {tool.name}")],
+            )
+        if call.idempotency_key:
+            stored = await self._claim(flight)
+            if stored is not None:
+                replay = gateway_pb2.CallToolResponse.FromString(stored)
+                replay.replayed = True
+                return replay
+        await self._reserve(flight, tool.cost_units)
+        await self._invoke(flight, tool, call.arguments_json)
+        # No model read or wrote anything: a direct call uses no tokens.
+        usage = common_pb2.Usage(tool_calls=flight.tool_calls, cost_units=flight.cost_units)
+        price = self._price(usage)
+        response = gateway_pb2.CallToolResponse(
+            request_id=flight.request_id,
+            trace_id=current_trace_id(),
+            tool_name=tool.name,
+            tool_version=tool.version,
+            answer=flight.answer,
+            result_json=flight.result_json,
+            outcome=flight.outcome,
+            usage=usage,
+            cost_micros=price.cost_micros,
+            currency=price.currency,
+            price_version=price.version,
+        )
+        await self._remember(flight, usage, response)
+        response.degraded.extend(flight.degraded)
+        self._record_answer(flight, usage)
+        return response
 
     async def _refuse_empty_allowlist(self, flight: Flight) -> NoReturn:
         reason = "tenant has no allowed tools"
@@ -314,7 +430,7 @@ class Pipeline:
 
     # -- claim --------------------------------------------------------------------------------
 
-    async def _claim(self, flight: Flight) -> gateway_pb2.RunResponse | None:
+    async def _claim(self, flight: Flight) -> bytes | None:
         """Claim the request id for this content; returns the stored answer of a completed
         request with the same content, or aborts. Memory unreachable: UNAVAILABLE, because
         without the claim the key's promise (never run twice) cannot be kept."""
@@ -346,27 +462,47 @@ class Pipeline:
         if reply.state == memory_pb2.CLAIM_STATE_CLAIMED:
             return None
         if reply.state == memory_pb2.CLAIM_STATE_COMPLETED and reply.response:
-            replay = gateway_pb2.RunResponse.FromString(reply.response)
-            replay.replayed = True
             log.info("idempotent replay", extra={"request_id": flight.request_id})
-            return replay
+            return bytes(reply.response)
         if reply.state == memory_pb2.CLAIM_STATE_IN_PROGRESS:
             left = reply.lease_expires_at.ToNanoseconds() / 1e9 - time.time()
             await abort(
                 context,
                 grpc.StatusCode.ABORTED,
                 "a request with this idempotency key is still in progress; retry later",
-                retry_info(max(0.1, min(left or 1.0, 5.0))),
+                retry_info(max(0.1, min(left, 5.0))),
             )
-        what = reply.conflict or "content"
-        message = (
-            "the idempotency key was already used in another session"
-            if what == "session"
-            else "the idempotency key was already used for a different request"
-        )
         if reply.state == memory_pb2.CLAIM_STATE_COMPLETED:
             message = "the idempotency key was already used; its answer is no longer kept"
+        elif reply.conflict == "session":
+            message = "the idempotency key was already used in another session"
+        else:
+            message = "the idempotency key was already used for a different request"
         await abort(context, grpc.StatusCode.FAILED_PRECONDITION, message)
+
+    # -- resolve (CallTool) ---------------------------------------------------------------------
+
+    async def _resolve(self, flight: Flight, name: str, version: str) -> router_pb2.ToolContract:
+        """The contract the call will run; NOT_FOUND (and the router's other refusals) reach
+        the caller unchanged, the router being down is UNAVAILABLE."""
+        try:
+            reply = await self._guard.call(
+                "router",
+                self._clients.router.ResolveTool,
+                router_pb2.ResolveToolRequest(
+                    caller=flight.caller,
+                    tool_name=name,
+                    tool_version=version,
+                    allowed_tools=sorted(flight.allowed),
+                ),
+                flight.deadline.timeout(self._settings.route_timeout_ms / 1000),
+            )
+        except DeadlineSpentError:
+            await abort(flight.context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exhausted")
+        except DependencyError as err:
+            await self._access.forward_error(flight.context, err)
+        flight.tool = reply.tool
+        return reply.tool
 
     # -- select || reserve ----------------------------------------------------------------------
 
@@ -400,9 +536,9 @@ class Pipeline:
             route.cancel()
         return routed
 
-    async def _reserve(self, flight: Flight) -> None:
-        """Reserve the request's tokens (prompt and an answer estimate), one tool call and its
-        estimated cost against the caller's budgets; the usage record commits it.
+    async def _reserve(self, flight: Flight, cost_units: int = 0) -> None:
+        """Reserve the request's tokens (a Run's prompt and an answer estimate), one tool call
+        and its estimated cost against the caller's budgets; the usage record commits it.
 
         Callers known to have no budget skip the hop. Over budget: telemetry's
         RESOURCE_EXHAUSTED (naming the budget and its reset, QuotaFailure, RetryInfo) reaches
@@ -413,9 +549,9 @@ class Pipeline:
         if budgets.known(flight.caller) is False:
             return
         tokens_in = whitespace_tokens(flight.prompt)
-        tokens_out = self._settings.budget_output_tokens_estimate
+        tokens_out = self._settings.budget_output_tokens_estimate if flight.prompt else 0
         table = self._accounting.prices.table
-        estimate = cost_micros(table, tokens_in, tokens_out, 1, 0) if table else 0
+        estimate = cost_micros(table, tokens_in, tokens_out, 1, cost_units) if table else 0
         try:
             timeout = flight.deadline.timeout(self._settings.budget_call_timeout_ms / 1000)
         except DeadlineSpentError:
@@ -452,7 +588,7 @@ class Pipeline:
             await self._access.audit_refusal(
                 flight.context,
                 flight.event(
-                    audit_pb2.AUDIT_ACTION_BUDGET_DENIED, RUN_ROUTE, DENIED, reason=err.reason
+                    audit_pb2.AUDIT_ACTION_BUDGET_DENIED, flight.rpc, DENIED, reason=err.reason
                 ),
             )
             await forward(flight.context, err.rpc_error)
@@ -513,6 +649,7 @@ class Pipeline:
     ) -> telemetry_pb2.UsageRecord:
         return usage_record(
             request_id=flight.request_id,
+            route=flight.rpc,
             caller=flight.caller,
             tool_name=flight.tool.name if flight.tool else "",
             tool_version=flight.tool.version if flight.tool else "",
@@ -570,7 +707,11 @@ class Pipeline:
         flight.answer = reply.answer
         flight.result_json = reply.result_json
         flight.cost_units = tool.cost_units
-        flight.outcome = gateway_pb2.OUTCOME_TOOL_ANSWERED
+        flight.outcome = (
+            gateway_pb2.OUTCOME_TOOL_ERROR
+            if reply.tool_error
+            else gateway_pb2.OUTCOME_TOOL_ANSWERED
+        )
         if write:
             flight.audit.append(flight.event(audit_pb2.AUDIT_ACTION_TOOL_WRITE, tool.name, SUCCESS))
 
@@ -596,6 +737,9 @@ class Pipeline:
             )
             await self._access.forward_error(flight.context, err)
         if err.code in _TOOL_REFUSALS and err.tried:
+            if flight.rpc == CALL_TOOL:
+                # The caller chose these arguments: its mistake, with the router's details.
+                await self._access.forward_error(flight.context, err, prefix=False)
             flight.answer = f"The tool {tool.name} refused the arguments: {err.reason}"
             log.info("tool refused", extra={"tool": tool.name, "code": err.code.name})
             return
@@ -605,62 +749,27 @@ class Pipeline:
 
     # -- remember, account, answer --------------------------------------------------------------
 
-    async def _answer(
-        self,
-        flight: Flight,
-        route: router_pb2.RouteResponse | None,
-        parts: router_pb2.ConfidenceParts,
-    ) -> gateway_pb2.RunResponse:
-        usage = common_pb2.Usage(
-            tokens_in=whitespace_tokens(flight.prompt),
-            tokens_out=whitespace_tokens(flight.answer),
-            tool_calls=flight.tool_calls,
-            cost_units=flight.cost_units,
-        )
-        price = self._accounting.prices.price(
+    def _price(self, usage: common_pb2.Usage) -> Price:
+        return self._accounting.prices.price(
             usage.tokens_in, usage.tokens_out, usage.tool_calls, usage.cost_units
         )
-        tool = flight.tool
-        response = gateway_pb2.RunResponse(
-            request_id=flight.request_id,
-            trace_id=current_trace_id(),
-            answer=flight.answer,
-            tool_name=tool.name if tool else "",
-            tool_version=tool.version if tool else "",
-            confidence=route.confidence if route is not None else 0.0,
-            confidence_parts=gateway_pb2.ConfidenceParts(
-                intent=parts.intent, schema_fit=parts.schema_fit, health=parts.health
-            ),
-            usage=usage,
-            outcome=flight.outcome,
-            result_json=flight.result_json,
-            cost_micros=price.cost_micros,
-            currency=price.currency,
-            price_version=price.version,
-        )
-        await self._remember(flight, usage, response)
-        # Degradations found while remembering (memory) are part of the answer too.
-        response.degraded.extend(flight.degraded)
+
+    def _record_answer(self, flight: Flight, usage: common_pb2.Usage) -> None:
+        """What the request's span and log line say about how it was answered."""
         outcome_name = gateway_pb2.Outcome.Name(flight.outcome)
+        tool_name = flight.tool.name if flight.tool else ""
         span = trace.get_current_span()
-        span.set_attribute("gen_ai.tool.name", response.tool_name)
+        span.set_attribute("gen_ai.tool.name", tool_name)
         span.set_attribute("gen_ai.usage.input_tokens", usage.tokens_in)
         span.set_attribute("gen_ai.usage.output_tokens", usage.tokens_out)
         span.set_attribute("toolmesh.outcome", outcome_name)
         span.set_attribute("toolmesh.degraded", list(flight.degraded))
         log.info(
-            "run answered",
-            extra={
-                "outcome": outcome_name,
-                "tool": response.tool_name,
-                "degraded": flight.degraded,
-            },
+            "request answered",
+            extra={"outcome": outcome_name, "tool": tool_name, "degraded": flight.degraded},
         )
-        return response
 
-    async def _remember(
-        self, flight: Flight, usage: common_pb2.Usage, response: gateway_pb2.RunResponse
-    ) -> None:
+    async def _remember(self, flight: Flight, usage: common_pb2.Usage, response: Message) -> None:
         """Store the turns and the answer, the usage record and the audit events before
         answering; never acknowledge a lost turn or an unrecorded cost.
 
@@ -672,26 +781,12 @@ class Pipeline:
         acknowledgment order, telemetry by request id and event id). If the outbox write
         fails, the request fails UNAVAILABLE: the caller must not think it was stored.
         """
-        tool = flight.tool if flight.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED else None
         flight.acknowledged_at.GetCurrentTime()
         turns = memory_pb2.AppendTurnsRequest(
             caller=flight.caller,
             session_id=flight.session_id,
             request_id=flight.request_id,
-            turns=[
-                common_pb2.Turn(
-                    role=common_pb2.TURN_ROLE_USER,
-                    content=flight.prompt,
-                    request_id=flight.request_id,
-                ),
-                common_pb2.Turn(
-                    role=common_pb2.TURN_ROLE_ASSISTANT,
-                    content=flight.answer,
-                    request_id=flight.request_id,
-                    tool_name=tool.name if tool else "",
-                    tool_version=tool.version if tool else "",
-                ),
-            ],
+            turns=self._turns(flight),
             acknowledged_at=flight.acknowledged_at,
             fingerprint=flight.fingerprint,
             response=response.SerializeToString() if flight.fingerprint else b"",
@@ -704,7 +799,9 @@ class Pipeline:
             ),
             *((KIND_AUDIT, event.event_id, event) for event in flight.audit),
         ]
-        if not await self._append_turns(flight, turns):
+        # A CallTool outside a session without an idempotency key leaves nothing in memory.
+        remembered = bool(turns.turns or turns.fingerprint)
+        if remembered and not await self._append_turns(flight, turns):
             entries.append((KIND_MEMORY, flight.request_id, turns))
         try:
             left = flight.deadline.remaining() - ANSWER_MARGIN_S
@@ -721,6 +818,31 @@ class Pipeline:
                 "the conversation turn could not be stored; retry with the same idempotency key",
                 retry_info(self._settings.shed_retry_after_ms / 1000),
             )
+
+    def _turns(self, flight: Flight) -> list[common_pb2.Turn]:
+        """The exchange as the session's turns: the prompt (or the call) and the answer."""
+        if not flight.session_id:
+            return []
+        tool = flight.tool
+        answered = flight.outcome in (
+            gateway_pb2.OUTCOME_TOOL_ANSWERED,
+            gateway_pb2.OUTCOME_TOOL_ERROR,
+        )
+        asked = flight.prompt
+        if flight.rpc == CALL_TOOL and tool is not None:
+            asked = f"[call {tool.name}@{tool.version}] {flight.arguments_json}"
+        return [
+            common_pb2.Turn(
+                role=common_pb2.TURN_ROLE_USER, content=asked, request_id=flight.request_id
+            ),
+            common_pb2.Turn(
+                role=common_pb2.TURN_ROLE_ASSISTANT,
+                content=flight.answer,
+                request_id=flight.request_id,
+                tool_name=tool.name if tool and answered else "",
+                tool_version=tool.version if tool and answered else "",
+            ),
+        ]
 
     async def _append_turns(self, flight: Flight, turns: memory_pb2.AppendTurnsRequest) -> bool:
         """True when memory took the turns now; False when they must go to the outbox."""

@@ -16,11 +16,13 @@ from pydantic import ValidationError
 
 from gateway.access import Access, caller_proto, client_address, hop_timeout
 from gateway.authz import SCOPE_OPS_READ, SCOPE_READ, side_effect_name
+from gateway.backends import BackendAdmin
 from gateway.clients import Clients
 from gateway.operations import Operations
 from gateway.pipeline import Pipeline
 from gateway.reliability import DependencyError, Guard
 from gateway.validation import HistoryInput, StatsInput
+from services.kit.allowlist import tool_allowed
 from services.kit.buildinfo import service_info
 from services.kit.context import CLIENT_ADDRESS_METADATA_KEY
 from services.kit.errors import abort, abort_invalid, violations_from
@@ -35,61 +37,103 @@ log = logging.getLogger("toolmesh.gateway")
 CONTRACT_VERSIONS = ["toolmesh.gateway.v1"]
 
 
+_BACKEND_KINDS: dict[int, str] = {
+    router_pb2.BACKEND_KIND_BUILTIN: "builtin",
+    router_pb2.BACKEND_KIND_MCP_STDIO: "mcp_stdio",
+    router_pb2.BACKEND_KIND_MCP_HTTP: "mcp_http",
+    router_pb2.BACKEND_KIND_GRPC: "grpc",
+}
+_VERSION_STATES: dict[int, str] = {
+    router_pb2.TOOL_VERSION_STATE_PUBLISHED: "published",
+    router_pb2.TOOL_VERSION_STATE_PENDING: "pending",
+    router_pb2.TOOL_VERSION_STATE_RETIRED: "retired",
+}
+
+
+def tool_message(tool: router_pb2.ToolContract, state: int) -> gateway_pb2.Tool:
+    return gateway_pb2.Tool(
+        name=tool.name,
+        version=tool.version,
+        description=tool.description,
+        side_effect=side_effect_name(tool.side_effect),
+        cost_units=tool.cost_units,
+        timeout_ms=tool.timeout_ms,
+        input_schema_json=tool.input_schema_json,
+        output_schema_json=tool.output_schema_json,
+        backend=tool.backend,
+        backend_kind=_BACKEND_KINDS.get(tool.backend_kind, "builtin"),
+        fingerprint=tool.fingerprint,
+        state=_VERSION_STATES.get(state, "published"),
+    )
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(
         self,
+        *,
         pipeline: Pipeline,
         access: Access,
         clients: Clients,
         guard: Guard,
         operations: Operations,
+        backends: BackendAdmin,
     ) -> None:
         self._pipeline = pipeline
         self._access = access
         self._clients = clients
         self._guard = guard
         self._operations = operations
+        self._backends = backends
 
     async def Run(
         self, request: gateway_pb2.RunRequest, context: aio.ServicerContext
     ) -> gateway_pb2.RunResponse:
         return await self._pipeline.run(request, context)
 
+    async def CallTool(
+        self, request: gateway_pb2.CallToolRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.CallToolResponse:
+        return await self._pipeline.call_tool(request, context)
+
     # -- the other RPCs -----------------------------------------------------------------------
 
     async def ListTools(
         self, request: gateway_pb2.ListToolsRequest, context: aio.ServicerContext
     ) -> gateway_pb2.ListToolsResponse:
-        """The tools on the caller's allowlist; an empty allowlist never asks the router."""
+        """The tools on the caller's allowlist (built-in, shared and its tenant's backends), or
+        with ``versions_of`` one tool's contract history; an empty allowlist never asks."""
         deadline = self._pipeline.deadline(context)
+        if len(request.versions_of) > 200:
+            await abort_invalid(context, [("versions_of", "at most 200 characters")])
         principal, policy = await self._access.authenticate(context, SCOPE_READ)
         allowed = policy.allowed_tools(principal.tenant)
-        if not allowed:
+        if not allowed or (request.versions_of and not tool_allowed(request.versions_of, allowed)):
             return gateway_pb2.ListToolsResponse()
         timeout = await hop_timeout(context, deadline, "router")
+        caller = caller_proto(principal)
         try:
+            if request.versions_of:
+                history = await self._guard.call(
+                    "router",
+                    self._clients.router.ListToolVersions,
+                    router_pb2.ListToolVersionsRequest(
+                        caller=caller, tool_name=request.versions_of
+                    ),
+                    timeout,
+                )
+                return gateway_pb2.ListToolsResponse(
+                    tools=[tool_message(v.contract, v.state) for v in history.versions]
+                )
             reply = await self._guard.call(
                 "router",
                 self._clients.router.ListTools,
-                router_pb2.ListToolsRequest(allowed_tools=sorted(allowed)),
+                router_pb2.ListToolsRequest(allowed_tools=sorted(allowed), caller=caller),
                 timeout,
             )
         except DependencyError as err:
             await self._access.forward_error(context, err)
         return gateway_pb2.ListToolsResponse(
-            tools=[
-                gateway_pb2.Tool(
-                    name=t.name,
-                    version=t.version,
-                    description=t.description,
-                    side_effect=side_effect_name(t.side_effect),
-                    cost_units=t.cost_units,
-                    timeout_ms=t.timeout_ms,
-                    input_schema_json=t.input_schema_json,
-                    output_schema_json=t.output_schema_json,
-                )
-                for t in reply.tools
-            ]
+            tools=[tool_message(t, router_pb2.TOOL_VERSION_STATE_PUBLISHED) for t in reply.tools]
         )
 
     async def GetHistory(
@@ -221,3 +265,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.GetSloRequest, context: aio.ServicerContext
     ) -> gateway_pb2.GetSloResponse:
         return await self._operations.GetSlo(request, context)
+
+    # -- tool backends, in gateway.backends -----------------------------------------------------
+
+    async def RegisterBackend(
+        self, request: gateway_pb2.RegisterBackendRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.RegisterBackendResponse:
+        return await self._backends.RegisterBackend(request, context)
+
+    async def ListBackends(
+        self, request: gateway_pb2.ListBackendsRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.ListBackendsResponse:
+        return await self._backends.ListBackends(request, context)
+
+    async def RemoveBackend(
+        self, request: gateway_pb2.RemoveBackendRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.RemoveBackendResponse:
+        return await self._backends.RemoveBackend(request, context)
+
+    async def ListToolVersions(
+        self, request: gateway_pb2.ListToolVersionsRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.ListToolVersionsResponse:
+        return await self._backends.ListToolVersions(request, context)
+
+    async def ApproveToolVersion(
+        self, request: gateway_pb2.ApproveToolVersionRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.ApproveToolVersionResponse:
+        return await self._backends.ApproveToolVersion(request, context)
