@@ -161,6 +161,8 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
         self.tools = {t.name: t for t in (CALCULATOR, SAVE_NOTE)}
         self.route_error: grpc.StatusCode | None = None
         self.invoke_error: tuple[grpc.StatusCode, str] | None = None
+        # InvokeTool answers as a tool that declined the input (MCP isError).
+        self.tool_error = False
         self.invoke_delay_s = 0.0
         # The next this-many InvokeTool calls answer UNAVAILABLE (a replica going away).
         self.invoke_unavailable_times = 0
@@ -215,12 +217,32 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
             await self._sleep("InvokeTool", self.invoke_delay_s)
         if self.invoke_error is not None:
             await abort(context, *self.invoke_error)
+        if self.tool_error:
+            return router_pb2.InvokeToolResponse(
+                tool_name=request.tool_name,
+                tool_version=request.tool_version,
+                answer="unknown timezone",
+                tool_error=True,
+            )
         return router_pb2.InvokeToolResponse(
             tool_name=request.tool_name,
             tool_version=request.tool_version,
             answer=f"{request.tool_name} says 391",
             result_json='{"value": 391}',
         )
+
+    async def ResolveTool(
+        self, request: router_pb2.ResolveToolRequest, context: aio.ServicerContext
+    ) -> router_pb2.ResolveToolResponse:
+        tool = self.tools.get(request.tool_name)
+        allowed = set(request.allowed_tools)
+        if (
+            tool is None
+            or request.tool_version not in ("", tool.version)
+            or not ("*" in allowed or tool.name in allowed)
+        ):
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no tool {request.tool_name}")
+        return router_pb2.ResolveToolResponse(tool=tool)
 
     async def _sleep(self, method: str, seconds: float) -> None:
         try:
