@@ -10,7 +10,7 @@ import pytest
 
 from services.kit.channels import open_channel
 from services.kit.server import Cleanup, Running, start
-from services.memory.service import build
+from services.memory.app import build
 from services.memory.settings import MemorySettings
 from toolmesh.memory.v1 import memory_pb2_grpc
 

@@ -1,38 +1,20 @@
-"""The toolmesh.memory.v1.Memory servicer: validation, tenant scoping, wiring to the store."""
+"""The toolmesh.memory.v1.Memory RPCs: validation, tenant scoping, conversions to the store."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
 from services.kit.buildinfo import service_info
 from services.kit.errors import abort_invalid
-from services.kit.migrations import check_schema
-from services.kit.peers import ANY_PEER, GATEWAY, PeerRules
-from services.kit.server import Cleanup, Register, Registered
-from services.kit.settings import ServiceSettings
-from services.memory.migrations import MIGRATIONS
 from services.memory.settings import MemorySettings
 from services.memory.store import NewTurn, StoredTurn, TurnStore
 from toolmesh.common.v1 import common_pb2
 from toolmesh.memory.v1 import memory_pb2, memory_pb2_grpc
 
 CONTRACT_VERSIONS = ["toolmesh.memory.v1"]
-SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name
-# Turns carry a tenant: only the gateway, which authenticated the caller, may read or write.
-PEER_RULES = PeerRules.for_service(
-    SERVICE_NAME,
-    {
-        "AppendTurns": [GATEWAY],
-        "GetHistory": [GATEWAY],
-        "ClaimRequest": [GATEWAY],
-        "GetServiceInfo": [ANY_PEER],
-    },
-)
-
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_TURNS_PER_REQUEST = 16
 MAX_CONTENT_CHARS = 16_000
@@ -60,14 +42,14 @@ def _text_violations(
     return []
 
 
-def _scope_violations(caller: Any, session_id: str) -> list[tuple[str, str]]:
+def _scope_violations(caller: common_pb2.Caller, session_id: str) -> list[tuple[str, str]]:
     violations = _text_violations("caller.tenant", caller.tenant, MAX_ID_CHARS, required=True)
     if not SESSION_ID_PATTERN.fullmatch(session_id):
         violations.append(("session_id", "1-128 characters of A-Z a-z 0-9 . _ : -"))
     return violations
 
 
-def _append_violations(request: Any) -> list[tuple[str, str]]:
+def _append_violations(request: memory_pb2.AppendTurnsRequest) -> list[tuple[str, str]]:
     violations = _scope_violations(request.caller, request.session_id)
     violations += _text_violations("request_id", request.request_id, MAX_ID_CHARS, required=True)
     if not 1 <= len(request.turns) <= MAX_TURNS_PER_REQUEST:
@@ -83,7 +65,7 @@ def _append_violations(request: Any) -> list[tuple[str, str]]:
     return violations
 
 
-def _to_proto(turn: StoredTurn) -> Any:
+def _to_proto(turn: StoredTurn) -> common_pb2.Turn:
     created_at = Timestamp()
     created_at.FromNanoseconds(turn.created_at_ns)
     return common_pb2.Turn(
@@ -102,7 +84,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         self._settings = settings
         self._store = store
 
-    async def AppendTurns(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def AppendTurns(
+        self, request: memory_pb2.AppendTurnsRequest, context: aio.ServicerContext
+    ) -> memory_pb2.AppendTurnsResponse:
         violations = _append_violations(request)
         if violations:
             await abort_invalid(context, violations)
@@ -122,7 +106,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             turns=[_to_proto(turn) for turn in stored], duplicate=duplicate
         )
 
-    async def GetHistory(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def GetHistory(
+        self, request: memory_pb2.GetHistoryRequest, context: aio.ServicerContext
+    ) -> memory_pb2.GetHistoryResponse:
         violations = _scope_violations(request.caller, request.session_id)
         if request.limit < 0:
             violations.append(("limit", "must not be negative"))
@@ -135,24 +121,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         turns = await self._store.history(request.caller.tenant, request.session_id, limit)
         return memory_pb2.GetHistoryResponse(turns=[_to_proto(turn) for turn in turns])
 
-    async def GetServiceInfo(self, request: Any, context: aio.ServicerContext) -> Any:
+    async def GetServiceInfo(
+        self, request: memory_pb2.GetServiceInfoRequest, context: aio.ServicerContext
+    ) -> memory_pb2.GetServiceInfoResponse:
         return memory_pb2.GetServiceInfoResponse(
             info=service_info(self._settings.service_name, CONTRACT_VERSIONS)
         )
-
-
-def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
-    """Open the store when the server starts (inside its event loop) and close it on stop."""
-    if not isinstance(settings, MemorySettings):
-        raise TypeError("memory needs MemorySettings")
-
-    async def register(server: aio.Server) -> Registered:
-        url = settings.resolved_database_url()
-        # At head, or migrated to it under the schema lock, or refused with what to run.
-        await check_schema(url, MIGRATIONS, migrate_on_start=settings.migrate_on_start)
-        store = TurnStore(url)
-        cleanups.append(store.close)
-        memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(settings, store), server)
-        return Registered([SERVICE_NAME], peers=PEER_RULES)
-
-    return register
