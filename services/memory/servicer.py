@@ -10,7 +10,7 @@ from grpc import aio
 from services.kit.buildinfo import service_info
 from services.kit.errors import abort_invalid
 from services.memory.settings import MemorySettings
-from services.memory.store import NewTurn, StoredTurn, TurnStore
+from services.memory.store import ClaimState, Completion, NewTurn, StoredTurn, TurnStore
 from toolmesh.common.v1 import common_pb2
 from toolmesh.memory.v1 import memory_pb2, memory_pb2_grpc
 
@@ -21,12 +21,27 @@ MAX_CONTENT_CHARS = 16_000
 # Bounded so they fit their indexed columns.
 MAX_ID_CHARS = 128
 MAX_TOOL_VERSION_CHARS = 64
+# A content fingerprint: a digest in hex or base64, optionally prefixed ("sha256:...").
+FINGERPRINT_PATTERN = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
+FINGERPRINT_RULE = "1-128 characters of A-Z a-z 0-9 . _ : + / = -"
+# A serialized answer kept for retries; far above a Run's answer, bounded so records stay small.
+MAX_RESPONSE_BYTES = 256 * 1024
+# A claim's lease: 1 ms to 10 minutes.
+MAX_LEASE_MS = 600_000
+# The latest second a google.protobuf.Timestamp may hold (9999-12-31T23:59:59Z).
+_MAX_TIMESTAMP_SECONDS = 253_402_300_799
 
 _ROLE_NAMES = {
     common_pb2.TURN_ROLE_USER: "user",
     common_pb2.TURN_ROLE_ASSISTANT: "assistant",
 }
 _ROLE_VALUES = {name: value for value, name in _ROLE_NAMES.items()}
+_CLAIM_STATES = {
+    ClaimState.CLAIMED: memory_pb2.CLAIM_STATE_CLAIMED,
+    ClaimState.COMPLETED: memory_pb2.CLAIM_STATE_COMPLETED,
+    ClaimState.IN_PROGRESS: memory_pb2.CLAIM_STATE_IN_PROGRESS,
+    ClaimState.CONFLICT: memory_pb2.CLAIM_STATE_CONFLICT,
+}
 
 
 def _text_violations(
@@ -62,6 +77,29 @@ def _append_violations(request: memory_pb2.AppendTurnsRequest) -> list[tuple[str
         violations += _text_violations(
             f"turns[{i}].tool_version", turn.tool_version, MAX_TOOL_VERSION_CHARS
         )
+    if request.HasField("acknowledged_at"):
+        stamp = request.acknowledged_at
+        if not (0 <= stamp.seconds <= _MAX_TIMESTAMP_SECONDS and 0 <= stamp.nanos < 10**9):
+            violations.append(("acknowledged_at", "a valid time after 1970-01-01T00:00:00Z"))
+    if request.fingerprint and not FINGERPRINT_PATTERN.fullmatch(request.fingerprint):
+        violations.append(("fingerprint", FINGERPRINT_RULE))
+    # Both or neither, so that a completed request with an empty answer means "not kept".
+    if request.response and not request.fingerprint:
+        violations.append(("fingerprint", "required with a response"))
+    if request.fingerprint and not request.response:
+        violations.append(("response", "required with a fingerprint"))
+    if len(request.response) > MAX_RESPONSE_BYTES:
+        violations.append(("response", f"at most {MAX_RESPONSE_BYTES} bytes"))
+    return violations
+
+
+def _claim_violations(request: memory_pb2.ClaimRequestRequest) -> list[tuple[str, str]]:
+    violations = _scope_violations(request.caller, request.session_id)
+    violations += _text_violations("request_id", request.request_id, MAX_ID_CHARS, required=True)
+    if not FINGERPRINT_PATTERN.fullmatch(request.fingerprint):
+        violations.append(("fingerprint", FINGERPRINT_RULE))
+    if not 1 <= request.lease_ms <= MAX_LEASE_MS:
+        violations.append(("lease_ms", f"between 1 and {MAX_LEASE_MS}"))
     return violations
 
 
@@ -100,7 +138,18 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             for turn in request.turns
         ]
         stored, duplicate = await self._store.append(
-            request.caller.tenant, request.session_id, request.request_id, turns
+            request.caller.tenant,
+            request.session_id,
+            request.request_id,
+            turns,
+            acknowledged_at_ns=(
+                request.acknowledged_at.ToNanoseconds()
+                if request.HasField("acknowledged_at")
+                else None
+            ),
+            completion=(
+                Completion(request.fingerprint, request.response) if request.fingerprint else None
+            ),
         )
         return memory_pb2.AppendTurnsResponse(
             turns=[_to_proto(turn) for turn in stored], duplicate=duplicate
@@ -120,6 +169,26 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         )
         turns = await self._store.history(request.caller.tenant, request.session_id, limit)
         return memory_pb2.GetHistoryResponse(turns=[_to_proto(turn) for turn in turns])
+
+    async def ClaimRequest(
+        self, request: memory_pb2.ClaimRequestRequest, context: aio.ServicerContext
+    ) -> memory_pb2.ClaimRequestResponse:
+        violations = _claim_violations(request)
+        if violations:
+            await abort_invalid(context, violations)
+        result = await self._store.claim(
+            request.caller.tenant,
+            request.request_id,
+            request.session_id,
+            request.fingerprint,
+            request.lease_ms * 1_000_000,
+        )
+        response = memory_pb2.ClaimRequestResponse(
+            state=_CLAIM_STATES[result.state], response=result.response, conflict=result.conflict
+        )
+        if result.lease_expires_at_ns:
+            response.lease_expires_at.FromNanoseconds(result.lease_expires_at_ns)
+        return response
 
     async def GetServiceInfo(
         self, request: memory_pb2.GetServiceInfoRequest, context: aio.ServicerContext
