@@ -521,7 +521,7 @@ class TurnStore:
         for item in late:
             # Every turn stored so far that was acknowledged after it moves up by all the
             # late turns up to this one; it takes the first of the freed seqs.
-            start = self._first_later_seq(conn, tenant, session_id, item.order_key)
+            start = self._first_later_seq(conn, key, item.order_key, session.last_seq)
             rows += _rows(item, start + moved, now)
             moved += len(item.turns)
             steps.append((start, moved))
@@ -542,9 +542,11 @@ class TurnStore:
         return _Shift(steps), rows
 
     def _first_later_seq(
-        self, conn: Connection, tenant: str, session_id: str, key: _OrderKey
+        self, conn: Connection, session: tuple[str, str], key: _OrderKey, last_seq: int
     ) -> int:
-        """The lowest seq of a stored turn acknowledged after ``key`` (one exists: the last)."""
+        """The lowest seq of a stored turn acknowledged after ``key``; after the last seq when
+        there is none (the turns the session row's order key came from were deleted)."""
+        tenant, session_id = session
         acknowledged, request_id = key
         later = tuple_(_TURNS.c.acknowledged_at_ns, _TURNS.c.request_id) > tuple_(
             literal(acknowledged, BigInteger), literal(request_id, String)
@@ -562,9 +564,7 @@ class TurnStore:
                 or_(later, later_unset),
             )
         ).scalar_one()
-        if seq is None:  # the session row's key is newer than its turns: cannot happen
-            raise RuntimeError(f"session {session_id!r}: no turn after a late append")
-        return int(seq)
+        return last_seq + 1 if seq is None else int(seq)
 
     def _move_up(
         self, conn: Connection, tenant: str, session_id: str, steps: list[tuple[int, int]]

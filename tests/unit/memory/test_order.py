@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import delete
 
+from services.kit.db import create_sync_engine
 from services.kit.migrations import check_schema
 from services.memory.migrations import MIGRATIONS
 from services.memory.settings import MemorySettings
-from services.memory.store import NewTurn, StoredTurn, TurnStore
+from services.memory.store import NewTurn, StoredTurn, TurnRow, TurnStore
 from toolmesh.common.v1 import common_pb2
 from toolmesh.memory.v1 import memory_pb2
 
@@ -245,3 +247,29 @@ async def test_late_appends_to_several_sessions_in_one_batch(
         assert [t.request_id for t in turns[::2]] == ["a", "b", "c"]
         assert [t.seq for t in turns] == [1, 2, 3, 4, 5, 6]
     assert [t.seq for t in await store.history("globex", "s-1", 100)] == [1, 2]
+
+
+async def test_a_late_append_after_the_last_turns_were_deleted(
+    store: TurnStore, settings: MemorySettings, clock: FakeClock
+) -> None:
+    """An operator deleted a session's latest turns (say, for an erasure request) and left the
+    session row: a late append still lands, after what is left."""
+    t0 = clock.base_ns - 100 * SECOND
+    for name, at in (("a", 10), ("b", 20)):
+        await store.append("acme", "s", name, two_turns(name), acknowledged_at_ns=t0 + at * SECOND)
+    engine = create_sync_engine(settings.resolved_database_url())
+    try:
+        with engine.begin() as conn:
+            conn.execute(delete(TurnRow).where(TurnRow.request_id == "b"))
+    finally:
+        engine.dispose()
+    stored, _ = await store.append(
+        "acme", "s", "late", two_turns("late"), acknowledged_at_ns=t0 + 15 * SECOND
+    )
+    assert [t.seq for t in stored] == [5, 6]
+    assert [t.request_id for t in await store.history("acme", "s", 100)] == [
+        "a",
+        "a",
+        "late",
+        "late",
+    ]
