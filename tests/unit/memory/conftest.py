@@ -94,3 +94,17 @@ async def replicas(settings: MemorySettings, clock: FakeClock) -> AsyncIterator[
 @pytest.fixture
 def memory(replicas: list[MemoryServer]) -> memory_pb2_grpc.MemoryStub:
     return replicas[0].stub
+
+
+@pytest.fixture(scope="module")
+async def validating(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[memory_pb2_grpc.MemoryStub]:
+    """One server for the validation cases: bad input never reaches the database, so the
+    backend does not matter and one SQLite server serves them all."""
+    settings = MemorySettings(
+        port=0, data_dir=tmp_path_factory.mktemp("validating"), database_url="", otlp_endpoint=""
+    )
+    server = await MemoryServer(settings).start()
+    yield server.stub
+    await server.stop()

@@ -20,7 +20,7 @@ from services.kit.migrations import check_schema
 from services.memory.migrations import MIGRATIONS
 from services.memory.settings import MemorySettings
 from services.memory.store import PRUNE_BATCH, NewTurn, RequestRow, TurnRow, TurnStore
-from toolmesh.memory.v1 import memory_pb2, memory_pb2_grpc
+from toolmesh.memory.v1 import memory_pb2
 
 from .conftest import FakeClock, MemoryServer
 from .test_memory import append_request, bad_fields, caller, history
@@ -281,20 +281,6 @@ async def test_prune_deletes_in_bounded_batches_and_keeps_turns(
             assert conn.execute(select(func.count()).select_from(TurnRow)).scalar_one() == 1
     finally:
         engine.dispose()
-
-
-@pytest.fixture(scope="module")
-async def validating(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[memory_pb2_grpc.MemoryStub]:
-    """One server for the validation cases: bad input never reaches the database, so the
-    backend does not matter and one SQLite server serves them all."""
-    settings = MemorySettings(
-        port=0, data_dir=tmp_path_factory.mktemp("validating"), database_url="", otlp_endpoint=""
-    )
-    server = await MemoryServer(settings).start()
-    yield server.stub
-    await server.stop()
 
 
 @pytest.mark.parametrize(
