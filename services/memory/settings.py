@@ -19,6 +19,13 @@ class MemorySettings(ServiceSettings):
     # GetHistory with limit 0 returns this many turns; larger limits are capped at the maximum.
     default_history_limit: int = Field(default=100, ge=1)
     max_history_limit: int = Field(default=1000, ge=1)
+    # The idempotency window: a request's claim and kept answer live this long after the claim's
+    # lease ran out or the request completed. Within it a retry with the same key gets the
+    # answer; after it the answer is gone (a retry in the same session then learns only that
+    # the request completed). Turns are kept regardless.
+    idempotency_window_hours: float = Field(default=24, gt=0)
+    # How often housekeeping deletes request records past the idempotency window (in batches).
+    housekeeping_interval_s: float = Field(default=300, gt=0)
 
     @model_validator(mode="after")
     def _default_within_max(self) -> MemorySettings:

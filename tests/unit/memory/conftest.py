@@ -3,28 +3,46 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from services.kit.channels import open_channel
 from services.kit.server import Cleanup, Running, start
-from services.memory.service import build
+from services.memory.app import build
 from services.memory.settings import MemorySettings
 from toolmesh.memory.v1 import memory_pb2_grpc
+
+
+class FakeClock:
+    """Wall-clock nanoseconds that move only when told, plus 1 µs per reading, so that
+    "now" still orders what arrives one after another."""
+
+    def __init__(self, start_ns: int) -> None:
+        self.base_ns = start_ns
+        self._ticks = itertools.count()
+
+    def __call__(self) -> int:
+        return self.base_ns + next(self._ticks) * 1000
+
+    def advance(self, seconds: float) -> None:
+        self.base_ns += int(seconds * 1e9)
 
 
 class MemoryServer:
     """One memory replica plus a client stub; can be stopped and started again."""
 
-    def __init__(self, settings: MemorySettings) -> None:
+    def __init__(self, settings: MemorySettings, clock: Callable[[], int] = time.time_ns) -> None:
         self.settings = settings
+        self.clock = clock
         self.running: Running | None = None
 
     async def start(self) -> MemoryServer:
         cleanups: list[Cleanup] = []
-        self.running = await start(self.settings, build(self.settings, cleanups))
+        self.running = await start(self.settings, build(self.settings, cleanups, clock=self.clock))
         self.running.cleanups.extend(cleanups)
         self.channel = open_channel(f"127.0.0.1:{self.running.port}")
         self.stub = memory_pb2_grpc.MemoryStub(self.channel)
@@ -44,7 +62,13 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> MemorySettings:
 
 
 @pytest.fixture
-async def replicas(settings: MemorySettings) -> AsyncIterator[list[MemoryServer]]:
+def clock() -> FakeClock:
+    """The clock of every replica a test starts with ``replicas``."""
+    return FakeClock(time.time_ns())
+
+
+@pytest.fixture
+async def replicas(settings: MemorySettings, clock: FakeClock) -> AsyncIterator[list[MemoryServer]]:
     """Two replicas on the same database, as in production behind one Service.
 
     On PostgreSQL they start together, so both migrate the fresh database at the same moment.
@@ -53,10 +77,15 @@ async def replicas(settings: MemorySettings) -> AsyncIterator[list[MemoryServer]
     """
     if settings.database_url:
         servers = list(
-            await asyncio.gather(MemoryServer(settings).start(), MemoryServer(settings).start())
+            await asyncio.gather(
+                MemoryServer(settings, clock).start(), MemoryServer(settings, clock).start()
+            )
         )
     else:
-        servers = [await MemoryServer(settings).start(), await MemoryServer(settings).start()]
+        servers = [
+            await MemoryServer(settings, clock).start(),
+            await MemoryServer(settings, clock).start(),
+        ]
     yield servers
     for server in servers:
         await server.stop()
@@ -65,3 +94,17 @@ async def replicas(settings: MemorySettings) -> AsyncIterator[list[MemoryServer]
 @pytest.fixture
 def memory(replicas: list[MemoryServer]) -> memory_pb2_grpc.MemoryStub:
     return replicas[0].stub
+
+
+@pytest.fixture(scope="module")
+async def validating(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[memory_pb2_grpc.MemoryStub]:
+    """One server for the validation cases: bad input never reaches the database, so the
+    backend does not matter and one SQLite server serves them all."""
+    settings = MemorySettings(
+        port=0, data_dir=tmp_path_factory.mktemp("validating"), database_url="", otlp_endpoint=""
+    )
+    server = await MemoryServer(settings).start()
+    yield server.stub
+    await server.stop()

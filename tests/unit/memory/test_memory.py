@@ -144,15 +144,15 @@ async def test_tenants_are_isolated(memory) -> None:
         (lambda r: setattr(r.turns[1], "tool_version", "v" * 65), "turns[1].tool_version"),
     ],
 )
-async def test_append_validation_names_the_field(memory, mutate, field: str) -> None:
+async def test_append_validation_names_the_field(validating, mutate, field: str) -> None:
     request = append_request("r-1")
     mutate(request)
     with pytest.raises(aio.AioRpcError) as caught:
-        await memory.AppendTurns(request)
+        await validating.AppendTurns(request)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_fields(caught.value) == [field]
     assert field in (caught.value.details() or "")
-    assert await history(memory) == []
+    assert await history(validating) == []
 
 
 async def test_limit_defaults_and_is_capped(settings) -> None:
@@ -182,9 +182,9 @@ async def test_content_of_16000_chars_is_accepted(memory) -> None:
         (memory_pb2.GetHistoryRequest(caller=caller(), session_id="s-1", limit=-1), "limit"),
     ],
 )
-async def test_history_validation_names_the_field(memory, request_, field: str) -> None:
+async def test_history_validation_names_the_field(validating, request_, field: str) -> None:
     with pytest.raises(aio.AioRpcError) as caught:
-        await memory.GetHistory(request_)
+        await validating.GetHistory(request_)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_fields(caught.value) == [field]
 
