@@ -23,6 +23,7 @@ degrade as DESIGN.md's failure table says and are named in the answer's ``degrad
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -125,6 +126,10 @@ class Flight:
     arguments_json: str = ""
     # Set for a request with an idempotency key: what the key is bound to.
     fingerprint: str = ""
+    # The request id's claim is ours; and whether the tool was asked to run (from then on the
+    # claim is never given back: the tool may have acted).
+    claimed: bool = False
+    invoked: bool = False
     acknowledged_at: Timestamp = field(default_factory=Timestamp)
     answer: str = ""
     outcome: gateway_pb2.Outcome = gateway_pb2.OUTCOME_UNSPECIFIED
@@ -326,6 +331,10 @@ class Pipeline:
                 replay = gateway_pb2.RunResponse.FromString(stored)
                 replay.replayed = True
                 return replay
+        async with self._released_if_refused(flight):
+            return await self._run_claimed(flight)
+
+    async def _run_claimed(self, flight: Flight) -> gateway_pb2.RunResponse:
         route = await self._select_and_reserve(flight)
         parts = route.parts if route is not None else router_pb2.ConfidenceParts()
         if route is None:
@@ -387,6 +396,12 @@ class Pipeline:
                 replay = gateway_pb2.CallToolResponse.FromString(stored)
                 replay.replayed = True
                 return replay
+        async with self._released_if_refused(flight):
+            return await self._call_claimed(flight, tool, call)
+
+    async def _call_claimed(
+        self, flight: Flight, tool: router_pb2.ToolContract, call: CallToolInput
+    ) -> gateway_pb2.CallToolResponse:
         await self._reserve(flight, tool.cost_units)
         await self._invoke(flight, tool, call.arguments_json)
         # No model read or wrote anything: a direct call uses no tokens.
@@ -460,6 +475,7 @@ class Pipeline:
                 retry_info(err.retry_after_s or self._settings.shed_retry_after_ms / 1000),
             )
         if reply.state == memory_pb2.CLAIM_STATE_CLAIMED:
+            flight.claimed = True
             return None
         if reply.state == memory_pb2.CLAIM_STATE_COMPLETED and reply.response:
             log.info("idempotent replay", extra={"request_id": flight.request_id})
@@ -479,6 +495,29 @@ class Pipeline:
         else:
             message = "the idempotency key was already used for a different request"
         await abort(context, grpc.StatusCode.FAILED_PRECONDITION, message)
+
+    @asynccontextmanager
+    async def _released_if_refused(self, flight: Flight) -> AsyncIterator[None]:
+        """A request refused after claiming its id but before its tool was asked to run (a
+        budget, scope or allowlist refusal) gives the claim back, so that a retry with the
+        same key is not told "in progress" until the lease runs out. Best effort: a claim not
+        given back simply expires."""
+        try:
+            yield
+        except aio.AbortError:
+            if flight.claimed and not flight.invoked:
+                with contextlib.suppress(DependencyError, DeadlineSpentError):
+                    await self._guard.call(
+                        "memory",
+                        self._clients.memory.ReleaseRequest,
+                        memory_pb2.ReleaseRequestRequest(
+                            caller=flight.caller,
+                            request_id=flight.request_id,
+                            fingerprint=flight.fingerprint,
+                        ),
+                        flight.deadline.timeout(self._settings.memory_write_timeout_ms / 1000),
+                    )
+            raise
 
     # -- resolve (CallTool) ---------------------------------------------------------------------
 
@@ -677,6 +716,7 @@ class Pipeline:
             flight.degrade(f"tool:{tool.name}")
             return
         async with self._admitted(self._tools, tool.name, flight.deadline, flight.context):
+            flight.invoked = True
             try:
                 reply = await self._guard.call(
                     f"tool:{tool.name}",

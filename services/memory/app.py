@@ -30,6 +30,7 @@ PEER_RULES = PeerRules.for_service(
         "AppendTurns": [GATEWAY],
         "GetHistory": [GATEWAY],
         "ClaimRequest": [GATEWAY],
+        "ReleaseRequest": [GATEWAY],
         "GetServiceInfo": [ANY_PEER],
     },
 )

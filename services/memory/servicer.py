@@ -57,18 +57,27 @@ def _text_violations(
     return []
 
 
-def _scope_violations(caller: common_pb2.Caller, session_id: str) -> list[tuple[str, str]]:
+def _scope_violations(
+    caller: common_pb2.Caller, session_id: str, *, sessionless: bool = False
+) -> list[tuple[str, str]]:
+    """The tenant and session; ``sessionless`` admits an empty session id (a request made
+    outside any conversation, such as a direct tool call)."""
     violations = _text_violations("caller.tenant", caller.tenant, MAX_ID_CHARS, required=True)
-    if not SESSION_ID_PATTERN.fullmatch(session_id):
+    if not (sessionless and not session_id) and not SESSION_ID_PATTERN.fullmatch(session_id):
         violations.append(("session_id", "1-128 characters of A-Z a-z 0-9 . _ : -"))
     return violations
 
 
 def _append_violations(request: memory_pb2.AppendTurnsRequest) -> list[tuple[str, str]]:
-    violations = _scope_violations(request.caller, request.session_id)
+    # Without turns an append only completes a request's claim with its answer (a request
+    # outside any session); then the session may be empty and the answer is required.
+    answer_only = not request.turns and bool(request.fingerprint)
+    violations = _scope_violations(request.caller, request.session_id, sessionless=answer_only)
     violations += _text_violations("request_id", request.request_id, MAX_ID_CHARS, required=True)
-    if not 1 <= len(request.turns) <= MAX_TURNS_PER_REQUEST:
+    if not answer_only and not 1 <= len(request.turns) <= MAX_TURNS_PER_REQUEST:
         violations.append(("turns", f"between 1 and {MAX_TURNS_PER_REQUEST} turns"))
+    if answer_only and request.session_id:
+        violations.append(("turns", "required in a session"))
     for i, turn in enumerate(request.turns):
         if turn.role not in _ROLE_NAMES:
             violations.append((f"turns[{i}].role", "must be USER or ASSISTANT"))
@@ -94,7 +103,7 @@ def _append_violations(request: memory_pb2.AppendTurnsRequest) -> list[tuple[str
 
 
 def _claim_violations(request: memory_pb2.ClaimRequestRequest) -> list[tuple[str, str]]:
-    violations = _scope_violations(request.caller, request.session_id)
+    violations = _scope_violations(request.caller, request.session_id, sessionless=True)
     violations += _text_violations("request_id", request.request_id, MAX_ID_CHARS, required=True)
     if not FINGERPRINT_PATTERN.fullmatch(request.fingerprint):
         violations.append(("fingerprint", FINGERPRINT_RULE))
@@ -189,6 +198,24 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         if result.lease_expires_at_ns:
             response.lease_expires_at.FromNanoseconds(result.lease_expires_at_ns)
         return response
+
+    async def ReleaseRequest(
+        self, request: memory_pb2.ReleaseRequestRequest, context: aio.ServicerContext
+    ) -> memory_pb2.ReleaseRequestResponse:
+        violations = _text_violations(
+            "caller.tenant", request.caller.tenant, MAX_ID_CHARS, required=True
+        )
+        violations += _text_violations(
+            "request_id", request.request_id, MAX_ID_CHARS, required=True
+        )
+        if not FINGERPRINT_PATTERN.fullmatch(request.fingerprint):
+            violations.append(("fingerprint", FINGERPRINT_RULE))
+        if violations:
+            await abort_invalid(context, violations)
+        released = await self._store.release(
+            request.caller.tenant, request.request_id, request.fingerprint
+        )
+        return memory_pb2.ReleaseRequestResponse(released=released)
 
     async def GetServiceInfo(
         self, request: memory_pb2.GetServiceInfoRequest, context: aio.ServicerContext

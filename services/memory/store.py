@@ -413,22 +413,29 @@ class TurnStore:
         Appends go first, then claims: the batch's operations were concurrent, and this order
         lets a claim see the completion that arrived with it.
         """
-        appends = [item for item in batch if isinstance(item, _PendingAppend)]
+        appends = [item for item in batch if isinstance(item, _PendingAppend) and item.turns]
+        # A request outside any session (a direct tool call) has no turns: its append only
+        # completes its claim with the answer.
+        answers = [item for item in batch if isinstance(item, _PendingAppend) and not item.turns]
         claims = [item for item in batch if isinstance(item, _PendingClaim)]
         with self._write_engine.begin() as conn:
             now = self._clock()
-            completing = self._store_turns(conn, appends, now)
+            completing = self._store_turns(conn, appends, now) + answers
+            for answer in answers:
+                answer.outcome = ([], False)
             by_request: dict[tuple[str, str], list[_Pending]] = {}
             operations: list[_Pending] = [*completing, *claims]
-            for item in operations:
-                by_request.setdefault((item.tenant, item.request_id), []).append(item)
+            for operation in operations:
+                by_request.setdefault((operation.tenant, operation.request_id), []).append(
+                    operation
+                )
             # Request rows locked in one order too, after every session row.
             for key in sorted(by_request):
-                for item in by_request[key]:
-                    if isinstance(item, _PendingAppend):
-                        self._complete(conn, item, now)
+                for pending in by_request[key]:
+                    if isinstance(pending, _PendingAppend):
+                        self._complete(conn, pending, now)
                     else:
-                        item.outcome = self._claim(conn, item, now)
+                        pending.outcome = self._claim(conn, pending, now)
 
     # --- turns -------------------------------------------------------------------------------
 
@@ -703,6 +710,9 @@ class TurnStore:
                     done["response"] = None
                 conn.execute(update(_REQUESTS).where(*where).values(**done))
                 return
+            if not item.turns and row.state == COMPLETED:
+                item.outcome = ([], True)  # the same answer, delivered again: a duplicate
+                return
             # Bound to another session, or completed already (its turns are in another
             # session): this append's turns are stored, the record stays as it is.
             log.warning(
@@ -740,6 +750,26 @@ class TurnStore:
                 )
             )
         return int(result.rowcount or 0)
+
+    async def release(self, tenant: str, request_id: str, fingerprint: str) -> bool:
+        """Forget a claim that did no work (its request was refused before anything ran), so a
+        retry may claim the id at once. Only an unfinished claim of the same content goes."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._writer, self._release, tenant, request_id, fingerprint
+        )
+
+    def _release(self, tenant: str, request_id: str, fingerprint: str) -> bool:
+        with self._write_engine.begin() as conn:
+            result = conn.execute(
+                delete(_REQUESTS).where(
+                    _REQUESTS.c.tenant == tenant,
+                    _REQUESTS.c.request_id == request_id,
+                    _REQUESTS.c.fingerprint == fingerprint,
+                    _REQUESTS.c.state == CLAIMED,
+                )
+            )
+        return bool(result.rowcount)
 
     # --- reads ---------------------------------------------------------------------------------
 

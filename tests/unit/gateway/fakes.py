@@ -337,6 +337,16 @@ class FakeMemory(memory_pb2_grpc.MemoryServicer):
             state=memory_pb2.CLAIM_STATE_COMPLETED, response=response
         )
 
+    async def ReleaseRequest(
+        self, request: memory_pb2.ReleaseRequestRequest, context: aio.ServicerContext
+    ) -> memory_pb2.ReleaseRequestResponse:
+        key = (request.caller.tenant, request.request_id)
+        claim = self.claims.get(key)
+        if claim is None or claim[2] is not None or claim[1] != request.fingerprint:
+            return memory_pb2.ReleaseRequestResponse(released=False)
+        del self.claims[key]
+        return memory_pb2.ReleaseRequestResponse(released=True)
+
     async def GetHistory(
         self, request: memory_pb2.GetHistoryRequest, context: aio.ServicerContext
     ) -> memory_pb2.GetHistoryResponse:

@@ -84,3 +84,16 @@ async def test_a_key_that_cannot_be_checked_is_unavailable(gw: GatewayUnderTest)
     )
     assert reply.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
     assert "memory" in reply.degraded
+
+
+async def test_a_request_refused_before_its_tool_ran_gives_its_key_back(
+    gw: GatewayUnderTest,
+) -> None:
+    """A retry with the same key after a refusal is served at once, not "in progress"."""
+    reader = gw.token(scope="tools:read")
+    with pytest.raises(aio.AioRpcError) as err:
+        await gw.stub.Run(_request("note: buy milk", "k5"), metadata=bearer(reader))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert not gw.fakes.router.invocations
+    reply = await gw.stub.Run(_request("note: buy milk", "k5"), metadata=bearer(gw.token()))
+    assert reply.tool_name == "save_note" and not reply.replayed

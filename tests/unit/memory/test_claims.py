@@ -340,3 +340,40 @@ async def test_append_validation_of_order_and_completion(validating, request_, f
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_fields(caught.value) == [field]
     assert await history(validating) == []
+
+
+async def test_a_request_outside_any_session_completes_without_turns(memory) -> None:
+    """A direct tool call with an idempotency key: claimed, answered, no turns stored."""
+    claim = claim_request(session_id="")
+    assert (await memory.ClaimRequest(claim)).state == CLAIMED
+    answer = memory_pb2.AppendTurnsRequest(
+        caller=caller("acme"), request_id="r-1", fingerprint=FP, response=b"answer"
+    )
+    reply = await memory.AppendTurns(answer)
+    assert not reply.turns and not reply.duplicate
+    assert (await memory.AppendTurns(answer)).duplicate
+    again = await memory.ClaimRequest(claim)
+    assert (again.state, again.response) == (COMPLETED, b"answer")
+    other = await memory.ClaimRequest(claim_request(session_id="", fingerprint=OTHER_FP))
+    assert (other.state, other.conflict) == (CONFLICT, "content")
+    # Without an answer to keep, an append without turns is refused.
+    with pytest.raises(aio.AioRpcError) as err:
+        await memory.AppendTurns(
+            memory_pb2.AppendTurnsRequest(caller=caller("acme"), request_id="r-2")
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_refused_request_releases_its_claim(memory) -> None:
+    """Nothing ran: a retry with the same key claims the id at once, not after the lease."""
+    assert (await memory.ClaimRequest(claim_request())).state == CLAIMED
+    release = memory_pb2.ReleaseRequestRequest(caller=caller("acme"), request_id="r-1")
+    release.fingerprint = OTHER_FP
+    assert not (await memory.ReleaseRequest(release)).released  # other content: kept
+    release.fingerprint = FP
+    assert (await memory.ReleaseRequest(release)).released
+    assert (await memory.ClaimRequest(claim_request())).state == CLAIMED
+    await memory.AppendTurns(completing())
+    # A completed request is never released.
+    assert not (await memory.ReleaseRequest(release)).released
+    assert (await memory.ClaimRequest(claim_request())).state == COMPLETED
