@@ -1,7 +1,7 @@
 """Entry point: ``python -m services.telemetry``."""
 
 from services.kit.server import run_service
-from services.telemetry.service import build
+from services.telemetry.app import build
 from services.telemetry.settings import TelemetrySettings
 
 if __name__ == "__main__":

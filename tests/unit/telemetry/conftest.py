@@ -10,7 +10,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from services.kit.channels import open_channel
 from services.kit.server import Cleanup, Running, start
-from services.telemetry.service import build
+from services.telemetry.app import build
 from services.telemetry.settings import TelemetrySettings
 from toolmesh.telemetry.v1 import telemetry_pb2_grpc
 

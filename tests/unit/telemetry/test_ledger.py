@@ -23,7 +23,7 @@ from services.telemetry.settings import TelemetrySettings
 from toolmesh.telemetry.v1 import telemetry_pb2
 
 from .conftest import TelemetryServer
-from .helpers import bad_fields, caller, details, sql, stamp
+from .helpers import OPERATOR, bad_fields, caller, details, sql, stamp
 
 DAY1 = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
 DAY2 = datetime(2026, 11, 21, 23, 59, 59, tzinfo=UTC)
@@ -320,16 +320,46 @@ async def test_tenants_never_see_each_other(server: TelemetryServer) -> None:
     )
     (state,) = (await server.stub.ListBudgets(G.ListBudgetsRequest(caller=caller()))).budgets
     assert (state.reserved.tool_calls, state.used.tool_calls) == (1, 0)
+    # A tenant's admin cannot set another tenant's budget.
     with pytest.raises(aio.AioRpcError) as caught:
         await server.stub.SetBudget(
             G.SetBudgetRequest(
-                caller=caller(),
+                caller=caller(scopes=("admin",)),
                 tenant="globex",
                 period=G.BUDGET_PERIOD_DAY,
                 limits=G.BudgetAmounts(tool_calls=1),
             )
         )
-    assert bad_fields(caught.value) == ["tenant"]
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert caught.value.details() == "setting the budget of another tenant needs scope platform:admin"
+    assert (
+        await server.stub.ListBudgets(G.ListBudgetsRequest(caller=caller("globex")))
+    ).budgets == []
+
+
+async def test_the_platform_operator_sets_another_tenants_budget(server: TelemetryServer) -> None:
+    reply = await server.stub.SetBudget(
+        G.SetBudgetRequest(
+            caller=OPERATOR,
+            tenant="globex",
+            period=G.BUDGET_PERIOD_DAY,
+            limits=G.BudgetAmounts(tool_calls=1),
+        )
+    )
+    assert (reply.budget.tenant, reply.budget.limits.tool_calls) == ("globex", 1)
+    (stored,) = (await server.stub.ListBudgets(G.ListBudgetsRequest(caller=caller("globex")))).budgets
+    assert stored.limits.tool_calls == 1
+    assert (await reserve(server, "r1", tenant="globex", tool_calls=1)).reserved
+    with pytest.raises(aio.AioRpcError) as caught:
+        await reserve(server, "r2", tenant="globex", tool_calls=1)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Without naming a tenant the operator acts on its own.
+    own = await server.stub.SetBudget(
+        G.SetBudgetRequest(
+            caller=OPERATOR, period=G.BUDGET_PERIOD_DAY, limits=G.BudgetAmounts(tokens=5)
+        )
+    )
+    assert own.budget.tenant == "_platform"
 
 
 # Validation happens before any query: one backend is enough.
