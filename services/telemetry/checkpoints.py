@@ -23,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -347,47 +348,50 @@ class CheckpointLog:
 
     async def append(self, heads: list[tuple[str, int, str]]) -> list[Checkpoint]:
         """Sign and append (tenant, seq, hash) heads; one fsync for the lot."""
+        if not heads:
+            return []
         async with self._lock:
-            own = self._files.setdefault(self.path, _FileState())
-            if own.broken:
-                raise CheckpointSetupError(
-                    f"the audit checkpoint log {self.path} is broken ({own.broken})"
-                )
-            # Whatever another writer appended (there should be none) is read first.
-            await asyncio.to_thread(self._refresh)
-            entries, prev = [], own.last_digest
-            now = time.time_ns()
-            for number, (tenant, seq, digest) in enumerate(heads, start=own.entries + 1):
-                unsigned = Checkpoint(
-                    log=self.replica,
-                    entry=number,
-                    prev=prev,
-                    tenant=tenant,
-                    seq=seq,
-                    hash=digest,
-                    time_ns=now,
-                    key_id=self.keyring.signing_key_id,
-                )
-                signed = Checkpoint(
-                    **{**asdict(unsigned), "signature": self.keyring.sign(unsigned.signed_bytes())}
-                )
-                entries.append(signed)
-                prev = signed.digest()
-            if not entries:
-                return []
-            await asyncio.to_thread(self._write, b"".join(e.line() + b"\n" for e in entries))
-            own.offset += sum(len(e.line()) + 1 for e in entries)
-            own.entries += len(entries)
-            own.last_digest = prev
-            for entry in entries:
-                self._remember(entry, own=True)
-            return entries
+            return await asyncio.to_thread(self._append, heads)
 
-    def _write(self, data: bytes) -> None:
+    def _append(self, heads: list[tuple[str, int, str]]) -> list[Checkpoint]:
+        own = self._files.setdefault(self.path, _FileState())
         with self.path.open("ab") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
+            # An exclusive lock, and whatever another writer of this file appended read first,
+            # so two processes given the same replica id still extend one unbroken chain.
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+            try:
+                self._refresh()
+                if own.broken:
+                    raise CheckpointSetupError(
+                        f"the audit checkpoint log {self.path} is broken ({own.broken})"
+                    )
+                entries, prev, now = [], own.last_digest, time.time_ns()
+                for number, (tenant, seq, digest) in enumerate(heads, start=own.entries + 1):
+                    unsigned = Checkpoint(
+                        log=self.replica,
+                        entry=number,
+                        prev=prev,
+                        tenant=tenant,
+                        seq=seq,
+                        hash=digest,
+                        time_ns=now,
+                        key_id=self.keyring.signing_key_id,
+                    )
+                    signed = replace(unsigned, signature=self.keyring.sign(unsigned.signed_bytes()))
+                    entries.append(signed)
+                    prev = signed.digest()
+                data = b"".join(entry.line() + b"\n" for entry in entries)
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            finally:
+                fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+        own.offset += len(data)
+        own.entries += len(entries)
+        own.last_digest = prev
+        for entry in entries:
+            self._remember(entry, own=True)
+        return entries
 
 
 def verify_log_file(path: Path, keyring: Keyring) -> list[str]:

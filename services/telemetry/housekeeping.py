@@ -116,7 +116,12 @@ class Housekeeping:
                 self.sweep_reservations,
                 name="reservation-sweep",
             ),
+            # One interval after start: what a restart finds was signed before it or is signed
+            # with the next changes.
             every(
-                settings.audit_checkpoint_interval_s, self.checkpoint_audit, name="audit-checkpoint"
+                settings.audit_checkpoint_interval_s,
+                self.checkpoint_audit,
+                name="audit-checkpoint",
+                first_after_s=settings.audit_checkpoint_interval_s,
             ),
         ]

@@ -351,9 +351,7 @@ async def test_forwards_spans_to_another_otlp_endpoint(tmp_path) -> None:
                 assert error.code() == grpc.StatusCode.NOT_FOUND
                 assert time.monotonic() < deadline, "span was not forwarded"
                 await asyncio.sleep(0.05)
-        assert [(s.service, s.route, s.duration_ms) for s in got] == [
-            ("toolmesh-gateway", RUN, 7)
-        ]
+        assert [(s.service, s.route, s.duration_ms) for s in got] == [("toolmesh-gateway", RUN, 7)]
     finally:
         await forwarding.stop()
         await collector.stop()
