@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
+from bench import storage
 from bench.echo_server import METHOD
 from bench.load import Result, closed_loop
 from tests.e2e.mesh import REPO, Mesh, free_port
@@ -153,6 +154,7 @@ def main() -> None:
         echo.terminate()
         echo.wait()
     write_report(traced, untraced, REPO / "BENCHMARKS.md")
+    storage.append_section(REPO / "BENCHMARKS.md")
     print("wrote BENCHMARKS.md")
 
 

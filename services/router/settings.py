@@ -21,7 +21,7 @@ class RouterSettings(ServiceSettings):
     database_url: str = ""
     # Versioned routing rules (intent patterns, argument extraction, weights, threshold).
     rules_file: Path = DEFAULT_RULES_FILE
-    # Where GetStats is asked for each tool's recent error rate (the H of the confidence).
+    # Where GetToolHealth is asked for each tool's recent success rate (the H of the confidence).
     telemetry_target: str = "127.0.0.1:50055"
     # Seconds between background refreshes of tool health; never refreshed per request.
     health_refresh_s: float = Field(default=15.0, gt=0)

@@ -36,6 +36,7 @@ class TelemetrySettings(ServiceSettings):
     # trace id (the same on every replica). Traces with an error span, or a span lasting at
     # least trace_keep_slow_ms, are always kept. 1 keeps every span.
     trace_keep_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    # A trace with a span lasting at least this long (milliseconds) is always kept.
     trace_keep_slow_ms: float = Field(default=500, gt=0)
     # Seconds after a trace's last span ended before its sampling decision is made; spans of
     # the trace that arrive later follow the decision.
