@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -192,6 +194,24 @@ async def test_a_forged_or_edited_log_is_invalid(
     keyring = Keyring.load(None, settings.resolved_audit_keyring_dir())
     (problem,) = verify_log_file(own, keyring)
     assert "signature does not verify" in problem
+    # The same check for an operator's off-box copy, from the command line.
+    keyring_dir = str(settings.resolved_audit_keyring_dir())
+    checked = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.telemetry",
+            "verify-checkpoints",
+            "--keyring",
+            keyring_dir,
+            str(own),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (checked.returncode, checked.stdout.strip()) == (1, problem)
     restarted = await TelemetryServer(settings).start()
     try:
         result = await verify(restarted)
