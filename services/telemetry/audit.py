@@ -400,7 +400,12 @@ class AuditLog:
             rows = (
                 await conn.execute(
                     select(AuditRow)
-                    .where(AuditRow.tenant == head.tenant, AuditRow.seq >= max(start.seq, 1))
+                    .where(
+                        AuditRow.tenant == head.tenant,
+                        AuditRow.seq >= max(start.seq, 1),
+                        # Events appended since the head was read are the next checkpoint's.
+                        AuditRow.seq <= head.seq,
+                    )
                     .order_by(AuditRow.seq, AuditRow.id)
                 )
             ).all()
