@@ -21,8 +21,9 @@ from grpc import aio
 from services.kit.audit import dead_letter_notice
 from services.kit.server import StartupRefused
 from services.telemetry.app import build
-from services.telemetry.audit import GENESIS, event_hash
+from services.telemetry.audit import GENESIS, AuditLog, Start, event_hash
 from services.telemetry.checkpoints import Checkpoint, Keyring, key_id, verify_log_file
+from services.telemetry.database import Database
 from services.telemetry.settings import TelemetrySettings
 from toolmesh.telemetry.v1 import telemetry_pb2 as G
 
@@ -360,3 +361,20 @@ async def test_dead_letter_notices_are_counted_and_unknown_actions_refused(
         await append(server, event("e2"), event("e3", action="release"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_fields(caught.value) == ["events[1].action"]
+
+
+async def test_events_appended_while_a_head_is_signed_are_not_tampering(
+    server: TelemetryServer,
+) -> None:
+    """The periodic checkpoint reads the heads, then the events: an append in between belongs
+    to the next checkpoint, it must not make this one refuse the chain."""
+    await chain_of_five(server)
+    database = Database(server.settings.resolved_database_url())
+    try:
+        audit = AuditLog(database)
+        head = await audit.head("acme")
+        assert head is not None
+        await append(server, event("e6"))
+        assert await audit.verify_since(head, Start()) is None
+    finally:
+        await database.close()
