@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import grpc
 import jwt
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -38,6 +39,18 @@ from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 log = logging.getLogger("toolmesh.gateway.accounting")
 
 TELEMETRY = "telemetry"
+# Resource service.name of the gateway: its records are the ones statistics are made of.
+SERVICE = "toolmesh-gateway"
+# Answers that mean the mesh failed (not the caller): they count against availability.
+MESH_FAULTS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 UNPRICED = "unpriced"
 UNKNOWN_TENANT = "_unknown"
 GATEWAY_CONTRACTS = ("toolmesh.gateway.v1",)
@@ -226,7 +239,15 @@ def usage_record(
     usage: common_pb2.Usage,
     outcome: str,
     reservation_id: str,
+    status: grpc.StatusCode,
+    duration_ms: float,
+    tool_outcome: telemetry_pb2.ToolOutcome,
+    tool_duration_ms: float,
+    trace_id: str,
 ) -> telemetry_pb2.UsageRecord:
+    """The one compact record of a request: what it used (priced and charged against budgets
+    by telemetry) and how it went (statistics, SLOs and tool health are computed from these
+    records, so they stay exact whatever share of spans is kept)."""
     return telemetry_pb2.UsageRecord(
         request_id=request_id,
         tenant=caller.tenant,
@@ -241,6 +262,13 @@ def usage_record(
         occurred_at=now_timestamp(),
         outcome=outcome,
         reservation_id=reservation_id,
+        service=SERVICE,
+        duration_ms=duration_ms,
+        grpc_status_code=status.value[0],
+        error=status in MESH_FAULTS,
+        tool_outcome=tool_outcome,
+        tool_duration_ms=tool_duration_ms,
+        trace_id=trace_id,
     )
 
 

@@ -22,11 +22,17 @@ import grpc
 from grpc import aio
 
 from gateway.access import Access, caller_proto, hop_timeout
+from gateway.authn import Principal
 from gateway.authz import SCOPE_OPS_READ
 from gateway.reliability import DependencyError, Guard
+from services.kit import scopes
+from services.kit.audit import FAILURE, SUCCESS, audit_event
+from services.kit.context import request_id_var
 from services.kit.deadlines import Deadline
 from services.kit.errors import abort, abort_invalid
-from toolmesh.common.v1 import common_pb2
+from services.kit.limits import MAX_AMOUNT, MAX_KEY_CHARS
+from services.kit.tracing import current_trace_id
+from toolmesh.common.v1 import audit_pb2, common_pb2
 from toolmesh.gateway.v1 import gateway_pb2
 from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 
@@ -34,11 +40,10 @@ SCOPE_ADMIN = "admin"
 TELEMETRY = "telemetry"
 
 TRACE_ID = re.compile(r"[0-9a-f]{32}")
-# Telemetry's limits, checked here first so bad input never leaves the gateway.
-MAX_KEY_CHARS = 256
+# Telemetry's limits (services.kit.limits), checked here first so bad input never leaves the
+# gateway.
 MAX_COST_DAYS = 366
 MAX_COST_WINDOW_NS = MAX_COST_DAYS * 86400 * 1_000_000_000
-MAX_AMOUNT = 10**12
 MAX_AUDIT_PAGE = 1000
 NO_SUCH_TRACE = "no such trace"
 
@@ -90,7 +95,7 @@ def cost_violations(request: gateway_pb2.GetCostRequest) -> Violations:
 
 
 def budget_violations(request: gateway_pb2.SetBudgetRequest) -> Violations:
-    found = _key("principal", request.principal)
+    found = _key("principal", request.principal) + _key("tenant", request.tenant)
     if request.period not in _PERIODS:
         found.append(("period", "DAY or MONTH"))
     for name in ("tool_calls", "tokens", "cost_micros"):
@@ -113,19 +118,6 @@ def audit_violations(request: gateway_pb2.ListAuditRequest) -> Violations:
 
 def slo_violations(request: gateway_pb2.GetSloRequest) -> Violations:
     return _key("name", request.name)
-
-
-def tenant_spans(
-    spans: list[telemetry_pb2.TraceSpan], tenant: str
-) -> list[telemetry_pb2.TraceSpan] | None:
-    """The spans of a trace the tenant may see, or None when the trace is not the tenant's.
-
-    The trace is the tenant's when a span carries its tenant; spans that carry another tenant
-    (a trace id reused by another tenant's request) are left out.
-    """
-    if not any(span.tenant == tenant for span in spans):
-        return None
-    return [span for span in spans if span.tenant in ("", tenant)]
 
 
 @dataclass
@@ -165,21 +157,21 @@ class Operations:
         principal, _ = await self.access.authenticate(context, SCOPE_OPS_READ)
         timeout = await hop_timeout(context, deadline, TELEMETRY)
         try:
+            # Telemetry scopes the trace to the caller's tenant: another tenant's trace is
+            # NOT_FOUND exactly like an unknown one.
             reply = await self.guard.call(
                 TELEMETRY,
                 self.telemetry.GetTrace,
-                telemetry_pb2.GetTraceRequest(trace_id=request.trace_id.lower()),
+                telemetry_pb2.GetTraceRequest(
+                    trace_id=request.trace_id.lower(), caller=caller_proto(principal)
+                ),
                 timeout,
             )
         except DependencyError as err:
             if err.code == grpc.StatusCode.NOT_FOUND and err.tried:
                 await abort(context, grpc.StatusCode.NOT_FOUND, NO_SUCH_TRACE)
             await self.access.forward_error(context, err)
-        spans = tenant_spans(list(reply.spans), principal.tenant)
-        if spans is None:
-            # Exactly the answer for an unknown trace id: nothing about other tenants leaks.
-            await abort(context, grpc.StatusCode.NOT_FOUND, NO_SUCH_TRACE)
-        return gateway_pb2.GetTraceResponse(spans=spans)
+        return gateway_pb2.GetTraceResponse(spans=reply.spans)
 
     async def GetCost(
         self, request: gateway_pb2.GetCostRequest, context: aio.ServicerContext
@@ -204,23 +196,73 @@ class Operations:
     async def SetBudget(
         self, request: gateway_pb2.SetBudgetRequest, context: aio.ServicerContext
     ) -> gateway_pb2.SetBudgetResponse:
-        reply = await self._ask(
-            context,
-            SCOPE_ADMIN,
-            budget_violations(request),
-            self.telemetry.SetBudget,
-            lambda caller: telemetry_pb2.SetBudgetRequest(
-                caller=caller,
-                tenant=caller.tenant,
-                principal=request.principal,
-                period=request.period,
-                limits=request.limits,
-            ),
+        """Sets (or removes) a budget; another tenant's needs platform:admin. The change is
+        audited in the acting caller's tenant (and, for another tenant's budget, in that
+        tenant's trail too), whether telemetry accepted it or not."""
+        deadline = self.deadline(context)
+        if violations := budget_violations(request):
+            await abort_invalid(context, violations)
+        other = bool(request.tenant)
+        principal, policy = await self.access.authenticate(
+            context, scopes.PLATFORM_ADMIN if other else SCOPE_ADMIN
         )
+        tenant = request.tenant or principal.tenant
+        timeout = await hop_timeout(context, deadline, TELEMETRY)
+        details: dict[str, object] = {
+            "tenant": tenant,
+            "principal": request.principal,
+            "period": telemetry_pb2.BudgetPeriod.Name(request.period),
+            "tool_calls": request.limits.tool_calls,
+            "tokens": request.limits.tokens,
+            "cost_micros": request.limits.cost_micros,
+        }
+        try:
+            reply = await self.guard.call(
+                TELEMETRY,
+                self.telemetry.SetBudget,
+                telemetry_pb2.SetBudgetRequest(
+                    caller=caller_proto(principal),
+                    tenant=tenant,
+                    principal=request.principal,
+                    period=request.period,
+                    limits=request.limits,
+                ),
+                timeout,
+            )
+        except DependencyError as err:
+            await self._audit_budget(context, principal, policy.version, FAILURE, details)
+            await self.access.forward_error(context, err)
+        await self._audit_budget(context, principal, policy.version, SUCCESS, details)
         response = gateway_pb2.SetBudgetResponse(removed=reply.removed)
         if reply.HasField("budget"):
             response.budget.CopyFrom(reply.budget)
         return response
+
+    async def _audit_budget(
+        self,
+        context: aio.ServicerContext,
+        principal: Principal,
+        policy_version: str,
+        outcome: str,
+        details: dict[str, object],
+    ) -> None:
+        tenant = str(details["tenant"])
+        events = [
+            audit_event(
+                action=audit_pb2.AUDIT_ACTION_BUDGET_SET,
+                tenant=chain,
+                actor=principal.subject,
+                target=f"budget:{tenant}",
+                outcome=outcome,
+                request_id=request_id_var.get(),
+                trace_id=current_trace_id(),
+                policy_version=policy_version,
+                contract_versions=("toolmesh.gateway.v1",),
+                details={**details, "actor_tenant": principal.tenant},
+            )
+            for chain in sorted({principal.tenant, tenant})
+        ]
+        await self.access.audit_refusal(context, *events)
 
     async def ListBudgets(
         self, request: gateway_pb2.ListBudgetsRequest, context: aio.ServicerContext
@@ -270,9 +312,28 @@ class Operations:
             events_checked=reply.events_checked,
             head_seq=reply.head_seq,
             head_hash=reply.head_hash,
+            dead_letter_notices=reply.dead_letter_notices,
+            pruned_through_seq=reply.pruned_through_seq,
         )
         if reply.HasField("problem"):
             response.problem.CopyFrom(reply.problem)
+        if reply.HasField("last_checkpoint"):
+            response.last_checkpoint.CopyFrom(reply.last_checkpoint)
+        return response
+
+    async def CheckpointAudit(
+        self, request: gateway_pb2.CheckpointAuditRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.CheckpointAuditResponse:
+        reply = await self._ask(
+            context,
+            SCOPE_ADMIN,
+            [],
+            self.telemetry.CheckpointAudit,
+            lambda caller: telemetry_pb2.CheckpointAuditRequest(caller=caller),
+        )
+        response = gateway_pb2.CheckpointAuditResponse()
+        if reply.HasField("checkpoint"):
+            response.checkpoint.CopyFrom(reply.checkpoint)
         return response
 
     async def GetSlo(

@@ -130,6 +130,10 @@ class Flight:
     # claim is never given back: the tool may have acted).
     claimed: bool = False
     invoked: bool = False
+    # When the request arrived (the deadline's clock), and how its tool invocation went.
+    started: float = 0.0
+    tool_outcome: telemetry_pb2.ToolOutcome = telemetry_pb2.TOOL_OUTCOME_UNSPECIFIED
+    tool_duration_ms: float = 0.0
     acknowledged_at: Timestamp = field(default_factory=Timestamp)
     answer: str = ""
     outcome: gateway_pb2.Outcome = gateway_pb2.OUTCOME_UNSPECIFIED
@@ -234,6 +238,7 @@ class Pipeline:
     ) -> gateway_pb2.RunResponse:
         """Answer a prompt with the tool the router picks."""
         deadline = self.deadline(context)
+        started = deadline.clock()
         async with self._admitted(self._gateway, "", deadline, context):
             try:
                 run_input = RunInput(
@@ -254,15 +259,18 @@ class Pipeline:
                     session_id=run_input.session_id,
                     idempotency_key=run_input.idempotency_key,
                     content=(run_input.prompt,),
+                    started=started,
                 )
                 flight.prompt = run_input.prompt
-                return await self._fly_run(flight, run_input.idempotency_key)
+                async with self._accounted_if_refused(flight):
+                    return await self._fly_run(flight, run_input.idempotency_key)
 
     async def call_tool(
         self, request: gateway_pb2.CallToolRequest, context: aio.ServicerContext
     ) -> gateway_pb2.CallToolResponse:
         """Run the tool the caller chose, with its arguments."""
         deadline = self.deadline(context)
+        started = deadline.clock()
         async with self._admitted(self._gateway, "", deadline, context):
             try:
                 call = CallToolInput(
@@ -285,9 +293,11 @@ class Pipeline:
                     session_id=call.session_id,
                     idempotency_key=call.idempotency_key,
                     content=(call.tool, call.version, call.canonical_arguments()),
+                    started=started,
                 )
                 flight.arguments_json = call.arguments_json
-                return await self._fly_call(flight, call)
+                async with self._accounted_if_refused(flight):
+                    return await self._fly_call(flight, call)
 
     def _flight(
         self,
@@ -300,6 +310,7 @@ class Pipeline:
         session_id: str,
         idempotency_key: str,
         content: tuple[str, ...],
+        started: float,
     ) -> Flight:
         request_id = request_id_for(principal, idempotency_key)
         request_id_var.set(request_id)
@@ -674,20 +685,19 @@ class Pipeline:
             missing_scope=decision.missing_scope,
             tool=f"{tool.name}@{tool.version}",
         )
-        entries: list[tuple[str, str, Message]] = [(KIND_AUDIT, refusal.event_id, refusal)]
-        if flight.reservation_id:
-            # The reservation is committed as what the request used (the prompt, no tool),
-            # rather than held until it expires.
-            usage = common_pb2.Usage(tokens_in=whitespace_tokens(flight.prompt))
-            entries.append((KIND_USAGE, flight.request_id, self._usage(flight, usage, "denied")))
-        await self._access.put_refusal(flight.context, entries)
+        await self._access.audit_refusal(flight.context, refusal)
         await abort(flight.context, grpc.StatusCode.PERMISSION_DENIED, decision.reason)
 
     def _usage(
-        self, flight: Flight, usage: common_pb2.Usage, outcome: str
+        self,
+        flight: Flight,
+        usage: common_pb2.Usage,
+        outcome: str,
+        status: grpc.StatusCode = grpc.StatusCode.OK,
+        request_id: str = "",
     ) -> telemetry_pb2.UsageRecord:
         return usage_record(
-            request_id=flight.request_id,
+            request_id=request_id or flight.request_id,
             route=flight.rpc,
             caller=flight.caller,
             tool_name=flight.tool.name if flight.tool else "",
@@ -695,7 +705,31 @@ class Pipeline:
             usage=usage,
             outcome=outcome,
             reservation_id=flight.reservation_id,
+            status=status,
+            duration_ms=(flight.deadline.clock() - flight.started) * 1000,
+            tool_outcome=flight.tool_outcome,
+            tool_duration_ms=flight.tool_duration_ms,
+            trace_id=current_trace_id(),
         )
+
+    @asynccontextmanager
+    async def _accounted_if_refused(self, flight: Flight) -> AsyncIterator[None]:
+        """A request refused after authentication (scope, allowlist, budget, idempotency, an
+        unavailable dependency) still leaves its compact record: statistics count it, and a
+        budget reservation it took is committed at what it used instead of held until it
+        expires. The record has its own id, so a retry with the same idempotency key is
+        billed under the request id as usual."""
+        try:
+            yield
+        except aio.AbortError:
+            code = flight.context.code()
+            status = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+            usage = common_pb2.Usage(tokens_in=whitespace_tokens(flight.prompt))
+            record = self._usage(flight, usage, "refused", status, uuid.uuid4().hex)
+            await self._access.put_refusal(
+                flight.context, [(KIND_USAGE, record.request_id, record)]
+            )
+            raise
 
     # -- invoke ---------------------------------------------------------------------------------
 
@@ -717,6 +751,7 @@ class Pipeline:
             return
         async with self._admitted(self._tools, tool.name, flight.deadline, flight.context):
             flight.invoked = True
+            invoked_at = flight.deadline.clock()
             try:
                 reply = await self._guard.call(
                     f"tool:{tool.name}",
@@ -737,8 +772,10 @@ class Pipeline:
             except DeadlineSpentError:
                 reply = None
             except DependencyError as err:
+                flight.tool_duration_ms = (flight.deadline.clock() - invoked_at) * 1000
                 await self._tool_failed(flight, tool, err, write, fallback)
                 return
+            flight.tool_duration_ms = (flight.deadline.clock() - invoked_at) * 1000
         if reply is None:
             flight.answer, flight.outcome = fallback, gateway_pb2.OUTCOME_FALLBACK
             flight.degrade(f"tool:{tool.name}")
@@ -765,6 +802,11 @@ class Pipeline:
     ) -> None:
         flight.outcome = gateway_pb2.OUTCOME_FALLBACK
         flight.tool_calls = 1 if err.tried else 0
+        if err.tried:
+            refused = err.code in _TOOL_REFUSALS
+            flight.tool_outcome = (
+                telemetry_pb2.TOOL_OUTCOME_REFUSED if refused else telemetry_pb2.TOOL_OUTCOME_FAILED
+            )
         if write and err.tried:
             flight.audit.append(flight.event(audit_pb2.AUDIT_ACTION_TOOL_WRITE, tool.name, FAILURE))
         if err.code == grpc.StatusCode.PERMISSION_DENIED:

@@ -205,7 +205,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             query = StatsInput(window_seconds=request.window_seconds, service=request.service)
         except ValidationError as exc:
             await abort_invalid(context, violations_from(exc))
-        await self._access.authenticate(context, SCOPE_OPS_READ)
+        principal, _ = await self._access.authenticate(context, SCOPE_OPS_READ)
         timeout = await hop_timeout(context, deadline, "telemetry")
         try:
             reply = await self._guard.call(
@@ -215,6 +215,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     group_by=request.group_by,
                     window_seconds=query.window_seconds,
                     service=query.service,
+                    caller=caller_proto(principal),
                 ),
                 timeout,
             )
@@ -255,6 +256,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.ListAuditRequest, context: aio.ServicerContext
     ) -> gateway_pb2.ListAuditResponse:
         return await self._operations.ListAudit(request, context)
+
+    async def CheckpointAudit(
+        self, request: gateway_pb2.CheckpointAuditRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.CheckpointAuditResponse:
+        return await self._operations.CheckpointAudit(request, context)
 
     async def VerifyAudit(
         self, request: gateway_pb2.VerifyAuditRequest, context: aio.ServicerContext

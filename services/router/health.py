@@ -1,7 +1,9 @@
 """Each tool's recent success rate (the H of the confidence), refreshed in the background.
 
-Telemetry is asked every ``refresh_s`` seconds, never per request. When it cannot be reached
-the last known values stay in use; a tool without data counts as healthy (1.0).
+Telemetry's GetToolHealth is asked every ``refresh_s`` seconds, never per request. It counts
+the gateway's per-request records (one per request, written by the gateway alone), so neither
+span sampling nor spans another mesh peer exports can move a tool's health. When telemetry
+cannot be reached the last known values stay in use; a tool without data counts as healthy.
 """
 
 from __future__ import annotations
@@ -32,12 +34,10 @@ class ToolHealth:
         return self._success.get((name, version), 1.0)
 
     async def refresh(self) -> bool:
-        """One GetStats call; True when the values were replaced by fresh ones."""
+        """One GetToolHealth call; True when the values were replaced by fresh ones."""
         try:
-            response = await self._stub.GetStats(
-                telemetry_pb2.GetStatsRequest(
-                    group_by=telemetry_pb2.STATS_GROUP_BY_TOOL, window_seconds=self._window_s
-                ),
+            response = await self._stub.GetToolHealth(
+                telemetry_pb2.GetToolHealthRequest(window_seconds=self._window_s),
                 timeout=min(5.0, self._refresh_s),
             )
         except aio.AioRpcError as error:
@@ -53,9 +53,9 @@ class ToolHealth:
             log.info("telemetry reachable again; tool health refreshed")
         self._reachable = True
         self._success = {
-            (row.tool_name, row.tool_version): min(1.0, max(0.0, 1.0 - row.error_rate))
-            for row in response.rows
-            if row.tool_name and row.count > 0
+            (tool.tool_name, tool.tool_version): min(1.0, max(0.0, tool.success_rate))
+            for tool in response.tools
+            if tool.tool_name and tool.calls > 0
         }
         return True
 

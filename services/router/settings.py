@@ -21,12 +21,12 @@ class RouterSettings(ServiceSettings):
     database_url: str = ""
     # Versioned routing rules (intent patterns, argument extraction, weights, threshold).
     rules_file: Path = DEFAULT_RULES_FILE
-    # Where GetStats is asked for each tool's recent error rate (the H of the confidence).
+    # Where GetToolHealth is asked for each tool's recent success rate (the H of the confidence).
     telemetry_target: str = "127.0.0.1:50055"
     # Seconds between background refreshes of tool health; never refreshed per request.
     health_refresh_s: float = Field(default=15.0, gt=0)
-    # Window of telemetry statistics that counts as "recent" for tool health.
-    health_window_s: int = Field(default=900, ge=60)
+    # Window of telemetry's per-request records that counts as "recent" for tool health.
+    health_window_s: int = Field(default=900, ge=60, le=86400)
     # Extra tool modules to load (comma-separated import paths). Each module defines
     # TOOLS = [(ToolSpec, implementation), ...]; their routing rules go in rules_file. This is
     # how a team adds its own tools without forking the router (and how the fault suite

@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import DeclarativeBase
@@ -42,6 +42,19 @@ class Database:
             return
         async with self._local_write_lock:
             yield
+
+    async def delete_in_chunks(self, table: Any, condition: ColumnElement[bool], chunk: int) -> int:
+        """Delete the rows matching ``condition`` (which an index must serve), ``chunk`` rows
+        per transaction, so no writer ever waits for more than one chunk; rows deleted."""
+        total = 0
+        while True:
+            batch = select(table.id).where(condition).limit(chunk)
+            async with self.writing(), self.engine.begin() as conn:
+                result = await conn.execute(delete(table).where(table.id.in_(batch)))
+            deleted = int(getattr(result, "rowcount", 0) or 0)
+            total += deleted
+            if deleted < chunk:
+                return total
 
     def insert(self, table: Any) -> Any:
         """The dialect's INSERT, which has ON CONFLICT on both."""

@@ -16,8 +16,11 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
+    Float,
     Index,
     Integer,
+    SmallInteger,
     String,
     UniqueConstraint,
     delete,
@@ -27,11 +30,13 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Mapped, mapped_column
 
+from services.kit.limits import MAX_KEY_CHARS
 from services.kit.pricing import PriceTable, cost_micros
 from services.telemetry.database import Base, Database
-from services.telemetry.spans import MAX_KEY_CHARS
 
 PERIODS = ("day", "month")
+# Rows deleted per transaction by retention.
+DELETE_CHUNK = 5000
 METRICS = ("tool_calls", "tokens", "cost_micros")
 COST_KEYS = ("tenant", "principal", "tool_name", "day")
 
@@ -42,6 +47,10 @@ class UsageRow(Base):
         # A replayed record (outbox redelivery) is stored once.
         UniqueConstraint("tenant", "request_id", name="uq_telemetry_usage_request"),
         Index("ix_telemetry_usage_tenant_occurred", "tenant", "occurred_at_ns"),
+        # Mesh-wide windows (tool health, SLOs, the operator's stats) and retention.
+        Index("ix_telemetry_usage_occurred", "occurred_at_ns"),
+        # GetTrace: which tenant a trace is (only records that name one).
+        Index("ix_telemetry_usage_trace", "trace_id"),
     )
 
     id: Mapped[int] = mapped_column(
@@ -65,6 +74,15 @@ class UsageRow(Base):
     day: Mapped[str] = mapped_column(String(10), nullable=False)
     outcome: Mapped[str] = mapped_column(String(MAX_KEY_CHARS), nullable=False)
     reservation_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    # What statistics, SLOs and tool health read (records without duration_ms count only
+    # for cost: they come from a sender that does not measure requests).
+    service: Mapped[str] = mapped_column(String(MAX_KEY_CHARS), nullable=False)
+    duration_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    grpc_status_code: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    error: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    tool_outcome: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    tool_duration_ms: Mapped[float] = mapped_column(Float, nullable=False)
+    trace_id: Mapped[str] = mapped_column(String(32), nullable=False)
 
 
 class UsageTotalRow(Base):
@@ -477,6 +495,31 @@ class Ledger:
                 )
             )
             return reservation
+
+    async def prune(self, occurred_before_ns: int) -> int:
+        """Delete usage records that occurred before the cut, a chunk per transaction."""
+        return await self._db.delete_in_chunks(
+            UsageRow, UsageRow.occurred_at_ns < occurred_before_ns, DELETE_CHUNK
+        )
+
+    async def prune_totals(self, started_before_ns: int) -> int:
+        """Delete running totals of periods that started before the cut, one period start per
+        transaction. Budgets read only the current day's and month's totals."""
+        t = UsageTotalRow
+        async with self._db.engine.connect() as conn:
+            starts = (
+                await conn.scalars(
+                    select(t.period_start_ns)
+                    .where(t.period_start_ns < started_before_ns)
+                    .distinct()
+                )
+            ).all()
+        deleted = 0
+        for start in starts:
+            async with self._db.writing(), self._db.engine.begin() as conn:
+                result = await conn.execute(delete(t).where(t.period_start_ns == start))
+            deleted += int(getattr(result, "rowcount", 0) or 0)
+        return deleted
 
     async def delete_expired(self, now_ns: int) -> int:
         """Expired reservations no longer count; this only keeps the table small."""

@@ -27,9 +27,12 @@ INGEST_SPAN = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 class LocalSpanExporter(SpanExporter):
     """Called on the batch processor's thread; inserts on the server's event loop."""
 
-    def __init__(self, store: SpanStore, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, store: SpanStore, loop: asyncio.AbstractEventLoop, *, keep_every_trace: bool
+    ) -> None:
         self._store = store
         self._loop = loop
+        self._keep_every_trace = keep_every_trace
         self._closed = False
 
     async def close(self) -> None:
@@ -46,7 +49,9 @@ class LocalSpanExporter(SpanExporter):
         if not records:
             return SpanExportResult.SUCCESS
         try:
-            asyncio.run_coroutine_threadsafe(self._store.insert(records), self._loop).result(10)
+            asyncio.run_coroutine_threadsafe(
+                self._store.insert(records, kept=self._keep_every_trace), self._loop
+            ).result(10)
         except Exception:
             log.exception("own spans not stored")
             return SpanExportResult.FAILURE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,9 +22,27 @@ class TelemetrySettings(ServiceSettings):
     otlp_endpoint: str = ""
     # Empty means the SQLite file <data_dir>/telemetry.db.
     database_url: str = ""
-    # Spans that ended longer ago than this are deleted by a background task.
+    # Spans that ended longer ago than this are deleted by housekeeping.
     retention_hours: float = Field(default=168, gt=0)
+    # Usage records (cost, statistics, SLOs, tool health) older than this many days are
+    # deleted by housekeeping; 0 keeps them. GetCost looks back at most 366 days.
+    usage_retention_days: float = Field(default=400, ge=0)
+    # Audit events older than this many days may be deleted, and only up to a signed checkpoint
+    # at least that old; 0 (the default) keeps the audit trail forever.
+    audit_retention_days: float = Field(default=0, ge=0)
+    # How often housekeeping enforces retention (and sweeps expired reservations).
     prune_interval_s: float = Field(default=300, gt=0)
+    # Tail sampling of traces: the share of ordinary traces whose spans are kept, decided per
+    # trace id (the same on every replica). Traces with an error span, or a span lasting at
+    # least trace_keep_slow_ms, are always kept. 1 keeps every span.
+    trace_keep_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    # A trace with a span lasting at least this long (milliseconds) is always kept.
+    trace_keep_slow_ms: float = Field(default=500, gt=0)
+    # Seconds after a trace's last span ended before its sampling decision is made; spans of
+    # the trace that arrive later follow the decision.
+    trace_decision_wait_s: float = Field(default=10, gt=0)
+    # How often pending traces are decided (when trace_keep_ratio is below 1).
+    trace_decision_interval_s: float = Field(default=2, gt=0)
     # When set, received spans are also sent to this OTLP/gRPC endpoint (an OpenTelemetry
     # Collector) in the background; a full queue drops batches rather than slow ingest.
     forward_otlp_endpoint: str = ""
@@ -34,6 +53,19 @@ class TelemetrySettings(ServiceSettings):
     slo_file: Path = Path(__file__).with_name("slo.toml")
     # How often expired budget reservations are deleted; they stop counting when they expire.
     reservation_sweep_interval_s: float = Field(default=60, gt=0)
+    # Ed25519 private key (PEM, mode 0600) that signs audit checkpoints; required in production.
+    # Empty in development: <data_dir>/audit-signing-key.pem, created on first start.
+    audit_key_file: Path | None = None
+    # Directory of PEM public keys that verify checkpoints signed by earlier keys (rotation);
+    # the signing key's own public key is always trusted. Empty: <data_dir>/audit-keyring.
+    audit_keyring_dir: Path | None = None
+    # Where the append-only checkpoint log is written, one file per replica; put it on a volume
+    # that is not the database's and ship it off the host. Empty: <data_dir>/audit-checkpoints.
+    audit_checkpoint_dir: Path | None = None
+    # Seconds between checkpoints of every tenant whose chain head moved.
+    audit_checkpoint_interval_s: float = Field(default=300, gt=0)
+    # Name of this replica's checkpoint log (letters, digits, "-", "_", "."); empty: host name.
+    replica_id: str = Field(default="", pattern=r"^[A-Za-z0-9._-]{0,64}$")
 
     @model_validator(mode="after")
     def _never_export_to_self(self) -> TelemetrySettings:
@@ -46,3 +78,16 @@ class TelemetrySettings(ServiceSettings):
 
     def resolved_database_url(self) -> str:
         return self.database_url or sqlite_url(self.ensure_data_dir(), "telemetry")
+
+    def resolved_audit_key_file(self) -> Path:
+        return self.audit_key_file or self.data_dir / "audit-signing-key.pem"
+
+    def resolved_audit_keyring_dir(self) -> Path:
+        return self.audit_keyring_dir or self.data_dir / "audit-keyring"
+
+    def resolved_audit_checkpoint_dir(self) -> Path:
+        return self.audit_checkpoint_dir or self.data_dir / "audit-checkpoints"
+
+    def resolved_replica_id(self) -> str:
+        name = self.replica_id or socket.gethostname()
+        return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:64] or "telemetry"

@@ -1,4 +1,9 @@
-"""OTLP ExportTraceServiceRequest -> flat span records, with the columns that stats query on."""
+"""OTLP ExportTraceServiceRequest -> flat span records, with the columns GetTrace reads.
+
+Which tenant a span belongs to is taken from its ``toolmesh.tenant`` attribute only when the
+peer that exported it may speak for tenants (the gateway; see services.telemetry.ingest): from
+any other peer the claim stays in the attributes JSON, for forensics, and attributes nothing.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,10 @@ import json
 import math
 from typing import Any
 
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
+
+from services.kit.limits import MAX_KEY_CHARS
 
 SPAN_KIND_SERVER = trace_pb2.Span.SPAN_KIND_SERVER
 _MAX_SPAN_KIND = trace_pb2.Span.SPAN_KIND_CONSUMER
@@ -23,8 +31,6 @@ _OPERATION = "gen_ai.operation.name"
 
 # Timestamps are stored as signed 64-bit integers (good until the year 2262).
 _MAX_UNIX_NANO = 2**63 - 1
-# Longest stored text of the columns below; longer values are cut, never rejected.
-MAX_KEY_CHARS = 256
 
 
 def _value(value: Any) -> Any:
@@ -45,11 +51,11 @@ def _value(value: Any) -> Any:
 
 
 def _text(value: Any) -> str:
-    """A column value: cut to size, without NUL (PostgreSQL text cannot hold it)."""
+    """A column value: cut to MAX_KEY_CHARS, without NUL (PostgreSQL text cannot hold it)."""
     return "" if value is None else str(value).replace("\x00", "")[:MAX_KEY_CHARS]
 
 
-def _span_violations(span: Any, where: str) -> list[tuple[str, str]]:
+def _span_violations(span: trace_pb2.Span, where: str) -> list[tuple[str, str]]:
     violations = []
     if len(span.trace_id) != 16 or not any(span.trace_id):
         violations.append((f"{where}.trace_id", "must be 16 bytes, not all zero"))
@@ -66,8 +72,11 @@ def _span_violations(span: Any, where: str) -> list[tuple[str, str]]:
     return violations
 
 
-def _record(span: Any, service: str) -> dict[str, Any]:
+def _record(
+    span: trace_pb2.Span, service: str, exporter: str, speaks_for_tenants: bool
+) -> dict[str, Any]:
     attributes = {item.key: _value(item.value) for item in span.attributes}
+    tenant = attributes.pop(_TENANT, None) if speaks_for_tenants else None
     if _RPC_SERVICE in attributes and _RPC_METHOD in attributes:
         route = f"/{attributes.pop(_RPC_SERVICE)}/{attributes.pop(_RPC_METHOD)}"
     else:
@@ -88,15 +97,25 @@ def _record(span: Any, service: str) -> dict[str, Any]:
         "grpc_status_code": grpc_status if isinstance(grpc_status, int) else None,
         "tool_name": _text(attributes.pop(_TOOL_NAME, None)),
         "tool_version": _text(attributes.pop(_TOOL_VERSION, None)),
-        "tenant": _text(attributes.pop(_TENANT, None)),
+        "tenant": _text(tenant),
+        "exporter": _text(exporter),
         # Kept in the JSON too: it is a plain attribute, the column only serves the tool query.
         "operation": _text(attributes.get(_OPERATION)),
         "attributes_json": json.dumps(attributes, separators=(",", ":"), sort_keys=True),
     }
 
 
-def decode(request: Any) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Span records of an ExportTraceServiceRequest, or the fields that make it malformed."""
+def decode(
+    request: trace_service_pb2.ExportTraceServiceRequest,
+    *,
+    exporter: str = "",
+    speaks_for_tenants: bool = False,
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Span records of an ExportTraceServiceRequest, or the fields that make it malformed.
+
+    ``exporter`` is the peer's certificate name; ``speaks_for_tenants`` whether its
+    ``toolmesh.tenant`` attributes are believed.
+    """
     records: list[dict[str, Any]] = []
     violations: list[tuple[str, str]] = []
     for r, resource_spans in enumerate(request.resource_spans):
@@ -112,5 +131,5 @@ def decode(request: Any) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
                 if problems:
                     violations.extend(problems)
                 elif not violations:
-                    records.append(_record(span, service))
+                    records.append(_record(span, service, exporter, speaks_for_tenants))
     return records, violations

@@ -1,4 +1,4 @@
-"""Latency and error statistics per group, computed exactly from every span in the window."""
+"""Latency and error statistics per group, computed exactly from every record in the window."""
 
 from __future__ import annotations
 

@@ -1,8 +1,15 @@
-"""Spans in SQL (SQLAlchemy 2 async): SQLite by default, PostgreSQL for several replicas."""
+"""Spans in SQL (SQLAlchemy 2 async): SQLite by default, PostgreSQL for several replicas.
+
+Spans serve GetTrace only; statistics, SLOs and tool health come from the per-request records
+(services.telemetry.records), so spans can be sampled. A span is stored ``kept`` when every
+trace is kept, else pending until its trace's tail-sampling decision (services.telemetry.
+sampling) keeps or deletes every pending span of the trace at once.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -11,25 +18,29 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
-    Row,
     SmallInteger,
     String,
     Text,
     UniqueConstraint,
-    and_,
-    case,
+    cast,
     delete,
+    false,
     func,
     select,
+    text,
+    update,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from services.kit.limits import MAX_KEY_CHARS
 from services.telemetry.database import Base, Database
-from services.telemetry.spans import MAX_KEY_CHARS, SPAN_KIND_SERVER
+from services.telemetry.sampling import Decision, TraceFacts, decide
 
-EXECUTE_TOOL = "execute_tool"
-# Rows deleted per pruning transaction; ingest waits at most for one chunk.
-PRUNE_CHUNK = 5000
+# Rows deleted per transaction by housekeeping; ingest waits at most for one chunk.
+DELETE_CHUNK = 5000
+# Traces decided per transaction by the sampler.
+DECIDE_CHUNK = 500
+PENDING = "NOT kept"
 
 
 class SpanRow(Base):
@@ -37,9 +48,15 @@ class SpanRow(Base):
     __table_args__ = (
         # An exporter retrying a batch must not count its spans twice.
         UniqueConstraint("trace_id", "span_id", name="uq_telemetry_spans_id"),
-        Index("ix_telemetry_spans_kind_end", "kind", "end_ns"),
-        Index("ix_telemetry_spans_operation_end", "operation", "end_ns"),
         Index("ix_telemetry_spans_end", "end_ns"),
+        # The sampler's work list: only undecided spans, a few seconds' worth.
+        Index(
+            "ix_telemetry_spans_pending",
+            "trace_id",
+            "end_ns",
+            sqlite_where=text(PENDING),
+            postgresql_where=text(PENDING),
+        ),
     )
 
     # SQLite only auto-increments INTEGER PRIMARY KEY.
@@ -63,52 +80,39 @@ class SpanRow(Base):
     tenant: Mapped[str] = mapped_column(String(MAX_KEY_CHARS), nullable=False)
     operation: Mapped[str] = mapped_column(String(MAX_KEY_CHARS), nullable=False)
     attributes_json: Mapped[str] = mapped_column(Text, nullable=False)
+    # Certificate name of the peer that exported the span ("" without peer authentication).
+    exporter: Mapped[str] = mapped_column(String(MAX_KEY_CHARS), nullable=False)
+    # False while the trace's sampling decision is pending.
+    kept: Mapped[bool] = mapped_column(Boolean, nullable=False)
 
 
-# What each GetStats grouping reads: its key columns and which spans count.
-GROUPINGS: dict[str, tuple[tuple[Any, ...], Any]] = {
-    "service": ((SpanRow.service,), SpanRow.kind == SPAN_KIND_SERVER),
-    "route": ((SpanRow.service, SpanRow.route), SpanRow.kind == SPAN_KIND_SERVER),
-    "tool": ((SpanRow.tool_name, SpanRow.tool_version), SpanRow.operation == EXECUTE_TOOL),
-}
+@dataclass(frozen=True)
+class SampledTraces:
+    """What one sampler pass did."""
+
+    kept: dict[str, int]  # traces kept, by reason
+    dropped_traces: int
+    dropped_spans: int
 
 
 class SpanStore:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    async def insert(self, records: list[dict[str, Any]]) -> None:
+    async def insert(self, records: list[dict[str, Any]], *, kept: bool) -> None:
         """Insert a batch in one transaction; spans already stored are skipped."""
         statement = self._db.insert(SpanRow).on_conflict_do_nothing(
             index_elements=["trace_id", "span_id"]
         )
+        rows = [{**record, "kept": kept} for record in records]
         async with self._db.writing(), self._db.sessions() as session, session.begin():
-            await session.execute(statement, records)
+            await session.execute(statement, rows)
 
     async def prune(self, ended_before_ns: int) -> int:
         """Delete spans that ended before the cut, in chunks so ingest never waits long."""
-        total = 0
-        while True:
-            oldest = select(SpanRow.id).where(SpanRow.end_ns < ended_before_ns).limit(PRUNE_CHUNK)
-            async with self._db.writing(), self._db.sessions() as session, session.begin():
-                result = await session.execute(delete(SpanRow).where(SpanRow.id.in_(oldest)))
-            deleted = int(getattr(result, "rowcount", 0) or 0)
-            total += deleted
-            if deleted < PRUNE_CHUNK:
-                return total
-
-    async def samples(
-        self, grouping: str, window_start_ns: int, window_end_ns: int, service: str
-    ) -> Sequence[Row[Any]]:
-        """(key columns..., duration_ms, error) of every span the grouping counts in the window."""
-        keys, which = GROUPINGS[grouping]
-        query = select(*keys, SpanRow.duration_ms, SpanRow.error).where(
-            which, SpanRow.end_ns >= window_start_ns, SpanRow.end_ns <= window_end_ns
+        return await self._db.delete_in_chunks(
+            SpanRow, SpanRow.end_ns < ended_before_ns, DELETE_CHUNK
         )
-        if service:
-            query = query.where(SpanRow.service == service)
-        async with self._db.sessions() as session:
-            return (await session.execute(query)).all()
 
     async def trace(self, trace_id: str) -> Sequence[SpanRow]:
         async with self._db.sessions() as session:
@@ -120,40 +124,70 @@ class SpanStore:
                 )
             ).all()
 
-    async def window_counts(
-        self,
-        service: str,
-        route: str,
-        tool: str,
-        *,
-        slow_ms: float,
-        windows_s: Sequence[int],
-        now_ns: int,
-    ) -> dict[int, tuple[int, int, int]]:
-        """(spans, errors, slower than slow_ms) per window ending now, in one scan.
+    async def decide_pending(
+        self, *, ended_before_ns: int, ratio: float, slow_ms: float
+    ) -> SampledTraces:
+        """Keep or drop every pending trace whose newest pending span ended before the cut.
 
-        SERVER spans of ``route``, or execute_tool spans of ``tool``, of one service.
+        One chunk of traces per transaction. A span that arrives for a trace while it is being
+        decided has a higher id than the pass looked at and waits for the next pass; a span
+        that arrives after its trace was kept is kept too (the trace has kept spans).
         """
-        which = (
-            and_(SpanRow.kind == SPAN_KIND_SERVER, SpanRow.route == route)
-            if route
-            else and_(SpanRow.operation == EXECUTE_TOOL, SpanRow.tool_name == tool)
-        )
-        columns = []
-        for window in windows_s:
-            inside = SpanRow.end_ns >= now_ns - window * 1_000_000_000
-            for bad in (None, SpanRow.error, SpanRow.duration_ms > slow_ms):
-                condition = inside if bad is None else and_(inside, bad)
-                columns.append(func.coalesce(func.sum(case((condition, 1), else_=0)), 0))
-        query = select(*columns).where(
-            which,
-            SpanRow.service == service,
-            SpanRow.end_ns >= now_ns - max(windows_s) * 1_000_000_000,
-            SpanRow.end_ns <= now_ns,
-        )
-        async with self._db.sessions() as session:
-            values = [int(v) for v in (await session.execute(query)).one()]
-        return {
-            window: (values[3 * i], values[3 * i + 1], values[3 * i + 2])
-            for i, window in enumerate(windows_s)
-        }
+        kept: dict[str, int] = {}
+        dropped_traces = dropped_spans = 0
+        while True:
+            async with self._db.writing(), self._db.engine.begin() as conn:
+                pending = (
+                    await conn.execute(
+                        select(
+                            SpanRow.trace_id,
+                            func.max(SpanRow.id),
+                            func.max(cast(SpanRow.error, Integer)),
+                            func.max(SpanRow.duration_ms),
+                        )
+                        # Verbatim the index's condition, so SQLite uses the partial index.
+                        .where(text(PENDING))
+                        .group_by(SpanRow.trace_id)
+                        .having(func.max(SpanRow.end_ns) < ended_before_ns)
+                        .limit(DECIDE_CHUNK)
+                    )
+                ).all()
+                if not pending:
+                    break
+                ids = [row[0] for row in pending]
+                already = set(
+                    (
+                        await conn.scalars(
+                            select(SpanRow.trace_id)
+                            .where(SpanRow.trace_id.in_(ids), SpanRow.kept)
+                            .distinct()
+                        )
+                    ).all()
+                )
+                newest = max(int(row[1]) for row in pending)
+                keep: list[str] = []
+                drop: list[str] = []
+                for trace_id, _, error, longest in pending:
+                    facts = TraceFacts(trace_id, bool(error), float(longest), trace_id in already)
+                    decision = decide(facts, ratio=ratio, slow_ms=slow_ms)
+                    if decision is Decision.DROP:
+                        drop.append(trace_id)
+                    else:
+                        keep.append(trace_id)
+                        kept[decision.value] = kept.get(decision.value, 0) + 1
+                undecided = (SpanRow.kept == false(), SpanRow.id <= newest)
+                if keep:
+                    await conn.execute(
+                        update(SpanRow)
+                        .where(SpanRow.trace_id.in_(keep), *undecided)
+                        .values(kept=True)
+                    )
+                if drop:
+                    result = await conn.execute(
+                        delete(SpanRow).where(SpanRow.trace_id.in_(drop), *undecided)
+                    )
+                    dropped_spans += int(getattr(result, "rowcount", 0) or 0)
+                    dropped_traces += len(drop)
+            if len(pending) < DECIDE_CHUNK:
+                break
+        return SampledTraces(kept, dropped_traces, dropped_spans)

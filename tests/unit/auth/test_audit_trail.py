@@ -17,7 +17,7 @@ import pytest
 
 from services.kit.channels import open_channel
 from services.kit.server import Cleanup, Running, start
-from services.telemetry.service import build as build_telemetry
+from services.telemetry.app import build as build_telemetry
 from services.telemetry.settings import TelemetrySettings
 from toolmesh.auth.v1 import auth_pb2
 from toolmesh.common.v1 import common_pb2

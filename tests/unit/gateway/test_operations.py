@@ -27,7 +27,7 @@ from gateway.operations import tenant_spans
 from services.kit.channels import open_channel
 from services.kit.server import Cleanup, Running, start
 from services.kit.settings import ServiceSettings
-from services.telemetry.service import build as build_telemetry
+from services.telemetry.app import build as build_telemetry
 from services.telemetry.settings import TelemetrySettings
 from tests.unit.gateway.conftest import GatewayUnderTest, bearer, start_gateway_on
 from tests.unit.gateway.fakes import Fakes

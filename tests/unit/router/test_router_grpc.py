@@ -384,19 +384,18 @@ class FakeTelemetry(telemetry_pb2_grpc.TelemetryServicer):
     def __init__(self) -> None:
         self.calls = 0
 
-    async def GetStats(
-        self, request: telemetry_pb2.GetStatsRequest, context: aio.ServicerContext
-    ) -> telemetry_pb2.GetStatsResponse:
+    async def GetToolHealth(
+        self, request: telemetry_pb2.GetToolHealthRequest, context: aio.ServicerContext
+    ) -> telemetry_pb2.GetToolHealthResponse:
         self.calls += 1
-        assert request.group_by == telemetry_pb2.STATS_GROUP_BY_TOOL
-        return telemetry_pb2.GetStatsResponse(
-            rows=[
-                telemetry_pb2.StatsRow(
+        return telemetry_pb2.GetToolHealthResponse(
+            tools=[
+                telemetry_pb2.ToolHealth(
                     tool_name="current_time",
                     tool_version="1.0.0",
-                    count=10,
-                    errors=4,
-                    error_rate=0.4,
+                    calls=10,
+                    failures=4,
+                    success_rate=0.6,
                 ),
             ]
         )

@@ -10,7 +10,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from services.kit.channels import open_channel
 from services.kit.server import Cleanup, Running, start
-from services.telemetry.service import build
+from services.telemetry.app import build
 from services.telemetry.settings import TelemetrySettings
 from toolmesh.telemetry.v1 import telemetry_pb2_grpc
 
@@ -42,7 +42,7 @@ class TelemetryServer:
 @pytest.fixture(params=["sqlite", "postgres"])
 def settings(request: pytest.FixtureRequest, tmp_path: Path) -> TelemetrySettings:
     url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
-    return TelemetrySettings(port=0, data_dir=tmp_path, database_url=url)
+    return TelemetrySettings(port=0, data_dir=tmp_path, database_url=url, replica_id="replica-1")
 
 
 @pytest.fixture
@@ -54,7 +54,9 @@ async def server(settings: TelemetrySettings) -> AsyncIterator[TelemetryServer]:
 
 @pytest.fixture
 async def replica(server: TelemetryServer) -> AsyncIterator[TelemetryServer]:
-    """A second server on the same database, started once the first one has migrated it."""
-    running = await TelemetryServer(server.settings).start()
+    """A second server on the same database, started once the first one has migrated it; it
+    keeps its own checkpoint log beside the first one's."""
+    second = server.settings.model_copy(update={"replica_id": "replica-2"})
+    running = await TelemetryServer(second).start()
     yield running
     await running.stop()

@@ -43,7 +43,7 @@ async def verify(server: TelemetryServer, tenant: str = "acme") -> G.VerifyAudit
 
 
 async def test_events_are_chained_once_and_listed(server: TelemetryServer) -> None:
-    events = [event(f"e{i}", action="release" if i % 2 else "tool.write") for i in range(1, 6)]
+    events = [event(f"e{i}", action="token.issue" if i % 2 else "tool.write") for i in range(1, 6)]
     first = await append(server, *events, event("g1", tenant="globex"))
     assert (first.stored, first.duplicates) == (6, 0)
     replay = await append(server, *events[:3], event("e3"))
@@ -56,7 +56,7 @@ async def test_events_are_chained_once_and_listed(server: TelemetryServer) -> No
     stored = page.events[0].event
     assert (stored.event_id, stored.action, list(stored.contract_versions)) == (
         "e1",
-        "release",
+        "token.issue",
         ["toolmesh.router.v1", "calc@1.0.0"],
     )
     assert json.loads(stored.details_json) == {"why": "test"}
@@ -68,7 +68,7 @@ async def test_events_are_chained_once_and_listed(server: TelemetryServer) -> No
         "occurred_at_ns": stored.occurred_at.ToNanoseconds(),
         "tenant": "acme",
         "actor": "alice",
-        "action": "release",
+        "action": "token.issue",
         "target": "tool:calc@1.0.0",
         "outcome": "ok",
         "request_id": "req-e1",
@@ -84,8 +84,8 @@ async def test_events_are_chained_once_and_listed(server: TelemetryServer) -> No
     )
     assert [e.seq for e in rest.events] == [3, 4, 5]
     assert rest.next_page_token == ""
-    releases = await server.stub.ListAudit(G.ListAuditRequest(caller=caller(), action="release"))
-    assert [e.event.event_id for e in releases.events] == ["e1", "e3", "e5"]
+    issued = await server.stub.ListAudit(G.ListAuditRequest(caller=caller(), action="token.issue"))
+    assert [e.event.event_id for e in issued.events] == ["e1", "e3", "e5"]
     future = stamp()
     future.seconds += 3600
     later = await server.stub.ListAudit(G.ListAuditRequest(caller=caller(), since=future))

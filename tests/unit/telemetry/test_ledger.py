@@ -23,7 +23,7 @@ from services.telemetry.settings import TelemetrySettings
 from toolmesh.telemetry.v1 import telemetry_pb2
 
 from .conftest import TelemetryServer
-from .helpers import bad_fields, caller, details, sql, stamp
+from .helpers import OPERATOR, bad_fields, caller, details, sql, stamp
 
 DAY1 = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
 DAY2 = datetime(2026, 11, 21, 23, 59, 59, tzinfo=UTC)
@@ -320,16 +320,49 @@ async def test_tenants_never_see_each_other(server: TelemetryServer) -> None:
     )
     (state,) = (await server.stub.ListBudgets(G.ListBudgetsRequest(caller=caller()))).budgets
     assert (state.reserved.tool_calls, state.used.tool_calls) == (1, 0)
+    # A tenant's admin cannot set another tenant's budget.
     with pytest.raises(aio.AioRpcError) as caught:
         await server.stub.SetBudget(
             G.SetBudgetRequest(
-                caller=caller(),
+                caller=caller(scopes=("admin",)),
                 tenant="globex",
                 period=G.BUDGET_PERIOD_DAY,
                 limits=G.BudgetAmounts(tool_calls=1),
             )
         )
-    assert bad_fields(caught.value) == ["tenant"]
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert caught.value.details() == (
+        "setting the budget of another tenant needs scope platform:admin"
+    )
+    assert (
+        await server.stub.ListBudgets(G.ListBudgetsRequest(caller=caller("globex")))
+    ).budgets == []
+
+
+async def test_the_platform_operator_sets_another_tenants_budget(server: TelemetryServer) -> None:
+    reply = await server.stub.SetBudget(
+        G.SetBudgetRequest(
+            caller=OPERATOR,
+            tenant="globex",
+            period=G.BUDGET_PERIOD_DAY,
+            limits=G.BudgetAmounts(tool_calls=1),
+        )
+    )
+    assert (reply.budget.tenant, reply.budget.limits.tool_calls) == ("globex", 1)
+    listed = await server.stub.ListBudgets(G.ListBudgetsRequest(caller=caller("globex")))
+    (stored,) = listed.budgets
+    assert stored.limits.tool_calls == 1
+    assert (await reserve(server, "r1", tenant="globex", tool_calls=1)).reserved
+    with pytest.raises(aio.AioRpcError) as caught:
+        await reserve(server, "r2", tenant="globex", tool_calls=1)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Without naming a tenant the operator acts on its own.
+    own = await server.stub.SetBudget(
+        G.SetBudgetRequest(
+            caller=OPERATOR, period=G.BUDGET_PERIOD_DAY, limits=G.BudgetAmounts(tokens=5)
+        )
+    )
+    assert own.budget.tenant == "_platform"
 
 
 # Validation happens before any query: one backend is enough.
@@ -497,3 +530,37 @@ async def test_migration_sums_existing_usage_into_totals(tmp_path) -> None:
         ("bob", "day", ns(20), 1, 3, 7),
         ("bob", "month", ns(1), 2, 6, 14),
     ]
+
+
+async def test_usage_retention(tmp_path) -> None:
+    """Records past usage_retention_days go, with the running totals of long-gone periods;
+    what budgets and GetCost read this month stays."""
+    settings = TelemetrySettings(
+        port=0, data_dir=tmp_path, usage_retention_days=30, prune_interval_s=0.05
+    )
+    server = await TelemetryServer(settings).start()
+    try:
+        now = datetime.now(UTC)
+        await server.stub.RecordUsage(
+            G.RecordUsageRequest(
+                records=[
+                    usage("old", occurred_at=stamp(now - timedelta(days=100)), tool_calls=1),
+                    usage("recent", occurred_at=stamp(now - timedelta(days=2)), tool_calls=1),
+                ]
+            )
+        )
+        deadline = time.monotonic() + 10
+        while await sql(server, "SELECT request_id FROM telemetry_usage WHERE request_id = 'old'"):
+            assert time.monotonic() < deadline, "old usage was not pruned"
+            await asyncio.sleep(0.05)
+        while await sql(
+            server,
+            "SELECT 1 FROM telemetry_usage_totals WHERE period_start_ns < :cut",
+            cut=int((now - timedelta(days=62)).timestamp()) * 10**9,
+        ):
+            assert time.monotonic() < deadline, "old totals were not pruned"
+            await asyncio.sleep(0.05)
+        rows = await server.stub.GetCost(G.GetCostRequest(caller=caller(), days=366))
+        assert [r.requests for r in rows.rows] == [1]
+    finally:
+        await server.stop()

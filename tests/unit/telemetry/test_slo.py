@@ -1,4 +1,5 @@
-"""SLO maths with worked numbers, and GetSlo flipping to a page when a tool starts failing."""
+"""SLO maths with worked numbers, and GetSlo (from per-request records) flipping to a page
+when a tool starts failing."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from services.telemetry.settings import TelemetrySettings
 from toolmesh.telemetry.v1 import telemetry_pb2 as G
 
 from .conftest import TelemetryServer
-from .test_telemetry import export_request, rpc_span, tool_span
+from .helpers import RUN, record, request_record
+from .test_telemetry import export_request, tool_span
 
 NINES3 = Fraction("0.999")
 
@@ -55,7 +57,7 @@ def test_config_is_checked() -> None:
     base |= {"latency_threshold_ms": 100, "latency_target": 0.95}
     assert slo.SloConfig.from_mapping({"version": "1", "objective": [base]}).objectives[0].name
     shipped = slo.SloConfig.load(TelemetrySettings().slo_file)
-    assert [o.name for o in shipped.objectives] == ["gateway-run", "router-invoke"]
+    assert [o.name for o in shipped.objectives] == ["gateway-run", "tool-invoke"]
     for broken in (
         {"version": ""},
         {"version": "1", "objective": [{**base, "tool": "calc"}]},
@@ -72,7 +74,7 @@ version = "test-1"
 
 [[objective]]
 name = "calc"
-service = "toolmesh-router"
+service = "toolmesh-gateway"
 tool = "calc"
 availability = 0.99
 latency_threshold_ms = 100
@@ -85,6 +87,15 @@ service = "toolmesh-gateway"
 route = "/toolmesh.gateway.v1.Gateway/Run"
 availability = 0.99
 latency_threshold_ms = 500
+latency_target = 0.95
+period_days = 1
+
+[[objective]]
+name = "tools"
+service = "toolmesh-gateway"
+tool = "*"
+availability = 0.99
+latency_threshold_ms = 100
 latency_target = 0.95
 period_days = 1
 """
@@ -107,11 +118,25 @@ def alerts(sli: G.SliStatus) -> dict[int, bool]:
     return {a.severity: a.firing for a in sli.alerts}
 
 
+def calc_call(i: str, tool_ms: float, *, failed: bool = False, ago_s: float) -> G.UsageRecord:
+    outcome = G.TOOL_OUTCOME_FAILED if failed else G.TOOL_OUTCOME_OK
+    return request_record(
+        i, tool_ms + 5, tool=("calc", "1.0.0"), tool_outcome=outcome, tool_ms=tool_ms, ago_s=ago_s
+    )
+
+
 async def test_page_fires_when_the_tool_starts_failing(slo_server: TelemetryServer) -> None:
     # 100 good calls a minute ago, 2 of them slow; errors 40 minutes ago (1 h window only).
-    calm = [tool_span("calc", "1.0.0", 250 if i < 2 else 10, ended_s_ago=60) for i in range(100)]
-    old_errors = [tool_span("calc", "1.0.0", 10, error=True, ended_s_ago=2400) for _ in range(30)]
-    await slo_server.otlp.Export(export_request("toolmesh-router", calm + old_errors))
+    calm = [calc_call(f"c{i}", 250 if i < 2 else 10, ago_s=60) for i in range(100)]
+    old_errors = [calc_call(f"o{i}", 10, failed=True, ago_s=2400) for i in range(30)]
+    # Another tool's calls and requests that invoked no tool do not count for calc.
+    other = [
+        request_record(
+            f"s{i}", 5, tool=("search", "1"), tool_outcome=G.TOOL_OUTCOME_FAILED, tool_ms=5
+        )
+        for i in range(3)
+    ]
+    await record(slo_server, *calm, *old_errors, *other, request_record("none", 3))
 
     response = await slo_server.stub.GetSlo(G.GetSloRequest(name="calc"))
     assert response.version == "test-1"
@@ -132,10 +157,14 @@ async def test_page_fires_when_the_tool_starts_failing(slo_server: TelemetryServ
     latency = by_kind(objective)[G.SLI_KIND_LATENCY]
     assert (latency.latency_threshold_ms, latency.total, latency.good) == (100, 130, 128)
     assert {b.window_seconds: b.bad for b in latency.burn_rates}[300] == 2
+    (tools,) = (await slo_server.stub.GetSlo(G.GetSloRequest(name="tools"))).objectives
+    assert (
+        by_kind(tools)[G.SLI_KIND_AVAILABILITY].total,
+        by_kind(tools)[G.SLI_KIND_AVAILABILITY].good,
+    ) == (133, 100)
 
     # Now it fails again: 25 errors in the last minute, 25 of 125 in 5 min is 20x.
-    fresh = [tool_span("calc", "1.0.0", 10, error=True, ended_s_ago=30) for _ in range(25)]
-    await slo_server.otlp.Export(export_request("toolmesh-router", fresh))
+    await record(slo_server, *(calc_call(f"f{i}", 10, failed=True, ago_s=30) for i in range(25)))
     (objective,) = (await slo_server.stub.GetSlo(G.GetSloRequest(name="calc"))).objectives
     availability = by_kind(objective)[G.SLI_KIND_AVAILABILITY]
     assert {b.window_seconds: b.burn_rate for b in availability.burn_rates}[300] == pytest.approx(
@@ -145,25 +174,25 @@ async def test_page_fires_when_the_tool_starts_failing(slo_server: TelemetryServ
         G.BURN_ALERT_SEVERITY_PAGE: True,
         G.BURN_ALERT_SEVERITY_TICKET: True,
     }
-    # The route objective counts SERVER spans of its route only and has seen none.
-    response = await slo_server.stub.GetSlo(G.GetSloRequest())
-    run = next(o for o in response.objectives if o.name == "run")
-    assert (run.route, by_kind(run)[G.SLI_KIND_AVAILABILITY].sli) == (
-        "/toolmesh.gateway.v1.Gateway/Run",
-        1,
-    )
-    await slo_server.otlp.Export(
-        export_request(
-            "toolmesh-gateway",
-            [rpc_span("/toolmesh.gateway.v1.Gateway/Run", 600, ended_s_ago=10)],
-        )
-    )
+    # The route objective counts the route's requests: 134 so far, none slower than 500 ms.
     run = next(
-        o
-        for o in (await slo_server.stub.GetSlo(G.GetSloRequest(name="run"))).objectives
-        if o.name == "run"
+        o for o in (await slo_server.stub.GetSlo(G.GetSloRequest())).objectives if o.name == "run"
     )
-    assert (by_kind(run)[G.SLI_KIND_LATENCY].total, by_kind(run)[G.SLI_KIND_LATENCY].good) == (1, 0)
+    assert (run.route, by_kind(run)[G.SLI_KIND_LATENCY].total) == (RUN, 159)
+    assert by_kind(run)[G.SLI_KIND_LATENCY].good == 159
+    await record(slo_server, request_record("slow", 600, ago_s=10))
+    (run,) = (await slo_server.stub.GetSlo(G.GetSloRequest(name="run"))).objectives
+    assert (by_kind(run)[G.SLI_KIND_LATENCY].total, by_kind(run)[G.SLI_KIND_LATENCY].good) == (
+        160,
+        159,
+    )
+
+
+async def test_spans_do_not_move_an_objective(slo_server: TelemetryServer) -> None:
+    errors = [tool_span("calc", "1.0.0", 10, error=True, ended_s_ago=30) for _ in range(25)]
+    await slo_server.otlp.Export(export_request("toolmesh-gateway", errors))
+    (objective,) = (await slo_server.stub.GetSlo(G.GetSloRequest(name="calc"))).objectives
+    assert by_kind(objective)[G.SLI_KIND_AVAILABILITY].total == 0
 
 
 async def test_unknown_objective_is_not_found(server: TelemetryServer) -> None:

@@ -1,4 +1,4 @@
-"""Telemetry over gRPC against the real server and database: OTLP ingest, stats, traces."""
+"""Telemetry over gRPC against the real server and database: OTLP ingest and traces."""
 
 from __future__ import annotations
 
@@ -28,9 +28,11 @@ from services.kit.db import create_engine
 from services.telemetry.migrations import VERSION_TABLE
 from services.telemetry.settings import TelemetrySettings
 from services.telemetry.store import Base
+from toolmesh.common.v1 import common_pb2
 from toolmesh.telemetry.v1 import telemetry_pb2
 
 from .conftest import TelemetryServer
+from .helpers import OPERATOR, caller, record, request_record, sql
 
 SERVER = trace_pb2.Span.SPAN_KIND_SERVER
 CLIENT = trace_pb2.Span.SPAN_KIND_CLIENT
@@ -121,92 +123,23 @@ def bad_fields(error: aio.AioRpcError) -> list[str]:
     return fields
 
 
-async def stats(server: TelemetryServer, group_by: int, window_seconds: int = 0, service: str = ""):
-    response = await server.stub.GetStats(
-        telemetry_pb2.GetStatsRequest(
-            group_by=group_by, window_seconds=window_seconds, service=service
-        )
-    )
-    return list(response.rows)
+async def trace_spans(
+    server: TelemetryServer, trace_id: str, who: common_pb2.Caller | None = None
+) -> list[telemetry_pb2.TraceSpan]:
+    request = telemetry_pb2.GetTraceRequest(trace_id=trace_id, caller=who or caller())
+    return list((await server.stub.GetTrace(request)).spans)
 
 
-async def export_mesh_traffic(server: TelemetryServer) -> None:
-    """Known durations: gateway Run 1..20 ms (2 errors), Info 5 ms, tools calc and search."""
-    gateway = [rpc_span(RUN, d, error=d in (7, 20)) for d in range(1, 21)]
-    gateway.append(rpc_span(INFO, 5))
-    # Client spans and a span older than an hour never count in the default window.
-    gateway.append(rpc_span(RUN, 500, kind=CLIENT))
-    gateway.append(rpc_span(RUN, 1000, ended_s_ago=7200))
-    router = [span(3, name="route"), span(9, name="route", error=True)]
-    router += [tool_span("calc", "1.0.0", d, error=d == 4) for d in (8, 2, 6, 4)]
-    router.append(tool_span("search", "2.1.0", 100, error=True))
-    for request in (
-        export_request("toolmesh-gateway", gateway),
-        export_request("toolmesh-router", router),
-    ):
-        await server.otlp.Export(request)
+async def stored_span_count(server: TelemetryServer) -> int:
+    (count,) = (await sql(server, "SELECT count(*) FROM telemetry_spans"))[0]
+    return int(count)
 
 
-async def test_stats_per_service(server: TelemetryServer) -> None:
-    await export_mesh_traffic(server)
-    rows = await stats(server, telemetry_pb2.STATS_GROUP_BY_SERVICE)
-    assert [r.service for r in rows] == ["toolmesh-gateway", "toolmesh-router"]
-    gateway, router = rows
-    # Durations 1,2,3,4,5,5,6,...,20: nearest rank 11 of 21 -> 10, rank 20 -> 19, rank 21 -> 20.
-    assert (gateway.count, gateway.errors) == (21, 2)
-    assert gateway.error_rate == pytest.approx(2 / 21)
-    assert (gateway.p50_ms, gateway.p95_ms, gateway.p99_ms) == (10, 19, 20)
-    assert gateway.mean_ms == pytest.approx(215 / 21)
-    assert (router.count, router.errors, router.error_rate) == (2, 1, 0.5)
-    assert (router.p50_ms, router.p95_ms, router.p99_ms, router.mean_ms) == (3, 9, 9, 6)
-
-
-async def test_stats_per_route(server: TelemetryServer) -> None:
-    await export_mesh_traffic(server)
-    rows = await stats(server, telemetry_pb2.STATS_GROUP_BY_ROUTE)
-    by_route = {(r.service, r.route): r for r in rows}
-    assert set(by_route) == {
-        ("toolmesh-gateway", RUN),
-        ("toolmesh-gateway", INFO),
-        # No rpc.* attributes: a SERVER span's route is its name.
-        ("toolmesh-router", "route"),
-    }
-    run = by_route["toolmesh-gateway", RUN]
-    assert (run.count, run.errors, run.error_rate) == (20, 2, 0.1)
-    assert (run.p50_ms, run.p95_ms, run.p99_ms, run.mean_ms) == (10, 19, 20, 10.5)
-    info = by_route["toolmesh-gateway", INFO]
-    assert (info.count, info.errors, info.p50_ms, info.p99_ms) == (1, 0, 5, 5)
-    only_router = await stats(server, telemetry_pb2.STATS_GROUP_BY_ROUTE, service="toolmesh-router")
-    assert [(r.service, r.route, r.count) for r in only_router] == [("toolmesh-router", "route", 2)]
-
-
-async def test_stats_per_tool(server: TelemetryServer) -> None:
-    await export_mesh_traffic(server)
-    rows = await stats(server, telemetry_pb2.STATS_GROUP_BY_TOOL)
-    assert [(r.tool_name, r.tool_version) for r in rows] == [("calc", "1.0.0"), ("search", "2.1.0")]
-    calc, search = rows
-    assert (calc.count, calc.errors, calc.error_rate) == (4, 1, 0.25)
-    assert (calc.p50_ms, calc.p95_ms, calc.p99_ms, calc.mean_ms) == (4, 8, 8, 5)
-    assert (search.count, search.errors, search.error_rate, search.p99_ms) == (1, 1, 1.0, 100)
-
-
-async def test_window_filters_by_end_time(server: TelemetryServer) -> None:
-    await export_mesh_traffic(server)
-    three_hours = await stats(server, telemetry_pb2.STATS_GROUP_BY_ROUTE, window_seconds=10_800)
-    run = next(r for r in three_hours if r.route == RUN)
-    assert (run.count, run.p99_ms) == (21, 1000)
-    assert await stats(server, telemetry_pb2.STATS_GROUP_BY_SERVICE, window_seconds=0) != []
-    # Only spans that ended within the last half second: none.
-    await asyncio.sleep(1.1)
-    assert await stats(server, telemetry_pb2.STATS_GROUP_BY_SERVICE, window_seconds=1) == []
-
-
-async def test_repeated_export_is_not_counted_twice(server: TelemetryServer) -> None:
+async def test_repeated_export_is_stored_once(server: TelemetryServer) -> None:
     request = export_request("toolmesh-memory", [rpc_span(RUN, 4), rpc_span(RUN, 6)])
     await server.otlp.Export(request)
     await server.otlp.Export(request)
-    (row,) = await stats(server, telemetry_pb2.STATS_GROUP_BY_SERVICE)
-    assert row.count == 2
+    assert await stored_span_count(server) == 2
 
 
 async def test_get_trace_rebuilds_the_tree(server: TelemetryServer) -> None:
@@ -257,7 +190,9 @@ async def test_get_trace_rebuilds_the_tree(server: TelemetryServer) -> None:
     await server.otlp.Export(export_request("toolmesh-gateway", gateway))
     await server.otlp.Export(export_request("toolmesh-router", [rpc_span(RUN, 1)]))
 
-    response = await server.stub.GetTrace(telemetry_pb2.GetTraceRequest(trace_id=trace_id.hex()))
+    response = await server.stub.GetTrace(
+        telemetry_pb2.GetTraceRequest(trace_id=trace_id.hex(), caller=caller())
+    )
     assert response.trace_id == trace_id.hex()
     spans = list(response.spans)
     # Ordered by start time: root, client hop, server hop, tool.
@@ -279,41 +214,52 @@ async def test_get_trace_rebuilds_the_tree(server: TelemetryServer) -> None:
     assert (spans[3].tool_name, spans[3].tool_version) == ("calc", "1.0.0")
     assert json.loads(spans[3].attributes_json) == {"gen_ai.operation.name": "execute_tool"}
     # Upper case ids are the same trace.
-    upper = await server.stub.GetTrace(
-        telemetry_pb2.GetTraceRequest(trace_id=trace_id.hex().upper())
+    assert len(await trace_spans(server, trace_id.hex().upper())) == 4
+    # Another tenant gets exactly the answer for an unknown trace; the operator sees it all.
+    with pytest.raises(aio.AioRpcError) as caught:
+        await trace_spans(server, trace_id.hex(), caller("globex"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert caught.value.details() == "no span of this trace is stored"
+    assert len(await trace_spans(server, trace_id.hex(), OPERATOR)) == 4
+
+
+async def test_a_trace_is_the_tenants_whose_usage_record_names_it(server: TelemetryServer) -> None:
+    """Through a Collector no span carries a believed tenant: the gateway's record does."""
+    trace_id = os.urandom(16)
+    await server.otlp.Export(
+        export_request("toolmesh-router", [rpc_span(RUN, 3, trace_id=trace_id)])
     )
-    assert len(upper.spans) == 4
+    with pytest.raises(aio.AioRpcError) as caught:
+        await trace_spans(server, trace_id.hex())
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    await record(server, request_record("r1", 3, trace_id=trace_id.hex()))
+    assert [s.route for s in await trace_spans(server, trace_id.hex())] == [RUN]
+    with pytest.raises(aio.AioRpcError):
+        await trace_spans(server, trace_id.hex(), caller("globex"))
+
+
+async def test_spans_of_another_tenant_in_a_trace_stay_out(server: TelemetryServer) -> None:
+    trace_id = os.urandom(16)
+    mine = rpc_span(RUN, 3, trace_id=trace_id, toolmesh__tenant="acme")
+    theirs = rpc_span(RUN, 4, trace_id=trace_id, toolmesh__tenant="globex")
+    untagged = span(2, trace_id=trace_id, name="route")
+    await server.otlp.Export(export_request("toolmesh-gateway", [mine, theirs, untagged]))
+    assert sorted(s.duration_ms for s in await trace_spans(server, trace_id.hex())) == [2, 3]
+    assert len(await trace_spans(server, trace_id.hex(), OPERATOR)) == 3
 
 
 async def test_get_trace_errors(server: TelemetryServer) -> None:
     with pytest.raises(aio.AioRpcError) as caught:
-        await server.stub.GetTrace(telemetry_pb2.GetTraceRequest(trace_id=os.urandom(16).hex()))
+        await trace_spans(server, os.urandom(16).hex())
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     for bad in ("", "xyz", "0" * 32, "a" * 31, "g" * 32):
         with pytest.raises(aio.AioRpcError) as caught:
-            await server.stub.GetTrace(telemetry_pb2.GetTraceRequest(trace_id=bad))
+            await trace_spans(server, bad)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_fields(caught.value) == ["trace_id"]
-
-
-@pytest.mark.parametrize(
-    ("group_by", "window_seconds", "field"),
-    [
-        (telemetry_pb2.STATS_GROUP_BY_UNSPECIFIED, 0, "group_by"),
-        (99, 0, "group_by"),
-        (telemetry_pb2.STATS_GROUP_BY_SERVICE, -1, "window_seconds"),
-        (telemetry_pb2.STATS_GROUP_BY_SERVICE, 30 * 86400 + 1, "window_seconds"),
-    ],
-)
-async def test_stats_validation(server, group_by: int, window_seconds: int, field: str) -> None:
     with pytest.raises(aio.AioRpcError) as caught:
-        await stats(server, group_by, window_seconds)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert bad_fields(caught.value) == [field]
-
-
-async def test_thirty_days_is_the_longest_window(server: TelemetryServer) -> None:
-    assert await stats(server, telemetry_pb2.STATS_GROUP_BY_TOOL, 30 * 86400) == []
+        await server.stub.GetTrace(telemetry_pb2.GetTraceRequest(trace_id=os.urandom(16).hex()))
+    assert bad_fields(caught.value) == ["caller.tenant"]
 
 
 @pytest.mark.parametrize(
@@ -338,7 +284,7 @@ async def test_malformed_spans_reject_the_batch(server, mutate, field: str) -> N
         await server.otlp.Export(export_request("toolmesh-gateway", [good, bad]))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_fields(caught.value) == [f"resource_spans[0].scope_spans[0].spans[1].{field}"]
-    assert await stats(server, telemetry_pb2.STATS_GROUP_BY_SERVICE) == []
+    assert await stored_span_count(server) == 0
 
 
 async def test_odd_but_valid_values_are_stored(server: TelemetryServer) -> None:
@@ -350,9 +296,7 @@ async def test_odd_but_valid_values_are_stored(server: TelemetryServer) -> None:
         ),
     )
     await server.otlp.Export(export_request("toolmesh-x\x00", [odd]))
-    (stored,) = (
-        await server.stub.GetTrace(telemetry_pb2.GetTraceRequest(trace_id=odd.trace_id.hex()))
-    ).spans
+    (stored,) = await trace_spans(server, odd.trace_id.hex(), OPERATOR)
     assert (stored.service, stored.name, stored.route) == ("toolmesh-x", "nulname", "nulname")
     assert json.loads(stored.attributes_json) == {"blob": "01ff", "list": [1.5], "ratio": "nan"}
 
@@ -379,18 +323,13 @@ async def test_retention_prunes_old_spans(tmp_path) -> None:
         deadline = time.monotonic() + 5
         while True:
             try:
-                await server.stub.GetTrace(
-                    telemetry_pb2.GetTraceRequest(trace_id=old.trace_id.hex())
-                )
+                await trace_spans(server, old.trace_id.hex(), OPERATOR)
             except aio.AioRpcError as error:
                 assert error.code() == grpc.StatusCode.NOT_FOUND
                 break
             assert time.monotonic() < deadline, "old span was not pruned"
             await asyncio.sleep(0.05)
-        kept = await server.stub.GetTrace(
-            telemetry_pb2.GetTraceRequest(trace_id=recent.trace_id.hex())
-        )
-        assert len(kept.spans) == 1
+        assert len(await trace_spans(server, recent.trace_id.hex(), OPERATOR)) == 1
     finally:
         await server.stop()
 
@@ -406,17 +345,13 @@ async def test_forwards_spans_to_another_otlp_endpoint(tmp_path) -> None:
         deadline = time.monotonic() + 5
         while True:
             try:
-                got = await collector.stub.GetTrace(
-                    telemetry_pb2.GetTraceRequest(trace_id=sent.trace_id.hex())
-                )
+                got = await trace_spans(collector, sent.trace_id.hex(), OPERATOR)
                 break
             except aio.AioRpcError as error:
                 assert error.code() == grpc.StatusCode.NOT_FOUND
                 assert time.monotonic() < deadline, "span was not forwarded"
                 await asyncio.sleep(0.05)
-        assert [(s.service, s.route, s.duration_ms) for s in got.spans] == [
-            ("toolmesh-gateway", RUN, 7)
-        ]
+        assert [(s.service, s.route, s.duration_ms) for s in got] == [("toolmesh-gateway", RUN, 7)]
     finally:
         await forwarding.stop()
         await collector.stop()
@@ -478,19 +413,11 @@ async def test_spans_from_the_opentelemetry_sdk(server: TelemetryServer) -> None
         return format(run.get_span_context().trace_id, "032x")
 
     trace_id = await asyncio.to_thread(emit)
-    (row,) = await stats(server, telemetry_pb2.STATS_GROUP_BY_ROUTE, service="toolmesh-sdk")
-    assert (row.route, row.count, row.errors, row.p50_ms, row.p99_ms) == (RUN, 1, 1, 40, 40)
-    (tool_row,) = await stats(server, telemetry_pb2.STATS_GROUP_BY_TOOL)
-    assert (tool_row.tool_name, tool_row.count, tool_row.errors, tool_row.p95_ms) == (
-        "calc",
-        1,
-        1,
-        12,
-    )
-    spans = (await server.stub.GetTrace(telemetry_pb2.GetTraceRequest(trace_id=trace_id))).spans
-    assert [(s.name, s.grpc_status_code, s.tenant) for s in spans[:1]] == [
-        ("toolmesh.gateway.v1.Gateway/Run", 13, "acme")
+    spans = await trace_spans(server, trace_id)
+    assert [(s.name, s.route, s.grpc_status_code, s.tenant, s.error) for s in spans[:1]] == [
+        ("toolmesh.gateway.v1.Gateway/Run", RUN, 13, "acme", True)
     ]
+    assert (spans[1].tool_name, spans[1].duration_ms, spans[1].error) == ("calc", 12, True)
     assert spans[1].parent_span_id == spans[0].span_id
     assert json.loads(spans[0].attributes_json) == {"rpc.system": "grpc"}
 
@@ -520,9 +447,9 @@ async def test_replicas_starting_together_migrate_once(settings: TelemetrySettin
         *(TelemetryServer(settings).start() for _ in range(3 - len(servers)))
     )
     try:
-        await servers[0].otlp.Export(export_request("toolmesh-x", [rpc_span(RUN, 2)]))
-        (row,) = await stats(servers[2], telemetry_pb2.STATS_GROUP_BY_SERVICE)
-        assert row.count == 1
+        sent = rpc_span(RUN, 2)
+        await servers[0].otlp.Export(export_request("toolmesh-x", [sent]))
+        assert len(await trace_spans(servers[2], sent.trace_id.hex(), OPERATOR)) == 1
     finally:
         for running in servers:
             await running.stop()

@@ -1,0 +1,33 @@
+"""Whose data a caller may read or change: its own tenant's, or every tenant's for the
+platform operator. One copy of the rule for every handler that takes a Caller.
+
+The Caller comes only from the gateway (PEER_RULES), which authenticated the token and checked
+the scope the RPC needs; this decides the tenant dimension alone.
+"""
+
+from __future__ import annotations
+
+from services.kit.scopes import PLATFORM_ADMIN
+from toolmesh.common.v1 import common_pb2
+
+
+def is_platform_operator(caller: common_pb2.Caller) -> bool:
+    return PLATFORM_ADMIN in caller.scopes
+
+
+def readable_tenant(caller: common_pb2.Caller) -> str | None:
+    """The tenant whose data the caller may read; None means every tenant."""
+    return None if is_platform_operator(caller) else caller.tenant
+
+
+def target_tenant(caller: common_pb2.Caller, requested: str) -> str | None:
+    """The tenant a change applies to: the one requested (empty: the caller's own), or None
+    when the caller may not act on it (another tenant without platform:admin)."""
+    tenant = requested or caller.tenant
+    if tenant != caller.tenant and not is_platform_operator(caller):
+        return None
+    return tenant
+
+
+def another_tenant_refusal(what: str) -> str:
+    return f"{what} of another tenant needs scope {PLATFORM_ADMIN}"
