@@ -7,6 +7,8 @@ the scope the RPC needs; this decides the tenant dimension alone.
 
 from __future__ import annotations
 
+from services.kit.audit import KNOWN_ACTIONS
+from services.kit.peers import AUTH, GATEWAY, ROUTER
 from services.kit.scopes import PLATFORM_ADMIN
 from toolmesh.common.v1 import common_pb2
 
@@ -31,3 +33,24 @@ def target_tenant(caller: common_pb2.Caller, requested: str) -> str | None:
 
 def another_tenant_refusal(what: str) -> str:
     return f"{what} of another tenant needs scope {PLATFORM_ADMIN}"
+
+
+# Which audit actions each mesh role may append. The gateway speaks for every caller; auth and
+# the router only for what they witness themselves, so a stolen router or auth certificate
+# cannot write, say, a forged tool.write into a tenant's chain.
+_OWN_AUDIT_ACTIONS: dict[str, frozenset[str]] = {
+    AUTH: frozenset(
+        {"token.issue", "auth.failure", "permission.denied", "audit.dead_letter"}
+        | {a for a in KNOWN_ACTIONS if a.startswith("admin.")}
+    ),
+    ROUTER: frozenset({"tool.drift", "audit.dead_letter"}),
+}
+
+
+def audit_action_refusal(role: str | None, action: str) -> str | None:
+    """Why the peer in ``role`` may not append ``action``; None when it may. ``role`` None
+    means peers are not authenticated (plaintext development): every action passes."""
+    if role is None or role == GATEWAY:
+        return None
+    allowed = _OWN_AUDIT_ACTIONS.get(role, frozenset())
+    return None if action in allowed else f"peer {role} may not append {action} events"

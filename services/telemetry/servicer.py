@@ -19,6 +19,7 @@ from grpc import aio
 from services.kit.buildinfo import service_info
 from services.kit.errors import abort, abort_invalid, retry_info
 from services.kit.metrics import meter
+from services.kit.peers import parse_aliases, peer_common_name
 from services.telemetry import access, convert, slo, validation
 from services.telemetry.audit import AuditLog
 from services.telemetry.auditing import AuditCheckpoints, ChainBroken
@@ -86,6 +87,15 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServicer):
         self._audit = audit
         self._checkpoints = checkpoints
         self._slos = slos
+        self._aliases = parse_aliases(settings.peer_aliases)
+        self._peers_authenticated = settings.tls_enabled and settings.tls_require_client_auth
+
+    def _peer_role(self, context: aio.ServicerContext) -> str | None:
+        """The calling peer's mesh role, or None without peer authentication (development)."""
+        if not self._peers_authenticated:
+            return None
+        name = peer_common_name(context)
+        return self._aliases.get(name, name)
 
     # -- statistics, traces, SLOs, tool health -------------------------------------------------
 
@@ -382,6 +392,11 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServicer):
             violations += validation.audit_event(i, event)
         if violations:
             await abort_invalid(context, violations)
+        role = self._peer_role(context)
+        for i, event in enumerate(request.events):
+            refusal = access.audit_action_refusal(role, event.action)
+            if refusal is not None:
+                await abort(context, grpc.StatusCode.PERMISSION_DENIED, f"events[{i}]: {refusal}")
         stored, duplicates = await self._audit.append(
             [convert.audit_row(e) for e in request.events]
         )

@@ -1,9 +1,8 @@
 """The gateway's operator views over gRPC: a real gateway in front of a real telemetry server
 (SQLite in a temp dir) and contract fakes of auth, router and memory.
 
-Scope checks, validation before any hop, tenant scoping (including GetTrace, which telemetry
-does not scope: another tenant's trace id must look exactly like an unknown one), and
-telemetry's own errors passed through with their details.
+Scope checks, validation before any hop, tenant scoping (another tenant's trace id must look
+exactly like an unknown one), and telemetry's own errors passed through with their details.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from opentelemetry.proto.common.v1 import common_pb2 as otlp_common
 from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from gateway.operations import tenant_spans
 from services.kit.channels import open_channel
 from services.kit.server import Cleanup, Running, start
 from services.kit.settings import ServiceSettings
@@ -164,15 +162,6 @@ async def test_get_trace_is_the_tenants_and_another_tenants_looks_unknown(stack:
     assert foreign.value.code() == unknown.value.code() == grpc.StatusCode.NOT_FOUND
     assert foreign.value.details() == unknown.value.details() == "no such trace"
     assert foreign.value.trailing_metadata() == unknown.value.trailing_metadata()
-
-
-def test_tenant_spans_leaves_out_spans_of_another_tenant() -> None:
-    ours = telemetry_pb2.TraceSpan(span_id="a", tenant="acme")
-    theirs = telemetry_pb2.TraceSpan(span_id="b", tenant="globex")
-    untagged = telemetry_pb2.TraceSpan(span_id="c")
-    assert tenant_spans([ours, theirs, untagged], "acme") == [ours, untagged]
-    assert tenant_spans([theirs, untagged], "acme") is None
-    assert tenant_spans([], "acme") is None
 
 
 @pytest.mark.parametrize("trace_id", ["", "xyz", "0" * 32, "a" * 31, "a" * 33])

@@ -110,7 +110,12 @@ async def test_other_mesh_peers_cannot_act_for_a_tenant(
         with pytest.raises(aio.AioRpcError) as caught:
             await call()
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
-        assert f"peer {intruder} may not call {name}" == caught.value.details()
+        details = caught.value.details() or ""
+        if intruder == "router" and name == "AppendAudit":
+            # The router appends its own tool.drift events, and nothing else.
+            assert details == "events[0]: peer router may not append tool.write events"
+        else:
+            assert f"peer {intruder} may not call {name}" == details
     # Nothing reached the victim's data; the gateway itself may make every one of these calls.
     gateway = mesh["gateway"].stub
     assert (await gateway.ListAudit(G.ListAuditRequest(caller=caller("victim")))).events == []
@@ -209,3 +214,14 @@ async def test_an_alias_makes_another_certificate_the_gateway(tmp_path: Path, ce
     finally:
         await aliased.channel.close()
         await server.stop()
+
+
+async def test_the_router_appends_only_its_own_drift_events(mesh: dict[str, Peer]) -> None:
+    router = mesh["router"].stub
+    drift = event("drift-1", tenant="victim", action="tool.drift")
+    assert (await router.AppendAudit(G.AppendAuditRequest(events=[drift]))).stored == 1
+    with pytest.raises(aio.AioRpcError) as caught:
+        await router.AppendAudit(
+            G.AppendAuditRequest(events=[event("write-1", tenant="victim")])
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
