@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import socket
 from types import FrameType
 
@@ -33,7 +34,9 @@ GATEWAY_SERVICE = "toolmesh.gateway.v1.Gateway"
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, with readiness turned off the moment a stop signal arrives."""
+    """uvicorn, with readiness turned off the moment a stop signal arrives, and the signal
+    not raised again after the drain (uvicorn's default, which would end the process before
+    the channels close and the spans are flushed)."""
 
     def __init__(self, config: uvicorn.Config, readiness: Readiness) -> None:
         super().__init__(config)
@@ -41,9 +44,11 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self._readiness.draining:
-            log.info("draining", extra={"signal": sig})
+            log.info("draining", extra={"signal": signal.Signals(sig).name})
         self._readiness.draining = True
-        super().handle_exit(sig, frame)
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for requests in flight
+        self.should_exit = True
 
 
 def gateway_channels(settings: McpFaceSettings) -> tuple[aio.Channel, aio.Channel]:

@@ -143,7 +143,9 @@ class TokenCheck:
         self._known.pop(_key(token), None)
 
 
-def _challenge(status: int, error: str, description: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+def _challenge(
+    status: int, error: str, description: str
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """An RFC 6750 challenge: no error code when no token was sent at all."""
     parts = [f'realm="{REALM}"']
     if error:
@@ -208,7 +210,9 @@ class BearerGate:
         await self._app(scope, receive, send)
 
 
-async def _respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+async def _respond(
+    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
     await send(
         {
             "type": "http.response.start",

@@ -107,7 +107,7 @@ def mcp_tool(tool: gateway_pb2.Tool) -> types.Tool:
         input_schema=_object_schema(tool.input_schema_json) or dict(_OBJECT_SCHEMA),
         output_schema=_object_schema(tool.output_schema_json),
         annotations=types.ToolAnnotations(read_only_hint=tool.side_effect == READ_ONLY),
-        meta=meta,
+        _meta=meta,
     )
 
 
@@ -168,7 +168,7 @@ def call_result(reply: gateway_pb2.CallToolResponse) -> types.CallToolResult:
         content=list(content),
         structured_content=structured,
         is_error=not answered,
-        meta={
+        _meta={
             "toolmesh/requestId": reply.request_id,
             "toolmesh/traceId": reply.trace_id,
             "toolmesh/tool": f"{reply.tool_name}@{reply.tool_version}",
@@ -186,7 +186,7 @@ def tool_error(text: str, **meta: Any) -> types.CallToolResult:
     return types.CallToolResult(
         content=[types.TextContent(type="text", text=text)],
         is_error=True,
-        meta={f"toolmesh/{k}": v for k, v in meta.items()} or None,
+        _meta={f"toolmesh/{k}": v for k, v in meta.items()} or None,
     )
 
 
@@ -239,7 +239,9 @@ def refusal(err: aio.AioRpcError, tool: str) -> types.CallToolResult:
         raise MCPError(types.INTERNAL_ERROR, f"toolmesh could not run {tool}: {code.name}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         fields = [f for f, _ in details.violations]
-        if "idempotency_key" in fields and any(d.startswith("required") for _, d in details.violations):
+        if "idempotency_key" in fields and any(
+            d.startswith("required") for _, d in details.violations
+        ):
             return tool_error(
                 f"{tool} is write-capable, so toolmesh runs it only with an idempotency key: "
                 f'pass a unique key in the request\'s _meta as "{META_IDEMPOTENCY_KEY}" and send '
@@ -250,9 +252,7 @@ def refusal(err: aio.AioRpcError, tool: str) -> types.CallToolResult:
         reasons = [_violation_text(f, d) for f, d in details.violations] or [message]
         return tool_error(f"Invalid call of {tool}: " + "; ".join(reasons), code=code.name)
     retry = (
-        f" Retry after {details.retry_after_s:g} s."
-        if details.retry_after_s is not None
-        else ""
+        f" Retry after {details.retry_after_s:g} s." if details.retry_after_s is not None else ""
     )
     prefix = {
         grpc.StatusCode.PERMISSION_DENIED: f"Not allowed to call {tool}: ",
@@ -263,18 +263,16 @@ def refusal(err: aio.AioRpcError, tool: str) -> types.CallToolResult:
     meta: dict[str, Any] = {"code": code.name}
     if details.retry_after_s is not None:
         meta["retryAfterSeconds"] = details.retry_after_s
-    return tool_error(prefix + message + "." * (not message.endswith(".")) + retry, **meta)
+    sentence = message if message.endswith(".") else f"{message or code.name}."
+    return tool_error(prefix + sentence + retry, **meta)
 
 
 def list_error(err: aio.AioRpcError) -> MCPError:
     """A gateway refusal of ListTools as a JSON-RPC error (tools/list has no tool-level form)."""
-    code, message = err.code(), err.details() or code_name(err)
+    code = err.code()
+    message = err.details() or code.name
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return MCPError(types.INVALID_REQUEST, f"Not allowed to list tools: {message}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return MCPError(types.INTERNAL_ERROR, f"toolmesh is unavailable right now: {message}")
     return MCPError(types.INTERNAL_ERROR, f"toolmesh could not list tools: {code.name}")
-
-
-def code_name(err: aio.AioRpcError) -> str:
-    return str(err.code().name)

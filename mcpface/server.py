@@ -128,7 +128,9 @@ class Face:
         try:
             request = mapping.call_request(params)
         except mapping.MetaError as bad:
-            return mapping.tool_error(f"Invalid call of {params.name}: {bad}", code="INVALID_ARGUMENT")
+            return mapping.tool_error(
+                f"Invalid call of {params.name}: {bad}", code="INVALID_ARGUMENT"
+            )
         try:
             reply = await self.gateway.CallTool(
                 request, metadata=_bearer(caller), timeout=self.settings.call_timeout_s
@@ -180,9 +182,7 @@ class Readiness:
     """Ready while the gateway answers its health check SERVING and the face is not draining;
     the answer is reused for ``readiness_cache_s`` so probes cost the gateway little."""
 
-    def __init__(
-        self, health: health_pb2_grpc.HealthStub, settings: McpFaceSettings
-    ) -> None:
+    def __init__(self, health: health_pb2_grpc.HealthStub, settings: McpFaceSettings) -> None:
         self._health = health
         self._settings = settings
         self.draining = False
