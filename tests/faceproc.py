@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx2
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
@@ -27,12 +29,18 @@ class FaceProcess:
     gateway_target: str
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    # With a CA file the face serves HTTPS (its TOOLMESH_MCPFACE_TLS_* certificate).
+    ca_file: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
 
     @property
+    def base(self) -> str:
+        return f"{'https' if self.ca_file else 'http'}://127.0.0.1:{self.port}"
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
+        return f"{self.base}/mcp"
 
     def start(self, timeout: float = 30.0) -> None:
         """Blocks until ready: from an event loop that also runs the gateway, call it through
@@ -64,7 +72,8 @@ class FaceProcess:
 
     def get(self, path: str) -> tuple[int, dict[str, object]]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as reply:
+            context = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
+            with urllib.request.urlopen(f"{self.base}{path}", timeout=5, context=context) as reply:
                 return reply.status, json.loads(reply.read())
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read() or b"{}")
@@ -102,11 +111,22 @@ class FaceProcess:
 
 
 @asynccontextmanager
-async def mcp_session(url: str, token: str | None) -> AsyncIterator[ClientSession]:
+async def mcp_session(
+    url: str, token: str | None, ca_file: Path | None = None
+) -> AsyncIterator[ClientSession]:
     """An initialized MCP client session over streamable HTTP, with the bearer token."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    http_client = (
+        httpx2.AsyncClient(
+            headers=headers,
+            verify=ssl.create_default_context(cafile=ca_file),
+            timeout=httpx2.Timeout(30, read=300),
+        )
+        if ca_file
+        else create_mcp_http_client(headers=headers)
+    )
     async with (
-        create_mcp_http_client(headers=headers) as http,
+        http_client as http,
         streamable_http_client(url, http_client=http) as (read, write),
         ClientSession(read, write) as session,
     ):
