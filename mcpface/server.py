@@ -35,11 +35,18 @@ from mcpface import mapping
 from mcpface.auth import CALLER_SCOPE_KEY, BearerGate, Caller, TokenCheck
 from mcpface.settings import McpFaceSettings
 from services.kit.buildinfo import build_version
+from services.kit.metrics import meter
 from services.kit.tracecontext import caller_span_context
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger("toolmesh.mcpface")
 tracer = trace.get_tracer("toolmesh.mcpface")
+CALLS = meter().create_counter(
+    "toolmesh_mcpface_calls", description="MCP tools/call requests by result"
+)
+CALL_SECONDS = meter().create_histogram(
+    "toolmesh_mcpface_call_seconds", unit="s", description="tools/call latency through the face"
+)
 
 INSTRUCTIONS = (
     "toolmesh runs each tool under its tenant's allowlist, scopes, budgets and audit. "
@@ -154,13 +161,13 @@ class Face:
         )
 
     def _log_call(self, tool: str, result: str, started: float) -> None:
+        seconds = time.perf_counter() - started
+        # By result only: tool names come from the client (an unknown one is still a label).
+        CALLS.add(1, {"result": result})
+        CALL_SECONDS.record(seconds, {"result": result})
         log.info(
             "tools/call",
-            extra={
-                "tool": tool,
-                "result": result,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-            },
+            extra={"tool": tool, "result": result, "duration_ms": round(seconds * 1000, 2)},
         )
 
 
