@@ -35,6 +35,7 @@ COPY protos ./protos
 COPY services ./services
 COPY gateway ./gateway
 COPY cli ./cli
+COPY mcpface ./mcpface
 
 # Generated contract code goes into the app directory (./toolmesh), exactly as `make gen` does,
 # so that `pip install .` below packages it with the services.

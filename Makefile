@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 BUF := node_modules/.bin/buf
 BASELINE := protos/baseline/toolmesh-v1.binpb
-PYDIRS := services gateway cli bench
+PYDIRS := services gateway cli mcpface bench
 
 .DEFAULT_GOAL := help
 .PHONY: help install gen run test check checkov lint typecheck buf-lint buf-breaking baseline bench faults scale-test docs certs clean

@@ -19,13 +19,15 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
-from bench import corpus, storage
+from bench import calltool, corpus, storage
 from bench.echo_server import METHOD
 from bench.load import Result, closed_loop
 from tests.e2e.mesh import REPO, Mesh, free_port
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "10"))
+# Sections other modules measure on the traced mesh, appended to BENCHMARKS.md.
+SECTIONS: list[str] = []
 CONCURRENCY = tuple(int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,32").split(","))
 PROMPT = "what is 17 * 23"
 
@@ -137,7 +139,14 @@ def _mesh_results(
             mesh.start_all()
             token = mesh.token()
             time.sleep(0.5)
-            return asyncio.run(measure(echo_target, mesh, token, concurrency))
+            results = asyncio.run(measure(echo_target, mesh, token, concurrency))
+            if sample_ratio == "1.0":
+                SECTIONS.append(
+                    asyncio.run(
+                        calltool.bench(echo_target, mesh.gateway, token, concurrency, SECONDS)
+                    )
+                )
+            return results
         finally:
             mesh.stop_all()
 
@@ -156,6 +165,7 @@ def main() -> None:
     write_report(traced, untraced, REPO / "BENCHMARKS.md")
     with (REPO / "BENCHMARKS.md").open("a", encoding="utf-8") as report:
         report.write("\n" + corpus.section())
+        report.writelines("\n" + section for section in SECTIONS)
     storage.append_section(REPO / "BENCHMARKS.md")
     print("wrote BENCHMARKS.md")
 

@@ -1,7 +1,8 @@
 """``toolmesh``: argparse front end.
 
-``run``, ``history``, ``token``, ``tools`` and ``stats`` map to one gateway RPC each, and so do
-the operator views ``trace``, ``cost``, ``budget``, ``audit`` and ``slo`` (cli.ops); ``capacity``
+``run``, ``history``, ``token`` and ``stats`` map to one gateway RPC each, and so do the tool
+backends and direct calls ``backends``, ``tools`` and ``call`` (cli.backends) and the operator
+views ``trace``, ``cost``, ``budget``, ``audit`` and ``slo`` (cli.ops); ``capacity``
 sizes replicas from measured latency (cli.capacity); ``clients``,
 ``keys`` and ``revoke`` are admin RPCs sent to the auth service directly (it verifies the bearer
 token and needs scope ``admin``); ``up`` starts a local mesh. With ``--ca-file`` (or env
@@ -186,13 +187,6 @@ def cmd_token(conn: Connection, args: argparse.Namespace) -> str:
     return output.as_json(reply) if args.json else reply.access_token
 
 
-def cmd_tools(conn: Connection, args: argparse.Namespace) -> str:
-    reply = conn.gateway.ListTools(
-        gateway_pb2.ListToolsRequest(), metadata=bearer(conn, args), timeout=args.timeout
-    )
-    return output.as_json(reply) if args.json else output.format_tools(reply)
-
-
 def cmd_stats(conn: Connection, args: argparse.Namespace) -> str:
     reply = conn.gateway.GetStats(
         gateway_pb2.GetStatsRequest(group_by=GROUP_BY[args.by], window_seconds=args.window),
@@ -281,16 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.set_defaults(handler=cmd_token)
 
-    tools = sub.add_parser("tools", parents=[common], help="tools you may use")
-    tools.set_defaults(handler=cmd_tools)
-
     stats = sub.add_parser("stats", parents=[common], help="latency and errors")
     stats.add_argument("--by", choices=sorted(GROUP_BY), default="service")
     stats.add_argument("--window", type=int, default=3600, help="seconds (default 3600)")
     stats.set_defaults(handler=cmd_stats)
 
-    from cli import admin, capacity, migrate, ops, up
+    from cli import admin, backends, capacity, migrate, ops, up
 
+    backends.add_parsers(sub, common)
     ops.add_parsers(sub, common)
     capacity.add_parser(sub, common)
     admin.add_parsers(sub, common)

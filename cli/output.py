@@ -75,15 +75,17 @@ def format_tools(reply: gateway_pb2.ListToolsResponse) -> str:
     if not reply.tools:
         return "(no tools allowed)"
     return table(
-        ["TOOL", "VERSION", "SIDE EFFECT", "COST", "TIMEOUT", "DESCRIPTION"],
+        ["TOOL", "VERSION", "SIDE EFFECT", "BACKEND", "COST", "TIMEOUT", "DESCRIPTION"],
         [
             [
                 t.name,
                 t.version,
                 t.side_effect,
+                f"{t.backend} ({t.backend_kind})" if t.backend else "builtin",
                 str(t.cost_units),
                 f"{t.timeout_ms}ms",
-                t.description,
+                # A backend's description is its own text: one line of it, as data.
+                " ".join(t.description.split()),
             ]
             for t in reply.tools
         ],

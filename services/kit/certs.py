@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-IDENTITIES = ("gateway", "auth", "router", "memory", "telemetry", "operator")
+IDENTITIES = ("gateway", "auth", "router", "memory", "telemetry", "operator", "mcpface")
 VALIDITY = dt.timedelta(days=90)
 
 

@@ -20,6 +20,10 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 
 SERVICES = ["gateway", "auth", "router", "memory", "telemetry"]
+# The MCP face: an HTTP process beside the gateway (its own checks in test_mcpface.py).
+FACE = "mcpface"
+FACE_PORT = 50056
+FACE_METRICS_PORT = 9456
 OVERLAYS = ["overlays/dev", "overlays/prod", "overlays/dev/migrations", "overlays/prod/migrations"]
 SERVICE_OVERLAYS = ["overlays/dev", "overlays/prod"]
 # Every kustomization that must render on its own (a service can be shipped alone).
@@ -31,8 +35,8 @@ KUSTOMIZATIONS = [
     "base/migrations",
     "otel-collector",
     "overlays/prod/otel-collector",
-    *(f"base/{s}" for s in SERVICES),
-    *(f"overlays/prod/{s}" for s in SERVICES),
+    *(f"base/{s}" for s in [*SERVICES, FACE]),
+    *(f"overlays/prod/{s}" for s in [*SERVICES, FACE]),
 ]
 DB_SERVICES = ["auth", "router", "memory", "telemetry"]
 MODULES = {

@@ -280,7 +280,8 @@ def test_each_service_has_a_headless_service_and_only_the_gateway_a_cluster_ip(
     for app in kube.SERVICES:
         assert services[f"{app}-headless"]["spec"]["clusterIP"] == "None"
     balanced = {name for name, s in services.items() if s["spec"].get("clusterIP") != "None"}
-    assert balanced == {"gateway", "otel-collector"}
+    # The MCP face speaks HTTP/1.1 behind an Ingress: a ClusterIP balances its connections.
+    assert balanced == {"gateway", kube.FACE, "otel-collector"}
 
 
 @pytest.mark.parametrize(("overlay", "floor"), [("overlays/dev", 1), ("overlays/prod", 3)])
@@ -289,7 +290,7 @@ def test_autoscalers_target_existing_deployments(
 ) -> None:
     docs = rendered[overlay]
     hpas = kube.of_kind(docs, "HorizontalPodAutoscaler")
-    assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas} == set(kube.SERVICES)
+    assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas} == {*kube.SERVICES, kube.FACE}
     for hpa in hpas:
         ref = hpa["spec"]["scaleTargetRef"]
         assert ref["kind"] == "Deployment" and ref["apiVersion"] == "apps/v1"
@@ -311,7 +312,7 @@ def test_disruption_budgets_select_their_deployment_and_leave_room_to_drain(
         for h in kube.of_kind(docs, "HorizontalPodAutoscaler")
     }
     pdbs = kube.of_kind(docs, "PodDisruptionBudget")
-    assert {p["metadata"]["name"] for p in pdbs} == {*kube.SERVICES, "otel-collector"}
+    assert {p["metadata"]["name"] for p in pdbs} == {*kube.SERVICES, kube.FACE, "otel-collector"}
     for pdb in pdbs:
         matched = [
             d
@@ -359,7 +360,7 @@ def test_pods_spread_over_nodes_and_zones(
 
 
 def test_capacity_comments_state_the_formula() -> None:
-    for app in kube.SERVICES:
+    for app in [*kube.SERVICES, kube.FACE]:
         text = (kube.K8S / "base" / app / "hpa.yaml").read_text()
         assert "W = ceil(" in text, app
         minimum = int(re.search(r"minReplicas: (\d+)", text).group(1))  # type: ignore[union-attr]
@@ -367,7 +368,7 @@ def test_capacity_comments_state_the_formula() -> None:
 
 
 def test_files_exist_for_every_service() -> None:
-    for app in kube.SERVICES:
+    for app in [*kube.SERVICES, kube.FACE]:
         folder = Path(kube.K8S / "base" / app)
         for name in (
             "deployment.yaml",

@@ -53,11 +53,11 @@ def test_the_validator_rejects_a_broken_deployment(rendered: dict[str, list[kube
 
 
 @pytest.mark.parametrize("overlay", kube.SERVICE_OVERLAYS)
-def test_overlay_ships_the_five_services_and_the_collector(
+def test_overlay_ships_the_five_services_the_mcp_face_and_the_collector(
     rendered: dict[str, list[kube.Doc]], overlay: str
 ) -> None:
     names = {d["metadata"]["name"] for d in kube.of_kind(rendered[overlay], "Deployment")}
-    assert names == {*kube.SERVICES, "otel-collector"}
+    assert names == {*kube.SERVICES, kube.FACE, "otel-collector"}
     for doc in rendered[overlay]:
         if doc["kind"] != "Namespace":
             assert doc["metadata"].get("namespace") == "toolmesh", doc["metadata"]["name"]

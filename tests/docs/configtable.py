@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic_settings import BaseSettings
 
 from gateway.settings import GatewaySettings
+from mcpface.settings import McpFaceSettings
 from services.auth.settings import AuthSettings
 from services.kit.settings import ServiceSettings
 from services.memory.settings import MemorySettings
@@ -31,6 +32,7 @@ SERVICES: list[type[ServiceSettings]] = [
     RouterSettings,
     MemorySettings,
     TelemetrySettings,
+    McpFaceSettings,
 ]
 
 

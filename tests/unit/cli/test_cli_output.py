@@ -96,11 +96,20 @@ def test_tools_and_stats_tables() -> None:
         "VERSION",
         "SIDE",
         "EFFECT",
+        "BACKEND",
         "COST",
         "TIMEOUT",
         "DESCRIPTION",
     ]
-    assert lines[1].split() == ["calculator", "1.0.0", "read_only", "1", "500ms", "Arithmetic"]
+    assert lines[1].split() == [
+        "calculator",
+        "1.0.0",
+        "read_only",
+        "builtin",
+        "1",
+        "500ms",
+        "Arithmetic",
+    ]
     stats = gateway_pb2.GetStatsResponse(
         rows=[
             telemetry_pb2.StatsRow(

@@ -139,6 +139,14 @@ class FakeAuth(auth_pb2_grpc.AuthServicer):
 CALCULATOR = router_pb2.ToolContract(
     name="calculator",
     version="1.0.0",
+    description="Evaluates an arithmetic expression.",
+    input_schema_json=json.dumps(
+        {
+            "type": "object",
+            "properties": {"expression": {"type": "string"}},
+            "required": ["expression"],
+        }
+    ),
     side_effect=router_pb2.SIDE_EFFECT_READ_ONLY,
     cost_units=2,
     timeout_ms=1000,
@@ -154,11 +162,49 @@ SAVE_NOTE = router_pb2.ToolContract(
 )
 
 
+def _now() -> Timestamp:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+def backend_tool(
+    backend: router_pb2.Backend,
+    name: str,
+    side_effect: router_pb2.SideEffect = router_pb2.SIDE_EFFECT_READ_ONLY,
+    version: str = "1.0.0",
+    description: str = "",
+) -> router_pb2.ToolContract:
+    """A discovered tool of ``backend``, published as ``<backend>.<name>``."""
+    full = f"{backend.name}.{name}"
+    return router_pb2.ToolContract(
+        name=full,
+        version=version,
+        description=description or f"{name} from {backend.name}",
+        input_schema_json='{"type": "object"}',
+        side_effect=side_effect,
+        cost_units=backend.cost_units,
+        timeout_ms=backend.timeout_ms or 1000,
+        backend=backend.name,
+        backend_kind=backend.kind,
+        fingerprint=uuid.uuid5(uuid.NAMESPACE_URL, f"{full}@{version}:{description}").hex * 2,
+    )
+
+
 class FakeRouter(router_pb2_grpc.RouterServicer):
-    """Routes "note ..." to save_note, prompts with a digit to calculator, anything else nowhere."""
+    """Routes "note ..." to save_note, prompts with a digit to calculator, anything else nowhere.
+
+    Backends follow the contract's shape without running anything: a registered backend is
+    READY at once with the tools ``discovery[name]`` lists (default: one read-only tool
+    ``<name>.echo``), published as version 1.0.0; ``drift`` adds a pending contract.
+    """
 
     def __init__(self) -> None:
         self.tools = {t.name: t for t in (CALCULATOR, SAVE_NOTE)}
+        self.backends: dict[str, router_pb2.Backend] = {}
+        self.discovery: dict[str, list[tuple[str, router_pb2.SideEffect]]] = {}
+        self.versions: dict[str, list[router_pb2.ToolVersion]] = {}
+        self.backend_requests: list[object] = []
         self.route_error: grpc.StatusCode | None = None
         self.invoke_error: tuple[grpc.StatusCode, str] | None = None
         # InvokeTool answers as a tool that declined the input (MCP isError).
@@ -276,6 +322,111 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
         return router_pb2.GetServiceInfoResponse(
             info=service_info("router", ["toolmesh.router.v1"])
         )
+
+    # -- backends -------------------------------------------------------------------------
+
+    async def RegisterBackend(
+        self, request: router_pb2.RegisterBackendRequest, context: aio.ServicerContext
+    ) -> router_pb2.RegisterBackendResponse:
+        self.backend_requests.append(request)
+        backend = router_pb2.Backend()
+        backend.CopyFrom(request.backend)
+        if not backend.name or backend.kind == router_pb2.BACKEND_KIND_UNSPECIFIED:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "backend.name: required")
+        if backend.name in self.backends:
+            await abort(context, grpc.StatusCode.ALREADY_EXISTS, f"backend {backend.name} exists")
+        backend.tenant = "" if request.shared else request.caller.tenant
+        backend.state = router_pb2.BACKEND_STATE_READY
+        backend.created_by = request.caller.subject
+        backend.created_at.CopyFrom(_now())
+        backend.last_discovery_at.CopyFrom(_now())
+        found = self.discovery.get(backend.name, [("echo", router_pb2.SIDE_EFFECT_READ_ONLY)])
+        for name, discovered in found:
+            side_effect = discovered
+            side = backend.side_effects.get(name)
+            if side:
+                side_effect = (
+                    router_pb2.SIDE_EFFECT_WRITE
+                    if side == "write"
+                    else router_pb2.SIDE_EFFECT_READ_ONLY
+                )
+            tool = backend_tool(backend, name, side_effect)
+            backend.tools.append(tool)
+            self.tools[tool.name] = tool
+            self.versions[tool.name] = [
+                router_pb2.ToolVersion(
+                    contract=tool,
+                    state=router_pb2.TOOL_VERSION_STATE_PUBLISHED,
+                    discovered_at=_now(),
+                )
+            ]
+        self.backends[backend.name] = backend
+        return router_pb2.RegisterBackendResponse(backend=backend)
+
+    async def ListBackends(
+        self, request: router_pb2.ListBackendsRequest, context: aio.ServicerContext
+    ) -> router_pb2.ListBackendsResponse:
+        return router_pb2.ListBackendsResponse(
+            backends=[b for b in self.backends.values() if b.tenant in ("", request.caller.tenant)]
+        )
+
+    async def RemoveBackend(
+        self, request: router_pb2.RemoveBackendRequest, context: aio.ServicerContext
+    ) -> router_pb2.RemoveBackendResponse:
+        backend = self.backends.get(request.name)
+        if backend is None or backend.tenant not in ("", request.caller.tenant):
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no backend {request.name}")
+        del self.backends[request.name]
+        for tool in backend.tools:
+            self.tools.pop(tool.name, None)
+        return router_pb2.RemoveBackendResponse()
+
+    def drift(self, tool_name: str, description: str) -> router_pb2.ToolVersion:
+        """A later discovery found another contract under the published version."""
+        published = self.versions[tool_name][-1].contract
+        changed = router_pb2.ToolContract()
+        changed.CopyFrom(published)
+        changed.description = description
+        changed.fingerprint = uuid.uuid5(uuid.NAMESPACE_URL, description).hex * 2
+        pending = router_pb2.ToolVersion(
+            contract=changed, state=router_pb2.TOOL_VERSION_STATE_PENDING, discovered_at=_now()
+        )
+        self.versions[tool_name].append(pending)
+        backend = self.backends[published.backend]
+        backend.state = router_pb2.BACKEND_STATE_DRIFTED
+        return pending
+
+    async def ListToolVersions(
+        self, request: router_pb2.ListToolVersionsRequest, context: aio.ServicerContext
+    ) -> router_pb2.ListToolVersionsResponse:
+        if request.tool_name not in self.versions:
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no tool {request.tool_name}")
+        return router_pb2.ListToolVersionsResponse(versions=self.versions[request.tool_name])
+
+    async def ApproveToolVersion(
+        self, request: router_pb2.ApproveToolVersionRequest, context: aio.ServicerContext
+    ) -> router_pb2.ApproveToolVersionResponse:
+        history = self.versions.get(request.tool_name, [])
+        pending = [
+            v
+            for v in history
+            if v.state == router_pb2.TOOL_VERSION_STATE_PENDING
+            and v.contract.fingerprint == request.fingerprint
+        ]
+        if not pending:
+            await abort(
+                context, grpc.StatusCode.NOT_FOUND, f"no pending contract {request.fingerprint}"
+            )
+        for version in history:
+            if version.state == router_pb2.TOOL_VERSION_STATE_PUBLISHED:
+                version.state = router_pb2.TOOL_VERSION_STATE_RETIRED
+        approved = pending[0]
+        approved.state = router_pb2.TOOL_VERSION_STATE_PUBLISHED
+        approved.contract.version = request.version
+        approved.decided_by = request.caller.subject
+        approved.decided_at.CopyFrom(_now())
+        self.tools[request.tool_name] = approved.contract
+        return router_pb2.ApproveToolVersionResponse(version=approved)
 
 
 class FakeMemory(memory_pb2_grpc.MemoryServicer):

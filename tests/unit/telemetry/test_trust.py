@@ -221,7 +221,5 @@ async def test_the_router_appends_only_its_own_drift_events(mesh: dict[str, Peer
     drift = event("drift-1", tenant="victim", action="tool.drift")
     assert (await router.AppendAudit(G.AppendAuditRequest(events=[drift]))).stored == 1
     with pytest.raises(aio.AioRpcError) as caught:
-        await router.AppendAudit(
-            G.AppendAuditRequest(events=[event("write-1", tenant="victim")])
-        )
+        await router.AppendAudit(G.AppendAuditRequest(events=[event("write-1", tenant="victim")]))
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
