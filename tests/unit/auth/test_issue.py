@@ -121,9 +121,13 @@ async def test_a_client_that_may_not_get_tokens_answers_like_a_wrong_secret(
     change = getattr(auth.stub, how)
     await change(getattr(auth_pb2, f"{how}Request")(client_id=client_id), metadata=admin)
     right_answer = await code_of(auth.stub.IssueToken(request))
-    assert right_answer == wrong_answer == (
-        grpc.StatusCode.UNAUTHENTICATED,
-        "invalid client credentials",
+    assert (
+        right_answer
+        == wrong_answer
+        == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "invalid client credentials",
+        )
     )
     # The audit has the real reason.
     reasons = [
