@@ -3,11 +3,16 @@ secrets never logged; bad input answered INVALID_ARGUMENT naming the field, with
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+import tracemalloc
 from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from tests.unit.auth.conftest import AuthServer, bearer, code_of
 from toolmesh.auth.v1 import auth_pb2
@@ -166,3 +171,80 @@ async def test_revoke_token_validates_expiry(auth: AuthServer) -> None:
     request.expires_at.FromSeconds(1)
     code, details = await code_of(auth.stub.RevokeToken(request, metadata=await auth.admin()))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "expires_at" in details
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos", "problem"),
+    [
+        (2_000_000_000, -1, "nanos must be 0-999999999"),
+        (2_000_000_000, 1_000_000_000, "nanos must be 0-999999999"),
+        (253_402_300_800, 0, "seconds must be within years 1-9999"),
+        (-62_135_596_801, 0, "seconds must be within years 1-9999"),
+        (-(2**63), 0, "seconds must be within years 1-9999"),
+    ],
+)
+async def test_an_out_of_range_timestamp_is_invalid_argument_naming_the_field(
+    auth: AuthServer, seconds: int, nanos: int, problem: str
+) -> None:
+    request = auth_pb2.RevokeTokenRequest(token_id="abc")
+    request.expires_at.seconds = seconds
+    request.expires_at.nanos = nanos
+    call = auth.stub.RevokeToken(request, metadata=await auth.admin())
+    assert await code_of(call) == (grpc.StatusCode.INVALID_ARGUMENT, f"expires_at: {problem}")
+    status = await rpc_status.aio.from_call(call)
+    assert status is not None
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    assert [v.field for v in bad_request.field_violations] == ["expires_at"]
+
+
+async def test_concurrent_revocations_of_one_token_id_are_idempotent(auth: AuthServer) -> None:
+    admin = await auth.admin()
+    later = auth_pb2.RevokeTokenRequest(token_id="same-jti")
+    later.expires_at.FromSeconds(int(time.time()) + 1200)
+    requests = [auth_pb2.RevokeTokenRequest(token_id="same-jti") for _ in range(19)] + [later]
+    replies = await asyncio.gather(
+        *(auth.stub.RevokeToken(r, metadata=admin) for r in requests), return_exceptions=True
+    )
+    assert [r for r in replies if not isinstance(r, auth_pb2.RevokeTokenResponse)] == []
+    listing = await auth.stub.GetRevocations(auth_pb2.GetRevocationsRequest())
+    assert [r.token_id for r in listing.revoked_tokens] == ["same-jti"]
+    # The longest expiry asked for wins (unset means the longest a token can live).
+    assert listing.revoked_tokens[0].expires_at.seconds > time.time() + 3000
+
+
+async def test_thousands_of_bad_entries_are_refused_with_bounded_work(auth: AuthServer) -> None:
+    """One violation for an over-long list, never one per entry: a 2 MB request of one-letter
+    scopes used to build 600,000 violations (about 80 MB) before answering."""
+    admin = await auth.admin()
+    many = ["X"] * 600_000
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        issue = auth.stub.IssueToken(
+            auth_pb2.IssueTokenRequest(client_id="dev", client_secret="s", scopes=many)
+        )
+        assert await code_of(issue) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "scopes: at most 64 entries",
+        )
+        create = auth.stub.CreateClient(
+            auth_pb2.CreateClientRequest(tenant="dev", scopes=many, roles=many), metadata=admin
+        )
+        assert await code_of(create) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "scopes: at most 64 entries; roles: at most 64 entries",
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Python allocations of the client, the server and the test together.
+    assert peak < 40 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+    # Under the cap, each bad entry is named, up to a report's worth.
+    code, details = await code_of(
+        auth.stub.CreateClient(
+            auth_pb2.CreateClientRequest(tenant="dev", scopes=["X"] * 64), metadata=admin
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.count("not a valid name") == 19 and "more violations not listed" in details
