@@ -39,7 +39,9 @@ class AuthSettings(ServiceSettings):
     # Wrong secrets per client id from all addresses together within the window before
     # IssueToken backs off for every address but those where the right secret came from lately.
     throttle_client_failures: int = Field(default=50, ge=1)
+    # Seconds over which wrong secrets are counted.
     throttle_window_s: float = Field(default=60.0, gt=0)
+    # Seconds IssueToken answers RESOURCE_EXHAUSTED once a limit is reached.
     throttle_backoff_s: float = Field(default=60.0, gt=0)
     # How long an address where a client gave its right secret stays exempt from the
     # per-client ceiling (not from its own per-address limit).
