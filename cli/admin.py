@@ -260,7 +260,7 @@ def add_parsers(
         "rotate", parents=[common], help="new active key; the old one keeps verifying"
     ).set_defaults(handler=cmd_keys_rotate)
     retire = ksub.add_parser("retire", parents=[common], help="take a key out of the JWKS")
-    retire.add_argument("kid")
+    retire.add_argument("kid", help="key id; put -- before one that starts with -")
     retire.set_defaults(handler=cmd_keys_retire)
 
     revoke = sub.add_parser(

@@ -290,20 +290,21 @@ class AdminRpcs(AuthBase):
             *validation.opaque_id("token_id", request.token_id, "required, the jti of the token"),
             *validation.tenant(request.tenant),
         ]
-        if request.HasField("expires_at"):
-            violations += validation.timestamp("expires_at", request.expires_at)
-        if violations:
-            await abort_invalid(context, violations)
         now = time.time()
         # No token outlives this, so a later expiry would only keep the entry around longer.
         latest = now + MAX_TOKEN_LIFETIME_S + self._settings.leeway_s
         expires_at = latest
         if request.HasField("expires_at"):
-            expires_at = min(request.expires_at.ToNanoseconds() / 1e9, latest)
-            if expires_at <= now:
-                await abort_invalid(
-                    context, [("expires_at", "already past: the token no longer verifies")]
-                )
+            # Checked before any conversion: protobuf raises on an out-of-range Timestamp.
+            out_of_range = validation.timestamp("expires_at", request.expires_at)
+            if out_of_range:
+                violations += out_of_range
+            else:
+                expires_at = min(request.expires_at.ToNanoseconds() / 1e9, latest)
+                if expires_at <= now:
+                    violations.append(("expires_at", "already past: the token no longer verifies"))
+        if violations:
+            await abort_invalid(context, violations)
         if request.tenant:
             tenant = await self._acting_tenant(context, actor, TOKEN_REVOKE, request.tenant)
         else:
@@ -416,26 +417,33 @@ class AdminRpcs(AuthBase):
         try:
             return await operation
         except StoreError as error:
-            if isinstance(error, OtherTenant):
-                await self._record_refusal(
-                    PERMISSION_DENIED,
-                    tenant=error.tenant,
+            records = [
+                self._record_refusal(
+                    action,
+                    FAILURE,
+                    tenant=actor.tenant,
                     actor=actor.subject,
                     target=target,
-                    details={
-                        "attempted": action_name(action),
-                        "reason": "client of another tenant",
-                        "actor_tenant": actor.tenant,
-                    },
+                    details={"reason": str(error)},
                 )
-            await self._record_refusal(
-                action,
-                FAILURE,
-                tenant=actor.tenant,
-                actor=actor.subject,
-                target=target,
-                details={"reason": str(error)},
-            )
+            ]
+            if isinstance(error, OtherTenant):
+                records.append(
+                    self._record_refusal(
+                        PERMISSION_DENIED,
+                        tenant=error.tenant,
+                        actor=actor.subject,
+                        target=target,
+                        details={
+                            "attempted": action_name(action),
+                            "reason": "client of another tenant",
+                            "actor_tenant": actor.tenant,
+                        },
+                    )
+                )
+            # Together, so they share one outbox commit: answering another tenant's client
+            # takes no longer than answering an unknown one.
+            await asyncio.gather(*records)
             await abort(
                 context,
                 _STORE_CODES.get(type(error), grpc.StatusCode.FAILED_PRECONDITION),
@@ -456,13 +464,18 @@ class AdminRpcs(AuthBase):
         operator's change to another tenant is recorded in the operator's tenant too."""
         tenants: Sequence[str] = [tenant] if tenant == actor.tenant else [tenant, actor.tenant]
         extra = {} if tenant == actor.tenant else {"actor_tenant": actor.tenant}
-        for where in tenants:
-            await self._record_required(
-                context,
-                action,
-                SUCCESS,
-                tenant=where,
-                actor=actor.subject,
-                target=target,
-                details={**(details or {}), **extra},
+        # Together, so both events share one outbox commit.
+        await asyncio.gather(
+            *(
+                self._record_required(
+                    context,
+                    action,
+                    SUCCESS,
+                    tenant=where,
+                    actor=actor.subject,
+                    target=target,
+                    details={**(details or {}), **extra},
+                )
+                for where in tenants
             )
+        )

@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", help="run the server (the default)")
     commands.add_parser("rotate-key", help="create a signing key and make it active")
     retire = commands.add_parser("retire-key", help="take a verifying key out of the JWKS")
-    retire.add_argument("kid")
+    retire.add_argument("kid", help="key id; put -- before one that starts with -")
     delete = commands.add_parser("delete-client", help="delete a client (e.g. dev)")
     delete.add_argument("client_id")
     create = commands.add_parser(

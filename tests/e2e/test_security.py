@@ -628,7 +628,7 @@ def test_key_rotation_and_retirement_without_restarts(own_mesh: Mesh) -> None:
     assert list_tools(own_mesh, token_b) == grpc.StatusCode.OK
     assert list_tools(own_mesh, token_a) == grpc.StatusCode.OK
 
-    retired = ok(cli(own_mesh, "keys", "retire", first))
+    retired = ok(cli(own_mesh, "keys", "retire", "--", first))
     assert first in retired and "retired" in retired
     refused_within(own_mesh, [token_a], BOUND_S)
     assert list_tools(own_mesh, token_b) == grpc.StatusCode.OK

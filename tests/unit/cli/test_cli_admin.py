@@ -108,7 +108,7 @@ async def test_keys_rotate_retire_and_revoke(
     (first,) = [k["kid"] for k in json.loads(out)["keys"]]
     code, out, _ = await toolmesh(capsys, "keys", "rotate")
     assert code == 0 and out.startswith("active: ") and f"previous: {first}" in out
-    code, out, _ = await toolmesh(capsys, "keys", "retire", first)
+    code, out, _ = await toolmesh(capsys, "keys", "retire", "--", first)
     assert code == 0 and first in out and "retired" in out
     code, out, _ = await toolmesh(capsys, "revoke", "--jti", "abc123")
     assert code == 0 and out.strip() == "revoked token abc123"
