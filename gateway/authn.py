@@ -5,6 +5,9 @@ verified against the cached state while it is younger than ``auth_staleness_s``;
 gateway fails closed (UNAVAILABLE) until auth answers again. Staleness is measured on the
 gateway's own monotonic clock from the last successful refresh, so clock skew with auth does
 not matter.
+
+The checks themselves are services.kit.tokens, the verifier auth runs too: this module only
+supplies the cached keys and revocations and the rules from the gateway's settings.
 """
 
 from __future__ import annotations

@@ -44,7 +44,9 @@ def throttle_source(address: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/{IPV6_SOURCE_PREFIX}", strict=False))
+        host_bits = 128 - IPV6_SOURCE_PREFIX
+        prefix = int(ip) >> host_bits << host_bits
+        return str(ipaddress.IPv6Network((prefix, IPV6_SOURCE_PREFIX)))
     return str(ip)
 
 
