@@ -163,11 +163,9 @@ def key_id(token: str, rules: TokenRules) -> str:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in result:
-            raise ValueError("duplicate claim")
-        result[name] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate name")
     return result
 
 
