@@ -1,7 +1,9 @@
 """Admin commands: clients, signing keys and revocation, sent to the auth service directly.
 
-Auth verifies the bearer token itself and requires scope ``admin``; without ``--token`` (or env
-TOOLMESH_TOKEN) the dev client's token is used, issued by auth. Every change is audited by auth.
+Auth verifies the bearer token itself. Scope ``admin`` administers the token's own tenant (its
+clients, its tokens); scope ``platform:admin`` (the platform operator) any tenant
+(``--tenant``) and the signing keys. Without ``--token`` (or env TOOLMESH_TOKEN) the dev
+client's token is used, issued by auth (in dev it holds both). Every change is audited by auth.
 A client secret is printed once (or written to ``--secret-file``, mode 0600) and never again.
 """
 
@@ -170,12 +172,18 @@ def cmd_keys_retire(conn: Connection, args: argparse.Namespace) -> str:
 
 
 def cmd_revoke(conn: Connection, args: argparse.Namespace) -> str:
+    if args.tenant and not args.jti:
+        raise CliError("--tenant goes with --jti (a client's tenant is known)")
     metadata = admin_metadata(conn, args)
     if args.jti:
         token = conn.auth.RevokeToken(
-            auth_pb2.RevokeTokenRequest(token_id=args.jti), metadata=metadata, timeout=args.timeout
+            auth_pb2.RevokeTokenRequest(token_id=args.jti, tenant=args.tenant),
+            metadata=metadata,
+            timeout=args.timeout,
         )
-        return output.as_json(token) if args.json else f"revoked token {token.revoked.token_id}"
+        if args.json:
+            return output.as_json(token)
+        return f"revoked token {token.revoked.token_id}"
     client = conn.auth.RevokeClient(
         auth_pb2.RevokeClientRequest(client_id=args.client),
         metadata=metadata,
@@ -188,13 +196,27 @@ def add_parsers(
     sub: argparse._SubParsersAction,
     common: argparse.ArgumentParser,
 ) -> None:
-    clients = sub.add_parser("clients", help="service accounts (admin)")
+    clients = sub.add_parser(
+        "clients",
+        help="service accounts (scope admin: your tenant's; platform:admin: any tenant's)",
+    )
     csub = clients.add_subparsers(dest="clients_command", required=True, metavar="ACTION")
 
-    create = csub.add_parser("create", parents=[common], help="create a client; secret shown once")
-    create.add_argument("--tenant", required=True)
+    create = csub.add_parser(
+        "create",
+        parents=[common],
+        help="create a client; secret shown once (scope admin; platform:admin for --tenant)",
+    )
     create.add_argument(
-        "--scopes", action="append", default=[], help='e.g. "tools:read tools:write"'
+        "--tenant",
+        default="",
+        help="the client's tenant (default: your token's; another needs scope platform:admin)",
+    )
+    create.add_argument(
+        "--scopes",
+        action="append",
+        default=[],
+        help='e.g. "tools:read tools:write"; scope admin grants only scopes its token holds',
     )
     create.add_argument("--roles", action="append", default=[], help="roles from the policy")
     create.add_argument(
@@ -205,36 +227,52 @@ def add_parsers(
     )
     create.set_defaults(handler=cmd_clients_create)
 
-    listing = csub.add_parser("list", parents=[common], help="list clients")
-    listing.add_argument("--tenant", default="")
+    listing = csub.add_parser(
+        "list", parents=[common], help="list clients (scope admin: your tenant's)"
+    )
+    listing.add_argument(
+        "--tenant",
+        default="",
+        help="only this tenant's (default: yours; every tenant's with scope platform:admin)",
+    )
     listing.add_argument("--include-deleted", action="store_true")
     listing.set_defaults(handler=cmd_clients_list)
 
     for name, handler, text in (
-        ("disable", cmd_clients_disable, "disable a client: its tokens stop working"),
-        ("delete", cmd_clients_delete, "delete a client: its tokens stop working"),
-        ("rotate-secret", cmd_clients_rotate_secret, "new secret, shown once"),
+        ("disable", cmd_clients_disable, "disable a client: its tokens stop working (admin)"),
+        ("delete", cmd_clients_delete, "delete a client: its tokens stop working (admin)"),
+        ("rotate-secret", cmd_clients_rotate_secret, "new secret, shown once (admin)"),
     ):
         action = csub.add_parser(name, parents=[common], help=text)
-        action.add_argument("id", help="client id")
+        action.add_argument(
+            "id", help="client id (of your tenant; any tenant's with scope platform:admin)"
+        )
         if name == "rotate-secret":
             action.add_argument(
                 "--secret-file", default="", help="write the secret to this new 0600 file"
             )
         action.set_defaults(handler=handler)
 
-    keys = sub.add_parser("keys", help="token signing keys (admin)")
+    keys = sub.add_parser("keys", help="token signing keys (scope platform:admin)")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     ksub.add_parser("list", parents=[common], help="list keys").set_defaults(handler=cmd_keys_list)
     ksub.add_parser(
         "rotate", parents=[common], help="new active key; the old one keeps verifying"
     ).set_defaults(handler=cmd_keys_rotate)
     retire = ksub.add_parser("retire", parents=[common], help="take a key out of the JWKS")
-    retire.add_argument("kid")
+    retire.add_argument("kid", help="key id; put -- before one that starts with -")
     retire.set_defaults(handler=cmd_keys_retire)
 
-    revoke = sub.add_parser("revoke", parents=[common], help="revoke a token or a client (admin)")
+    revoke = sub.add_parser(
+        "revoke", parents=[common], help="revoke a token or a client (scope admin)"
+    )
     which = revoke.add_mutually_exclusive_group(required=True)
     which.add_argument("--jti", default="", help="the token's jti")
     which.add_argument("--client", default="", help="a client id: all its tokens")
+    revoke.add_argument(
+        "--tenant",
+        default="",
+        help="with --jti: the token's tenant (default: yours; with scope platform:admin, "
+        "every tenant)",
+    )
     revoke.set_defaults(handler=cmd_revoke)

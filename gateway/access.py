@@ -30,6 +30,7 @@ from services.kit.context import request_id_var
 from services.kit.deadlines import Deadline, DeadlineSpentError
 from services.kit.errors import abort, forward, retry_info
 from services.kit.outbox import MessageOutbox
+from services.kit.peers import address_of_peer
 from services.kit.tracing import current_trace_id
 from toolmesh.common.v1 import audit_pb2, common_pb2
 from toolmesh.telemetry.v1 import telemetry_pb2
@@ -53,8 +54,8 @@ def caller_proto(principal: Principal) -> common_pb2.Caller:
 
 
 def client_address(context: aio.ServicerContext) -> str:
-    """The caller's network address as grpc reports it ("ipv4:10.0.0.7:51234")."""
-    return context.peer() or ""
+    """The caller's network address (no port), which auth throttles wrong secrets by."""
+    return address_of_peer(context.peer() or "")
 
 
 async def hop_timeout(context: aio.ServicerContext, deadline: Deadline, hop: str) -> float:

@@ -25,14 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
-import jwt
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from gateway.authn import ALGORITHM, AuthSnapshot
+from gateway.authn import AuthSnapshot
 from gateway.reliability import Guard
 from gateway.settings import GatewaySettings
 from services.kit.metrics import meter
 from services.kit.pricing import PriceTable, cost_micros
+from services.kit.tokens import TokenRules, signed_identity
 from toolmesh.common.v1 import common_pb2
 from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 
@@ -56,6 +56,8 @@ UNKNOWN_TENANT = "_unknown"
 GATEWAY_CONTRACTS = ("toolmesh.gateway.v1",)
 # Bound on the (tenant, principal) entries the budget cache keeps; the oldest go first.
 MAX_BUDGET_ENTRIES = 100_000
+# Issuer and audience play no part in a signature-only check; the size cap is the kit's.
+_IDENTITY_RULES = TokenRules(issuer="-", audience="-")
 
 _AUDIT_DROPPED = meter().create_counter(
     "toolmesh.gateway.audit.dropped",
@@ -272,37 +274,21 @@ def usage_record(
     )
 
 
-def verified_identity(token: str, snapshot: AuthSnapshot | None) -> tuple[str, str, str]:
+def verified_identity(
+    token: str, snapshot: AuthSnapshot | None, rules: TokenRules | None = None
+) -> tuple[str, str, str]:
     """(tenant, subject, token id) of a refused token whose signature verifies with a known
     key (say, expired or revoked), else ("_unknown", "", ""): claims of a token whose
-    signature does not verify are the sender's word and are never recorded as fact."""
-    if snapshot is None or len(token) > 16384:
-        return UNKNOWN_TENANT, "", ""
-    try:
-        kid = jwt.get_unverified_header(token).get("kid")
-        key = snapshot.keys.get(kid) if isinstance(kid, str) else None
-        if key is None:
-            return UNKNOWN_TENANT, "", ""
-        claims = jwt.decode(
-            token,
-            key,
-            algorithms=[ALGORITHM],
-            options={
-                "verify_exp": False,
-                "verify_nbf": False,
-                "verify_iat": False,
-                "verify_aud": False,
-                "verify_iss": False,
-            },
-        )
-    except (jwt.PyJWTError, ValueError, TypeError):
-        return UNKNOWN_TENANT, "", ""
-    tenant, subject, jti = claims.get("tenant"), claims.get("sub"), claims.get("jti")
+    signature does not verify are the sender's word and are never recorded as fact.
 
-    def text(value: object) -> str:
-        return value[:256] if isinstance(value, str) else ""
-
-    return text(tenant) or UNKNOWN_TENANT, text(subject), text(jti)
+    The signature-only path of services.kit.tokens, so the form, size and header rules are
+    the verifier's own; ``rules`` only matter for the size cap (the kit's by default)."""
+    if snapshot is None:
+        return UNKNOWN_TENANT, "", ""
+    identity = signed_identity(token, snapshot.keys, rules or _IDENTITY_RULES)
+    if identity is None:
+        return UNKNOWN_TENANT, "", ""
+    return identity.tenant or UNKNOWN_TENANT, identity.subject, identity.token_id
 
 
 @dataclass

@@ -5,6 +5,9 @@ verified against the cached state while it is younger than ``auth_staleness_s``;
 gateway fails closed (UNAVAILABLE) until auth answers again. Staleness is measured on the
 gateway's own monotonic clock from the last successful refresh, so clock skew with auth does
 not matter.
+
+The checks themselves are services.kit.tokens, the verifier auth runs too: this module only
+supplies the cached keys and revocations and the rules from the gateway's settings.
 """
 
 from __future__ import annotations
@@ -14,54 +17,51 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import jwt
 from grpc import aio
 
 from gateway.reliability import Guard
 from gateway.settings import GatewaySettings
+from services.kit.tokens import (
+    ALGORITHM,
+    MAX_TOKEN_BYTES,
+    MAX_TOKEN_LIFETIME_S,
+    Principal,
+    Revocations,
+    TokenError,
+    TokenRules,
+    UnknownKeyError,
+    verify,
+)
 from toolmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 log = logging.getLogger("toolmesh.gateway.auth")
 
-ALGORITHM = "EdDSA"
-REQUIRED_CLAIMS = ["exp", "iat", "nbf", "jti", "sub", "iss", "aud", "tenant"]
-_ACCEPTED_TYP = {"at+jwt", "application/at+jwt"}
 # An unknown kid refetches the JWKS at once, but no more often than this.
 UNKNOWN_KID_REFETCH_S = 1.0
 # Per fetch from auth; the background loop tries again on the next tick.
 FETCH_TIMEOUT_S = 2.0
 
-
-class TokenError(Exception):
-    """The token is not acceptable; ``reason`` is short and never contains the token."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class UnknownKeyError(TokenError):
-    """The token names a key id not in the cached JWKS (maybe a freshly rotated key)."""
-
-    def __init__(self, kid: str) -> None:
-        super().__init__("unknown signing key")
-        self.kid = kid
+__all__ = [
+    "ALGORITHM",
+    "AuthSnapshot",
+    "AuthState",
+    "AuthUnavailableError",
+    "Policy",
+    "Principal",
+    "TokenError",
+    "UnknownKeyError",
+    "parse_jwks",
+    "parse_revocations",
+    "token_rules",
+    "verify_token",
+]
 
 
 class AuthUnavailableError(Exception):
     """No auth state, or auth state past its staleness bound: fail closed."""
-
-
-@dataclass(frozen=True)
-class Principal:
-    subject: str
-    tenant: str
-    scopes: frozenset[str]
-    roles: tuple[str, ...]
-    token_id: str
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,7 @@ class Policy:
 @dataclass(frozen=True)
 class AuthSnapshot:
     keys: Mapping[str, jwt.PyJWK]
-    revoked: frozenset[str] = frozenset()
-    disabled_clients: frozenset[str] = frozenset()
+    revocations: Revocations = field(default_factory=Revocations)
     policy: Policy = Policy(version="", tenants={})
 
 
@@ -106,6 +105,14 @@ def parse_jwks(jwks_json: str) -> dict[str, jwt.PyJWK]:
     return keys
 
 
+def parse_revocations(response: auth_pb2.GetRevocationsResponse) -> Revocations:
+    """Revoked (tenant, token id) pairs (an empty tenant: any tenant) and refused clients."""
+    return Revocations(
+        tokens=frozenset((r.tenant, r.token_id) for r in response.revoked_tokens),
+        disabled_clients=frozenset(response.disabled_clients),
+    )
+
+
 def parse_policy(response: auth_pb2.GetPolicyResponse) -> Policy:
     return Policy(
         version=response.version,
@@ -113,77 +120,24 @@ def parse_policy(response: auth_pb2.GetPolicyResponse) -> Policy:
     )
 
 
-def verify_token(token: str, snapshot: AuthSnapshot, settings: GatewaySettings) -> Principal:
-    """Verify signature and claims, then revocation; raises TokenError with a short reason."""
-    if len(token.encode()) > settings.max_token_bytes:
-        raise TokenError("token too large")
-    try:
-        header = jwt.get_unverified_header(token)
-    except jwt.PyJWTError:
-        raise TokenError("malformed token") from None
-    if header.get("alg") != ALGORITHM:
-        raise TokenError("unsupported token algorithm")
-    typ = header.get("typ")
-    if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYP:
-        raise TokenError("wrong token type")
-    kid = header.get("kid")
-    if not isinstance(kid, str) or not kid:
-        raise TokenError("token has no key id")
-    key = snapshot.keys.get(kid)
-    if key is None:
-        raise UnknownKeyError(kid)
-    try:
-        claims: dict[str, Any] = jwt.decode(
-            token,
-            key,
-            algorithms=[ALGORITHM],
-            audience=settings.audience,
-            issuer=settings.issuer,
-            leeway=settings.leeway_s,
-            options={"require": REQUIRED_CLAIMS},
-        )
-    except jwt.ExpiredSignatureError:
-        raise TokenError("token expired") from None
-    except jwt.ImmatureSignatureError:
-        raise TokenError("token not yet valid") from None
-    except jwt.InvalidAudienceError:
-        raise TokenError("wrong audience") from None
-    except jwt.InvalidIssuerError:
-        raise TokenError("wrong issuer") from None
-    except jwt.MissingRequiredClaimError as exc:
-        raise TokenError(f"missing claim {exc.claim}") from None
-    except jwt.InvalidSignatureError:
-        raise TokenError("bad signature") from None
-    except jwt.PyJWTError:
-        raise TokenError("invalid token") from None
-    return _principal(claims, snapshot, settings)
-
-
-def _principal(
-    claims: dict[str, Any], snapshot: AuthSnapshot, settings: GatewaySettings
-) -> Principal:
-    subject, tenant, jti = claims["sub"], claims["tenant"], claims["jti"]
-    if not all(isinstance(v, str) and v for v in (subject, tenant, jti)):
-        raise TokenError("invalid subject, tenant or token id")
-    if claims["exp"] - claims["iat"] > settings.max_token_lifetime_s:
-        raise TokenError("token lifetime too long")
-    scope = claims.get("scope", "")
-    roles = claims.get("roles", [])
-    if not isinstance(scope, str) or not (
-        isinstance(roles, list) and all(isinstance(r, str) for r in roles)
-    ):
-        raise TokenError("invalid scope or roles")
-    if jti in snapshot.revoked:
-        raise TokenError("token revoked")
-    if subject in snapshot.disabled_clients:
-        raise TokenError("client disabled")
-    return Principal(
-        subject=subject,
-        tenant=tenant,
-        scopes=frozenset(scope.split()),
-        roles=tuple(roles),
-        token_id=jti,
+def token_rules(settings: GatewaySettings) -> TokenRules:
+    """The kit's verifier rules from the gateway's settings; the size and lifetime settings
+    can lower the kit's caps (8 KiB, 3600 s), never raise them, so auth and every gateway
+    accept the same tokens."""
+    return TokenRules(
+        issuer=settings.issuer,
+        audience=settings.audience,
+        leeway_s=settings.leeway_s,
+        max_lifetime_s=min(settings.max_token_lifetime_s, MAX_TOKEN_LIFETIME_S),
+        max_token_bytes=min(settings.max_token_bytes, MAX_TOKEN_BYTES),
     )
+
+
+def verify_token(
+    token: str, snapshot: AuthSnapshot, rules: TokenRules, *, now: float | None = None
+) -> Principal:
+    """Every check of services.kit.tokens against the cached keys and revocations."""
+    return verify(token, snapshot.keys, rules, snapshot.revocations, now=now)
 
 
 class AuthState:
@@ -197,6 +151,7 @@ class AuthState:
     ) -> None:
         self._stub = stub
         self._settings = settings
+        self.rules = token_rules(settings)
         self._clock = clock
         self._snapshot: AuthSnapshot | None = None
         self._refreshed_at = 0.0
@@ -226,8 +181,7 @@ class AuthState:
         previous = self._snapshot
         self._snapshot = AuthSnapshot(
             keys=keys,
-            revoked=frozenset(r.token_id for r in revocations.revoked_tokens),
-            disabled_clients=frozenset(revocations.disabled_clients),
+            revocations=parse_revocations(revocations),
             policy=parse_policy(policy),
         )
         self._refreshed_at = self._clock()
@@ -269,12 +223,12 @@ class AuthState:
         """Verify ``token``; an unknown kid refetches the JWKS once (rate-limited) and retries."""
         snapshot = self.snapshot()
         try:
-            return verify_token(token, snapshot, self._settings), snapshot.policy
+            return verify_token(token, snapshot, self.rules), snapshot.policy
         except UnknownKeyError as exc:
             if not await self._refetch_jwks(exc.kid):
                 raise
         snapshot = self.snapshot()
-        return verify_token(token, snapshot, self._settings), snapshot.policy
+        return verify_token(token, snapshot, self.rules), snapshot.policy
 
     async def _refetch_jwks(self, kid: str) -> bool:
         """True when ``kid`` is known afterwards; concurrent callers share one fetch."""
@@ -297,8 +251,7 @@ class AuthState:
             latest = self._snapshot or current
             self._snapshot = AuthSnapshot(
                 keys=keys,
-                revoked=latest.revoked,
-                disabled_clients=latest.disabled_clients,
+                revocations=latest.revocations,
                 policy=latest.policy,
             )
             return kid in keys

@@ -12,14 +12,16 @@ from grpc import aio
 from pydantic import SecretStr
 
 from services.auth.audit import AuditTrail
+from services.auth.credentials import SecretHasher, new_secret
 from services.auth.keys import KeyFiles
 from services.auth.models import CLIENT_DELETED, CLIENT_ENABLED, KEY_RETIRED, ClientRow
 from services.auth.policy import PolicySource
-from services.auth.servicer import AuthServicer, SecretHasher, new_secret
+from services.auth.servicer import AuthServicer
 from services.auth.settings import AuthSettings
 from services.auth.store import Conflict, Store
 from services.kit.db import create_engine
 from services.kit.peers import ANY_PEER, GATEWAY, OPERATOR, PeerRules
+from services.kit.scopes import ADMIN, OPS_READ, PLATFORM_ADMIN, TOOLS_READ, TOOLS_WRITE
 from services.kit.server import Cleanup, Register, Registered, StartupRefused
 from services.kit.settings import Environment, ServiceSettings
 from toolmesh.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -28,7 +30,9 @@ log = logging.getLogger("toolmesh.auth")
 
 DEV_CLIENT_ID = "dev"
 DEV_TENANT = "dev"
-DEV_SCOPES = "tools:read tools:write ops:read admin"
+# Every scope, platform:admin included: the dev client of `make run` is the laptop's operator.
+# Production never has a dev client (check_production refuses to start while it exists).
+DEV_SCOPES = " ".join((TOOLS_READ, TOOLS_WRITE, OPS_READ, ADMIN, PLATFORM_ADMIN))
 SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["Auth"].full_name
 # The gateway keeps keys, revocations and policy fresh and forwards token requests; the
 # operator's tools call the admin RPCs directly (each also checks the admin token it carries).
@@ -79,8 +83,15 @@ async def ensure_dev_key(store: Store, key_files: KeyFiles) -> None:
 
 
 async def ensure_dev_client(settings: AuthSettings, store: Store, hasher: SecretHasher) -> None:
-    """First start in dev: a client with every scope, its secret in a 0600 file, never logged."""
-    if await store.client(DEV_CLIENT_ID) is not None:
+    """First start in dev: a client with every scope, its secret in a 0600 file, never logged.
+
+    A dev client made by an earlier release gets the scopes added since (platform:admin)."""
+    existing = await store.client(DEV_CLIENT_ID)
+    if existing is not None:
+        if existing.state == CLIENT_ENABLED and set(DEV_SCOPES.split()) - set(
+            existing.scopes.split()
+        ):
+            await store.set_scopes(DEV_CLIENT_ID, DEV_SCOPES)
         return
     secret: SecretStr = new_secret()
     now = time.time()

@@ -1,6 +1,11 @@
 """Auth's audit events: committed to a durable outbox before the RPC answers, then relayed to
 the telemetry service's hash-chained trail (``toolmesh.telemetry.v1.Telemetry/AppendAudit``).
 
+Building an event is services.kit.audit's job (the one builder: actions from the
+``toolmesh.common.v1.AuditAction`` enum, every field cleaned and clipped to telemetry's
+limits); this module only adds auth's context (request id, trace id, policy version) and
+delivers: ``AuditTrail.event`` builds, ``record`` logs and commits, the relay sends.
+
 Outbox items have kind ``audit``, key = the event id (a random hex id) and payload = the
 serialized ``AuditEvent``. Telemetry stores each (tenant, event_id) once, so a batch delivered
 twice (a crash between delivery and deletion) is harmless. While telemetry is down the relay
@@ -16,13 +21,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
+from services.kit.audit import audit_event
 from services.kit.channels import open_channel
 from services.kit.context import request_id_var
 from services.kit.outbox import Item, Outbox, Pending, Relay
@@ -34,28 +36,8 @@ log = logging.getLogger("toolmesh.auth")
 
 KIND = "audit"
 CONTRACT_VERSIONS = ("toolmesh.auth.v1",)
-# Tenant of failures where no tenant is known (an unknown client id, an unverifiable token).
-UNKNOWN_TENANT = "_unknown"
-
-SUCCESS = "success"
-DENIED = "denied"  # refused by a security control (credentials, scope, throttle)
-FAILURE = "failure"  # an authorized change that could not be made (not found, wrong state, ...)
-
-TOKEN_ISSUE = "token.issue"  # noqa: S105 - an action name
-AUTH_FAILURE = "auth.failure"
-PERMISSION_DENIED = "permission.denied"
-
-# Telemetry's limits (toolmesh.telemetry.v1 AppendAudit): longer fields would make it refuse
-# the whole batch, and a refused batch would block the queue behind it.
-MAX_KEY_CHARS = 256
-MAX_TARGET_CHARS = 4096
-MAX_DETAILS_CHARS = 65536
 # At most 1000 events per AppendAudit.
 BATCH = 100
-
-
-def _clip(value: str, limit: int = MAX_KEY_CHARS) -> str:
-    return value[:limit]
 
 
 class AuditTrail:
@@ -107,7 +89,7 @@ class AuditTrail:
 
     def event(
         self,
-        action: str,
+        action: int,
         outcome: str,
         *,
         tenant: str,
@@ -115,29 +97,22 @@ class AuditTrail:
         target: str = "",
         details: Mapping[str, object] | None = None,
     ) -> telemetry_pb2.AuditEvent:
-        occurred = Timestamp()
-        occurred.FromNanoseconds(time.time_ns())
-        details_json = json.dumps(dict(details), sort_keys=True) if details else ""
-        if len(details_json) > MAX_DETAILS_CHARS:
-            details_json = json.dumps({"truncated": True})
-        return telemetry_pb2.AuditEvent(
-            event_id=uuid.uuid4().hex,
-            occurred_at=occurred,
-            tenant=_clip(tenant or UNKNOWN_TENANT),
-            actor=_clip(actor),
-            action=_clip(action),
-            target=_clip(target, MAX_TARGET_CHARS),
-            outcome=_clip(outcome),
-            request_id=_clip(request_id_var.get()),
+        return audit_event(
+            action=action,
+            tenant=tenant,
+            actor=actor,
+            target=target,
+            outcome=outcome,
+            request_id=request_id_var.get(),
             trace_id=current_trace_id(),
-            policy_version=_clip(self._policy_version()),
+            policy_version=self._policy_version(),
             contract_versions=CONTRACT_VERSIONS,
-            details_json=details_json,
+            details=details,
         )
 
     async def record(
         self,
-        action: str,
+        action: int,
         outcome: str,
         *,
         tenant: str,
@@ -161,7 +136,7 @@ class AuditTrail:
                 "outcome": event.outcome,
                 "tenant": event.tenant,
                 "event_id": event.event_id,
-                "details": dict(details or {}),
+                "details": json.loads(event.details_json) if event.details_json else {},
             },
         )
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -199,13 +174,4 @@ class AuditTrail:
         return []
 
 
-__all__ = [
-    "AUTH_FAILURE",
-    "DENIED",
-    "FAILURE",
-    "PERMISSION_DENIED",
-    "SUCCESS",
-    "TOKEN_ISSUE",
-    "UNKNOWN_TENANT",
-    "AuditTrail",
-]
+__all__ = ["KIND", "AuditTrail"]

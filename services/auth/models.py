@@ -67,10 +67,13 @@ class ClientRow(Base):
 
 
 class RevokedTokenRow(Base):
-    """A revoked token id, kept until the token would have expired anyway."""
+    """A revoked token id in one tenant ("" = any tenant), kept until the token would have
+    expired anyway. Keyed by tenant so that one tenant's admin cannot revoke another's tokens
+    (and revoking the same id in two tenants is two rows)."""
 
     __tablename__ = "auth_revoked_tokens"
 
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True, server_default="")
     jti: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[float] = mapped_column(Float, index=True)
     revoked_at: Mapped[float] = mapped_column(Float)

@@ -12,7 +12,9 @@ import secrets
 import time
 from typing import Any
 
-from services.auth.audit import SUCCESS, AuditTrail
+from services.auth.admin import CLIENT_CREATE, CLIENT_DELETE, KEY_RETIRE, KEY_ROTATE
+from services.auth.audit import AuditTrail
+from services.auth.credentials import SecretHasher, new_secret
 from services.auth.keys import KeyFiles
 from services.auth.models import (
     CLIENT_DELETED,
@@ -22,17 +24,10 @@ from services.auth.models import (
     ClientRow,
 )
 from services.auth.policy import NAME_PATTERN, SCOPE_PATTERN, load_policy
-from services.auth.servicer import (
-    CLIENT_CREATE,
-    CLIENT_DELETE,
-    CLIENT_ID_PATTERN,
-    KEY_RETIRE,
-    KEY_ROTATE,
-    SecretHasher,
-    new_secret,
-)
 from services.auth.settings import AuthSettings
 from services.auth.store import Store
+from services.auth.validation import CLIENT_ID_PATTERN
+from services.kit.audit import SUCCESS
 from services.kit.db import create_engine
 
 ACTOR = "local-operator"
@@ -48,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", help="run the server (the default)")
     commands.add_parser("rotate-key", help="create a signing key and make it active")
     retire = commands.add_parser("retire-key", help="take a verifying key out of the JWKS")
-    retire.add_argument("kid")
+    retire.add_argument("kid", help="key id; put -- before one that starts with -")
     delete = commands.add_parser("delete-client", help="delete a client (e.g. dev)")
     delete.add_argument("client_id")
     create = commands.add_parser(
@@ -101,7 +96,7 @@ async def run(settings: AuthSettings, args: argparse.Namespace) -> dict[str, Any
 
 
 async def record(
-    trail: AuditTrail, action: str, target: str, details: dict[str, object] | None = None
+    trail: AuditTrail, action: int, target: str, details: dict[str, object] | None = None
 ) -> None:
     await trail.record(
         action, SUCCESS, tenant=OPERATOR_TENANT, actor=ACTOR, target=target, details=details

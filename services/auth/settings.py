@@ -9,11 +9,9 @@ from pydantic import Field
 
 from services.kit.db import sqlite_url
 from services.kit.settings import DEFAULT_PORTS, ServiceSettings
+from services.kit.tokens import MAX_LEEWAY_S, MAX_TOKEN_LIFETIME_S
 
 PACKAGED_POLICY = Path(__file__).with_name("policy.toml")
-
-# No token may live longer than this; verification refuses longer ones whatever their signature.
-MAX_TOKEN_LIFETIME_S = 3600
 
 
 class AuthSettings(ServiceSettings):
@@ -26,7 +24,7 @@ class AuthSettings(ServiceSettings):
     audience: str = Field(default="toolmesh", min_length=1)
     token_ttl_s: int = Field(default=900, ge=10, le=MAX_TOKEN_LIFETIME_S)
     # Clock skew tolerated when checking exp, nbf and iat.
-    leeway_s: int = Field(default=10, ge=0, le=30)
+    leeway_s: int = Field(default=10, ge=0, le=MAX_LEEWAY_S)
     policy_file: Path = PACKAGED_POLICY
     # How often, at most, the policy file's mtime is checked for a reload.
     policy_check_interval_s: float = Field(default=3.0, ge=0)
@@ -35,10 +33,19 @@ class AuthSettings(ServiceSettings):
     key_publish_ahead_s: float = Field(default=0.0, ge=0, le=3600)
     # Empty means <data_dir>/auth/keys.
     keys_dir: Path | None = None
-    # Wrong secrets per client id within the window before IssueToken backs off.
+    # Wrong secrets per (client id, source address) within the window before IssueToken backs
+    # off for that address; the owner's right secret from another address still works.
     throttle_failures: int = Field(default=5, ge=1)
+    # Wrong secrets per client id from all addresses together within the window before
+    # IssueToken backs off for every address but those where the right secret came from lately.
+    throttle_client_failures: int = Field(default=50, ge=1)
+    # Seconds over which wrong secrets are counted.
     throttle_window_s: float = Field(default=60.0, gt=0)
+    # Seconds IssueToken answers RESOURCE_EXHAUSTED once a limit is reached.
     throttle_backoff_s: float = Field(default=60.0, gt=0)
+    # How long an address where a client gave its right secret stays exempt from the
+    # per-client ceiling (not from its own per-address limit).
+    throttle_trusted_s: float = Field(default=86400.0, ge=0)
     # Where audit events go (telemetry's AppendAudit): host:port, a comma list of replicas,
     # ipv4:... or dns:///name:port. mTLS is used when this process has a certificate.
     telemetry_target: str = f"127.0.0.1:{DEFAULT_PORTS['telemetry']}"

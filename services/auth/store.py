@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from services.auth.migrations import MIGRATIONS
 from services.auth.models import (
@@ -21,9 +22,9 @@ from services.auth.models import (
     RevokedTokenRow,
     SigningKeyRow,
 )
-from services.auth.settings import MAX_TOKEN_LIFETIME_S
 from services.kit.db import session_factory
 from services.kit.migrations import check_schema
+from services.kit.tokens import MAX_TOKEN_LIFETIME_S
 
 PRUNE_EVERY_S = 30.0
 
@@ -36,6 +37,15 @@ class NotFound(StoreError):
     pass
 
 
+class OtherTenant(NotFound):
+    """The client exists in another tenant than the one the caller may act in. Its message is
+    the unknown client's, so a caller cannot tell the two apart; only the audit can."""
+
+    def __init__(self, client_id: str, tenant: str) -> None:
+        super().__init__(f"no client {client_id}")
+        self.tenant = tenant
+
+
 class Conflict(StoreError):
     pass
 
@@ -45,10 +55,9 @@ class WrongState(StoreError):
 
 
 @dataclass(frozen=True)
-class VerifyFacts:
-    """What verification needs from the database, read in one session."""
+class Standing:
+    """Whether a verified token still stands: its revocation and its client's state."""
 
-    key: SigningKeyRow | None
     revoked: bool
     client_state: str | None
 
@@ -56,6 +65,7 @@ class VerifyFacts:
 class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._dialect = engine.dialect.name
         self._sessions = session_factory(engine)
         self._pruned_at = 0.0
 
@@ -74,6 +84,10 @@ class Store:
         async with self._sessions() as session:
             query = select(SigningKeyRow).where(SigningKeyRow.state == KEY_ACTIVE)
             return (await session.scalars(query)).first()
+
+    async def key(self, kid: str) -> SigningKeyRow | None:
+        async with self._sessions() as session:
+            return await session.get(SigningKeyRow, kid)
 
     async def keys(self, *states: str) -> list[SigningKeyRow]:
         query = select(SigningKeyRow).order_by(SigningKeyRow.created_at.desc())
@@ -187,13 +201,17 @@ class Store:
             return list(await session.scalars(query))
 
     async def set_client_state(
-        self, client_id: str, state: str, allowed_from: tuple[str, ...]
+        self,
+        client_id: str,
+        state: str,
+        allowed_from: tuple[str, ...],
+        tenant: str | None = None,
     ) -> ClientRow:
-        """Move a client out of the enabled state; revoked and deleted also lose the secret."""
+        """Move a client out of the enabled state; revoked and deleted also lose the secret.
+
+        With ``tenant``, a client of another tenant is refused as OtherTenant (a NotFound)."""
         async with self._sessions.begin() as session:
-            row = await session.get(ClientRow, client_id, with_for_update=True)
-            if row is None or row.state == CLIENT_DELETED:
-                raise NotFound(f"no client {client_id}")
+            row = await _client_for_update(session, client_id, tenant)
             if row.state not in allowed_from:
                 raise WrongState(f"client {client_id} is {row.state}")
             row.state = state
@@ -202,29 +220,43 @@ class Store:
             row.updated_at = time.time()
             return row
 
-    async def set_secret_hash(self, client_id: str, secret_hash: str) -> ClientRow:
+    async def set_secret_hash(
+        self, client_id: str, secret_hash: str, tenant: str | None = None
+    ) -> ClientRow:
         async with self._sessions.begin() as session:
-            row = await session.get(ClientRow, client_id, with_for_update=True)
-            if row is None or row.state == CLIENT_DELETED:
-                raise NotFound(f"no client {client_id}")
+            row = await _client_for_update(session, client_id, tenant)
             if row.state != CLIENT_ENABLED:
                 raise WrongState(f"client {client_id} is {row.state}")
             row.secret_hash = secret_hash
             row.updated_at = time.time()
             return row
 
+    async def set_scopes(self, client_id: str, scopes: str) -> None:
+        """Replace a client's scopes (the dev client's, when a release adds one)."""
+        async with self._sessions.begin() as session:
+            row = await session.get(ClientRow, client_id, with_for_update=True)
+            if row is not None:
+                row.scopes = scopes
+                row.updated_at = time.time()
+
     # --- revocations --------------------------------------------------------------------
 
-    async def revoke_token(self, jti: str, expires_at: float) -> RevokedTokenRow:
-        """Record a revoked token id; revoking twice keeps the later expiry."""
+    async def revoke_token(self, tenant: str, jti: str, expires_at: float) -> RevokedTokenRow:
+        """Record a revoked token id of ``tenant`` ("" = any tenant); idempotent: revoking
+        again, even concurrently on several replicas, keeps one row with the later expiry."""
+        dialect = postgresql if self._dialect == "postgresql" else sqlite
+        insert = dialect.insert(RevokedTokenRow).values(
+            tenant=tenant, jti=jti, expires_at=expires_at, revoked_at=time.time()
+        )
+        later = (func.greatest if self._dialect == "postgresql" else func.max)(
+            RevokedTokenRow.expires_at, insert.excluded.expires_at
+        )
+        upsert = insert.on_conflict_do_update(
+            index_elements=[RevokedTokenRow.tenant, RevokedTokenRow.jti],
+            set_={"expires_at": later},
+        ).returning(RevokedTokenRow)
         async with self._sessions.begin() as session:
-            row = await session.get(RevokedTokenRow, jti, with_for_update=True)
-            if row is None:
-                row = RevokedTokenRow(jti=jti, expires_at=expires_at, revoked_at=time.time())
-                session.add(row)
-            else:
-                row.expires_at = max(row.expires_at, expires_at)
-            return row
+            return (await session.scalars(upsert)).one()
 
     async def revocations(self) -> tuple[list[RevokedTokenRow], list[str], float]:
         """Revoked ids still unexpired and clients not enabled, pruning what can no longer matter.
@@ -261,14 +293,27 @@ class Store:
             )
         return revoked, disabled, now
 
-    async def verify_facts(self, kid: str, jti: str, subject: str) -> VerifyFacts:
+    async def standing(self, tenant: str, jti: str, subject: str) -> Standing:
+        """Read after the signature verified, so an unsigned token learns nothing of our data."""
         async with self._sessions() as session:
-            key = await session.get(SigningKeyRow, kid)
-            revoked = (
-                await session.scalar(select(RevokedTokenRow.jti).where(RevokedTokenRow.jti == jti))
-                is not None
+            revoked = await session.scalar(
+                select(RevokedTokenRow.jti).where(
+                    RevokedTokenRow.jti == jti,
+                    or_(RevokedTokenRow.tenant == tenant, RevokedTokenRow.tenant == ""),
+                )
             )
             state = await session.scalar(
                 select(ClientRow.state).where(ClientRow.client_id == subject)
             )
-        return VerifyFacts(key=key, revoked=revoked, client_state=state)
+        return Standing(revoked=revoked is not None, client_state=state)
+
+
+async def _client_for_update(
+    session: AsyncSession, client_id: str, tenant: str | None
+) -> ClientRow:
+    row = await session.get(ClientRow, client_id, with_for_update=True)
+    if row is None or row.state == CLIENT_DELETED:
+        raise NotFound(f"no client {client_id}")
+    if tenant is not None and row.tenant != tenant:
+        raise OtherTenant(client_id, row.tenant)
+    return row

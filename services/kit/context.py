@@ -10,3 +10,8 @@ REQUEST_ID_METADATA_KEY = "x-request-id"
 CLIENT_ADDRESS_METADATA_KEY = "x-toolmesh-client-address"
 
 request_id_var: ContextVar[str] = ContextVar("toolmesh_request_id", default="")
+
+# The address of the caller a gateway forwards a call for (IssueToken), as the gateway saw it:
+# an IP address, or the peer string of grpc's context.peer() ("ipv4:1.2.3.4:5678"). Inner
+# services trust it only from a peer whose role is gateway (services.kit.peers).
+CLIENT_ADDRESS_METADATA_KEY = "x-toolmesh-client-address"

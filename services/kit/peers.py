@@ -113,6 +113,19 @@ def peer_common_name(context: aio.ServicerContext) -> str:
     return names[0].decode() if names else ""
 
 
+def address_of_peer(peer: str) -> str:
+    """The host of a grpc peer string, without the port that changes per connection:
+    "ipv4:10.0.0.7:51234" -> "10.0.0.7", "ipv6:[::1]:51234" -> "::1"; anything else (a unix
+    socket, a bare address) as given."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4" and rest:
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6" and rest:
+        host = rest.rsplit(":", 1)[0] if rest.startswith("[") else rest
+        return host.strip("[]")
+    return peer
+
+
 _Unary = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
 
 

@@ -266,14 +266,15 @@ def test_revoked_jti_client_and_disabled_client_refused_within_bound(mesh: Mesh)
     refused_within(mesh, [jti_token, by_revoked, by_disabled], BOUND_S)
     # Only what was revoked: another token of the same client still works.
     assert list_tools(mesh, other) == grpc.StatusCode.OK
-    # And no new token: a revoked client lost its secret, a disabled one is refused.
-    for client_id, secret, code in (
-        (revoked_id, revoked_secret, grpc.StatusCode.UNAUTHENTICATED),
-        (disabled_id, disabled_secret, grpc.StatusCode.PERMISSION_DENIED),
-    ):
+    # And no new token: a revoked client lost its secret; a disabled one's right secret gets
+    # the answer of a wrong secret (no hint that the secret was right).
+    for client_id, secret in ((revoked_id, revoked_secret), (disabled_id, disabled_secret)):
         with pytest.raises(grpc.RpcError) as err:
             issue(mesh, client_id, secret)
-        assert err.value.code() == code
+        assert (err.value.code(), err.value.details()) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "invalid client credentials",
+        )
 
 
 def test_scopes_are_what_the_client_was_created_with_plus_its_roles(mesh: Mesh) -> None:
@@ -382,6 +383,50 @@ def test_admin_rpcs_need_a_token_with_scope_admin(mesh: Mesh) -> None:
     # The admin itself: list shows the clients made above, never a secret or a hash.
     listing = ok(cli(mesh, "clients", "list", "--json"))
     assert "secret" not in listing and "argon2" not in listing
+
+
+def test_a_tenant_admin_is_confined_to_its_tenant(mesh: Mesh) -> None:
+    """Scope admin administers its own tenant only; the dev client (platform:admin) any."""
+    suffix = uuid.uuid4().hex[:6]
+    acme, globex = f"acme-{suffix}", f"globex-{suffix}"
+    admin_id, admin_secret = create_client(mesh, acme, roles="admin")
+    own_id, own_secret = create_client(mesh, acme, scopes="tools:read")
+    bot_id, bot_secret = create_client(mesh, globex, scopes="tools:read")
+    tenant_admin = issue(mesh, admin_id, admin_secret)
+
+    listing = json.loads(ok(cli(mesh, "clients", "list", "--json", token=tenant_admin)))
+    assert sorted(c["client_id"] for c in listing["clients"]) == sorted([admin_id, own_id])
+    for args in (
+        ("clients", "list", "--tenant", globex),
+        ("clients", "create", "--tenant", globex, "--roles", "admin"),
+        ("clients", "create", "--roles", "platform-operator"),
+        ("keys", "list"),
+        ("keys", "rotate"),
+    ):
+        result = cli(mesh, *args, token=tenant_admin)
+        assert result.returncode == 1, args
+        assert result.stderr.startswith("error: PERMISSION_DENIED: "), result.stderr
+    # Another tenant's client answers exactly like one that does not exist.
+    unknown = f"nobody-{suffix}"
+    for action in ("disable", "delete", "rotate-secret"):
+        other = cli(mesh, "clients", action, bot_id, token=tenant_admin)
+        missing = cli(mesh, "clients", action, unknown, token=tenant_admin)
+        assert other.returncode == missing.returncode == 1
+        assert other.stderr.startswith("error: NOT_FOUND: ")
+        assert other.stderr.replace(bot_id, "X") == missing.stderr.replace(unknown, "X")
+
+    # acme's admin names globex's token id as well as its own tenant's: only its own stops.
+    bot_token, own_token = issue(mesh, bot_id, bot_secret), issue(mesh, own_id, own_secret)
+    for token in (bot_token, own_token):
+        jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+        ok(cli(mesh, "revoke", "--jti", jti, token=tenant_admin))
+    refused_within(mesh, [own_token], BOUND_S)
+    assert list_tools(mesh, bot_token) == grpc.StatusCode.OK
+    assert issue(mesh, bot_id, bot_secret)  # globex's client was not touched
+
+    # The platform operator acts on globex.
+    assert "state=disabled" in ok(cli(mesh, "clients", "disable", bot_id))
+    refused_within(mesh, [bot_token], BOUND_S)
 
 
 def test_only_the_gateway_and_operator_certificates_reach_auth(mesh: Mesh) -> None:
@@ -583,7 +628,7 @@ def test_key_rotation_and_retirement_without_restarts(own_mesh: Mesh) -> None:
     assert list_tools(own_mesh, token_b) == grpc.StatusCode.OK
     assert list_tools(own_mesh, token_a) == grpc.StatusCode.OK
 
-    retired = ok(cli(own_mesh, "keys", "retire", first))
+    retired = ok(cli(own_mesh, "keys", "retire", "--", first))
     assert first in retired and "retired" in retired
     refused_within(own_mesh, [token_a], BOUND_S)
     assert list_tools(own_mesh, token_b) == grpc.StatusCode.OK

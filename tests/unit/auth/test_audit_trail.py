@@ -170,7 +170,11 @@ async def test_events_reach_the_trail_once_and_survive_a_telemetry_outage(
     }
     issue = json.loads(events[2].details_json)
     assert issue["token_id"] == issued.token_id and issue["scopes"] == ["tools:read"]
-    assert json.loads(events[3].details_json) == {"reason": "wrong secret", "rpc": "IssueToken"}
+    assert json.loads(events[3].details_json) == {
+        "reason": "wrong secret",
+        "rpc": "IssueToken",
+        "source": "127.0.0.1",
+    }
     assert json.loads(events[4].details_json)["attempted"] == "admin.client.list"
 
     unknown = await telemetry.wait_for("_unknown", 1)

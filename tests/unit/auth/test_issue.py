@@ -60,7 +60,13 @@ async def test_empty_scopes_means_every_granted_scope(auth: AuthServer) -> None:
     response = await auth.stub.IssueToken(
         auth_pb2.IssueTokenRequest(client_id="dev", client_secret=creds["client_secret"])
     )
-    assert set(response.scopes) == {"tools:read", "tools:write", "ops:read", "admin"}
+    assert set(response.scopes) == {
+        "tools:read",
+        "tools:write",
+        "ops:read",
+        "admin",
+        "platform:admin",
+    }
 
 
 async def test_wrong_secret_and_unknown_client_get_the_same_answer(
@@ -98,20 +104,39 @@ async def test_scope_not_granted_is_refused_by_name(auth: AuthServer) -> None:
     assert "billing" in details
 
 
-async def test_disabled_client_gets_no_token(auth: AuthServer) -> None:
+@pytest.mark.parametrize("how", ["DisableClient", "RevokeClient", "DeleteClient"])
+async def test_a_client_that_may_not_get_tokens_answers_like_a_wrong_secret(
+    auth: AuthServer, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="toolmesh.auth.audit")
     admin = await auth.admin()
     created = await auth.stub.CreateClient(
         auth_pb2.CreateClientRequest(tenant="dev", scopes=["tools:read"]), metadata=admin
     )
-    request = auth_pb2.IssueTokenRequest(
-        client_id=created.client.client_id, client_secret=created.client_secret
-    )
+    client_id = created.client.client_id
+    request = auth_pb2.IssueTokenRequest(client_id=client_id, client_secret=created.client_secret)
     await auth.stub.IssueToken(request)
-    await auth.stub.DisableClient(
-        auth_pb2.DisableClientRequest(client_id=created.client.client_id), metadata=admin
+    wrong = auth_pb2.IssueTokenRequest(client_id=client_id, client_secret="not-the-secret")
+    wrong_answer = await code_of(auth.stub.IssueToken(wrong))
+    change = getattr(auth.stub, how)
+    await change(getattr(auth_pb2, f"{how}Request")(client_id=client_id), metadata=admin)
+    right_answer = await code_of(auth.stub.IssueToken(request))
+    assert (
+        right_answer
+        == wrong_answer
+        == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "invalid client credentials",
+        )
     )
-    code, details = await code_of(auth.stub.IssueToken(request))
-    assert (code, details) == (grpc.StatusCode.PERMISSION_DENIED, "client is disabled")
+    # The audit has the real reason.
+    reasons = [
+        r.__dict__["details"]["reason"]
+        for r in caplog.records
+        if r.__dict__.get("event") == "auth.failure"
+    ]
+    state = {"DisableClient": "disabled", "RevokeClient": "revoked", "DeleteClient": "deleted"}
+    assert reasons == ["wrong secret", f"client {state[how]}"]
 
 
 async def test_repeated_wrong_secrets_are_throttled(tmp_path: Path) -> None:

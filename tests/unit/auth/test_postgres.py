@@ -61,3 +61,23 @@ async def test_replicas_share_keys_clients_and_revocations(
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_concurrent_revocations_on_two_replicas_are_idempotent(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    settings = make_settings(tmp_path / "data", database_url=postgres_url)
+    a, b = await asyncio.gather(AuthServer(settings).start(), AuthServer(settings).start())
+    try:
+        admin = await a.admin()
+        request = auth_pb2.RevokeTokenRequest(token_id="same-jti")
+        replies = await asyncio.gather(
+            *(replica.stub.RevokeToken(request, metadata=admin) for replica in [a, b] * 10),
+            return_exceptions=True,
+        )
+        assert [r for r in replies if not isinstance(r, auth_pb2.RevokeTokenResponse)] == []
+        listing = await b.stub.GetRevocations(auth_pb2.GetRevocationsRequest())
+        assert [(r.tenant, r.token_id) for r in listing.revoked_tokens] == [("", "same-jti")]
+    finally:
+        await a.stop()
+        await b.stop()

@@ -9,6 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from services.auth.store import Store
+from services.kit.db import create_engine
 from services.kit.server import StartupRefused
 from services.kit.settings import Environment
 from tests.unit.auth.conftest import AuthServer, code_of, make_settings
@@ -116,3 +118,24 @@ async def test_start_refused_when_the_signing_key_file_is_missing(tmp_path: Path
     (settings.resolved_keys_dir() / f"{kid}.pem").unlink()
     with pytest.raises(StartupRefused, match=f"signing key {kid} is not readable"):
         await AuthServer(settings).start()
+
+
+async def test_a_dev_client_of_an_earlier_release_gets_platform_admin(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data")
+    server = await AuthServer(settings).start()
+    await server.stop()
+    engine = create_engine(settings.db_url())
+    try:
+        await Store(engine).set_scopes("dev", "tools:read tools:write ops:read admin")
+    finally:
+        await engine.dispose()
+    server = await AuthServer(settings).start()
+    try:
+        issued = await server.stub.IssueToken(
+            auth_pb2.IssueTokenRequest(
+                client_id="dev", client_secret=server.dev_credentials()["client_secret"]
+            )
+        )
+        assert "platform:admin" in issued.scopes
+    finally:
+        await server.stop()

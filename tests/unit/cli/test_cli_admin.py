@@ -13,6 +13,7 @@ import pytest
 from cli.main import main
 from services.kit.certs import make_all
 from tests.unit.auth.conftest import AuthServer, make_settings
+from toolmesh.auth.v1 import auth_pb2
 
 
 @pytest.fixture
@@ -107,13 +108,65 @@ async def test_keys_rotate_retire_and_revoke(
     (first,) = [k["kid"] for k in json.loads(out)["keys"]]
     code, out, _ = await toolmesh(capsys, "keys", "rotate")
     assert code == 0 and out.startswith("active: ") and f"previous: {first}" in out
-    code, out, _ = await toolmesh(capsys, "keys", "retire", first)
+    code, out, _ = await toolmesh(capsys, "keys", "retire", "--", first)
     assert code == 0 and first in out and "retired" in out
     code, out, _ = await toolmesh(capsys, "revoke", "--jti", "abc123")
     assert code == 0 and out.strip() == "revoked token abc123"
     with pytest.raises(SystemExit) as exit_:
         main(["revoke", "--jti", "abc123", "--client", "x"])
     assert exit_.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+async def test_a_tenant_admin_works_within_its_tenant_and_the_operator_across(
+    auth: AuthServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = await toolmesh(
+        capsys, "clients", "create", "--tenant", "acme", "--roles", "admin", "--json"
+    )
+    created = json.loads(out)
+    await toolmesh(capsys, "clients", "create", "--tenant", "globex", "--scopes", "tools:read")
+    acme_admin = (
+        await auth.stub.IssueToken(
+            auth_pb2.IssueTokenRequest(
+                client_id=created["client"]["client_id"], client_secret=created["client_secret"]
+            )
+        )
+    ).access_token
+    as_acme = ("--token", acme_admin)
+
+    # No --tenant: the token's own tenant.
+    code, out, err = await toolmesh(
+        capsys, "clients", "create", "--scopes", "tools:read", "--json", *as_acme
+    )
+    assert (code, err) == (0, "") and json.loads(out)["client"]["tenant"] == "acme"
+    code, out, _ = await toolmesh(capsys, "clients", "list", *as_acme)
+    assert code == 0 and "tenant=globex" not in out and out.count("tenant=acme") == 2
+    for args in (
+        ("clients", "list", "--tenant", "globex"),
+        ("clients", "create", "--tenant", "globex", "--scopes", "tools:read"),
+    ):
+        code, out, err = await toolmesh(capsys, *args, *as_acme)
+        assert (code, out, err) == (
+            1,
+            "",
+            "error: PERMISSION_DENIED: scope platform:admin required to act on another tenant\n",
+        )
+    code, _, err = await toolmesh(capsys, "keys", "list", *as_acme)
+    assert err == "error: PERMISSION_DENIED: scope platform:admin required\n"
+    code, _, err = await toolmesh(
+        capsys, "clients", "create", "--scopes", "platform:admin", *as_acme
+    )
+    assert code == 1 and err.startswith("error: PERMISSION_DENIED: cannot grant platform:admin")
+
+    # The platform operator (the dev client): one tenant, or every tenant.
+    code, out, _ = await toolmesh(capsys, "clients", "list", "--tenant", "globex")
+    assert code == 0 and "tenant=globex" in out and "tenant=acme" not in out
+    code, out, _ = await toolmesh(capsys, "clients", "list")
+    assert {"tenant=dev", "tenant=acme", "tenant=globex"} <= set(out.split())
+    code, out, _ = await toolmesh(capsys, "revoke", "--jti", "abc123", "--tenant", "globex")
+    assert code == 0 and out.strip() == "revoked token abc123"
+    code, _, err = await toolmesh(capsys, "revoke", "--client", "x", "--tenant", "globex")
+    assert code == 1 and "--tenant goes with --jti" in err
 
 
 async def test_caller_token_decides_and_errors_are_one_line(
