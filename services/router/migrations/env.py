@@ -3,7 +3,7 @@
 from alembic import context
 
 from services.router.migrations import VERSION_TABLE
-from services.router.notes import Base
+from services.router.backends.store import Base
 
 context.configure(
     connection=context.config.attributes["connection"],
