@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema.protocols import Validator
 
 from services.router.registry import Registry, Tool, is_allowed
 from services.router.rules import Extracted, Rules, ToolRules, Weights
@@ -34,7 +34,7 @@ def confidence(weights: Weights, intent: float, schema_fit: float, health: float
     return weights.intent * intent + weights.schema_fit * schema_fit + weights.health * health
 
 
-def schema_fit(validator: Draft202012Validator, arguments: Mapping[str, Any]) -> float:
+def schema_fit(validator: Validator, arguments: Mapping[str, Any]) -> float:
     """1.0 when the arguments validate; else the share of properties that are present and valid.
 
     The properties counted are the required ones, or all declared ones when none is required.

@@ -150,7 +150,9 @@ def approval_problem(
     if input_narrowed(latest.input_schema, pending.input_schema):
         breaking.append("its input schema accepts less")
     if breaking and wanted[0] <= current[0]:
-        return f"must be a new major version ({current[0] + 1}.0.0 or above): {' and '.join(breaking)}"
+        return (
+            f"must be a new major version ({current[0] + 1}.0.0 or above): {' and '.join(breaking)}"
+        )
     return None
 
 

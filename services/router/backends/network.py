@@ -84,9 +84,7 @@ class HostPolicy:
         return cls(frozenset(names), tuple(suffixes), tuple(networks))
 
     def _named(self, host: str) -> bool:
-        return host in self.names or any(
-            host.endswith(s) or host == s[1:] for s in self.suffixes
-        )
+        return host in self.names or any(host.endswith(s) or host == s[1:] for s in self.suffixes)
 
     def address_problem(self, address: IpAddress, *, named: bool = False) -> str | None:
         """Why ``address`` may not be reached, or None. ``named``: reached through a host name
@@ -159,7 +157,7 @@ class CheckedNetwork(httpcore2.AsyncNetworkBackend):
         self,
         host: str,
         port: int,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.AsyncNetworkStream:
@@ -179,7 +177,10 @@ class CheckedNetwork(httpcore2.AsyncNetworkBackend):
         raise error
 
     async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.AsyncNetworkStream:
         raise httpcore2.ConnectError("unix sockets are not allowed for backends")
 

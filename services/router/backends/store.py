@@ -38,7 +38,7 @@ from services.router.backends.config import BackendConfig, BackendRecord
 from services.router.backends.contracts import FIRST_VERSION, DiscoveredTool, release_key
 from services.router.notes import Base
 
-__all__ = ["Base", "BackendStore", "Drift", "NameTaken", "VersionRecord", "VersionState"]
+__all__ = ["BackendStore", "Base", "Drift", "NameTaken", "VersionRecord", "VersionState"]
 
 # PostgreSQL advisory lock taken by registrations, so that a shared name and a tenant's name
 # cannot be claimed at once by two replicas.
@@ -224,6 +224,15 @@ class BackendStore:
             result = await session.execute(delete(BackendRow).where(BackendRow.id == backend_id))
         return bool(getattr(result, "rowcount", 0))
 
+    async def versions_of(self, backend_id: int) -> list[VersionRecord]:
+        async with self._sessions() as session:
+            rows = await session.scalars(
+                select(ToolVersionRow)
+                .where(ToolVersionRow.backend_id == backend_id)
+                .order_by(ToolVersionRow.id)
+            )
+            return [VersionRecord.from_row(r) for r in rows.all()]
+
     async def versions(self, backend_id: int, tool: str) -> list[VersionRecord]:
         async with self._sessions() as session:
             rows = await session.scalars(
@@ -310,7 +319,11 @@ class BackendStore:
                 )
             ).all()
             pending = next(
-                (r for r in rows if r.state == VersionState.PENDING and r.fingerprint == fingerprint),
+                (
+                    r
+                    for r in rows
+                    if r.state == VersionState.PENDING and r.fingerprint == fingerprint
+                ),
                 None,
             )
             if pending is None:
@@ -350,7 +363,7 @@ class BackendStore:
                 .where(ToolVersionRow.state == VersionState.PENDING.value)
                 .group_by(ToolVersionRow.backend_id)
             )
-            return {backend_id: count for backend_id, count in rows.all()}
+            return {int(backend_id): int(count) for backend_id, count in rows.all()}
 
 
 def _row(
@@ -367,4 +380,3 @@ def _row(
         decided_at=None,
         decided_by="",
     )
-
