@@ -116,6 +116,8 @@ class Executor:
         """Run ``tool`` within ``budget_s`` seconds, or raise ToolRunError."""
         spec = tool.spec
         started = time.perf_counter()
+        # Cut short by the caller's deadline, a timeout is not the tool's fault.
+        caller_bound = budget_s * 1000 < spec.timeout_ms
         slot = self._slot(tool)
         await self._take_slot(tool, slot, budget_s)
         permits: list[tuple[CircuitBreaker, int]] = []
@@ -127,7 +129,7 @@ class Executor:
                 )
             permits.append(self._acquire(f"tool:{tool.limit_key}", f"tool {spec.name}"))
             budget_s -= time.perf_counter() - started
-            result = await self._traced(tool, arguments, ctx, budget_s)
+            result = await self._traced(tool, arguments, ctx, budget_s, caller_bound)
         except ToolRunError as error:
             for breaker, permit in permits:
                 if error.tool_fault:
@@ -147,7 +149,12 @@ class Executor:
         return result
 
     async def _traced(
-        self, tool: Tool, arguments: dict[str, Any], ctx: ToolContext, budget_s: float
+        self,
+        tool: Tool,
+        arguments: dict[str, Any],
+        ctx: ToolContext,
+        budget_s: float,
+        caller_bound: bool,
     ) -> RunResult:
         spec = tool.spec
         attributes = {
@@ -171,7 +178,7 @@ class Executor:
             set_status_on_exception=False,
         ) as span:
             try:
-                result = await self._guarded(tool, arguments, ctx, budget_s)
+                result = await self._guarded(tool, arguments, ctx, budget_s, caller_bound)
             except ToolRunError as error:
                 span.set_attribute("error.type", error.code.name.lower())
                 if error.tool_fault:
@@ -189,7 +196,12 @@ class Executor:
             return result
 
     async def _guarded(
-        self, tool: Tool, arguments: dict[str, Any], ctx: ToolContext, budget_s: float
+        self,
+        tool: Tool,
+        arguments: dict[str, Any],
+        ctx: ToolContext,
+        budget_s: float,
+        caller_bound: bool,
     ) -> RunResult:
         name = tool.spec.name
         try:
@@ -198,8 +210,7 @@ class Executor:
             raise ToolRunError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"tool {name} did not finish within {budget_s * 1000:.0f} ms",
-                # Cut short by the caller's deadline, the tool did not break its own timeout.
-                tool_fault=budget_s * 1000 >= tool.spec.timeout_ms,
+                tool_fault=not caller_bound,
             ) from None
         except ToolInputError as error:
             raise ToolRunError(

@@ -76,6 +76,10 @@ class RouterSettings(ServiceSettings):
     # Empty: any program on PATH in dev; in production, no stdio backend at all. Never list a
     # shell or an interpreter (sh, python, node, npx, uvx): its arguments would run any code.
     backend_stdio_commands: str = ""
+    # Directories a backend's bearer_file may be in, comma-separated. Empty: any absolute path
+    # in dev; in production, no bearer_file at all. (bearer_env names must start with
+    # TOOLMESH_SECRET_, so a registration can never send the router's own settings.)
+    backend_secret_dirs: str = ""
     # Lines per second of a stdio server's stderr copied to the router's log (per backend);
     # the rest are counted and dropped.
     backend_stderr_lines_per_s: float = Field(default=20.0, gt=0)
