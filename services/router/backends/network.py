@@ -17,6 +17,7 @@ import ipaddress
 import os
 import shutil
 import socket
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,7 +203,10 @@ class CheckedTransport(httpx2.AsyncHTTPTransport):
 
 @dataclass(frozen=True)
 class CommandPolicy:
-    """Which executables a stdio backend may start (router setting backend_stdio_commands)."""
+    """Which executables a stdio backend may start (router setting backend_stdio_commands).
+
+    A program name is looked up on the router's PATH and then in its interpreter's directory;
+    the resolved path is what runs (no shell) and what the allowlist is checked against."""
 
     entries: tuple[str, ...]
     # An empty list allows anything on PATH only when this is true (dev).
@@ -216,7 +220,12 @@ class CommandPolicy:
         """The executable's absolute path, or ValueError saying why it may not run."""
         if not program or "\x00" in program:
             raise ValueError("is empty")
-        found = shutil.which(program)
+        # PATH, then the directory of the router's own interpreter (a virtualenv's bin/, where
+        # `make install` puts the example MCP servers).
+        search = os.pathsep.join(
+            [os.environ.get("PATH", os.defpath), str(Path(sys.executable).parent)]
+        )
+        found = shutil.which(program, path=search)
         if found is None:
             raise ValueError(f"{program!r} is not an executable on the router's PATH")
         real = os.path.realpath(found)
