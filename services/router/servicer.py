@@ -142,15 +142,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             await abort(context, grpc.StatusCode.NOT_FOUND, f"tool {name} is not registered")
         runtime, tool_name = found
         status = runtime.status.get(tool_name)
-        tool = runtime.tools.get(tool_name)
-        if tool is None or status is None:
-            await abort(context, grpc.StatusCode.NOT_FOUND, f"tool {name} is not registered")
         if status == MISSING:
             await abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
                 f"tool {name} is no longer offered by backend {runtime.name}",
             )
+        tool = runtime.tools.get(tool_name)
+        if tool is None or status is None:
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"tool {name} is not registered")
         if status == SUSPENDED:
             await abort(
                 context,

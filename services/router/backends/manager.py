@@ -39,7 +39,13 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from services.kit.audit import FAILURE, AuditAction, audit_event, clean, derived_event_id
 from services.kit.metrics import meter
 from services.router.audit import RouterAudit
-from services.router.backends.clients import BackendFault, RawTool, Session, connector
+from services.router.backends.clients import (
+    BackendFault,
+    CallOutcome,
+    RawTool,
+    Session,
+    connector,
+)
 from services.router.backends.config import BackendRecord, Kind
 from services.router.backends.contracts import (
     MAX_DESCRIPTION_CHARS,
@@ -100,7 +106,9 @@ class BackendRuntime:
     def __init__(self, record: BackendRecord, manager: BackendManager) -> None:
         self.record = record
         self._manager = manager
-        self.state = CONNECTING
+        self._state: router_pb2.BackendState = CONNECTING
+        # Set (and replaced) at every change of state or session, for calls waiting on one.
+        self._changed = asyncio.Event()
         self.last_error = ""
         self.last_discovery_at: datetime | None = None
         # tool -> its versions (oldest first), from the database.
@@ -113,7 +121,9 @@ class BackendRuntime:
         self.status: dict[str, str] = {}
         self.restarts = 0
         self._session: Session | None = None
-        self._ready = asyncio.Event()
+        # Calls in flight on the current session; cut short when the session ends.
+        self._inflight: set[asyncio.Future[CallOutcome]] = set()
+        self._severed: set[asyncio.Future[CallOutcome]] = set()
         self._wake = asyncio.Event()
         self._broken = ""
         self._task: asyncio.Task[None] | None = None
@@ -122,6 +132,19 @@ class BackendRuntime:
     @property
     def name(self) -> str:
         return self.record.name
+
+    @property
+    def state(self) -> router_pb2.BackendState:
+        return self._state
+
+    @state.setter
+    def state(self, value: router_pb2.BackendState) -> None:
+        self._state = value
+        self._pulse()
+
+    def _pulse(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     @property
     def label(self) -> str:
@@ -149,7 +172,6 @@ class BackendRuntime:
         if self._session is None and self._broken:
             return
         self._broken = reason
-        self._ready.clear()
         if self.state in (READY, DRIFTED):
             self.state = CONNECTING
         self._wake.set()
@@ -183,7 +205,7 @@ class BackendRuntime:
                 async with made.open() as session:
                     await self._discover(session)
                     self._session = session
-                    self._ready.set()
+                    self._pulse()
                     failures, worked = 0, True
                     while True:
                         await self._sleep_until_woken(made.died)
@@ -202,7 +224,7 @@ class BackendRuntime:
                 reason = _describe(error)
             finally:
                 self._session = None
-                self._ready.clear()
+                self._sever()
                 self._discovered.set()
             failures += 1
             immediate = worked and failures == 1
@@ -218,6 +240,27 @@ class BackendRuntime:
                 extra={"backend": self.label, "reason": self.last_error, "retry_in_s": delay},
             )
             await asyncio.sleep(delay)
+
+    def _sever(self) -> None:
+        """The session ended: calls still waiting on it fail now (UNAVAILABLE), not at their
+        deadline (a transport that died may never answer them)."""
+        for call in self._inflight:
+            if not call.done():
+                self._severed.add(call)
+                call.cancel()
+
+    async def _session_for_call(self) -> Session:
+        """The open session; while (re)connecting, wait for it (within the call's budget);
+        while failing, UNAVAILABLE at once."""
+        while True:
+            if self._session is not None:
+                return self._session
+            if self.state == FAILING:
+                raise ToolRunError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"backend {self.name} is unavailable (reconnecting in the background)",
+                )
+            await self._changed.wait()
 
     async def _sleep_until_woken(self, died: asyncio.Event) -> None:
         waits = [
@@ -368,28 +411,26 @@ class BackendRuntime:
                 "write-capable; an operator must approve the new contract",
                 tool_fault=False,
             )
-        session = self._session
-        if session is None:
-            if self.state == FAILING:
-                raise ToolRunError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"backend {self.name} is unavailable (reconnecting in the background)",
-                )
-            # Connecting or restarting: wait for it within the call's budget.
-            await self._ready.wait()
-            session = self._session
-            if session is None:
-                raise ToolRunError(
-                    grpc.StatusCode.UNAVAILABLE, f"backend {self.name} is unavailable"
-                )
-        try:
-            outcome = await session.call(
+        session = await self._session_for_call()
+        call = asyncio.ensure_future(
+            session.call(
                 name,
                 arguments,
                 idempotency_key=ctx.idempotency_key,
                 tenant=ctx.tenant,
                 request_id=ctx.request_id,
             )
+        )
+        self._inflight.add(call)
+        try:
+            outcome = await call
+        except asyncio.CancelledError:
+            if call in self._severed:
+                raise ToolRunError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"backend {self.name} lost its connection during the call; reconnecting",
+                ) from None
+            raise
         except BackendFault as fault:
             if fault.broken:
                 self.mark_broken(fault.message)
@@ -397,6 +438,9 @@ class BackendRuntime:
             if fault.contract:
                 message = f"tool {self.name}.{name} returned a result outside its contract"
             raise ToolRunError(fault.code, message, tool_fault=fault.tool_fault) from None
+        finally:
+            self._inflight.discard(call)
+            self._severed.discard(call)
         return ToolOutput(answer=outcome.answer, result=outcome.result, tool_error=outcome.is_error)
 
 
