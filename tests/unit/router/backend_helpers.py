@@ -48,7 +48,9 @@ def wait_for_port(port: int, timeout_s: float = 15.0) -> None:
 
 
 @contextmanager
-def process(argv: list[str], *, port: int, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    argv: list[str], *, port: int, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """A server process listening on ``port``; killed afterwards."""
     proc = subprocess.Popen(
         argv,

@@ -89,7 +89,9 @@ class Rig:
 
     async def add(self, backend: str, **fields: Any) -> router_pb2.Backend:
         self.script(backend)
-        return await register(self.router.stub, stdio_backend(backend, self.command(backend), **fields))
+        return await register(
+            self.router.stub, stdio_backend(backend, self.command(backend), **fields)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +176,9 @@ async def test_a_changed_description_is_pinned_audited_and_served_after_approval
     state = next(b for b in backends.backends if b.name == "dict").state
     assert state == router_pb2.BACKEND_STATE_DRIFTED
 
-    drifts = [p for p in points(rig.reader, "toolmesh.router.tool.drifts") if p["backend"] == "dict"]
+    drifts = [
+        p for p in points(rig.reader, "toolmesh.router.tool.drifts") if p["backend"] == "dict"
+    ]
     assert drifts and drifts[0]["value"] == 1 and drifts[0]["tenant"] == "acme"
     gauge = points(rig.reader, "toolmesh.router.tool.pending_drifts")
     assert {"tenant": "acme", "backend": "dict", "value": 1} in gauge
@@ -239,7 +243,9 @@ async def test_a_tool_that_turns_write_capable_is_suspended_until_a_major_versio
 async def _suspended(rig: Rig) -> bool:
     try:
         await rig.router.stub.ResolveTool(
-            router_pb2.ResolveToolRequest(caller=ADMIN, tool_name="words.lookup", allowed_tools=["*"]),
+            router_pb2.ResolveToolRequest(
+                caller=ADMIN, tool_name="words.lookup", allowed_tools=["*"]
+            ),
             timeout=5,
         )
     except aio.AioRpcError as error:
@@ -318,11 +324,11 @@ async def test_a_result_over_the_size_cap_is_refused(rig: Rig) -> None:
 async def test_an_http_backend_that_goes_down_fails_fast_behind_its_breaker(rig: Rig) -> None:
     port = free_port()
     with everything_server(port):
-        up = await register(
-            rig.router.stub, http_backend("remote", f"http://127.0.0.1:{port}/mcp")
-        )
+        up = await register(rig.router.stub, http_backend("remote", f"http://127.0.0.1:{port}/mcp"))
         assert up.state == router_pb2.BACKEND_STATE_READY, up.last_error
-        assert (await invoke(rig.router.stub, "remote.echo", {"message": "hi"})).answer == "Echo: hi"
+        assert (
+            await invoke(rig.router.stub, "remote.echo", {"message": "hi"})
+        ).answer == "Echo: hi"
     codes = []
     for _ in range(4):
         with pytest.raises(aio.AioRpcError) as caught:

@@ -31,7 +31,7 @@ from tests.unit.router.harness import RouterServer, router_settings, start_route
 from tests.unit.router.test_router_grpc import field_violations
 from toolmesh.router.v1 import router_pb2
 
-TOKEN = "tm-secret-7f3a9c1e5b2d8f4a6c0e"  # noqa: S105 - the secret the test looks for
+TOKEN = "tm-secret-7f3a9c1e5b2d8f4a6c0e"
 
 
 @dataclass
@@ -63,7 +63,9 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
             registered = {
                 "time": await register(
                     router.stub,
-                    stdio_backend("time", [str(BIN / "mcp-server-time"), "--local-timezone", "UTC"]),
+                    stdio_backend(
+                        "time", [str(BIN / "mcp-server-time"), "--local-timezone", "UTC"]
+                    ),
                 ),
                 "git": await register(
                     router.stub,
@@ -159,7 +161,11 @@ async def test_git_read_tool_runs_and_write_tools_need_an_idempotency_key(mesh: 
     added = await invoke(mesh.router.stub, "git.git_add", add, idempotency_key="add-1")
     assert not added.tool_error, added.answer
     staged = subprocess.run(
-        ["git", "diff", "--cached", "--name-only"], cwd=mesh.repo, capture_output=True, text=True
+        ["git", "diff", "--cached", "--name-only"],
+        cwd=mesh.repo,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert staged.stdout.split() == ["new.txt"]
 
@@ -204,7 +210,9 @@ async def test_a_tenant_sees_only_its_own_backends(mesh: Mesh) -> None:
         with pytest.raises(aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    unknown = await _code(stub.RemoveBackend(router_pb2.RemoveBackendRequest(caller=ADMIN, name="nope"), timeout=5))
+    unknown = await _code(
+        stub.RemoveBackend(router_pb2.RemoveBackendRequest(caller=ADMIN, name="nope"), timeout=5)
+    )
     assert unknown == grpc.StatusCode.NOT_FOUND
 
 
