@@ -172,6 +172,8 @@ class BackendRuntime:
         if self._session is None and self._broken:
             return
         self._broken = reason
+        # New calls wait for the next session instead of trying this one.
+        self._session = None
         if self.state in (READY, DRIFTED):
             self.state = CONNECTING
         self._wake.set()
