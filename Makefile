@@ -23,7 +23,7 @@ help:
 $(VENV)/.stamp-install: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,examples]'
 	# The generated contract code (./toolmesh) is imported from the repository root.
 	$(BIN)/python -c 'import sysconfig; open(sysconfig.get_paths()["purelib"] + "/toolmesh-repo.pth", "w").write("$(CURDIR)\n")'
 	touch $@

@@ -1,9 +1,12 @@
-"""Wiring: rules, registry, notes database, tool health and the servicer, for the kit's server."""
+"""Wiring: rules, registry, notes database, tool health, tool backends and the servicer, for the
+kit's server."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 from grpc import aio
 from opentelemetry import trace
@@ -14,7 +17,12 @@ from services.kit.db import create_engine, session_factory, sqlite_url
 from services.kit.migrations import check_schema
 from services.kit.peers import ANY_PEER, GATEWAY, PeerRules
 from services.kit.server import Cleanup, Register, Registered
-from services.kit.settings import ServiceSettings
+from services.kit.settings import Environment, ServiceSettings
+from services.router.audit import RouterAudit
+from services.router.backends.admin import BackendAdmin
+from services.router.backends.manager import BackendManager, ManagerSettings
+from services.router.backends.network import CommandPolicy, HostPolicy
+from services.router.backends.store import BackendStore
 from services.router.catalog import default_registry
 from services.router.health import ToolHealth
 from services.router.invoke import Executor
@@ -23,7 +31,7 @@ from services.router.notes import NotesStore
 from services.router.registry import Registry
 from services.router.routing import RoutePool, ToolRouter
 from services.router.rules import load_rules
-from services.router.servicer import RouterServicer
+from services.router.servicer import RouterServicer, contract_message
 from services.router.settings import RouterSettings
 from toolmesh.router.v1 import router_pb2, router_pb2_grpc
 
@@ -67,6 +75,15 @@ def build(
     rules = load_rules(settings.rules_file)
     tracer = trace.get_tracer("toolmesh.router", tracer_provider=tracer_provider)
 
+    production = settings.env is Environment.PRODUCTION
+    hosts = HostPolicy.parse(settings.backend_allowed_hosts)
+    commands = CommandPolicy.parse(settings.backend_stdio_commands, open_when_empty=not production)
+    secret_dirs = [
+        Path(os.path.realpath(d.strip()))
+        for d in settings.backend_secret_dirs.split(",")
+        if d.strip()
+    ]
+
     async def register(server: aio.Server) -> Registered:
         url = settings.database_url or sqlite_url(settings.ensure_data_dir(), "router")
         # At head, or migrated to it under the schema lock, or refused with what to run.
@@ -80,7 +97,32 @@ def build(
         )
         health.start()
         cleanups.append(health.stop)
-        pool = RoutePool(ToolRouter(rules, tools, health))
+        audit = RouterAudit(settings.resolved_audit_outbox_file(), settings.telemetry_target)
+        await audit.open()
+        cleanups.append(audit.close)
+        manager = BackendManager(
+            BackendStore(session_factory(engine)),
+            ManagerSettings(
+                sync_s=settings.backend_sync_s,
+                discovery_s=settings.backend_discovery_s,
+                timeout_ms=settings.backend_timeout_ms,
+                max_concurrency=settings.backend_max_concurrency,
+                backoff_min_s=settings.backend_backoff_min_s,
+                backoff_max_s=settings.backend_backoff_max_s,
+                stderr_lines_per_s=settings.backend_stderr_lines_per_s,
+            ),
+            hosts=hosts,
+            commands=commands,
+            audit=audit,
+            clock=clock,
+        )
+        # Cleanups run in reverse: backends stop (children exit) before the audit outbox closes.
+        cleanups.append(manager.stop)
+        await manager.start()
+        router = ToolRouter(rules, tools, health, backends=manager.served, notice=manager.note_rule)
+        for name in router.waiting:
+            manager.note_rule(name, "no backend serves it yet; the rule applies once one does")
+        pool = RoutePool(router)
         cleanups.append(pool.close)
         servicer = RouterServicer(
             registry=tools,
@@ -89,8 +131,15 @@ def build(
                 max_result_bytes=settings.max_result_bytes,
                 tracer=tracer,
                 breakers=BreakerRegistry(settings.breaker_config()),
+                concurrency_wait_s=settings.concurrency_wait_ms / 1000,
             ),
             notes=NotesStore(session_factory(engine)),
+            backends=BackendAdmin(
+                manager,
+                secret_dirs=secret_dirs if secret_dirs or not production else None,
+                register_wait_s=settings.backend_register_wait_s,
+                contract=contract_message,
+            ),
             clock=clock,
         )
         router_pb2_grpc.add_RouterServicer_to_server(servicer, server)

@@ -20,6 +20,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
+from jsonschema.protocols import Validator
 
 from services.kit.allowlist import tool_allowed
 from services.router.notes import NotesStore
@@ -58,9 +59,14 @@ class ToolContext:
 @dataclass(frozen=True)
 class ToolOutput:
     answer: str
-    result: dict[str, Any]
+    # The structured result; None when the tool returned none (backend tools without an
+    # output schema, or a tool error).
+    result: dict[str, Any] | None
     # True when a write tool found its idempotency key already used and wrote nothing.
     replayed: bool = False
+    # True when the tool ran and declined this input (MCP isError, ToolService is_error):
+    # the answer says why; no result is checked or returned.
+    tool_error: bool = False
 
 
 ToolFn = Callable[[dict[str, Any], ToolContext], Awaitable[ToolOutput]]
@@ -99,15 +105,43 @@ class ToolSpec:
 
 
 @dataclass(frozen=True)
+class ToolOrigin:
+    """Where a backend tool runs (built-in tools have none)."""
+
+    backend: str
+    # services.router.backends.config.Kind value: "mcp_stdio", "mcp_http" or "grpc".
+    kind: str
+    # Owning tenant; "" for a shared backend.
+    tenant: str
+    # SHA-256 of the published contract as discovered (services.router.backends.contracts).
+    fingerprint: str
+
+
+@dataclass(frozen=True)
 class Tool:
     spec: ToolSpec
     run: ToolFn
-    input_validator: Draft202012Validator = field(compare=False)
-    output_validator: Draft202012Validator = field(compare=False)
+    input_validator: Validator = field(compare=False)
+    output_validator: Validator = field(compare=False)
+    origin: ToolOrigin | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
         return f"{self.spec.name}@{self.spec.version}"
+
+    @property
+    def limit_key(self) -> str:
+        """Key of the tool's concurrency limit and breaker: backend names are per tenant."""
+        if self.origin is None:
+            return self.key
+        return f"{self.origin.tenant or '_platform'}/{self.key}"
+
+    @property
+    def backend_key(self) -> str | None:
+        """Key of the breaker of the tool's backend (None for built-in tools)."""
+        if self.origin is None:
+            return None
+        return f"{self.origin.tenant or '_platform'}/{self.origin.backend}"
 
 
 def semver_key(version: str) -> tuple[int, int, int, int, str]:

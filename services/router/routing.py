@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema.protocols import Validator
 
 from services.router.registry import Registry, Tool, is_allowed
 from services.router.rules import Extracted, Rules, ToolRules, Weights
@@ -34,7 +34,7 @@ def confidence(weights: Weights, intent: float, schema_fit: float, health: float
     return weights.intent * intent + weights.schema_fit * schema_fit + weights.health * health
 
 
-def schema_fit(validator: Draft202012Validator, arguments: Mapping[str, Any]) -> float:
+def schema_fit(validator: Validator, arguments: Mapping[str, Any]) -> float:
     """1.0 when the arguments validate; else the share of properties that are present and valid.
 
     The properties counted are the required ones, or all declared ones when none is required.
@@ -161,14 +161,47 @@ class Decision:
 
 
 HealthLookup = Callable[[str, str], float]
+# (tenant, "<backend>.<tool>") -> the served backend tool, or None.
+BackendLookup = Callable[[str, str], Tool | None]
+# Told once per rule that names a backend tool which cannot be routed to (and why).
+RuleNotice = Callable[[str, str], None]
 
 
 class ToolRouter:
-    def __init__(self, rules: Rules, registry: Registry, health: HealthLookup) -> None:
-        rules.check_against(registry)
+    def __init__(
+        self,
+        rules: Rules,
+        registry: Registry,
+        health: HealthLookup,
+        backends: BackendLookup | None = None,
+        notice: RuleNotice | None = None,
+    ) -> None:
+        self.waiting = rules.check_against(registry)
         self._rules = rules
         self._registry = registry
         self._health = health
+        self._backends = backends
+        self._notice = notice
+        # Backend tools whose current contract lacks a property the rules extract.
+        self._unfit: dict[str, str] = {}
+
+    def _tool(self, name: str, tenant: str) -> Tool | None:
+        """The tool a rule names, as the caller's tenant sees it (None: not routable now)."""
+        if "." not in name:
+            return self._registry.latest(name)
+        tool = self._backends(tenant, name) if self._backends is not None else None
+        if tool is None:
+            return None
+        fingerprint = tool.origin.fingerprint if tool.origin else ""
+        if self._unfit.get(name) == fingerprint:
+            return None
+        unknown = self._rules.unknown_groups(name, tool.spec.input_schema)
+        if unknown:
+            self._unfit[name] = fingerprint
+            if self._notice is not None:
+                self._notice(name, f"extraction groups {sorted(unknown)} are not input properties")
+            return None
+        return tool
 
     def _arguments(
         self, tool: Tool, tool_rules: ToolRules, rewritten: str
@@ -201,15 +234,19 @@ class ToolRouter:
             vetoed=veto,
         )
 
-    def route(self, prompt: str, allowed_tools: Iterable[str]) -> Decision:
-        """Score every allowed tool; CPU-bound (RE2 and JSON Schema), linear in the prompt."""
+    def route(self, prompt: str, allowed_tools: Iterable[str], tenant: str = "") -> Decision:
+        """Score every allowed tool; CPU-bound (RE2 and JSON Schema), linear in the prompt.
+
+        Backend tools take part when rules name them and the caller's tenant sees them."""
         allowed = list(allowed_tools)
         prompt = prompt.translate(_SPACES)
         veto = self._rules.veto(prompt)
         candidates = []
         for name, tool_rules in self._rules.tools.items():
-            tool = self._registry.latest(name)
-            if tool is not None and is_allowed(name, allowed):
+            if not is_allowed(name, allowed):
+                continue
+            tool = self._tool(name, tenant)
+            if tool is not None:
                 candidates.append(self._score(tool, tool_rules, prompt, veto))
         candidates.sort(key=lambda c: (-c.confidence, c.tool.spec.name))
         threshold = self._rules.threshold
@@ -276,16 +313,18 @@ class RoutePool:
         self._pending = 0
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="route")
 
-    async def route(self, prompt: str, allowed_tools: Iterable[str]) -> Decision:
+    async def route(self, prompt: str, allowed_tools: Iterable[str], tenant: str = "") -> Decision:
         allowed = list(allowed_tools)
         if len(prompt) <= self._inline_chars:
-            return self._router.route(prompt, allowed)
+            return self._router.route(prompt, allowed, tenant)
         if self._pending >= self._max_waiting:
             raise RoutingBusyError(f"{self._pending} long prompts are already being routed")
         self._pending += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._router.route, prompt, allowed)
+            return await loop.run_in_executor(
+                self._executor, self._router.route, prompt, allowed, tenant
+            )
         finally:
             self._pending -= 1
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -250,18 +251,29 @@ class Rules(_Strict):
         """The reason of the first rule-wide veto that matches, else ''."""
         return next((reason for p, reason in self._vetoes if p.regex.search(prompt)), "")
 
-    def check_against(self, registry: Registry) -> None:
-        """Every routed tool is registered and every extracted argument is in its schema."""
-        for name, tool_rules in self.tools.items():
+    def check_against(self, registry: Registry) -> list[str]:
+        """Every routed built-in tool is registered and every extracted argument is in its
+        schema. Backend tools ("<backend>.<tool>") are registered at run time: their rules are
+        returned (to be reported once) and apply once the tool exists."""
+        waiting = []
+        for name in self.tools:
+            if "." in name:
+                waiting.append(name)
+                continue
             tool = registry.latest(name)
             if tool is None:
                 raise RulesError(f"rules route to {name!r}, which has no released version")
-            properties = set(tool.spec.input_schema.get("properties", {}))
-            unknown = tool_rules.extraction_groups - properties
+            unknown = self.unknown_groups(name, tool.spec.input_schema)
             if unknown:
                 raise RulesError(
                     f"{name}: extraction groups {sorted(unknown)} are not input properties"
                 )
+        return waiting
+
+    def unknown_groups(self, name: str, input_schema: Mapping[str, Any]) -> set[str]:
+        """Extraction groups of ``name``'s rules that are not properties of the schema."""
+        properties = set(input_schema.get("properties", {}))
+        return self.tools[name].extraction_groups - properties
 
 
 def parse_rules(data: dict[str, Any]) -> Rules:

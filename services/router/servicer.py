@@ -1,4 +1,10 @@
-"""The Router gRPC service: Route, InvokeTool, ListTools, GetServiceInfo."""
+"""The Router gRPC service: routing and running tools (built-in and backend ones), and the
+tool backends' registry (register, list, remove; tool versions and approval of drifts).
+
+Tenancy: a tenant's backends (and their tools) are visible and usable only with its caller
+tenant; shared backends (registered with ``shared`` by a caller with ``platform:admin``) by
+every tenant. Anything another tenant owns is NOT_FOUND, exactly like a name never registered.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,9 @@ from jsonschema import ValidationError
 
 from services.kit.buildinfo import service_info
 from services.kit.errors import abort, abort_invalid, retry_info
+from services.router.backends.admin import BackendAdmin
+from services.router.backends.config import KIND_TO_PROTO, Kind
+from services.router.backends.manager import MISSING, SUSPENDED
 from services.router.invoke import Executor, ToolRunError
 from services.router.notes import NotesStore
 from services.router.registry import Registry, SideEffect, Tool, ToolContext, is_allowed
@@ -38,16 +47,25 @@ _SIDE_EFFECTS = {
 
 def contract_message(tool: Tool) -> router_pb2.ToolContract:
     spec = tool.spec
+    origin = tool.origin
+    output = json.dumps(spec.output_schema, sort_keys=True)
+    if origin is not None and not spec.output_schema:
+        output = ""  # the backend declared no structured result
     return router_pb2.ToolContract(
         name=spec.name,
         version=spec.version,
         description=spec.description,
         input_schema_json=json.dumps(spec.input_schema, sort_keys=True),
-        output_schema_json=json.dumps(spec.output_schema, sort_keys=True),
+        output_schema_json=output,
         side_effect=_SIDE_EFFECTS[spec.side_effect],
         cost_units=spec.cost_units,
         timeout_ms=spec.timeout_ms,
         fallback_answer=spec.fallback_answer,
+        backend=origin.backend if origin else "",
+        backend_kind=(
+            KIND_TO_PROTO[Kind(origin.kind)] if origin else router_pb2.BACKEND_KIND_BUILTIN
+        ),
+        fingerprint=origin.fingerprint if origin else spec.fingerprint(),
     )
 
 
@@ -93,13 +111,61 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         router: RoutePool,
         executor: Executor,
         notes: NotesStore,
+        *,
+        backends: BackendAdmin,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._registry = registry
         self._router = router
         self._executor = executor
         self._notes = notes
+        self._backends = backends
         self._clock = clock
+
+    async def _find(
+        self, context: aio.ServicerContext, tenant: str, name: str, version: str
+    ) -> Tool:
+        """The tool ``name`` at ``version`` (latest published when empty) as ``tenant`` sees
+        it; NOT_FOUND (or FAILED_PRECONDITION for a suspended drift) otherwise."""
+        if "." not in name:
+            tool = self._registry.get(name, version) if version else self._registry.latest(name)
+            if tool is None:
+                what = (
+                    f"tool {name} has no version {version}"
+                    if self._registry.has_name(name)
+                    else f"tool {name} is not registered"
+                )
+                await abort(context, grpc.StatusCode.NOT_FOUND, what)
+            return tool
+        found = self._backends.manager.tool(tenant, name)
+        if found is None:
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"tool {name} is not registered")
+        runtime, tool_name = found
+        status = runtime.status.get(tool_name)
+        if status == MISSING:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"tool {name} is no longer offered by backend {runtime.name}",
+            )
+        tool = runtime.tools.get(tool_name)
+        if tool is None or status is None:
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"tool {name} is not registered")
+        if status == SUSPENDED:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"tool {name} is suspended: its backend now declares it write-capable; an "
+                "operator must approve the new contract",
+            )
+        if version and version != tool.spec.version:
+            served = tool.spec.version
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"tool {name} has no served version {version} (the served version is {served})",
+            )
+        return tool
 
     async def Route(
         self, request: router_pb2.RouteRequest, context: aio.ServicerContext
@@ -107,7 +173,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if len(request.prompt) > MAX_PROMPT_CHARS:
             await abort_invalid(context, [("prompt", f"longer than {MAX_PROMPT_CHARS} characters")])
         try:
-            decision = await self._router.route(request.prompt, request.allowed_tools)
+            decision = await self._router.route(
+                request.prompt, request.allowed_tools, request.caller.tenant
+            )
         except RoutingBusyError as error:
             await abort(
                 context,
@@ -161,14 +229,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             problems.append(("arguments_json", f"larger than {MAX_ARGUMENTS_BYTES} bytes"))
         if problems:
             await abort_invalid(context, problems)
-        tool = self._registry.get(request.tool_name, request.tool_version)
-        if tool is None:
-            what = (
-                f"tool {request.tool_name} has no version {request.tool_version}"
-                if self._registry.has_name(request.tool_name)
-                else f"tool {request.tool_name} is not registered"
-            )
-            await abort(context, grpc.StatusCode.NOT_FOUND, what)
+        tool = await self._find(
+            context, request.caller.tenant, request.tool_name, request.tool_version
+        )
         if not is_allowed(tool.spec.name, request.allowed_tools):
             await abort(
                 context,
@@ -232,19 +295,89 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             result_json=run.result_json,
             cost_units=tool.spec.cost_units,
             replayed=run.output.replayed,
+            tool_error=run.output.tool_error,
         )
 
     async def ListTools(
         self, request: router_pb2.ListToolsRequest, context: aio.ServicerContext
     ) -> router_pb2.ListToolsResponse:
         allowed: Iterable[str] = request.allowed_tools or ["*"]
+        tools = [*self._registry.all(), *self._backends.served_tools(request.caller.tenant)]
         return router_pb2.ListToolsResponse(
-            tools=[
-                contract_message(tool)
-                for tool in self._registry.all()
-                if is_allowed(tool.spec.name, allowed)
-            ]
+            tools=[contract_message(tool) for tool in tools if is_allowed(tool.spec.name, allowed)]
         )
+
+    async def ResolveTool(
+        self, request: router_pb2.ResolveToolRequest, context: aio.ServicerContext
+    ) -> router_pb2.ResolveToolResponse:
+        problems = [] if request.tool_name else [("tool_name", "required")]
+        if len(request.tool_name) > MAX_KEY_CHARS:
+            problems.append(("tool_name", f"longer than {MAX_KEY_CHARS} characters"))
+        if problems:
+            await abort_invalid(context, problems)
+        tool = await self._find(
+            context, request.caller.tenant, request.tool_name, request.tool_version
+        )
+        if not is_allowed(tool.spec.name, request.allowed_tools):
+            # Not on the caller's allowlist: exactly like a tool that does not exist.
+            await abort(
+                context, grpc.StatusCode.NOT_FOUND, f"tool {request.tool_name} is not registered"
+            )
+        return router_pb2.ResolveToolResponse(tool=contract_message(tool))
+
+    async def RegisterBackend(
+        self, request: router_pb2.RegisterBackendRequest, context: aio.ServicerContext
+    ) -> router_pb2.RegisterBackendResponse:
+        backend = await self._backends.register(request, context)
+        return router_pb2.RegisterBackendResponse(backend=backend)
+
+    async def ListBackends(
+        self, request: router_pb2.ListBackendsRequest, context: aio.ServicerContext
+    ) -> router_pb2.ListBackendsResponse:
+        return router_pb2.ListBackendsResponse(
+            backends=await self._backends.list_backends(request.caller, context)
+        )
+
+    async def RemoveBackend(
+        self, request: router_pb2.RemoveBackendRequest, context: aio.ServicerContext
+    ) -> router_pb2.RemoveBackendResponse:
+        await self._backends.remove(request.caller, request.name, context)
+        return router_pb2.RemoveBackendResponse()
+
+    async def ListToolVersions(
+        self, request: router_pb2.ListToolVersionsRequest, context: aio.ServicerContext
+    ) -> router_pb2.ListToolVersionsResponse:
+        if "." not in request.tool_name:
+            versions = [
+                router_pb2.ToolVersion(
+                    contract=contract_message(tool), state=router_pb2.TOOL_VERSION_STATE_PUBLISHED
+                )
+                for tool in self._registry.all()
+                if tool.spec.name == request.tool_name
+            ]
+            if not versions:
+                await abort(
+                    context,
+                    grpc.StatusCode.NOT_FOUND,
+                    f"tool {request.tool_name[:MAX_KEY_CHARS]} is not registered",
+                )
+            return router_pb2.ListToolVersionsResponse(versions=versions)
+        return router_pb2.ListToolVersionsResponse(
+            versions=await self._backends.versions(request.caller, request.tool_name, context)
+        )
+
+    async def ApproveToolVersion(
+        self, request: router_pb2.ApproveToolVersionRequest, context: aio.ServicerContext
+    ) -> router_pb2.ApproveToolVersionResponse:
+        if request.tool_name and "." not in request.tool_name:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "built-in tools are versioned with the router's code; only backend tools "
+                "have contracts to approve",
+            )
+        version = await self._backends.approve(request, context)
+        return router_pb2.ApproveToolVersionResponse(version=version)
 
     async def GetServiceInfo(
         self, request: router_pb2.GetServiceInfoRequest, context: aio.ServicerContext

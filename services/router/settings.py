@@ -42,6 +42,52 @@ class RouterSettings(ServiceSettings):
     breaker_failure_rate: float = Field(default=0.5, gt=0, le=1)
     breaker_open_s: float = Field(default=10.0, gt=0)
     breaker_half_open_calls: int = Field(default=3, ge=1)
+    # Calls that find a tool at its concurrency limit wait this long for a slot (never past
+    # their deadline) before RESOURCE_EXHAUSTED with a retry hint.
+    concurrency_wait_ms: int = Field(default=250, ge=0, le=5000)
+
+    # Tool backends (docs/tools.md). Every replica re-reads the backend table this often (and
+    # at once after a change it made itself): a backend registered or removed through one
+    # replica is served or stopped by every replica within this bound.
+    backend_sync_s: float = Field(default=3.0, gt=0, le=300)
+    # Seconds between two discoveries (tools/list, ListTools) of a connected backend; each
+    # also checks that the backend is alive.
+    backend_discovery_s: float = Field(default=60.0, ge=1)
+    # Per-call timeout of a backend tool when its registration sets none.
+    backend_timeout_ms: int = Field(default=10_000, ge=100, le=300_000)
+    # Calls in flight at once per backend tool when its registration sets none.
+    backend_max_concurrency: int = Field(default=16, ge=1, le=1024)
+    # Longest a registration waits for the first connection and discovery before answering
+    # with state CONNECTING (never past the caller's deadline).
+    backend_register_wait_s: float = Field(default=8.0, ge=0, le=60)
+    # Reconnecting a failed backend (or restarting a crashed stdio server) backs off
+    # exponentially from backend_backoff_min_s to backend_backoff_max_s, with jitter.
+    backend_backoff_min_s: float = Field(default=0.2, gt=0)
+    backend_backoff_max_s: float = Field(default=30.0, gt=0)
+    # Hosts an MCP HTTP or gRPC backend may be reached at: host names (exact, or ".suffix" for
+    # a domain and its subdomains) and IP networks in CIDR notation, comma-separated. A name
+    # not listed must resolve only to listed networks, checked at registration and again at
+    # every connection (DNS rebinding). Link-local (169.254.0.0/16, fe80::/10) and cloud
+    # metadata addresses are refused unless a listed network lies inside those ranges. The
+    # default allows loopback only; add your service networks, e.g. "10.0.0.0/8,.svc.cluster.local".
+    backend_allowed_hosts: str = "localhost,127.0.0.0/8,::1/128"
+    # Executables an MCP stdio backend may start, comma-separated: a program name found on
+    # the router's PATH, an absolute path, or a directory ending in "/" (anything inside).
+    # Empty: any program on PATH in dev; in production, no stdio backend at all. Never list a
+    # shell or an interpreter (sh, python, node, npx, uvx): its arguments would run any code.
+    backend_stdio_commands: str = ""
+    # Directories a backend's bearer_file may be in, comma-separated. Empty: any absolute path
+    # in dev; in production, no bearer_file at all. (bearer_env names must start with
+    # TOOLMESH_SECRET_, so a registration can never send the router's own settings.)
+    backend_secret_dirs: str = ""
+    # Lines per second of a stdio server's stderr copied to the router's log (per backend);
+    # the rest are counted and dropped.
+    backend_stderr_lines_per_s: float = Field(default=20.0, gt=0)
+    # Durable outbox of the router's own audit events (tool.drift), relayed to telemetry.
+    audit_outbox_file: Path | None = None
+
+    def resolved_audit_outbox_file(self) -> Path:
+        return self.audit_outbox_file or self.data_dir / "router" / "audit-outbox.db"
 
     def breaker_config(self) -> BreakerConfig:
         return BreakerConfig(

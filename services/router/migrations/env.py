@@ -2,8 +2,8 @@
 
 from alembic import context
 
+from services.router.backends.store import Base
 from services.router.migrations import VERSION_TABLE
-from services.router.notes import Base
 
 context.configure(
     connection=context.config.attributes["connection"],

@@ -19,8 +19,8 @@ from services.kit.db import sqlite_url
 from services.kit.migrations import ServiceMigrations
 from services.memory.migrations import MIGRATIONS as MEMORY
 from services.memory.store import Base as MemoryBase
+from services.router.backends.store import Base as RouterBase
 from services.router.migrations import MIGRATIONS as ROUTER
-from services.router.notes import Base as RouterBase
 
 ROOT = Path(services.__file__).resolve().parents[1]
 
