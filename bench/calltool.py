@@ -15,7 +15,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 from grpc import aio
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
@@ -27,8 +26,6 @@ from toolmesh.router.v1 import router_pb2
 
 BACKEND = "benchtime"
 TIME_ARGS = {"timezone": "UTC"}
-NO_BACKENDS = "skipped: router has no backend support"
-NO_RESOLVE = "skipped: router has no ResolveTool (the router side of CallTool)"
 
 
 def time_server() -> list[str]:
@@ -66,24 +63,6 @@ async def _call_tool(
     return await closed_loop(call, concurrency, seconds)
 
 
-async def _supported(stub: gateway_pb2_grpc.GatewayStub, token: str, tool: str, args: str) -> bool:
-    """One CallTool first: False when the router cannot resolve tools yet (no CallTool rows)."""
-    metadata = (("authorization", f"Bearer {token}"),)
-    request = gateway_pb2.CallToolRequest(tool=tool, arguments_json=args)
-    try:
-        await stub.CallTool(request, metadata=metadata, timeout=10)
-    except aio.AioRpcError as err:
-        if err.code() in _NOT_SUPPORTED:
-            print(f"CallTool {tool}: {err.code().name}: {err.details()}", flush=True)
-            return False
-        raise
-    return True
-
-
-def _skipped(name: str, concurrency: int, reason: str) -> str:
-    return f"| {name} | {concurrency} | {reason} |||||||||"
-
-
 async def _direct_mcp(concurrency: int, seconds: float) -> Result:
     """The same MCP server over stdio with the SDK client, one session, no toolmesh."""
     argv = time_server()
@@ -100,22 +79,9 @@ async def _direct_mcp(concurrency: int, seconds: float) -> Result:
         return await closed_loop(call, concurrency, seconds)
 
 
-# A router without the backend RPCs: its base servicer raises NotImplementedError, which its
-# error interceptor reports as INTERNAL (with an incident id); a bare server says UNIMPLEMENTED.
-_NOT_SUPPORTED = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL)
-
-
 async def _register(stub: gateway_pb2_grpc.GatewayStub, token: str) -> str:
-    """Register mcp-server-time and wait until its tools are published; "" when the router has
-    no backend support, else the published tool name."""
+    """Register mcp-server-time and wait until its tools are published; the tool's name."""
     metadata = (("authorization", f"Bearer {token}"),)
-    try:
-        await stub.ListBackends(gateway_pb2.ListBackendsRequest(), metadata=metadata, timeout=10)
-    except aio.AioRpcError as err:
-        if err.code() in _NOT_SUPPORTED:
-            print(f"ListBackends: {err.code().name}: {err.details()}", flush=True)
-            return ""
-        raise
     backend = router_pb2.Backend(
         name=BACKEND, kind=router_pb2.BACKEND_KIND_MCP_STDIO, command=time_server()
     )
@@ -160,7 +126,6 @@ async def bench(
     calculator = '{"expression": "17 * 23"}'
     async with aio.insecure_channel(gateway_target) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        resolves = await _supported(stub, token, "calculator", calculator)
         tool = await _register(stub, token)
         try:
             for concurrency in levels:
@@ -170,20 +135,14 @@ async def bench(
                     _row("echo", echo, echo, None),
                     _row("mcp-server-time direct (mcp SDK, stdio)", direct, echo, direct),
                 ]
-                if not resolves:
-                    rows.append(_skipped("CallTool calculator (built-in)", concurrency, NO_RESOLVE))
-                else:
-                    builtin = await _call_tool(
-                        stub, token, "calculator", calculator, concurrency, seconds
-                    )
-                    rows.append(_row("CallTool calculator (built-in)", builtin, echo, None))
-                    progress(
-                        f"c={concurrency}: echo p50 {echo.p50_ms:.2f} ms; CallTool calculator "
-                        f"{builtin.rps:,.0f}/s p50 {builtin.p50_ms:.2f} ms"
-                    )
-                if not tool:
-                    rows.append(_skipped("CallTool time (stdio backend)", concurrency, NO_BACKENDS))
-                    continue
+                builtin = await _call_tool(
+                    stub, token, "calculator", calculator, concurrency, seconds
+                )
+                rows.append(_row("CallTool calculator (built-in)", builtin, echo, None))
+                progress(
+                    f"c={concurrency}: echo p50 {echo.p50_ms:.2f} ms; CallTool calculator "
+                    f"{builtin.rps:,.0f}/s p50 {builtin.p50_ms:.2f} ms"
+                )
                 via = await _call_tool(
                     stub, token, tool, '{"timezone": "UTC"}', concurrency, seconds
                 )
@@ -193,8 +152,7 @@ async def bench(
                     f"{via.rps:,.0f}/s p50 {via.p50_ms:.2f} ms"
                 )
         finally:
-            if tool:
-                await _remove(stub, token)
+            await _remove(stub, token)
     return "\n".join(
         [
             "## CallTool: a built-in tool and an MCP server behind toolmesh",

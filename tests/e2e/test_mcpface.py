@@ -14,7 +14,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import mcp_types as types
 import pytest
 
@@ -28,7 +27,6 @@ pytestmark = pytest.mark.e2e
 
 # The router's base servicer raises NotImplementedError for an RPC it lacks, which its error
 # interceptor reports as INTERNAL; a server without the method at all says UNIMPLEMENTED.
-NOT_YET = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL)
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +45,6 @@ def face(mesh: Mesh) -> Iterator[FaceProcess]:
     process.start()
     yield process
     assert process.stop() == 0
-
-
-def _require(gateway: gateway_pb2_grpc.GatewayStub, token: str, what: str, call: object) -> None:
-    try:
-        call()  # type: ignore[operator]
-    except grpc.RpcError as err:
-        if err.code() in NOT_YET:  # type: ignore[attr-defined]
-            pytest.skip(f"the router has no {what} yet ({err.code().name}); lands with w2-backends")  # type: ignore[attr-defined]
-        raise
 
 
 def _text(result: types.CallToolResult) -> str:
@@ -79,16 +68,6 @@ async def test_the_face_lists_builtin_tools_and_refuses_a_missing_token(
 async def test_calls_run_through_the_mesh_with_audit(
     face: FaceProcess, gateway: gateway_pb2_grpc.GatewayStub, token: str
 ) -> None:
-    _require(
-        gateway,
-        token,
-        "ResolveTool",
-        lambda: gateway.CallTool(
-            gateway_pb2.CallToolRequest(tool="calculator", arguments_json='{"expression": "1+1"}'),
-            metadata=bearer(token),
-            timeout=10,
-        ),
-    )
     async with mcp_session(face.url, token, face.ca_file) as session:
         read = await session.call_tool("calculator", {"expression": "17 * 23"})
         write = await session.call_tool(
@@ -119,14 +98,6 @@ def _time_server() -> list[str]:
 async def test_mcp_server_time_behind_toolmesh_through_the_face(
     face: FaceProcess, gateway: gateway_pb2_grpc.GatewayStub, token: str
 ) -> None:
-    _require(
-        gateway,
-        token,
-        "backend registry",
-        lambda: gateway.ListBackends(
-            gateway_pb2.ListBackendsRequest(), metadata=bearer(token), timeout=10
-        ),
-    )
     backend = router_pb2.Backend(
         name="facetime", kind=router_pb2.BACKEND_KIND_MCP_STDIO, command=_time_server()
     )
