@@ -104,6 +104,7 @@ scale-test: install gen
 # Regenerate the README's configuration table from the settings classes.
 docs: install gen
 	$(BIN)/python -m tests.docs.configtable
+	$(BIN)/python -m tests.docs.peertable
 
 bench: install gen
 	$(BIN)/python -m bench.run
