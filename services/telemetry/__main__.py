@@ -5,4 +5,4 @@ from services.telemetry.service import build
 from services.telemetry.settings import TelemetrySettings
 
 if __name__ == "__main__":
-    run_service(TelemetrySettings(), build)
+    run_service(TelemetrySettings, build)

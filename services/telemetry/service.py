@@ -36,6 +36,7 @@ from services.kit.peers import ANY_PEER, AUTH, GATEWAY, ROUTER, PeerRules
 from services.kit.pricing import PriceTable
 from services.kit.server import Cleanup, Register, Registered
 from services.kit.settings import ServiceSettings
+from services.kit.startup import setting_guard
 from services.telemetry import slo, spans, validation
 from services.telemetry.audit import AuditLog
 from services.telemetry.database import Database
@@ -688,8 +689,10 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         raise TypeError("telemetry needs TelemetrySettings")
 
     # Bad configuration fails start-up, before anything is served.
-    prices = PriceTable.load(settings.prices_file)
-    slos = slo.SloConfig.load(settings.slo_file)
+    with setting_guard(settings, "prices_file", "point {setting} at a valid price table"):
+        prices = PriceTable.load(settings.prices_file)
+    with setting_guard(settings, "slo_file", "point {setting} at a valid SLO file"):
+        slos = slo.SloConfig.load(settings.slo_file)
 
     async def register(server: aio.Server) -> Registered:
         url = settings.resolved_database_url()
