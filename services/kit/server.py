@@ -191,45 +191,37 @@ async def start(
     )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    registered = await register(server)
-    if not isinstance(registered, Registered):
-        registered = Registered(list(registered))
-    names = list(registered.names)
+    # Bind first: a taken port fails before databases are opened and tasks started.
     try:
+        port = _bind(server, settings, files)
+    except BaseException:
+        await _run_cleanups(list(cleanups))
+        raise
+    try:
+        registered = await register(server)
+        if not isinstance(registered, Registered):
+            registered = Registered(list(registered))
+        names = list(registered.names)
         if registered.peers is not None:
             registered.peers.check_covers(names)
         elif settings.inner and authorizer in interceptors:
             raise PeerRulesError("an inner service must say which peers may call each RPC")
-    except PeerRulesError as error:
-        await _run_cleanups(list(cleanups))
-        raise StartupRefused(f"{settings.service_name}: {error}") from None
-    authorizer.rules = registered.peers
-    reflection.enable_server_reflection(
-        [
-            *names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
-    try:
-        if files:
-            port = server.add_secure_port(
-                settings.address, files.server_credentials(settings.tls_require_client_auth)
-            )
-        else:
-            port = server.add_insecure_port(settings.address)
-        if port == 0:
-            raise StartupRefused(
-                f"cannot listen on {settings.address}",
-                setting=f"{env_name(type(settings), 'port')}, {env_name(type(settings), 'host')}",
-                fix="choose a free port (another process holds this one; `ss -ltnp` names it) "
-                "and an address of this host",
-            )
+        authorizer.rules = registered.peers
+        reflection.enable_server_reflection(
+            [
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
         await server.start()
-    except BaseException:
+    except BaseException as error:
         # Whatever register() started (tasks, pools) must not outlive a failed start.
         await _run_cleanups(list(cleanups))
+        await server.stop(None)
+        if isinstance(error, PeerRulesError):
+            raise StartupRefused(f"{settings.service_name}: {error}") from None
         raise
     running = Running(
         server=server,
@@ -246,6 +238,29 @@ async def start(
             _serve_when_ready(health_servicer, names, registered.ready)
         )
     return running
+
+
+def _bind(server: aio.Server, settings: ServiceSettings, files: TlsFiles | None) -> int:
+    """Listen on the configured address; a taken port or a foreign address is refused."""
+    try:
+        if files:
+            port = server.add_secure_port(
+                settings.address, files.server_credentials(settings.tls_require_client_auth)
+            )
+        else:
+            port = server.add_insecure_port(settings.address)
+    except RuntimeError:  # grpc: "Failed to bind to address ..."
+        port = 0
+    if port == 0:
+        cls = type(settings)
+        raise StartupRefused(
+            f"cannot listen on {settings.address} (the port is taken or the address is not "
+            "this host's)",
+            setting=f"{env_name(cls, 'port')}, {env_name(cls, 'host')}",
+            fix="choose a free port (`ss -ltnp` names the process holding one) and an address "
+            "of this host",
+        )
+    return port
 
 
 async def _set_health(

@@ -167,19 +167,22 @@ def describe(error: BaseException, settings: ServiceSettings | None) -> Refusal:
         field = _path_field(settings, str(error.filename))
         if field:
             name = env_name(type(settings), field)
+            reason = error.strerror or _text(error)
+            if isinstance(error, FileExistsError | NotADirectoryError):
+                reason = "a file is in the way of a directory"
             return Refusal(
-                f"{name}: cannot use {error.filename}: {error.strerror or _text(error)}",
+                f"{name}: cannot use {error.filename}: {reason}",
                 name,
-                f"make {error.filename} exist and be usable by this process's user, or point "
-                f"{name} elsewhere",
+                f"point {name} at a path this process's user can read and write (a directory "
+                "it may create, or an existing file it may read)",
                 kind,
             )
     if settings is not None and _is_database_error(error):
         has_url = bool(getattr(settings, "database_url", ""))
         name = env_name(type(settings), "database_url" if has_url else "data_dir")
         fix = (
-            f"check that the database in {name} is reachable and the URL is "
-            "postgresql://user:password@host:port/db or sqlite:///path"
+            f"check that {name} is a postgresql:// or sqlite:/// URL and that the database "
+            "is up and reachable from here"
             if has_url
             else f"make {name} a writable directory, or set a database URL"
         )
@@ -205,7 +208,11 @@ def refuse(error: BaseException, settings: ServiceSettings | None) -> NoReturn:
         from services.kit.logs import configure_logging
 
         configure_logging(getattr(settings, "service_name", "toolmesh"))
-    log.critical("refusing to start: %s", refusal.message, extra=extra)
+    message = refusal.message
+    first = refusal.setting.split(",")[0]
+    if first and first not in message:
+        message = f"{refusal.setting}: {message}"
+    log.critical("refusing to start: %s", message, extra=extra)
     if refusal.error_type and log.isEnabledFor(logging.DEBUG):
         log.debug("start-up failure", exc_info=error)
     for handler in logging.getLogger().handlers:
@@ -241,25 +248,21 @@ def exposure(path: Path) -> str:
     return ""
 
 
-def check_private(paths: Mapping[str, Path | None], *, tighten_dirs: bool = True) -> None:
+def check_private(paths: Mapping[str, Path | None]) -> None:
     """Refuse when a file or directory named by a setting is open to others.
 
-    ``paths`` maps an environment variable to the path it names. Directories this process owns
-    are tightened to 0700 first (an older release created them 0755); anything else open to
-    others is a ``StartupRefused`` naming the path and the fix.
+    ``paths`` maps an environment variable to the path it names; paths that do not exist yet
+    are skipped (this process will create them private). Nothing is chmod-ed here: a data
+    directory may be a shared one (/tmp, a volume's root), which must not change under others.
     """
     for name, path in paths.items():
         if path is None or not path.exists():
             continue
-        is_dir = path.is_dir()
-        if is_dir and tighten_dirs and exposure(path) and path.stat().st_uid == os.geteuid():
-            path.chmod(0o700)
-            log.info("tightened directory permissions", extra={"path": str(path), "mode": "0700"})
         problem = exposure(path)
         if problem:
-            wanted = "0700" if is_dir else "0600 (or 0400)"
+            wanted = "0700" if path.is_dir() else "0600 (or 0400)"
             raise StartupRefused(
-                f"{name}: {path} is readable by others ({problem})",
+                f"{name}: {path} is open to others ({problem})",
                 setting=name,
                 fix=f"chmod {wanted} {path} and make this service's user its owner; in "
                 f"Kubernetes point {name} at a path the service creates itself (a directory "
