@@ -98,9 +98,9 @@ def _rebuild(
 class TracingInterceptor(aio.ServerInterceptor):
     """OpenTelemetry server spans for unary and streaming RPCs alike."""
 
-    def __init__(self) -> None:
-        self._unary = aio_server_interceptor()
-        self._tracer = trace.get_tracer("toolmesh.kit.server")
+    def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
+        self._unary = aio_server_interceptor(tracer_provider=tracer_provider)
+        self._tracer = trace.get_tracer("toolmesh.kit.server", tracer_provider=tracer_provider)
 
     async def intercept_service(
         self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails

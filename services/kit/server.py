@@ -21,6 +21,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
 
 from services.kit.interceptors import DecodeGuard, GuardInterceptor, TracingInterceptor
 from services.kit.logs import LIMITER, configure_logging
@@ -173,11 +174,21 @@ class HealthServicer(health.aio.HealthServicer):
 
 
 async def start(
-    settings: ServiceSettings, register: Register, cleanups: Sequence[Cleanup] = ()
+    settings: ServiceSettings,
+    register: Register,
+    cleanups: Sequence[Cleanup] = (),
+    *,
+    tracer_provider: TracerProvider | None = None,
 ) -> Running:
-    """Start serving; ``cleanups`` run (in reverse) after the server stops."""
+    """Start serving; ``cleanups`` run (in reverse) after the server stops.
+
+    ``tracer_provider`` (tests) receives the server spans instead of the global provider.
+    """
     files = tls_files(settings)
-    interceptors: list[aio.ServerInterceptor] = [TracingInterceptor(), GuardInterceptor()]
+    interceptors: list[aio.ServerInterceptor] = [
+        TracingInterceptor(tracer_provider),
+        GuardInterceptor(),
+    ]
     # Rules arrive with register(); the server serves nothing before it has them.
     authorizer = PeerAuthorizer(None, settings.peer_allowlist, parse_aliases(settings.peer_aliases))
     if files and settings.tls_require_client_auth:
