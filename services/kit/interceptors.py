@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.rpc import error_details_pb2
@@ -305,13 +305,21 @@ class DecodeGuard(aio.ServerInterceptor):
         return handler
 
 
-async def _refuse(method: str, request: Undecodable, context: aio.ServicerContext) -> None:
+async def _refuse(method: str, request: Undecodable, context: aio.ServicerContext) -> NoReturn:
+    await abort_undecodable(context, method, request.size, request.error)
+
+
+async def abort_undecodable(
+    context: aio.ServicerContext, method: str, size: int, error: str
+) -> NoReturn:
+    """INVALID_ARGUMENT "request could not be decoded", for handlers that parse their request
+    bytes themselves; logs a rate-limited line with the size and error type, never the bytes."""
     LIMITER.log(
         log,
         logging.INFO,
         f"undecodable {method}",
         "undecodable request",
-        {"method": method, "bytes": request.size, "error": request.error},
+        {"method": method, "bytes": size, "error": error},
     )
     violation = error_details_pb2.BadRequest.FieldViolation(
         field="request", description="the bytes are not a valid message of this method's type"

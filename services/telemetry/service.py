@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from services.kit.buildinfo import service_info
 from services.kit.errors import abort, abort_invalid, retry_info
+from services.kit.interceptors import abort_undecodable
 from services.kit.metrics import meter
 from services.kit.migrations import check_schema
 from services.kit.peers import ANY_PEER, AUTH, GATEWAY, ROUTER, PeerRules
@@ -265,8 +266,9 @@ class TraceService:
     async def Export(self, raw: bytes, context: aio.ServicerContext) -> Any:
         try:
             request = trace_service_pb2.ExportTraceServiceRequest.FromString(raw)
-        except DecodeError:
-            await abort_invalid(context, [("request", "not an ExportTraceServiceRequest")])
+        except DecodeError as error:
+            method = f"/{self.SERVICE}/Export"
+            await abort_undecodable(context, method, len(raw), type(error).__name__)
         records, violations = spans.decode(request)
         if violations:
             await abort_invalid(context, violations[:MAX_REPORTED_VIOLATIONS])

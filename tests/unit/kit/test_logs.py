@@ -17,10 +17,18 @@ from services.kit.logs import (
     redact,
 )
 
-TOKEN = "eyJhbGciOiJFZERTQSIsImtpZCI6ImsxIn0.eyJzdWIiOiJjbGllbnQtMSIsInRlbmFudCI6ImEifQ.c2lnbmF0dXJlLWJ5dGVz"
+TOKEN = (
+    "eyJhbGciOiJFZERTQSIsImtpZCI6ImsxIn0"
+    ".eyJzdWIiOiJjbGllbnQtMSIsInRlbmFudCI6ImEifQ"
+    ".c2lnbmF0dXJlLWJ5dGVz"
+)
 # What grpc's own logger printed for an authorization header with a non-UTF-8 byte.
 GRPC_LINE = f"Invalid encoding on b'Bearer {TOKEN}\\xffTAIL'"
-PEM = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIJ+DYvh6SEqVTm50DFtMDoQikTmiCqirVv9mWG9qfSnF\n-----END PRIVATE KEY-----"
+PEM = (
+    "-----BEGIN PRIVATE KEY-----\n"
+    "MC4CAQAwBQYDK2VwBCIEIJ+DYvh6SEqVTm50DFtMDoQikTmiCqirVv9mWG9qfSnF\n"
+    "-----END PRIVATE KEY-----"
+)
 
 
 @pytest.mark.parametrize(

@@ -154,9 +154,7 @@ async def test_health_is_not_traced(channel: aio.Channel, spans: InMemorySpanExp
     assert spans.get_finished_spans() == ()
 
 
-async def test_watch_streams_every_status_change(
-    running: Running, channel: aio.Channel
-) -> None:
+async def test_watch_streams_every_status_change(running: Running, channel: aio.Channel) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
     watch = stub.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
     statuses = watch.__aiter__()
