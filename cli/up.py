@@ -163,6 +163,8 @@ def port_holder(port: int) -> str | None:
     inodes = _listening_inodes(port)
     if not inodes:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # As servers bind: connections of earlier runs in TIME_WAIT do not hold the port.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
