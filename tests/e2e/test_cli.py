@@ -6,10 +6,10 @@ import json
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import time
 from pathlib import Path
+from stat import S_IMODE
 
 import grpc
 import pytest
@@ -78,14 +78,14 @@ def _memory_child(proc: subprocess.Popen[bytes]) -> int | None:
 
 def _assert_private(data_dir: Path) -> None:
     """Everything `up` and the services created is the user's alone: 0700 and 0600."""
-    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    assert S_IMODE(data_dir.stat().st_mode) == 0o700
     names = [p.name for p in data_dir.rglob("*") if p.is_file()]
     # SQLite databases with their -wal files, outboxes, signing keys, the dev client's secret.
     for suffix in (".db", ".db-wal", ".pem", "dev-client.json"):
         assert any(name.endswith(suffix) for name in names), (suffix, names)
     for path in [data_dir, *data_dir.rglob("*")]:
         wanted = 0o700 if path.is_dir() else 0o600
-        assert stat.S_IMODE(path.stat().st_mode) == wanted, path
+        assert S_IMODE(path.stat().st_mode) == wanted, path
 
 
 def _cli(mesh: Mesh, *args: str) -> subprocess.CompletedProcess[str]:
