@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
 import pytest
 
 from services.kit.interceptors import UNDECODABLE_MESSAGE
-from tests.e2e.mesh import SERVICES, Mesh
+from tests.e2e.mesh import REPO, SERVICES, Mesh
 from tests.wire import raw_call
-from toolmesh.gateway.v1 import gateway_pb2
+from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 
@@ -57,3 +58,30 @@ def test_undecodable_bytes_before_authentication_are_invalid_argument(mesh: Mesh
     assert "Traceback" not in new
     # Rate-limited: far fewer lines than calls (two sites, a burst of 20 each).
     assert new.count("\n") < 50
+
+
+def _published_service_config() -> str:
+    """The service config docs/deploy.md recommends to outside callers, verbatim."""
+    text = (REPO / "docs" / "deploy.md").read_text()
+    section = text.split("## Calling the gateway", 1)[1]
+    return section.split("```json", 1)[1].split("```", 1)[0]
+
+
+def test_the_published_service_config_works_against_a_real_gateway(mesh: Mesh, token: str) -> None:
+    config = _published_service_config()
+    parsed = json.loads(config)
+    methods = {n["method"] for c in parsed["methodConfig"] for n in c["name"]}
+    assert methods == set(gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].methods_by_name)
+    channel = grpc.secure_channel(
+        mesh.gateway,
+        grpc.ssl_channel_credentials((mesh.certs / "ca.pem").read_bytes()),
+        options=[("grpc.service_config", config), ("grpc.ssl_target_name_override", "gateway")],
+    )
+    with channel:
+        info = gateway_pb2_grpc.GatewayStub(channel).GetServiceInfo(
+            gateway_pb2.GetServiceInfoRequest(),
+            timeout=10,
+            wait_for_ready=True,
+            metadata=(("authorization", f"Bearer {token}"),),
+        )
+    assert info.info.service == "gateway"
