@@ -127,7 +127,8 @@ def check_environment(settings: ServiceSettings) -> None:
             raise StartupRefused(
                 f"{settings.service_name}: TOOLMESH_ENV=production requires mutual TLS",
                 setting=f"{names}, {env_name(cls, 'tls_ca_file')}",
-                fix="set all three to the PEM files of this service (`make certs` makes a dev "
+                fix="set all three (or the shared TOOLMESH_TLS_CERT_FILE, TOOLMESH_TLS_KEY_FILE "
+                "and TOOLMESH_TLS_CA_FILE) to this service's PEM files (`make certs` makes a dev "
                 "CA), or run with TOOLMESH_ENV=dev on loopback",
             )
         if settings.inner and not settings.tls_require_client_auth:
@@ -314,8 +315,11 @@ def _cancelled(task: asyncio.Task[None]) -> Cleanup:
     return cancel
 
 
-async def _serve(settings: ServiceSettings, register: Register, cleanups: list[Cleanup]) -> None:
+async def _serve(
+    settings: ServiceSettings, register: Register, cleanups: list[Cleanup], started: list[bool]
+) -> None:
     running = await start(settings, register, cleanups)
+    started.append(True)
     # `toolmesh up` reads this line to know that its own child holds the port.
     log.info(
         "serving",
@@ -369,11 +373,15 @@ def run_service(
         client_credentials(),
     )
     meters = None
+    started: list[bool] = []
     try:
         meters = _metrics(loaded)
         cleanups: list[Cleanup] = []
-        asyncio.run(_serve(loaded, build(loaded, cleanups), cleanups))
+        asyncio.run(_serve(loaded, build(loaded, cleanups), cleanups, started))
     except Exception as error:
+        if started:  # not a start-up error: a failure while serving or stopping
+            log.exception("stopped on an unexpected error")
+            raise SystemExit(1) from None
         # Raised while building or registering (a bad rules file, a database that cannot be
         # reached, a taken port ...): say which setting, exit 2.
         refuse(error, loaded)
