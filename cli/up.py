@@ -157,6 +157,31 @@ def _listening_inodes(port: int) -> dict[str, int]:
     return inodes
 
 
+def _listeners(inodes: dict[str, int]) -> dict[int, str]:
+    """Pid -> command line of the processes holding these socket inodes (those /proc shows)."""
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    found: dict[int, str] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in wanted:
+                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    found[int(proc.name)] = command.strip() or "?"
+                    break
+            except OSError:
+                continue
+    return found
+
+
+def listener_pids(port: int) -> set[int]:
+    """The pids listening on ``port``, as far as /proc shows them."""
+    return set(_listeners(_listening_inodes(port)))
+
+
 def port_holder(port: int) -> str | None:
     """Who listens on ``port``: "pid N (command)" from /proc, or a weaker description; None
     when the port is free."""
@@ -170,19 +195,8 @@ def port_holder(port: int) -> str | None:
             except OSError:
                 return "an unknown process (not visible in /proc)"
         return None
-    wanted = {f"socket:[{inode}]" for inode in inodes}
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            fds = list((proc / "fd").iterdir())
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(fd) in wanted:
-                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                    return f"pid {proc.name} ({command.strip() or '?'})"
-            except OSError:
-                continue
+    for pid, command in _listeners(inodes).items():
+        return f"pid {pid} ({command})"
     uid = next(iter(inodes.values()))
     try:
         user = pwd.getpwuid(uid).pw_name
@@ -309,7 +323,7 @@ class Child:
                 if not self.running():
                     await self._drain_output()
                     raise StartError(self.exit_reason())
-                if self.serving_port is not None and self.serving_port in (self.port, 0):
+                if self._holds_its_port():
                     with contextlib.suppress(aio.AioRpcError):
                         reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                         if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -324,6 +338,13 @@ class Child:
                         f"last log lines:\n{self.log_tail()}"
                     )
                 await asyncio.sleep(0.1)
+
+    def _holds_its_port(self) -> bool:
+        """The child itself listens on its port: its own "serving" line says so or, when its
+        log level hides that line, /proc shows its socket."""
+        if self.serving_port is not None:
+            return self.serving_port in (self.port, 0)
+        return self.proc is not None and self.proc.pid in listener_pids(self.port)
 
     async def _drain_output(self) -> None:
         if self.pump is not None:

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from cli.up import base_port, port_holder, ports_of
+from cli.up import base_port, listener_pids, port_holder, ports_of
 
 
 @pytest.mark.parametrize("text", ["1024", "50051", "65531", "0"])
@@ -39,8 +39,11 @@ def test_the_holder_of_a_port_is_named_with_pid_and_command() -> None:
         sock.listen()
         port = sock.getsockname()[1]
         holder = port_holder(port)
+        # How `up` tells that its own child holds its port when the child's lines are hidden.
+        assert listener_pids(port) == {os.getpid()}
     assert holder is not None and holder.startswith(f"pid {os.getpid()} (")
     assert port_holder(port) is None
+    assert listener_pids(port) == set()
 
 
 def test_ports_of_a_service_follow_its_settings() -> None:
