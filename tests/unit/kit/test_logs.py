@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from services.kit import logs
 from services.kit.logs import (
     REDACTED,
     LogLimiter,
@@ -69,8 +70,10 @@ def test_ordinary_text_is_left_alone(text: str) -> None:
 
 
 @pytest.fixture
-def json_stream() -> Iterator[io.StringIO]:
-    """The kit's own handler, writing to a buffer instead of stderr."""
+def json_stream(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    """The kit's own handler, writing to a buffer instead of stderr, with a fresh limiter (other
+    tests may have spent the process's)."""
+    monkeypatch.setattr(logs, "LIMITER", LogLimiter())
     configure_logging("test", "DEBUG")
     root = logging.getLogger()
     (handler,) = root.handlers
