@@ -74,8 +74,9 @@ def json_stream(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     """The kit's own handler, writing to a buffer instead of stderr, with a fresh limiter (other
     tests may have spent the process's)."""
     monkeypatch.setattr(logs, "LIMITER", LogLimiter())
-    configure_logging("test", "DEBUG")
     root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    configure_logging("test", "DEBUG")
     (handler,) = root.handlers
     assert isinstance(handler, logging.StreamHandler)
     buffer = io.StringIO()
@@ -83,7 +84,7 @@ def json_stream(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     try:
         yield buffer
     finally:
-        root.handlers.clear()
+        root.handlers[:], root.level = saved, level
 
 
 def _lines(buffer: io.StringIO) -> list[dict[str, object]]:
