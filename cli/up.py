@@ -3,6 +3,12 @@
 Telemetry starts first (so every later service can export spans from its first call) and the
 gateway last (so it is only reachable once what it calls is). A child that dies is logged and
 restarted with exponential backoff; SIGINT or SIGTERM stops them all with SIGTERM, gateway first.
+
+`up` reports only what its own children do: before starting, every port must be free (a taken
+one is named with the process holding it); a service counts as up when the child `up` started
+says it listens on its port (its "serving" log line carries its pid and port) and answers
+SERVING there. A child that refuses to start is reported by its one CRITICAL line, and `up`
+exits 2 without a traceback. Files it creates (the data directory, logs) are private (0700/0600).
 """
 
 from __future__ import annotations
@@ -10,8 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
+import pwd
 import signal
+import socket
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -22,7 +31,7 @@ from typing import IO, Any
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.kit.settings import DEFAULT_PORTS
+from services.kit.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 
 ORDER = ("telemetry", "auth", "memory", "router", "gateway")
 MODULES = {name: f"services.{name}" for name in ORDER} | {"gateway": "gateway"}
@@ -33,17 +42,43 @@ BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 HEALTHY_RUN_S = 60.0
 STOP_WAIT_S = 30.0
+EXIT_START_FAILED = 2
+# Ports below this need privileges an ordinary user lacks.
+FIRST_UNPRIVILEGED_PORT = 1024
+MAX_PORT = 65535
 
 
 class StartError(Exception):
-    """A service did not come up; the message names it and carries the tail of its log."""
+    """A service did not come up; the message says which and why."""
+
+
+def base_port(text: str) -> int:
+    """``--base-port``: every derived port (base .. base+4) must be a port this user can bind."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if port == 0:
+        return 0
+    last = port + len(DEFAULT_PORTS) - 1
+    if port < 0 or last > MAX_PORT:
+        raise argparse.ArgumentTypeError(
+            f"{port} puts the telemetry port at {last}; choose a base port from "
+            f"{FIRST_UNPRIVILEGED_PORT} to {MAX_PORT - len(DEFAULT_PORTS) + 1}"
+        )
+    if port < FIRST_UNPRIVILEGED_PORT and os.geteuid() != 0:
+        raise argparse.ArgumentTypeError(
+            f"ports below {FIRST_UNPRIVILEGED_PORT} need root; choose a base port from "
+            f"{FIRST_UNPRIVILEGED_PORT} to {MAX_PORT - len(DEFAULT_PORTS) + 1}"
+        )
+    return port
 
 
 def add_parser(sub: Any) -> None:
     up = sub.add_parser("up", help="run the five services locally until Ctrl-C")
     up.add_argument(
         "--base-port",
-        type=int,
+        type=base_port,
         default=0,
         help="gateway on this port, auth +1, router +2, memory +3, telemetry +4 "
         "(default: TOOLMESH_<SERVICE>_PORT or 50051-50055)",
@@ -86,6 +121,104 @@ def address(name: str, env: dict[str, str]) -> str:
     return f"{host}:{port}"
 
 
+def ports_of(name: str, env: dict[str, str]) -> dict[str, int]:
+    """The ports a service will listen on, by the variable that sets each (0: none or any)."""
+    prefix = f"TOOLMESH_{name.upper()}_"
+    found: dict[str, int] = {}
+    for key, default in (
+        ("PORT", DEFAULT_PORTS[name]),
+        ("METRICS_PORT", DEFAULT_METRICS_PORTS[name]),
+    ):
+        text = env.get(prefix + key) or env.get(f"TOOLMESH_{key}") or str(default)
+        try:
+            found[prefix + key] = int(text)
+        except ValueError:
+            found[prefix + key] = 0  # the service itself refuses it, naming the variable
+    return found
+
+
+def _listening_inodes(port: int) -> dict[str, int]:
+    """Inodes of the TCP sockets listening on ``port`` (any address), with their owner uid."""
+    inodes: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is HEXIP:HEXPORT; state 0A is LISTEN.
+            if (
+                len(fields) > 9
+                and fields[3] == "0A"
+                and int(fields[1].rsplit(":", 1)[1], 16) == port
+            ):
+                inodes[fields[9]] = int(fields[7])
+    return inodes
+
+
+def _listeners(inodes: dict[str, int]) -> dict[int, str]:
+    """Pid -> command line of the processes holding these socket inodes (those /proc shows)."""
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    found: dict[int, str] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in wanted:
+                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    found[int(proc.name)] = command.strip() or "?"
+                    break
+            except OSError:
+                continue
+    return found
+
+
+def listener_pids(port: int) -> set[int]:
+    """The pids listening on ``port``, as far as /proc shows them."""
+    return set(_listeners(_listening_inodes(port)))
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on ``port``: "pid N (command)" from /proc, or a weaker description; None
+    when the port is free."""
+    inodes = _listening_inodes(port)
+    if not inodes:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # As servers bind: connections of earlier runs in TIME_WAIT do not hold the port.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                return "an unknown process (not visible in /proc)"
+        return None
+    for pid, command in _listeners(inodes).items():
+        return f"pid {pid} ({command})"
+    uid = next(iter(inodes.values()))
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    return f"a process of user {user} (its pid is not visible to this user)"
+
+
+def check_ports_free(env: dict[str, str]) -> None:
+    """Fail before starting anything when a port the mesh needs is taken."""
+    for name in ORDER:
+        for variable, port in ports_of(name, env).items():
+            if not port:
+                continue
+            holder = port_holder(port)
+            if holder is not None:
+                raise StartError(
+                    f"port {port} ({variable}, {name}) is taken by {holder}; stop it, or "
+                    f"choose other ports (--base-port, or {variable})"
+                )
+
+
 @dataclass
 class Child:
     name: str
@@ -94,12 +227,22 @@ class Child:
     proc: asyncio.subprocess.Process | None = None
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     pump: asyncio.Task[None] | None = None
+    # From the child's own "serving" line: the port it listens on.
+    serving_port: int | None = None
+    # The child's CRITICAL start-up line, when it refused to start.
+    refusal: dict[str, object] | None = None
 
     @property
     def address(self) -> str:
         return address(self.name, self.env)
 
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
     async def spawn(self) -> None:
+        self.serving_port = None
+        self.refusal = None
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -127,7 +270,24 @@ class Child:
                 return
             line = raw.decode(errors="replace").rstrip("\n")
             self.tail.append(line)
+            self._note(line, proc.pid)
             self.sink(line)
+
+    def _note(self, line: str, pid: int) -> None:
+        """Learn from the child's own structured lines whether it serves or refused to start."""
+        if not line.startswith("{"):
+            return
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return
+        if not isinstance(record, dict):
+            return
+        if record.get("message") == "serving" and record.get("pid") == pid:
+            port = record.get("port")
+            self.serving_port = port if isinstance(port, int) else None
+        elif record.get("level") == "CRITICAL":
+            self.refusal = record
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
@@ -135,7 +295,26 @@ class Child:
     def log_tail(self) -> str:
         return "\n".join(f"    {line}" for line in self.tail) or "    (no output)"
 
+    def exit_reason(self) -> str:
+        code = self.proc.returncode if self.proc else None
+        if self.refusal is not None:
+            message = str(self.refusal.get("message", "")).removeprefix("refusing to start: ")
+            fix = self.refusal.get("fix")
+            reason = f"{self.name} refused to start: {message}"
+            if fix:
+                reason += f"\n  fix: {fix}"
+            if "cannot listen on" in message:
+                holder = port_holder(self.port)
+                if holder:
+                    reason += f"\n  port {self.port} is held by {holder}"
+            return reason
+        return (
+            f"{self.name} exited with code {code} while starting; last log lines:\n"
+            f"{self.log_tail()}"
+        )
+
     async def wait_serving(self, limit_s: float) -> None:
+        """Until this child (not whatever else may answer on its address) serves."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit_s
         async with aio.insecure_channel(self.address) as channel:
@@ -143,21 +322,29 @@ class Child:
             while True:
                 if not self.running():
                     await self._drain_output()
-                    code = self.proc.returncode if self.proc else None
+                    raise StartError(self.exit_reason())
+                if self._holds_its_port():
+                    with contextlib.suppress(aio.AioRpcError):
+                        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                            return
+                elif self.serving_port is not None:
                     raise StartError(
-                        f"{self.name} exited with code {code} while starting; "
-                        f"last log lines:\n{self.log_tail()}"
+                        f"{self.name} listens on port {self.serving_port}, not {self.port}"
                     )
-                with contextlib.suppress(aio.AioRpcError):
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
                 if loop.time() > deadline:
                     raise StartError(
                         f"{self.name} not SERVING on {self.address} after {limit_s:g}s; "
                         f"last log lines:\n{self.log_tail()}"
                     )
                 await asyncio.sleep(0.1)
+
+    def _holds_its_port(self) -> bool:
+        """The child itself listens on its port: its own "serving" line says so or, when its
+        log level hides that line, /proc shows its socket."""
+        if self.serving_port is not None:
+            return self.serving_port in (self.port, 0)
+        return self.proc is not None and self.proc.pid in listener_pids(self.port)
 
     async def _drain_output(self) -> None:
         if self.pump is not None:
@@ -223,10 +410,26 @@ async def supervise(child: Child, stopping: asyncio.Event) -> None:
         say(f"{child.name} restarted (pid {child.proc.pid if child.proc else '?'})")
 
 
+def prepare_data_dir(env: dict[str, str]) -> Path:
+    """The data directory and its logs directory, private to this user."""
+    data_dir = Path(env.get("TOOLMESH_DATA_DIR", "var"))
+    logs_dir = data_dir / "logs"
+    try:
+        logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data_dir.chmod(0o700)
+        logs_dir.chmod(0o700)
+    except OSError as error:
+        raise StartError(
+            f"cannot use the data directory {data_dir} (TOOLMESH_DATA_DIR): "
+            f"{error.strerror or error}; point TOOLMESH_DATA_DIR at a directory you can write"
+        ) from None
+    return logs_dir
+
+
 async def up(args: argparse.Namespace) -> int:
+    # Everything `up` and its children create (databases, keys, logs) is this user's alone.
+    os.umask(0o077)
     env = child_environment(dict(os.environ), args.base_port)
-    logs_dir = Path(env.get("TOOLMESH_DATA_DIR", "var")) / "logs"
-    logs_dir.mkdir(parents=True, exist_ok=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -237,6 +440,8 @@ async def up(args: argparse.Namespace) -> int:
     supervisors: list[asyncio.Task[None]] = []
     status = 0
     try:
+        logs_dir = prepare_data_dir(env)
+        check_ports_free(env)
         for name in ORDER:
             sink, handle = make_sink(name, args.logs, logs_dir)
             if handle is not None:
@@ -252,17 +457,19 @@ async def up(args: argparse.Namespace) -> int:
                 starting.cancel()
                 return 0
             starting.result()
-            say(f"{name} SERVING on {child.address}")
+            pid = child.proc.pid if child.proc else "?"
+            say(f"{name} SERVING on {child.address} (pid {pid})")
         supervisors = [asyncio.create_task(supervise(c, stopping)) for c in children]
         where = f"logs in {logs_dir}" if args.logs == "files" else "logs below"
         say(f"toolmesh is up: gateway at {children[-1].address} ({where}; Ctrl-C stops)")
         await stopping.wait()
     except StartError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        status = 1
+        status = EXIT_START_FAILED
     finally:
         stopping.set()
-        say("stopping")
+        if children:
+            say("stopping")
         # The gateway first, so it drains its in-flight calls while what it calls still runs.
         gateway = [c for c in children if c.name == "gateway"]
         inner = [c for c in children if c.name != "gateway"]

@@ -5,4 +5,4 @@ from gateway.settings import GatewaySettings
 from services.kit.server import run_service
 
 if __name__ == "__main__":
-    run_service(GatewaySettings(), build)
+    run_service(GatewaySettings, build)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sys
 
 from services.auth.app import build
@@ -12,20 +11,22 @@ from services.auth.ops import parser, run
 from services.auth.settings import AuthSettings
 from services.auth.store import StoreError
 from services.kit.logs import configure_logging
-from services.kit.server import StartupRefused, run_service
+from services.kit.server import run_service
+from services.kit.startup import StartupRefused, load_settings, private_process
 
 
 def main() -> None:
     args = parser().parse_args()
-    settings = AuthSettings()
     if args.command in (None, "serve"):
-        try:
-            run_service(settings, build)
-        except StartupRefused as refused:
-            # The kit refuses unsafe settings before serving; these are auth's own refusals.
-            logging.getLogger("toolmesh.auth").critical("refusing to start: %s", refused)
-            sys.exit(2)
+        # Settings, the kit's checks and auth's own refusals: one CRITICAL line, exit 2.
+        run_service(AuthSettings, build)
         return
+    private_process()  # keys and the dev client's file are the operator's alone
+    try:
+        settings = load_settings(AuthSettings)
+    except StartupRefused as refused:
+        print(f"error: {refused}; {refused.fix}", file=sys.stderr)
+        sys.exit(2)
     configure_logging(settings.service_name, settings.log_level)
     try:
         result = asyncio.run(run(settings, args))

@@ -24,6 +24,7 @@ from services.kit.peers import ANY_PEER, GATEWAY, OPERATOR, PeerRules
 from services.kit.scopes import ADMIN, OPS_READ, PLATFORM_ADMIN, TOOLS_READ, TOOLS_WRITE
 from services.kit.server import Cleanup, Register, Registered, StartupRefused
 from services.kit.settings import Environment, ServiceSettings
+from services.kit.startup import check_private, env_name, setting_guard
 from toolmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 log = logging.getLogger("toolmesh.auth")
@@ -145,11 +146,16 @@ async def check_production(store: Store) -> None:
         )
 
 
-async def check_signing_key(store: Store, key_files: KeyFiles) -> None:
-    """Fail at start, not on the first IssueToken, when this replica cannot sign."""
+async def check_signing_key(
+    store: Store, key_files: KeyFiles, settings: AuthSettings | None = None
+) -> None:
+    """Fail at start, not on the first IssueToken, when this replica cannot sign; in
+    production also when its private key is readable by others."""
     signer = await store.signing_key()
     if signer is None:
         return
+    if settings is not None and settings.env == Environment.PRODUCTION:
+        check_private({env_name(AuthSettings, "keys_dir"): key_files.path(signer.kid)})
     try:
         key_files.load(signer.kid, signer.public_x)
     except (OSError, ValueError) as error:
@@ -179,8 +185,9 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
             else:
                 await ensure_dev_key(store, key_files)
                 await ensure_dev_client(settings, store, hasher)
-            await check_signing_key(store, key_files)
-            policy = PolicySource(settings.policy_file, settings.policy_check_interval_s)
+            await check_signing_key(store, key_files, settings)
+            with setting_guard(settings, "policy_file", "point {setting} at a valid policy file"):
+                policy = PolicySource(settings.policy_file, settings.policy_check_interval_s)
         except BaseException:
             await engine.dispose()  # the server never started, so no clean-up would run
             raise

@@ -27,6 +27,8 @@ from google.protobuf import descriptor_pool
 from grpc import aio
 
 from services.kit import errors
+from services.kit.interceptors import drive_stream
+from services.kit.logs import LIMITER
 
 log = logging.getLogger("toolmesh.peers")
 
@@ -198,10 +200,9 @@ class PeerAuthorizer(aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         inner = handler.unary_stream
 
-        async def checked(request: Any, context: aio.ServicerContext) -> Any:
+        async def checked(request: Any, context: aio.ServicerContext) -> None:
             await self._check(method, context)
-            async for item in inner(request, context):
-                yield item
+            await drive_stream(inner(request, context), context)
 
         return grpc.unary_stream_rpc_method_handler(
             checked,
@@ -231,5 +232,11 @@ class PeerAuthorizer(aio.ServerInterceptor):
         common_name = peer_common_name(context)
         reason = self.refusal(method, common_name)
         if reason is not None:
-            log.warning("peer refused", extra={"method": method, "peer": common_name or "(none)"})
+            LIMITER.log(
+                log,
+                logging.WARNING,
+                f"peer refused {method}",
+                "peer refused",
+                {"method": method, "peer": common_name or "(none)"},
+            )
             await errors.abort(context, grpc.StatusCode.PERMISSION_DENIED, reason)

@@ -8,7 +8,9 @@ gives in-flight ones ``grace_period_s`` to finish, then runs the service's own c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,14 +20,23 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
 
-from services.kit.interceptors import GuardInterceptor
-from services.kit.logs import configure_logging
+from services.kit.interceptors import DecodeGuard, GuardInterceptor, TracingInterceptor
+from services.kit.logs import LIMITER, configure_logging
 from services.kit.metrics import configure_metrics
 from services.kit.peers import PeerAuthorizer, PeerRules, PeerRulesError, parse_aliases
 from services.kit.settings import Environment, ServiceSettings
-from services.kit.tls import TlsFiles, client_credentials, configure_client_tls
+from services.kit.startup import (
+    StartupRefused,
+    check_private,
+    env_name,
+    load_settings,
+    private_process,
+    refuse,
+)
+from services.kit.tls import TlsFiles, TlsFilesError, client_credentials, configure_client_tls
 from services.kit.tracecontext import UntrustedTraceContext
 from services.kit.tracing import configure_tracing
 
@@ -89,38 +100,58 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     ]
 
 
-class StartupRefused(RuntimeError):
-    """The configuration is unsafe for the environment it runs in."""
-
-
 def tls_files(settings: ServiceSettings) -> TlsFiles | None:
+    """The process's certificate, key and CA, checked to parse and to belong together."""
     if not settings.tls_enabled:
         return None
     assert settings.tls_cert_file and settings.tls_key_file and settings.tls_ca_file
-    return TlsFiles.load(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
+    try:
+        return TlsFiles.load(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
+    except TlsFilesError as error:
+        name = env_name(type(settings), error.field)
+        raise StartupRefused(
+            f"{name}: {error}",
+            setting=name,
+            fix=f"point {name} at a readable PEM file ({error.expected}); `make certs` makes "
+            "a development set",
+        ) from None
 
 
 def check_environment(settings: ServiceSettings) -> None:
-    """Production refuses plaintext, and an inner service that would take calls from peers it
-    cannot identify; dev on loopback may run without TLS but says so."""
-    prefix = f"TOOLMESH_{settings.service_name.upper()}_"
+    """Production refuses plaintext, an inner service that would take calls from peers it
+    cannot identify, and data or keys readable by others; dev on loopback may run without TLS
+    but says so."""
+    cls = type(settings)
     if settings.env is Environment.PRODUCTION:
         if not settings.tls_enabled:
+            names = ", ".join(env_name(cls, f) for f in ("tls_cert_file", "tls_key_file"))
             raise StartupRefused(
-                f"{settings.service_name}: TOOLMESH_ENV=production requires mutual TLS; set "
-                "TOOLMESH_TLS_CERT_FILE, TOOLMESH_TLS_KEY_FILE and TOOLMESH_TLS_CA_FILE "
-                "(`make certs` makes a dev CA)"
+                f"{settings.service_name}: TOOLMESH_ENV=production requires mutual TLS",
+                setting=f"{names}, {env_name(cls, 'tls_ca_file')}",
+                fix="set all three (or the shared TOOLMESH_TLS_CERT_FILE, TOOLMESH_TLS_KEY_FILE "
+                "and TOOLMESH_TLS_CA_FILE) to this service's PEM files (`make certs` makes a dev "
+                "CA), or run with TOOLMESH_ENV=dev on loopback",
             )
         if settings.inner and not settings.tls_require_client_auth:
+            name = env_name(cls, "tls_require_client_auth")
             raise StartupRefused(
-                f"{settings.service_name}: an inner service must require client certificates "
-                f"in production; unset {prefix}TLS_REQUIRE_CLIENT_AUTH (it defaults to true)"
+                f"{name}=false: an inner service must require client certificates in production",
+                setting=name,
+                fix=f"unset {name} (it defaults to true)",
             )
         if settings.inner and not settings.peer_allowlist:
+            name = env_name(cls, "allowed_peers")
             raise StartupRefused(
-                f"{settings.service_name}: set {prefix}ALLOWED_PEERS to the certificate names "
-                "that may call it (an empty allowlist would admit every mesh certificate)"
+                f"{name} is empty: that would admit every certificate of the mesh CA",
+                setting=name,
+                fix=f"set {name} to the certificate names that may call it",
             )
+        check_private(
+            {
+                env_name(cls, "data_dir"): settings.data_dir,
+                env_name(cls, "tls_key_file"): settings.tls_key_file,
+            }
+        )
     if settings.tls_enabled:
         return
     log.warning(
@@ -129,12 +160,37 @@ def check_environment(settings: ServiceSettings) -> None:
     )
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpc's health servicer, plus ``List`` (a snapshot of every service's status), which the
+    packaged one leaves unimplemented."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._server_status.items()
+            }
+        )
+
+
 async def start(
-    settings: ServiceSettings, register: Register, cleanups: Sequence[Cleanup] = ()
+    settings: ServiceSettings,
+    register: Register,
+    cleanups: Sequence[Cleanup] = (),
+    *,
+    tracer_provider: TracerProvider | None = None,
 ) -> Running:
-    """Start serving; ``cleanups`` run (in reverse) after the server stops."""
+    """Start serving; ``cleanups`` run (in reverse) after the server stops.
+
+    ``tracer_provider`` (tests) receives the server spans instead of the global provider.
+    """
     files = tls_files(settings)
-    interceptors: list[aio.ServerInterceptor] = [aio_server_interceptor(), GuardInterceptor()]
+    interceptors: list[aio.ServerInterceptor] = [
+        TracingInterceptor(tracer_provider),
+        GuardInterceptor(),
+    ]
     if not settings.inner:
         # Callers from outside the mesh never choose our trace (services.kit.tracecontext).
         interceptors.insert(0, UntrustedTraceContext())
@@ -142,47 +198,46 @@ async def start(
     authorizer = PeerAuthorizer(None, settings.peer_allowlist, parse_aliases(settings.peer_aliases))
     if files and settings.tls_require_client_auth:
         interceptors.append(authorizer)
+    # Innermost: a peer that may not call a method learns nothing about its request's bytes.
+    interceptors.append(DecodeGuard())
     server = aio.server(
         interceptors=interceptors,
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    registered = await register(server)
-    if not isinstance(registered, Registered):
-        registered = Registered(list(registered))
-    names = list(registered.names)
+    # Bind first: a taken port fails before databases are opened and tasks started.
     try:
+        port = _bind(server, settings, files)
+    except BaseException:
+        await _run_cleanups(list(cleanups))
+        raise
+    try:
+        registered = await register(server)
+        if not isinstance(registered, Registered):
+            registered = Registered(list(registered))
+        names = list(registered.names)
         if registered.peers is not None:
             registered.peers.check_covers(names)
         elif settings.inner and authorizer in interceptors:
             raise PeerRulesError("an inner service must say which peers may call each RPC")
-    except PeerRulesError as error:
-        await _run_cleanups(list(cleanups))
-        raise StartupRefused(f"{settings.service_name}: {error}") from None
-    authorizer.rules = registered.peers
-    reflection.enable_server_reflection(
-        [
-            *names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
-    try:
-        if files:
-            port = server.add_secure_port(
-                settings.address, files.server_credentials(settings.tls_require_client_auth)
-            )
-        else:
-            port = server.add_insecure_port(settings.address)
-        if port == 0:
-            raise RuntimeError(f"cannot bind {settings.address}")
+        authorizer.rules = registered.peers
+        reflection.enable_server_reflection(
+            [
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
         await server.start()
-    except BaseException:
+    except BaseException as error:
         # Whatever register() started (tasks, pools) must not outlive a failed start.
         await _run_cleanups(list(cleanups))
+        await server.stop(None)
+        if isinstance(error, PeerRulesError):
+            raise StartupRefused(f"{settings.service_name}: {error}") from None
         raise
     running = Running(
         server=server,
@@ -199,6 +254,29 @@ async def start(
             _serve_when_ready(health_servicer, names, registered.ready)
         )
     return running
+
+
+def _bind(server: aio.Server, settings: ServiceSettings, files: TlsFiles | None) -> int:
+    """Listen on the configured address; a taken port or a foreign address is refused."""
+    try:
+        if files:
+            port = server.add_secure_port(
+                settings.address, files.server_credentials(settings.tls_require_client_auth)
+            )
+        else:
+            port = server.add_insecure_port(settings.address)
+    except RuntimeError:  # grpc: "Failed to bind to address ..."
+        port = 0
+    if port == 0:
+        cls = type(settings)
+        raise StartupRefused(
+            f"cannot listen on {settings.address} (the port is taken or the address is not "
+            "this host's)",
+            setting=f"{env_name(cls, 'port')}, {env_name(cls, 'host')}",
+            fix="choose a free port (`ss -ltnp` names the process holding one) and an address "
+            "of this host",
+        )
+    return port
 
 
 async def _set_health(
@@ -224,16 +302,41 @@ async def _run_cleanups(cleanups: list[Cleanup]) -> None:
             log.exception("clean-up failed")
 
 
-async def _serve(settings: ServiceSettings, register: Register, cleanups: list[Cleanup]) -> None:
+async def _flush_suppressed(every_s: float = 10.0) -> None:
+    """Report rate-limited log lines even when their site has gone quiet."""
+    while True:
+        await asyncio.sleep(every_s)
+        LIMITER.flush()
+
+
+def _cancelled(task: asyncio.Task[None]) -> Cleanup:
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        LIMITER.flush()
+
+    return cancel
+
+
+async def _serve(
+    settings: ServiceSettings, register: Register, cleanups: list[Cleanup], started: list[bool]
+) -> None:
     running = await start(settings, register, cleanups)
+    started.append(True)
+    # `toolmesh up` reads this line to know that its own child holds the port.
     log.info(
         "serving",
         extra={
             "address": f"{settings.host}:{running.port}",
+            "port": running.port,
+            "pid": os.getpid(),
             "services": list(running.service_names),
             "env": settings.env.value,
         },
     )
+    flusher = asyncio.create_task(_flush_suppressed(), name="log-suppressed-report")
+    running.cleanups.insert(0, _cancelled(flusher))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -245,36 +348,75 @@ async def _serve(settings: ServiceSettings, register: Register, cleanups: list[C
 
 
 def run_service(
-    settings: SettingsT,
+    settings: SettingsT | type[SettingsT],
     build: Callable[[SettingsT, list[Cleanup]], Register],
 ) -> None:
-    """Process entry point: logs, tracing, metrics, serve until a signal, drain, flush."""
-    configure_logging(settings.service_name, settings.log_level)
+    """Process entry point: logs, tracing, metrics, serve until a signal, drain, flush.
+
+    ``settings`` may be the settings class, so a bad environment variable is reported like any
+    other start-up error: one CRITICAL line naming the variable and the fix, exit code 2, no
+    traceback (services.kit.startup).
+    """
+    private_process()
+    loaded: SettingsT | None = None
     try:
-        check_environment(settings)
-    except StartupRefused as refused:
-        log.critical(str(refused))
-        raise SystemExit(2) from None
-    configure_client_tls(tls_files(settings))
+        if isinstance(settings, type):
+            configure_logging(settings.service_name)
+            loaded = load_settings(settings)
+        else:
+            loaded = settings
+        configure_logging(loaded.service_name, loaded.log_level)
+        check_environment(loaded)
+        configure_client_tls(tls_files(loaded))
+    except Exception as error:
+        refuse(error, loaded)
     provider = configure_tracing(
-        settings.service_name,
-        settings.otlp_endpoint,
-        settings.trace_sample_ratio,
+        loaded.service_name,
+        loaded.otlp_endpoint,
+        loaded.trace_sample_ratio,
         client_credentials(),
     )
-    meters = configure_metrics(
-        settings.service_name, settings.host, settings.effective_metrics_port
-    )
-    cleanups: list[Cleanup] = []
+    meters = None
+    started: list[bool] = []
     try:
-        asyncio.run(_serve(settings, build(settings, cleanups), cleanups))
-    except StartupRefused as refused:
-        # Raised while registering (e.g. a schema this release does not know): say why, exit 2.
-        log.critical("refusing to start: %s", refused)
-        raise SystemExit(2) from None
+        meters = _metrics(loaded)
+        cleanups: list[Cleanup] = []
+        asyncio.run(_serve(loaded, build(loaded, cleanups), cleanups, started))
+    except Exception as error:
+        if started:  # not a start-up error: a failure while serving or stopping
+            log.exception("stopped on an unexpected error")
+            raise SystemExit(1) from None
+        # Raised while building or registering (a bad rules file, a database that cannot be
+        # reached, a taken port ...): say which setting, exit 2.
+        refuse(error, loaded)
     finally:
         provider.shutdown()
-        meters.shutdown()
+        if meters is not None:
+            meters.shutdown()
 
 
-__all__ = ["Cleanup", "Register", "Registered", "Running", "grpc", "run_service", "start"]
+def _metrics(settings: ServiceSettings) -> MeterProvider:
+    try:
+        return configure_metrics(
+            settings.service_name, settings.host, settings.effective_metrics_port
+        )
+    except OSError as error:
+        name = env_name(type(settings), "metrics_port")
+        raise StartupRefused(
+            f"cannot serve metrics on {settings.host}:{settings.effective_metrics_port}: "
+            f"{error.strerror or error}",
+            setting=name,
+            fix=f"set {name} to a free port, or 0 to turn the /metrics endpoint off",
+        ) from None
+
+
+__all__ = [
+    "Cleanup",
+    "Register",
+    "Registered",
+    "Running",
+    "StartupRefused",
+    "grpc",
+    "run_service",
+    "start",
+]

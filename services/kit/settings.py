@@ -99,6 +99,13 @@ class ServiceSettings(BaseSettings):
         shared = EnvSettingsSource(settings_cls, env_prefix="TOOLMESH_")
         return (init_settings, own, shared, file_secret_settings)
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return value.upper()
+
     @field_validator("peer_aliases")
     @classmethod
     def _aliases_parse(cls, value: str) -> str:

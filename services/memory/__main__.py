@@ -5,4 +5,4 @@ from services.memory.app import build
 from services.memory.settings import MemorySettings
 
 if __name__ == "__main__":
-    run_service(MemorySettings(), build)
+    run_service(MemorySettings, build)

@@ -5,4 +5,4 @@ from services.router.app import build
 from services.router.settings import RouterSettings
 
 if __name__ == "__main__":
-    run_service(RouterSettings(), build)
+    run_service(RouterSettings, build)

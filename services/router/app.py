@@ -18,6 +18,7 @@ from services.kit.migrations import check_schema
 from services.kit.peers import ANY_PEER, GATEWAY, PeerRules
 from services.kit.server import Cleanup, Register, Registered
 from services.kit.settings import Environment, ServiceSettings
+from services.kit.startup import setting_guard
 from services.router.audit import RouterAudit
 from services.router.backends.admin import BackendAdmin
 from services.router.backends.manager import BackendManager, ManagerSettings
@@ -71,8 +72,12 @@ def build(
     if not isinstance(settings, RouterSettings):
         raise TypeError("the router needs RouterSettings")
     plugins = [m.strip() for m in settings.plugin_modules.split(",") if m.strip()]
-    tools = registry if registry is not None else default_registry(plugins)
-    rules = load_rules(settings.rules_file)
+    with setting_guard(
+        settings, "plugin_modules", "list importable modules that define TOOLS in {setting}"
+    ):
+        tools = registry if registry is not None else default_registry(plugins)
+    with setting_guard(settings, "rules_file", "point {setting} at a valid routing rules file"):
+        rules = load_rules(settings.rules_file)
     tracer = trace.get_tracer("toolmesh.router", tracer_provider=tracer_provider)
 
     production = settings.env is Environment.PRODUCTION

@@ -33,4 +33,4 @@ def verify_checkpoints(argv: list[str]) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["verify-checkpoints"]:
         sys.exit(verify_checkpoints(sys.argv[2:]))
-    run_service(TelemetrySettings(), build)
+    run_service(TelemetrySettings, build)

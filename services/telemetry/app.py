@@ -17,6 +17,7 @@ from services.kit.periodic import background
 from services.kit.pricing import PriceTable
 from services.kit.server import Cleanup, Register, Registered, StartupRefused
 from services.kit.settings import Environment, ServiceSettings
+from services.kit.startup import setting_guard
 from services.telemetry import slo
 from services.telemetry.audit import AuditLog
 from services.telemetry.auditing import AuditCheckpoints
@@ -120,8 +121,10 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         raise TypeError("telemetry needs TelemetrySettings")
 
     # Bad configuration fails start-up, before anything is served.
-    prices = PriceTable.load(settings.prices_file)
-    slos = slo.SloConfig.load(settings.slo_file)
+    with setting_guard(settings, "prices_file", "point {setting} at a valid price table"):
+        prices = PriceTable.load(settings.prices_file)
+    with setting_guard(settings, "slo_file", "point {setting} at a valid SLO file"):
+        slos = slo.SloConfig.load(settings.slo_file)
     keyring = audit_keyring(settings)
     keep_every_trace = settings.trace_keep_ratio >= 1.0
 

@@ -18,6 +18,7 @@ from grpc import aio
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from services.kit.errors import abort_invalid
+from services.kit.interceptors import abort_undecodable
 from services.kit.metrics import meter
 from services.kit.peers import GATEWAY, peer_common_name
 from services.telemetry import spans
@@ -73,8 +74,9 @@ class TraceService:
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         try:
             request = trace_service_pb2.ExportTraceServiceRequest.FromString(raw)
-        except DecodeError:
-            await abort_invalid(context, [("request", "not an ExportTraceServiceRequest")])
+        except DecodeError as error:
+            method = f"/{self.SERVICE}/Export"
+            await abort_undecodable(context, method, len(raw), type(error).__name__)
         exporter = peer_common_name(context) if self._peers_authenticated else ""
         records, violations = spans.decode(
             request, exporter=exporter, speaks_for_tenants=self.speaks_for_tenants(exporter)

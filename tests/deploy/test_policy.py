@@ -148,9 +148,11 @@ def test_environment_and_writable_paths(
         (container,) = kube.pod_spec(deployment)["containers"]
         env = kube.config_env(docs, container)
         assert env["TOOLMESH_ENV"] == env_name
-        # The root filesystem is read-only: the data dir must be a mounted volume.
+        # The root filesystem is read-only: the data dir must be inside a mounted volume, in a
+        # directory of its own that the service creates 0700 (a volume's root is open to others).
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
-        assert env["TOOLMESH_DATA_DIR"] in mounts
+        data_dir = Path(env["TOOLMESH_DATA_DIR"])
+        assert str(data_dir) not in mounts and str(data_dir.parent) in mounts
         assert "/tmp" in mounts
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from stat import S_IMODE
 
 import grpc
 import pytest
@@ -75,6 +76,18 @@ def _memory_child(proc: subprocess.Popen[bytes]) -> int | None:
     return None
 
 
+def _assert_private(data_dir: Path) -> None:
+    """Everything `up` and the services created is the user's alone: 0700 and 0600."""
+    assert S_IMODE(data_dir.stat().st_mode) == 0o700
+    names = [p.name for p in data_dir.rglob("*") if p.is_file()]
+    # SQLite databases with their -wal files, outboxes, signing keys, the dev client's secret.
+    for suffix in (".db", ".db-wal", ".pem", "dev-client.json"):
+        assert any(name.endswith(suffix) for name in names), (suffix, names)
+    for path in [data_dir, *data_dir.rglob("*")]:
+        wanted = 0o700 if path.is_dir() else 0o600
+        assert S_IMODE(path.stat().st_mode) == wanted, path
+
+
 def _cli(mesh: Mesh, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [TOOLMESH, *args, "--target", mesh.gateway],
@@ -103,6 +116,7 @@ def test_up_run_restart_history(tmp_path: Path) -> None:
         bad = _cli(mesh, "run", "", "--session", "demo")
         assert bad.returncode != 0
         assert "INVALID_ARGUMENT" in bad.stderr and "Traceback" not in bad.stderr
+        _assert_private(mesh.data_dir)
 
         # A crashed service is restarted by `up`, as the deployment platform would.
         crashed = _memory_child(proc)

@@ -156,12 +156,16 @@ def test_json_logs_carry_service_and_ids(capsys: pytest.CaptureFixture[str]) -> 
     from services.kit.context import request_id_var
     from services.kit.logs import configure_logging
 
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
     configure_logging("echo", "INFO")
     token = request_id_var.set("req-1")
     try:
         logging.getLogger("t").info("hello", extra={"k": 1})
     finally:
         request_id_var.reset(token)
+        # The handler writes to this test's captured stderr: leave no handler behind.
+        root.handlers[:], root.level = saved, level
     record = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert record["message"] == "hello" and record["service"] == "echo"
     assert record["request_id"] == "req-1" and record["k"] == 1
