@@ -142,6 +142,8 @@ class RedactionFilter(logging.Filter):
 
 
 _REDACTION = RedactionFilter()
+# Libraries whose INFO chatter is not ours to report: configure_logging raises them to WARNING.
+NOISY_LOGGERS = ("grpc", "urllib3", "sqlalchemy.engine", "aiosqlite")
 _factory_lock = threading.Lock()
 _base_factory: Callable[..., logging.LogRecord] | None = None
 
@@ -151,6 +153,14 @@ def _redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
     record = _base_factory(*args, **kwargs)
     redact_record(record)
     return record
+
+
+def forget_redaction_factory() -> None:
+    """Let ``install_redaction`` install its factory again after someone replaced the record
+    factory (a test restoring the interpreter's logging state)."""
+    global _base_factory  # noqa: PLW0603 - one factory per process
+    with _factory_lock:
+        _base_factory = None
 
 
 def install_redaction() -> None:
@@ -337,7 +347,7 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # gRPC's own and HTTP client chatter is not ours to report at INFO.
-    for noisy in ("grpc", "urllib3", "sqlalchemy.engine", "aiosqlite"):
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cygrpc = logging.getLogger("grpc._cython.cygrpc")
     if _GRPC_NOISE not in cygrpc.filters:

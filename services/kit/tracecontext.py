@@ -14,7 +14,7 @@ which links it to its server span with ``link_caller_context``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -22,6 +22,8 @@ import grpc
 from grpc import aio
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from services.kit.interceptors import UNTRACED_PREFIXES, drive_stream
 
 # W3C trace context and baggage: what a tracing interceptor would take a parent from.
 PROPAGATION_KEYS = frozenset({"traceparent", "tracestate", "baggage"})
@@ -81,7 +83,7 @@ class UntrustedTraceContext(aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None:
+        if handler is None or (handler_call_details.method or "").startswith(UNTRACED_PREFIXES):
             return handler
         if handler.unary_unary is not None:
             inner: _Unary = handler.unary_unary
@@ -98,12 +100,10 @@ class UntrustedTraceContext(aio.ServerInterceptor):
         if handler.unary_stream is not None:
             streaming = handler.unary_stream
 
-            async def unary_stream(
-                request: Any, context: aio.ServicerContext
-            ) -> AsyncIterator[Any]:
+            async def unary_stream(request: Any, context: aio.ServicerContext) -> None:
                 _caller_context.set(caller_span_context(context.invocation_metadata()))
-                async for item in streaming(request, _WithoutPropagation(context)):
-                    yield item
+                # Either style of handler: an async generator, or one that writes itself.
+                await drive_stream(streaming(request, _WithoutPropagation(context)), context)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,

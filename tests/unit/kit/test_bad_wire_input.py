@@ -14,8 +14,8 @@ import pytest
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from grpc import aio
-from services.memory.service import build as memory_build
-from services.telemetry.service import build as telemetry_build
+from services.memory.app import build as memory_build
+from services.telemetry.app import build as telemetry_build
 
 from gateway.app import build as gateway_build
 from gateway.settings import GatewaySettings

@@ -206,10 +206,14 @@ def test_production_refuses_an_inner_service_without_client_authentication(certs
         check_environment(settings)
 
 
-def test_production_refuses_an_empty_allowlist(certs: Path) -> None:
+def test_production_refuses_an_empty_allowlist(certs: Path, tmp_path: Path) -> None:
+    private = tmp_path / "data"
+    private.mkdir(mode=0o700)
     with pytest.raises(StartupRefused, match="TOOLMESH_MEMORY_ALLOWED_PEERS"):
-        check_environment(_tls_settings(certs, env="production"))
-    check_environment(_tls_settings(certs, env="production", allowed_peers="gateway"))
+        check_environment(_tls_settings(certs, env="production", data_dir=private))
+    check_environment(
+        _tls_settings(certs, env="production", allowed_peers="gateway", data_dir=private)
+    )
 
 
 def test_malformed_aliases_are_refused() -> None:
