@@ -716,16 +716,15 @@ class Pipeline:
     async def _accounted_if_refused(self, flight: Flight) -> AsyncIterator[None]:
         """A request refused after authentication (scope, allowlist, budget, idempotency, an
         unavailable dependency) still leaves its compact record: statistics count it, and a
-        budget reservation it took is committed at what it used instead of held until it
-        expires. The record has its own id, so a retry with the same idempotency key is
+        budget reservation it took is committed at nothing instead of held until it expires. The record has its own id, so a retry with the same idempotency key is
         billed under the request id as usual."""
         try:
             yield
         except aio.AbortError:
             code = flight.context.code()
             status = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
-            usage = common_pb2.Usage(tokens_in=whitespace_tokens(flight.prompt))
-            record = self._usage(flight, usage, "refused", status, uuid.uuid4().hex)
+            # Refused: it used nothing, and commits its reservation (if any) at nothing.
+            record = self._usage(flight, common_pb2.Usage(), "refused", status, uuid.uuid4().hex)
             await self._access.put_refusal(
                 flight.context, [(KIND_USAGE, record.request_id, record)]
             )

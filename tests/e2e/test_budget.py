@@ -124,10 +124,12 @@ def test_fifty_concurrent_runs_against_ten_tool_calls(
                 timeout=10,
             )
             rows = [r for r in reply.rows if r.principal == client_id]
-            return rows[0] if rows and rows[0].requests >= LIMIT else None
+            return rows[0] if rows and rows[0].requests >= RUNS else None
 
         row = _eventually(cost_row)
-        assert row.requests == LIMIT
+        # Every request is recorded (the refused ones too, for statistics); only the answered
+        # ones used anything.
+        assert row.requests == RUNS
         assert row.tool_calls == LIMIT
         assert row.cost_micros == sum(r.cost_micros for r in answered)
         assert row.currency == answered[0].currency
