@@ -302,7 +302,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.ListToolsRequest, context: aio.ServicerContext
     ) -> router_pb2.ListToolsResponse:
         allowed: Iterable[str] = request.allowed_tools or ["*"]
-        tools = [*self._registry.all(), *self._backends.served_tools(request.caller.tenant)]
+        # The version each tool serves (its latest release); ListToolVersions has the history.
+        builtin = {t.spec.name: self._registry.latest(t.spec.name) for t in self._registry.all()}
+        tools = [
+            *(tool for tool in builtin.values() if tool is not None),
+            *self._backends.served_tools(request.caller.tenant),
+        ]
         return router_pb2.ListToolsResponse(
             tools=[contract_message(tool) for tool in tools if is_allowed(tool.spec.name, allowed)]
         )
