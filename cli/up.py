@@ -1,8 +1,10 @@
-"""``toolmesh up``: the five services as child processes on loopback, one command, one Ctrl-C.
+"""``toolmesh up``: the five services and the MCP face as child processes on loopback, one
+command, one Ctrl-C.
 
-Telemetry starts first (so every later service can export spans from its first call) and the
-gateway last (so it is only reachable once what it calls is). A child that dies is logged and
-restarted with exponential backoff; SIGINT or SIGTERM stops them all with SIGTERM, gateway first.
+Telemetry starts first (so every later service can export spans from its first call), then the
+gateway (so it is only reachable once what it calls is), and the MCP face last, in front of the
+gateway. A child that dies is logged and restarted with exponential backoff; SIGINT or SIGTERM
+stops them all with SIGTERM, outermost first (the face, then the gateway, then the rest).
 
 `up` reports only what its own children do: before starting, every port must be free (a taken
 one is named with the process holding it); a service counts as up when the child `up` started
@@ -33,8 +35,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.kit.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 
-ORDER = ("telemetry", "auth", "memory", "router", "gateway")
-MODULES = {name: f"services.{name}" for name in ORDER} | {"gateway": "gateway"}
+ORDER = ("telemetry", "auth", "memory", "router", "gateway", "mcpface")
+MODULES = {name: f"services.{name}" for name in ORDER} | {
+    "gateway": "gateway",
+    "mcpface": "mcpface",
+}
+# Children whose readiness is an HTTP probe rather than gRPC health.
+HTTP_CHILDREN = {"mcpface": "/readyz"}
+# Stopped first: whoever calls the others.
+OUTERMOST = ("mcpface", "gateway")
 TAIL_LINES = 30
 LINE_LIMIT = 1 << 20
 # Restart backoff: doubles from the first to the cap; a child that ran this long starts over.
@@ -53,7 +62,7 @@ class StartError(Exception):
 
 
 def base_port(text: str) -> int:
-    """``--base-port``: every derived port (base .. base+4) must be a port this user can bind."""
+    """``--base-port``: every derived port (base .. base+5) must be a port this user can bind."""
     try:
         port = int(text)
     except ValueError:
@@ -63,7 +72,7 @@ def base_port(text: str) -> int:
     last = port + len(DEFAULT_PORTS) - 1
     if port < 0 or last > MAX_PORT:
         raise argparse.ArgumentTypeError(
-            f"{port} puts the telemetry port at {last}; choose a base port from "
+            f"{port} puts the last port (the MCP face's) at {last}; choose a base port from "
             f"{FIRST_UNPRIVILEGED_PORT} to {MAX_PORT - len(DEFAULT_PORTS) + 1}"
         )
     if port < FIRST_UNPRIVILEGED_PORT and os.geteuid() != 0:
@@ -75,13 +84,13 @@ def base_port(text: str) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    up = sub.add_parser("up", help="run the five services locally until Ctrl-C")
+    up = sub.add_parser("up", help="run the five services and the MCP face locally until Ctrl-C")
     up.add_argument(
         "--base-port",
         type=base_port,
         default=0,
-        help="gateway on this port, auth +1, router +2, memory +3, telemetry +4 "
-        "(default: TOOLMESH_<SERVICE>_PORT or 50051-50055)",
+        help="gateway on this port, auth +1, router +2, memory +3, telemetry +4, MCP face +5 "
+        "(default: TOOLMESH_<SERVICE>_PORT or 50051-50056)",
     )
     up.add_argument(
         "--logs",
@@ -324,10 +333,14 @@ class Child:
                     await self._drain_output()
                     raise StartError(self.exit_reason())
                 if self._holds_its_port():
-                    with contextlib.suppress(aio.AioRpcError):
-                        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    if self.name in HTTP_CHILDREN:
+                        if await http_ready(self.address, HTTP_CHILDREN[self.name]):
                             return
+                    else:
+                        with contextlib.suppress(aio.AioRpcError):
+                            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                                return
                 elif self.serving_port is not None:
                     raise StartError(
                         f"{self.name} listens on port {self.serving_port}, not {self.port}"
@@ -365,6 +378,23 @@ class Child:
                 await self.proc.wait()
         await self._drain_output()
         return self.proc.returncode
+
+
+async def http_ready(address: str, path: str) -> bool:
+    """GET ``path`` on ``address``: True on a 200 answer (the face's readiness probe)."""
+    host, port = address.rsplit(":", 1)
+    try:
+        async with asyncio.timeout(1.0):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: {address}\r\n\r\n".encode())
+                await writer.drain()
+                status_line = await reader.readline()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return False
+    return status_line.split(b" ")[1:2] == [b"200"]
 
 
 def say(message: str) -> None:
@@ -461,7 +491,11 @@ async def up(args: argparse.Namespace) -> int:
             say(f"{name} SERVING on {child.address} (pid {pid})")
         supervisors = [asyncio.create_task(supervise(c, stopping)) for c in children]
         where = f"logs in {logs_dir}" if args.logs == "files" else "logs below"
-        say(f"toolmesh is up: gateway at {children[-1].address} ({where}; Ctrl-C stops)")
+        gateway, face = children[-2], children[-1]
+        say(
+            f"toolmesh is up: gateway at {gateway.address}, MCP at http://{face.address}/mcp "
+            f"({where}; Ctrl-C stops)"
+        )
         await stopping.wait()
     except StartError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -470,10 +504,11 @@ async def up(args: argparse.Namespace) -> int:
         stopping.set()
         if children:
             say("stopping")
-        # The gateway first, so it drains its in-flight calls while what it calls still runs.
-        gateway = [c for c in children if c.name == "gateway"]
-        inner = [c for c in children if c.name != "gateway"]
-        for group in (gateway, inner):
+        # Outermost first (the face, then the gateway), so each drains its in-flight calls
+        # while what it calls still runs.
+        groups = [[c for c in children if c.name == name] for name in OUTERMOST]
+        groups.append([c for c in children if c.name not in OUTERMOST])
+        for group in groups:
             codes = await asyncio.gather(*(c.terminate() for c in group))
             for child, code in zip(group, codes, strict=True):
                 if code is not None:

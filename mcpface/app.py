@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 from types import FrameType
@@ -101,6 +102,9 @@ async def serve(settings: McpFaceSettings) -> None:
             "serving",
             extra={
                 "address": f"{host}:{port}",
+                # What `toolmesh up` checks: this process listens on its port.
+                "pid": os.getpid(),
+                "port": port,
                 "path": settings.path,
                 "gateway": settings.gateway_target,
                 "env": settings.env.value,

@@ -8,9 +8,6 @@ from pydantic import Field
 
 from services.kit.settings import DEFAULT_PORTS, ServiceSettings
 
-MCPFACE_PORT = 50056
-MCPFACE_METRICS_PORT = 9456
-
 
 class McpFaceSettings(ServiceSettings):
     service_name: ClassVar[str] = "mcpface"
@@ -18,8 +15,7 @@ class McpFaceSettings(ServiceSettings):
     inner: ClassVar[bool] = False
 
     # HTTP port of the MCP endpoint (streamable HTTP at `path`) and of /healthz and /readyz.
-    port: int = Field(default=MCPFACE_PORT, ge=0, le=65535)
-    metrics_port: int | None = Field(default=MCPFACE_METRICS_PORT, ge=0, le=65535)
+    port: int = Field(default=DEFAULT_PORTS["mcpface"], ge=0, le=65535)
     # The MCP endpoint's path.
     path: str = Field(default="/mcp", pattern=r"^/[A-Za-z0-9._~/-]*$")
     # The gateway the face calls over gRPC (host:port, ipv4:a:p,b:p or dns:///name:port);

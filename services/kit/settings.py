@@ -30,6 +30,8 @@ DEFAULT_PORTS: dict[str, int] = {
     "router": 50053,
     "memory": 50054,
     "telemetry": 50055,
+    # The MCP face (HTTP), beside the gateway it fronts.
+    "mcpface": 50056,
 }
 # Prometheus /metrics over HTTP, one port per service so they can share a host.
 DEFAULT_METRICS_PORTS: dict[str, int] = {name: port - 40600 for name, port in DEFAULT_PORTS.items()}

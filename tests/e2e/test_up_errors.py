@@ -40,7 +40,7 @@ def _up(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.Comp
     )
 
 
-def _free_range(count: int = 5) -> int:
+def _free_range(count: int = 6) -> int:
     """A base port whose ``count`` ports are all free now."""
     for _ in range(50):
         base = free_port()
@@ -103,7 +103,7 @@ def test_a_child_that_refuses_to_start_is_reported_by_its_reason(tmp_path: Path)
 @pytest.mark.parametrize(
     ("base", "says"),
     [
-        ("65533", "puts the telemetry port at 65537"),
+        ("65532", "puts the last port (the MCP face's) at 65537"),
         ("-5", "choose a base port from"),
         ("http", "is not a port number"),
     ],

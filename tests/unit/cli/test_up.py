@@ -11,14 +11,14 @@ import pytest
 from cli.up import base_port, listener_pids, port_holder, ports_of
 
 
-@pytest.mark.parametrize("text", ["1024", "50051", "65531", "0"])
+@pytest.mark.parametrize("text", ["1024", "50051", "65530", "0"])
 def test_base_ports_whose_five_ports_fit(text: str) -> None:
     assert base_port(text) == int(text)
 
 
 @pytest.mark.parametrize(
     ("text", "says"),
-    [("65532", "telemetry port at 65536"), ("-1", "choose a base port"), ("x", "not a port")],
+    [("65531", r"face's\) at 65536"), ("-1", "choose a base port"), ("x", "not a port")],
 )
 def test_base_ports_that_do_not_fit_are_refused(text: str, says: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=says):

@@ -14,8 +14,6 @@ import pytest
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from grpc import aio
-from services.memory.app import build as memory_build
-from services.telemetry.app import build as telemetry_build
 
 from gateway.app import build as gateway_build
 from gateway.settings import GatewaySettings
@@ -25,9 +23,11 @@ from services.kit.interceptors import UNDECODABLE_MESSAGE
 from services.kit.logs import configure_logging
 from services.kit.server import Cleanup, Register, Running, start
 from services.kit.settings import ServiceSettings
+from services.memory.app import build as memory_build
 from services.memory.settings import MemorySettings
 from services.router.app import build as router_build
 from services.router.settings import RouterSettings
+from services.telemetry.app import build as telemetry_build
 from services.telemetry.settings import TelemetrySettings
 from tests.wire import raw_call
 
