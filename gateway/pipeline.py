@@ -716,8 +716,9 @@ class Pipeline:
     async def _accounted_if_refused(self, flight: Flight) -> AsyncIterator[None]:
         """A request refused after authentication (scope, allowlist, budget, idempotency, an
         unavailable dependency) still leaves its compact record: statistics count it, and a
-        budget reservation it took is committed at nothing instead of held until it expires. The record has its own id, so a retry with the same idempotency key is
-        billed under the request id as usual."""
+        budget reservation it took is committed at nothing instead of held until it expires.
+        The record has its own id, so a retry with the same idempotency key is billed under
+        the request id as usual."""
         try:
             yield
         except aio.AbortError:
