@@ -6,10 +6,26 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from services.kit import logs as kit_logs
 from services.kit.logs import NOISY_LOGGERS
 from tests.pgutil import fresh_databases
+
+# One meter provider for the whole test session, installed before any test runs: the services'
+# instruments live on the global meter (services.kit.metrics), and OpenTelemetry lets the global
+# provider be set once, so a test that installed its own would decide for every later test.
+_METRICS = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[_METRICS]))
+
+
+@pytest.fixture(scope="session")
+def metric_reader() -> InMemoryMetricReader:
+    """The session's in-memory metrics (cumulative: compare before and after, or look for the
+    labels a test made)."""
+    return _METRICS
 
 
 @pytest.fixture

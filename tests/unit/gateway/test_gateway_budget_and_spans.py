@@ -5,8 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from grpc import aio
-from opentelemetry import metrics, trace
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry import trace
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -135,13 +134,6 @@ async def test_a_callers_trace_context_is_a_link_never_the_parent(
         await gateway.stop(0)
         await inner.stop(0)
 
-
-@pytest.fixture(scope="module")
-def metric_reader() -> InMemoryMetricReader:
-    """The gateway's instruments are made on the global meter; give it a provider to read."""
-    reader = InMemoryMetricReader()
-    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
-    return reader
 
 
 def _points(reader: InMemoryMetricReader, name: str) -> list[dict[str, object]]:

@@ -19,8 +19,6 @@ from typing import Any
 import grpc
 import pytest
 from grpc import aio
-from opentelemetry import metrics
-from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from services.kit.channels import open_channel
@@ -45,19 +43,6 @@ from toolmesh.router.v1 import router_pb2
 from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 
 SCRIPTED = SCRIPTS / "scripted.py"
-
-
-def metric_reader() -> InMemoryMetricReader:
-    """The router's instruments live on the global meter: read them through an in-memory
-    reader (reusing the one an earlier test module installed, if any)."""
-    current = metrics.get_meter_provider()
-    if isinstance(current, MeterProvider):
-        for reader in current._sdk_config.metric_readers:
-            if isinstance(reader, InMemoryMetricReader):
-                return reader
-    reader = InMemoryMetricReader()
-    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
-    return reader
 
 
 def points(reader: InMemoryMetricReader, name: str) -> list[dict[str, Any]]:
@@ -95,8 +80,10 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
-    reader = metric_reader()
+async def rig(
+    tmp_path_factory: pytest.TempPathFactory, metric_reader: InMemoryMetricReader
+) -> AsyncIterator[Rig]:
+    reader = metric_reader
     root = tmp_path_factory.mktemp("faults")
     states = root / "states"
     states.mkdir()
