@@ -135,7 +135,6 @@ async def test_a_callers_trace_context_is_a_link_never_the_parent(
         await inner.stop(0)
 
 
-
 def _points(reader: InMemoryMetricReader, name: str) -> list[dict[str, object]]:
     data = reader.get_metrics_data()
     found: list[dict[str, object]] = []
