@@ -160,13 +160,13 @@ class Flight:
     model: str = ""
     prompts: list[router_pb2.PromptRef] = field(default_factory=list)
     # RunStream's sink for progress events; None for Run and CallTool.
-    emit: Callable[[gateway_pb2.RunEvent], None] | None = None
+    emit: Callable[[gateway_pb2.RunStreamResponse], None] | None = None
     # True once answer text was streamed (the answer is then not sent again as one chunk).
     streamed_answer: bool = False
     # True once the reservation was raised to the model calls' bounds (once per request).
     raised: bool = False
 
-    def tell(self, event: gateway_pb2.RunEvent) -> None:
+    def tell(self, event: gateway_pb2.RunStreamResponse) -> None:
         if self.emit is not None:
             self.emit(event)
 
@@ -268,7 +268,7 @@ class Pipeline:
         self,
         request: gateway_pb2.RunRequest,
         context: aio.ServicerContext,
-        emit: Callable[[gateway_pb2.RunEvent], None] | None = None,
+        emit: Callable[[gateway_pb2.RunStreamResponse], None] | None = None,
     ) -> gateway_pb2.RunResponse:
         """Answer a prompt with the tool the router picks; ``emit`` receives RunStream's
         progress events as the steps happen."""
@@ -302,18 +302,26 @@ class Pipeline:
                     return await self._fly_run(flight, run_input.idempotency_key)
 
     async def run_stream(
-        self, request: gateway_pb2.RunRequest, context: aio.ServicerContext
-    ) -> AsyncIterator[gateway_pb2.RunEvent]:
+        self, request: gateway_pb2.RunStreamRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.RunStreamResponse]:
         """Run, telling each step as it happens; the last event is the whole response.
 
         The request flies in its own task, so events reach the caller while it runs; the
         caller going away cancels the task, and with it whatever hop is in flight (the model's
         generation stops with the router's stream)."""
-        events: asyncio.Queue[gateway_pb2.RunEvent | None] = asyncio.Queue()
+        events: asyncio.Queue[gateway_pb2.RunStreamResponse | None] = asyncio.Queue()
 
         async def fly() -> gateway_pb2.RunResponse:
             try:
-                return await self.run(request, context, emit=events.put_nowait)
+                return await self.run(
+                    gateway_pb2.RunRequest(
+                        session_id=request.session_id,
+                        prompt=request.prompt,
+                        idempotency_key=request.idempotency_key,
+                    ),
+                    context,
+                    emit=events.put_nowait,
+                )
             finally:
                 events.put_nowait(None)
 
@@ -326,7 +334,7 @@ class Pipeline:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        yield gateway_pb2.RunEvent(final=response)
+        yield gateway_pb2.RunStreamResponse(final=response)
 
     async def call_tool(
         self, request: gateway_pb2.CallToolRequest, context: aio.ServicerContext
@@ -436,7 +444,7 @@ class Pipeline:
                 await self._top_up(flight, [route.answer_plan])
             picked = route.tool
             flight.tell(
-                gateway_pb2.RunEvent(
+                gateway_pb2.RunStreamResponse(
                     tool_started=gateway_pb2.ToolStarted(
                         tool_name=picked.name, tool_version=picked.version
                     )
@@ -444,7 +452,7 @@ class Pipeline:
             )
             await self._invoke(flight, picked, route.arguments_json)
             flight.tell(
-                gateway_pb2.RunEvent(
+                gateway_pb2.RunStreamResponse(
                     tool_finished=gateway_pb2.ToolFinished(
                         tool_name=picked.name,
                         outcome=flight.outcome,
@@ -459,7 +467,9 @@ class Pipeline:
                 await self._phrase(flight, route)
         if not flight.streamed_answer:
             flight.tell(
-                gateway_pb2.RunEvent(answer_chunk=gateway_pb2.AnswerChunk(text=flight.answer))
+                gateway_pb2.RunStreamResponse(
+                    answer_chunk=gateway_pb2.AnswerChunk(text=flight.answer)
+                )
             )
         usage = self._usage_so_far(flight)
         price = self._price(usage)
@@ -501,7 +511,7 @@ class Pipeline:
     def _tell_routed(self, flight: Flight, route: router_pb2.RouteResponse | None) -> None:
         matched = route is not None and route.matched
         flight.tell(
-            gateway_pb2.RunEvent(
+            gateway_pb2.RunStreamResponse(
                 routed=gateway_pb2.Routed(
                     tool_name=route.tool.name if route is not None and matched else "",
                     tool_version=route.tool.version if route is not None and matched else "",
@@ -790,7 +800,9 @@ class Pipeline:
                     pieces.append(reply.text)
                     flight.streamed_answer = flight.emit is not None
                     flight.tell(
-                        gateway_pb2.RunEvent(answer_chunk=gateway_pb2.AnswerChunk(text=reply.text))
+                        gateway_pb2.RunStreamResponse(
+                            answer_chunk=gateway_pb2.AnswerChunk(text=reply.text)
+                        )
                     )
                 if reply.HasField("usage"):
                     usage.CopyFrom(reply.usage)

@@ -94,8 +94,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return await self._pipeline.run(request, context)
 
     async def RunStream(
-        self, request: gateway_pb2.RunRequest, context: aio.ServicerContext
-    ) -> AsyncIterator[gateway_pb2.RunEvent]:
+        self, request: gateway_pb2.RunStreamRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.RunStreamResponse]:
         async for event in self._pipeline.run_stream(request, context):
             yield event
 

@@ -241,7 +241,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             response.model_usage.CopyFrom(_usage_message(proposal.usage))
             response.reason = f"{response.reason} (the model: {proposal.reason})"
             return response
-        return self._model_response(response, proposal)
+        routed = self._model_response(response, proposal)
+        if routed.matched:
+            await self._plan_answer(model, routed, request.prompt, tenant)
+        return routed
 
     def _rules_response(self, decision: Decision) -> router_pb2.RouteResponse:
         response = router_pb2.RouteResponse(
@@ -290,8 +293,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if proposal.matched and proposal.tool is not None:
             response.tool.CopyFrom(contract_message(proposal.tool))
             response.arguments_json = json.dumps(proposal.arguments)
-        if rules.HasField("answer_plan"):
-            response.answer_plan.CopyFrom(rules.answer_plan)
         return response
 
     def _plan_message(self, model: ModelRouter, plan: Plan) -> router_pb2.ModelPlan:

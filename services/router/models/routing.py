@@ -443,7 +443,8 @@ class ModelRouter:
         ANSWER_ARGUMENTS_BYTES."""
         prompt = await self._prompts.selected(tenant, ANSWER)
         placeholder_args = "x" * ANSWER_ARGUMENTS_BYTES
-        body = self._answer_body(prompt, text, tool_name or "x" * 64, placeholder_args, "")
+        # Before the tool is known (a model will pick it), a name as long as any can be.
+        body = self._answer_body(prompt, text, tool_name or "x" * 128, placeholder_args, "")
         bound = tokens.request_bound(body["messages"]) + ANSWER_ARGUMENTS_BYTES
         return Plan(bound + self.settings.max_result_bytes, self.settings.answer_max_tokens, prompt)
 

@@ -22,10 +22,10 @@ from grpc import aio
 from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from services.telemetry.app import build as build_telemetry
 
 from services.kit.channels import open_channel
 from services.kit.server import Cleanup, start
+from services.telemetry.app import build as build_telemetry
 from services.telemetry.settings import TelemetrySettings
 from tests.unit.router.backend_helpers import (
     ADMIN,
