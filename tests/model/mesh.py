@@ -28,6 +28,7 @@ from tests.unit.gateway.conftest import GatewayUnderTest, bearer, start_gateway_
 from tests.unit.gateway.fakes import Fakes
 from toolmesh.common.v1 import common_pb2
 from toolmesh.gateway.v1 import gateway_pb2
+from toolmesh.router.v1 import router_pb2_grpc
 from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 
 
@@ -35,6 +36,7 @@ from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 class ModelMesh:
     gateway: GatewayUnderTest
     telemetry: telemetry_pb2_grpc.TelemetryStub
+    router: router_pb2_grpc.RouterStub
     spans: InMemorySpanExporter
 
     def metadata(self, **claims: Any) -> tuple[tuple[str, str], ...]:
@@ -68,8 +70,11 @@ class ModelMesh:
 
 
 @asynccontextmanager
-async def model_mesh(data_dir: Path, **router: Any) -> AsyncIterator[ModelMesh]:
-    """The mesh with the router's settings ``router`` (model_base_url, model_name, ...)."""
+async def model_mesh(
+    data_dir: Path, tenants: dict[str, list[str]] | None = None, **router: Any
+) -> AsyncIterator[ModelMesh]:
+    """The mesh with the router's settings ``router`` (model_base_url, model_name, ...) and
+    auth's policy giving ``tenants`` their allowed tools (besides the fakes' own)."""
     running: list[Running] = []
     channels: list[aio.Channel] = []
 
@@ -81,6 +86,7 @@ async def model_mesh(data_dir: Path, **router: Any) -> AsyncIterator[ModelMesh]:
         return server
 
     fakes = Fakes()
+    fakes.auth.tenants.update(tenants or {})
     try:
         inner = await start(ServiceSettings(port=0), fakes.register)
         running.append(inner)
@@ -119,8 +125,14 @@ async def model_mesh(data_dir: Path, **router: Any) -> AsyncIterator[ModelMesh]:
         channels.append(channel)
         await under_test.wait_ready()
         telemetry_channel = open_channel(telemetry_target)
-        channels.append(telemetry_channel)
-        yield ModelMesh(under_test, telemetry_pb2_grpc.TelemetryStub(telemetry_channel), spans)
+        router_channel = open_channel(f"127.0.0.1:{router_server.port}")
+        channels += [telemetry_channel, router_channel]
+        yield ModelMesh(
+            under_test,
+            telemetry_pb2_grpc.TelemetryStub(telemetry_channel),
+            router_pb2_grpc.RouterStub(router_channel),
+            spans,
+        )
     finally:
         for channel in channels:
             await channel.close()
