@@ -38,6 +38,8 @@ class ModelMesh:
     telemetry: telemetry_pb2_grpc.TelemetryStub
     router: router_pb2_grpc.RouterStub
     spans: InMemorySpanExporter
+    # host:port of the gateway, for the CLI.
+    target: str
 
     def metadata(self, **claims: Any) -> tuple[tuple[str, str], ...]:
         return bearer(self.gateway.token(**claims))
@@ -132,6 +134,7 @@ async def model_mesh(
             telemetry_pb2_grpc.TelemetryStub(telemetry_channel),
             router_pb2_grpc.RouterStub(router_channel),
             spans,
+            f"127.0.0.1:{gateway.port}",
         )
     finally:
         for channel in channels:

@@ -16,6 +16,7 @@ import grpc
 import pytest
 from grpc import aio
 
+from cli.main import main
 from services.kit.pricing import PriceTable, cost_micros
 from services.telemetry.settings import TelemetrySettings
 from tests.model.mesh import ModelMesh, model_mesh
@@ -297,3 +298,50 @@ async def test_published_prompt_versions_are_audited_selected_and_named(
     # Two publications (the second found the same content), one refused by the router.
     assert publications == ["success", "success", "failure"]
     assert actions.count("prompt.select") == 1
+
+
+async def test_the_cli_streams_runs_publishes_prompts_and_shows_cost_by_model(
+    tmp_path: Path, model: FakeModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model.then(
+        Reply(content=choice_json("list_notes", {}), usage=(40, 10)),
+        Reply(pieces=["No notes ", "yet."], usage=(60, 5)),
+    )
+    template = tmp_path / "route.txt"
+    template.write_text("Choose a tool for the request.\n$tools\n")
+    settings = _router_settings(model, model_answer_tenants="*")
+    async with model_mesh(tmp_path / "mesh", **settings) as mesh:
+        common = ["--target", mesh.target, "--token", mesh.gateway.token()]
+
+        async def toolmesh(*argv: str) -> tuple[int, str, str]:
+            code = await asyncio.to_thread(main, [*argv, *common])
+            out, err = capsys.readouterr()
+            return code, out, err
+
+        code, out, err = await toolmesh("run", NO_RULE, "--session", "cli", "--stream")
+        assert code == 0, err
+        assert out.startswith("No notes yet.\n") and "routed by   model" in out
+        # Routing (40 in, 10 out) and the answer (60 in, 5 out), with one model.
+        assert f"100 in, 15 out ({MODEL}; prompts route-system@1, answer@1)" in out
+        assert "routed: list_notes@1.0.0 by model" in err and "tool list_notes finished" in err
+        code, out, err = await toolmesh(
+            "prompts", "publish", "route-system", "--file", str(template)
+        )
+        assert (code, out.strip()) == (0, "route-system@2 published; now in use for your tenant")
+        code, out, _ = await toolmesh("prompts", "list", "route-system")
+        lines = [line.split() for line in out.splitlines()[1:3]]
+        # Version 1 the platform's, version 2 the tenant's and in use (*).
+        assert [line[:3] for line in lines] == [
+            ["route-system", "1", "platform"],
+            ["route-system", "2", "*"],
+        ]
+        code, out, _ = await toolmesh("prompts", "show", "route-system")
+        assert "route-system@2" in out and out.rstrip().endswith("$tools")
+        for _ in range(100):
+            code, out, err = await toolmesh("cost", "--by", "model")
+            assert code == 0, err
+            if MODEL in out:
+                break
+            await asyncio.sleep(0.05)
+        row = next(line for line in out.splitlines() if line.startswith(MODEL)).split()
+        assert row[1:4] == ["1", "100", "15"]  # requests, tokens in, tokens out
