@@ -425,7 +425,7 @@ class Pipeline:
         route = await self._select_and_reserve(flight)
         if route is not None and route.HasField("model_plan"):
             route = await self._consult(flight, route)
-        parts = route.parts if route is not None else router_pb2.ConfidenceParts()
+        self._tell_routed(flight, route)
         if route is None:
             flight.answer, flight.outcome = ROUTER_FALLBACK, gateway_pb2.OUTCOME_FALLBACK
             flight.degrade("router")
@@ -436,41 +436,15 @@ class Pipeline:
                 f"Router: {route.reason or 'no reason given'}"
             )
             flight.outcome = gateway_pb2.OUTCOME_NO_MATCH
-        self._tell_routed(flight, route)
-        if route is not None and route.matched:
-            await self._authorize(flight, route.tool)
-            if route.HasField("answer_plan") and not flight.raised:
-                # Rules-routed, answer phrased: its tokens are reserved before the tool runs.
-                await self._top_up(flight, [route.answer_plan])
-            picked = route.tool
-            flight.tell(
-                gateway_pb2.RunStreamResponse(
-                    tool_started=gateway_pb2.ToolStarted(
-                        tool_name=picked.name, tool_version=picked.version
-                    )
-                )
-            )
-            await self._invoke(flight, picked, route.arguments_json)
-            flight.tell(
-                gateway_pb2.RunStreamResponse(
-                    tool_finished=gateway_pb2.ToolFinished(
-                        tool_name=picked.name,
-                        outcome=flight.outcome,
-                        duration_ms=flight.tool_duration_ms,
-                    )
-                )
-            )
-            if (
-                route.HasField("answer_plan")
-                and flight.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
-            ):
-                await self._phrase(flight, route)
+        else:
+            await self._run_pick(flight, route)
         if not flight.streamed_answer:
             flight.tell(
                 gateway_pb2.RunStreamResponse(
                     answer_chunk=gateway_pb2.AnswerChunk(text=flight.answer)
                 )
             )
+        parts = route.parts if route is not None else router_pb2.ConfidenceParts()
         usage = self._usage_so_far(flight)
         price = self._price(usage)
         tool = flight.tool
@@ -507,6 +481,25 @@ class Pipeline:
             cost_units=flight.cost_units,
             model=flight.model,
         )
+
+    async def _run_pick(self, flight: Flight, route: router_pb2.RouteResponse) -> None:
+        """Authorize the router's pick (a rule's or the model's alike), reserve a phrased
+        answer's tokens, invoke the tool, and let the model phrase its answer."""
+        tool = route.tool
+        await self._authorize(flight, tool)
+        phrased = route.HasField("answer_plan")
+        if phrased and not flight.raised:
+            # Rules-routed, answer phrased: its tokens are reserved before the tool runs.
+            await self._top_up(flight, [route.answer_plan])
+        started = gateway_pb2.ToolStarted(tool_name=tool.name, tool_version=tool.version)
+        flight.tell(gateway_pb2.RunStreamResponse(tool_started=started))
+        await self._invoke(flight, tool, route.arguments_json)
+        finished = gateway_pb2.ToolFinished(
+            tool_name=tool.name, outcome=flight.outcome, duration_ms=flight.tool_duration_ms
+        )
+        flight.tell(gateway_pb2.RunStreamResponse(tool_finished=finished))
+        if phrased and flight.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED:
+            await self._phrase(flight, route)
 
     def _tell_routed(self, flight: Flight, route: router_pb2.RouteResponse | None) -> None:
         matched = route is not None and route.matched
