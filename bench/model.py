@@ -2,10 +2,9 @@
 
 A mesh of the five real processes whose router consults a real model server (llama.cpp's, from
 .venv-model, `make model-server`) when its rules find no tool. Measured one request at a time,
-since the model server answers one request at a time: the raw echo, a rules-routed Run, the
-model server's own answer to the routing call (straight to it, same messages), and a Run the
-model routes. The difference between the last two is what toolmesh adds around the model hop;
-between a model-routed and a rules-routed Run, what the model hop costs.
+since the model server answers one request at a time: the raw echo, a rules-routed Run and a
+model-routed Run to the same tool, the latter split into the model call (its span) and the
+rest. The difference between the two Runs is what the model hop costs.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ MODEL_PYTHON = REPO / ".venv-model" / "bin" / "python"
 GGUF = REPO / ".venv-model" / "gemma-3-270m-q4_k_m.gguf"
 MODEL = "gemma-3-270m"
 REQUESTS = int(os.environ.get("BENCH_MODEL_REQUESTS", "5"))
-RULES_PROMPT = "what is 17 * 23"
+RULES_PROMPT = "list my notes"
 MODEL_PROMPT = "could you show me what I wrote down"
 # The tenant's allowlist offers the model one tool, so every constrained answer is short.
 ROUTE_MAX_TOKENS = 32
@@ -82,7 +81,20 @@ def _start_model_server(port: int, log: Path) -> subprocess.Popen[bytes]:
     raise TimeoutError("the model server did not come up")
 
 
-async def _measure(echo_target: str, mesh: Mesh, token: str, model_url: str) -> list[str]:
+async def _chat_ms(stub: gateway_pb2_grpc.GatewayStub, metadata: object, trace_id: str) -> float:
+    """The duration of the Run's model call, from its `chat <model>` span in telemetry."""
+    for _ in range(60):
+        trace = await stub.GetTrace(
+            gateway_pb2.GetTraceRequest(trace_id=trace_id), metadata=metadata, timeout=5
+        )
+        chats = [span.duration_ms for span in trace.spans if span.name.startswith("chat ")]
+        if chats:
+            return float(sum(chats))
+        await asyncio.sleep(0.5)  # spans are exported in batches
+    raise RuntimeError(f"no model span in trace {trace_id}")
+
+
+async def _measure(echo_target: str, mesh: Mesh, token: str) -> list[str]:
     metadata = (("authorization", f"Bearer {token}"),)
     async with (
         aio.insecure_channel(echo_target) as echo_channel,
@@ -106,69 +118,38 @@ async def _measure(echo_target: str, mesh: Mesh, token: str, model_url: str) -> 
         replies.clear()
         model_ms = await _timed(lambda: run(MODEL_PROMPT), REQUESTS)
         routed = replies[-1]
-        # The same routing call straight to the model server (the router's request body).
-        async with httpx2.AsyncClient(timeout=120) as http:
-            body = {
-                "model": MODEL,
-                "messages": [
-                    {"role": "system", "content": "Route to a tool.\n- list_notes: notes"},
-                    {"role": "user", "content": MODEL_PROMPT},
-                ],
-                "max_tokens": ROUTE_MAX_TOKENS,
-                "temperature": 0,
-                "response_format": {
-                    "type": "json_object",
-                    "schema": {
-                        "anyOf": [
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "tool": {"const": "list_notes"},
-                                    "arguments": {"type": "object", "properties": {}},
-                                },
-                                "required": ["tool", "arguments"],
-                            },
-                            {
-                                "type": "object",
-                                "properties": {"tool": {"const": "none"}},
-                                "required": ["tool"],
-                            },
-                        ]
-                    },
-                },
-                "logprobs": True,
-                "top_logprobs": 5,
-            }
-            direct_ms = await _timed(
-                lambda: http.post(f"{model_url}/chat/completions", json=body), REQUESTS
-            )
+        chat_ms = [await _chat_ms(stub, metadata, r.trace_id) for r in replies[1:]]
+    around = [run_ms - chat for run_ms, chat in zip(model_ms, chat_ms, strict=True)]
     methods = router_pb2.RouteMethod
     rows = [
         ("echo (raw gRPC)", echo_ms, "-", "-"),
         (
-            f"Run, rules path ({methods.Name(rules.route_method)})",
+            f"Run, rules path ({methods.Name(rules.route_method)}, `{RULES_PROMPT}`)",
             rules_ms,
             f"{rules.usage.tokens_in}/{rules.usage.tokens_out}",
             gateway_pb2.Outcome.Name(rules.outcome),
         ),
-        ("model server alone (routing call)", direct_ms, "-", "-"),
         (
-            f"Run, model path ({methods.Name(routed.route_method)})",
+            f"Run, model path ({methods.Name(routed.route_method)}, `{MODEL_PROMPT}`)",
             model_ms,
             f"{routed.usage.tokens_in}/{routed.usage.tokens_out}",
             gateway_pb2.Outcome.Name(routed.outcome),
         ),
+        ("  of which the model call (its `chat` span)", chat_ms, "-", "-"),
+        ("  of which toolmesh around it", around, "-", "-"),
     ]
     lines = [
         "## Run through the model path",
         "",
         f"Same run, one request at a time, {REQUESTS} requests per row after one warm-up: the "
-        "raw echo, a rules-routed Run, the model server alone answering the routing call "
-        "(JSON-schema-constrained, as the router asks it), and a Run the model routes "
-        f"(`{MODEL_PROMPT}`: no rule matches, so the router asks {MODEL} on llama.cpp's "
-        f"server through the OpenAI-compatible API, `max_tokens` {ROUTE_MAX_TOKENS}, one "
-        "tool offered). The model is a 270M base model on 2 shared CPU cores; grammar-"
-        "constrained decoding dominates. Tokens are the provider's own counts (in/out).",
+        "raw echo, a Run the rules route, and a Run the rules cannot place, which the router "
+        f"sends to {MODEL} on llama.cpp's server (OpenAI-compatible API, JSON-schema-"
+        f"constrained choice, `max_tokens` {ROUTE_MAX_TOKENS}); both end at `list_notes`, "
+        "the one tool the tenant may use. The model call's own time is its `chat` span; "
+        "the rest is toolmesh around it (the rules, the plan, the history read and the budget "
+        "top-up, the second Route, scoring, the tool). The model is a 270M base model on 2 "
+        "shared CPU cores, where llama.cpp's grammar-constrained decoding dominates. Tokens are "
+        "the provider's own counts (in/out).",
         "",
         "| call | p50 ms | max ms | tokens in/out | outcome |",
         "|---|---|---|---|---|",
@@ -176,14 +157,10 @@ async def _measure(echo_target: str, mesh: Mesh, token: str, model_url: str) -> 
     for name, samples, tokens, outcome in rows:
         p50, worst = _ms(samples)
         lines.append(f"| {name} | {p50:.1f} | {worst:.1f} | {tokens} | {outcome} |")
-    model_p50, rules_p50 = _ms(model_ms)[0], _ms(rules_ms)[0]
-    direct_p50 = _ms(direct_ms)[0]
     lines += [
         "",
-        f"The model hop costs {model_p50 - rules_p50:,.0f} ms at p50 over the rules path; "
-        f"toolmesh around it (the rules, the plan, the history read and the budget top-up, "
-        f"the second Route, scoring) adds {model_p50 - direct_p50:,.0f} ms to the model "
-        "server's own answer.",
+        f"The model hop costs {_ms(model_ms)[0] - _ms(rules_ms)[0]:,.0f} ms at p50 over the "
+        f"rules path; toolmesh's own share of a model-routed Run is {_ms(around)[0]:,.1f} ms.",
         "",
     ]
     return lines
@@ -196,10 +173,9 @@ def section(echo_target: str) -> str:
     with tempfile.TemporaryDirectory(prefix="toolmesh-bench-model-") as tmp:
         port = free_port()
         server = _start_model_server(port, Path(tmp) / "model.log")
-        model_url = f"http://127.0.0.1:{port}/v1"
         env = {
             "TOOLMESH_LOG_LEVEL": "WARNING",
-            "TOOLMESH_ROUTER_MODEL_BASE_URL": model_url,
+            "TOOLMESH_ROUTER_MODEL_BASE_URL": f"http://127.0.0.1:{port}/v1",
             "TOOLMESH_ROUTER_MODEL_NAME": MODEL,
             "TOOLMESH_ROUTER_MODEL_TOOL_CHOICE": "json_object",
             "TOOLMESH_ROUTER_MODEL_ROUTE_MAX_TOKENS": str(ROUTE_MAX_TOKENS),
@@ -214,7 +190,7 @@ def section(echo_target: str) -> str:
         try:
             mesh.start_all()
             token = mesh.token()
-            lines = asyncio.run(_measure(echo_target, mesh, token, model_url))
+            lines = asyncio.run(_measure(echo_target, mesh, token))
         finally:
             mesh.stop_all()
             server.terminate()
@@ -223,12 +199,11 @@ def section(echo_target: str) -> str:
 
 
 def _policy(directory: Path) -> Path:
-    """auth's policy file with the dev tenant's allowlist narrowed to list_notes and the
-    calculator (the rules path's tool)."""
+    """auth's policy file with the dev tenant's allowlist narrowed to list_notes."""
     source = (REPO / "services" / "auth" / "policy.toml").read_text()
     narrowed = source.replace(
         '[tenants.dev]\nallowed_tools = ["*"]',
-        '[tenants.dev]\nallowed_tools = ["calculator", "list_notes"]',
+        '[tenants.dev]\nallowed_tools = ["list_notes"]',
     )
     if narrowed == source:
         raise RuntimeError("the dev tenant's allowlist in policy.toml is not where it was")
