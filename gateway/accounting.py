@@ -31,7 +31,7 @@ from gateway.authn import AuthSnapshot
 from gateway.reliability import Guard
 from gateway.settings import GatewaySettings
 from services.kit.metrics import meter
-from services.kit.pricing import PriceTable, cost_micros
+from services.kit.pricing import ModelPrice, PriceTable, cost_micros
 from services.kit.tokens import TokenRules, signed_identity
 from toolmesh.common.v1 import common_pb2
 from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
@@ -90,14 +90,27 @@ class PriceCache:
         self._settings = settings
         self.table: PriceTable | None = None
 
-    def price(self, tokens_in: int, tokens_out: int, tool_calls: int, cost_units: int) -> Price:
+    def price(
+        self, tokens_in: int, tokens_out: int, tool_calls: int, cost_units: int, model: str = ""
+    ) -> Price:
         table = self.table
         if table is None:
             return Price(0, "", UNPRICED)
         return Price(
-            cost_micros(table, tokens_in, tokens_out, tool_calls, cost_units),
+            cost_micros(table, tokens_in, tokens_out, tool_calls, cost_units, model=model),
             table.currency,
             table.version,
+        )
+
+    def estimate(self, tokens_in: int, tokens_out: int, cost_units: int, models: list[str]) -> int:
+        """The most a request may cost: one tool call, and its tokens at the dearest of the
+        models that may serve them (0 until the table arrives)."""
+        table = self.table
+        if table is None:
+            return 0
+        return max(
+            cost_micros(table, tokens_in, tokens_out, 1, cost_units, model=model)
+            for model in models or [""]
         )
 
     async def refresh(self, guard: Guard) -> None:
@@ -114,6 +127,10 @@ class PriceCache:
             output_per_1k_tokens_micros=reply.output_per_1k_tokens_micros,
             per_tool_call_micros=reply.per_tool_call_micros,
             per_cost_unit_micros=reply.per_cost_unit_micros,
+            models={
+                m.model: ModelPrice(m.input_per_1k_tokens_micros, m.output_per_1k_tokens_micros)
+                for m in reply.models
+            },
         )
         if not table.version:
             raise ValueError("telemetry served a price table without a version")
@@ -246,6 +263,7 @@ def usage_record(
     tool_outcome: telemetry_pb2.ToolOutcome,
     tool_duration_ms: float,
     trace_id: str,
+    prompts: list[str] | None = None,
 ) -> telemetry_pb2.UsageRecord:
     """The one compact record of a request: what it used (priced and charged against budgets
     by telemetry) and how it went (statistics, SLOs and tool health are computed from these
@@ -271,6 +289,8 @@ def usage_record(
         tool_outcome=tool_outcome,
         tool_duration_ms=tool_duration_ms,
         trace_id=trace_id,
+        model=usage.model,
+        prompts=prompts or [],
     )
 
 

@@ -43,7 +43,7 @@ class BackendAdmin:
     deadline: Callable[[aio.ServicerContext], Deadline]
     guard: Guard
 
-    async def _ask(
+    async def ask(
         self,
         context: aio.ServicerContext,
         scope: str,
@@ -110,7 +110,7 @@ class BackendAdmin:
     ) -> gateway_pb2.RegisterBackendResponse:
         backend = request.backend
         kind = router_pb2.BackendKind.Name(backend.kind) if backend.kind else "unspecified"
-        reply = await self._ask(
+        reply = await self.ask(
             context,
             # A shared backend reaches every tenant: the platform operator's to register.
             scopes.PLATFORM_ADMIN if request.shared else scopes.ADMIN,
@@ -129,7 +129,7 @@ class BackendAdmin:
     async def ListBackends(
         self, request: gateway_pb2.ListBackendsRequest, context: aio.ServicerContext
     ) -> gateway_pb2.ListBackendsResponse:
-        reply = await self._ask(
+        reply = await self.ask(
             context,
             scopes.OPS_READ,
             self.router.ListBackends,
@@ -142,7 +142,7 @@ class BackendAdmin:
     ) -> gateway_pb2.RemoveBackendResponse:
         if not request.name:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "name: required")
-        await self._ask(
+        await self.ask(
             context,
             scopes.ADMIN,
             self.router.RemoveBackend,
@@ -156,7 +156,7 @@ class BackendAdmin:
     async def ListToolVersions(
         self, request: gateway_pb2.ListToolVersionsRequest, context: aio.ServicerContext
     ) -> gateway_pb2.ListToolVersionsResponse:
-        reply = await self._ask(
+        reply = await self.ask(
             context,
             scopes.TOOLS_READ,
             self.router.ListToolVersions,
@@ -169,7 +169,7 @@ class BackendAdmin:
     async def ApproveToolVersion(
         self, request: gateway_pb2.ApproveToolVersionRequest, context: aio.ServicerContext
     ) -> gateway_pb2.ApproveToolVersionResponse:
-        reply = await self._ask(
+        reply = await self.ask(
             context,
             scopes.ADMIN,
             self.router.ApproveToolVersion,

@@ -52,6 +52,7 @@ _COST_GROUPS = {
     telemetry_pb2.COST_GROUP_BY_PRINCIPAL,
     telemetry_pb2.COST_GROUP_BY_TOOL,
     telemetry_pb2.COST_GROUP_BY_DAY,
+    telemetry_pb2.COST_GROUP_BY_MODEL,
 }
 _PERIODS = {telemetry_pb2.BUDGET_PERIOD_DAY, telemetry_pb2.BUDGET_PERIOD_MONTH}
 
@@ -81,7 +82,7 @@ def cost_violations(request: gateway_pb2.GetCostRequest) -> Violations:
     found: Violations = []
     groups = list(request.group_by)
     if any(g not in _COST_GROUPS for g in groups) or len(set(groups)) != len(groups):
-        found.append(("group_by", "distinct values of TENANT, PRINCIPAL, TOOL, DAY"))
+        found.append(("group_by", "distinct values of TENANT, PRINCIPAL, TOOL, DAY, MODEL"))
     if not 0 <= request.days <= MAX_COST_DAYS:
         found.append(("days", f"between 0 and {MAX_COST_DAYS}"))
     has_start, has_end = request.HasField("start"), request.HasField("end")

@@ -6,14 +6,23 @@
     claim         a request with an idempotency key claims its request id in memory: the same
                   key and content gets the original answer back (not run, not charged again);
                   other content, or another session, is FAILED_PRECONDITION
-    select        Run: the router picks the tool and its arguments
+    select        Run: the router picks the tool and its arguments by its rules
       || reserve  the budget reservation runs alongside: every request is checked against
                   the caller's budgets, whether or not a tool ends up running
+    consult       Run, when the rules found no tool and the router has a model: the session's
+                  recent turns from memory || the reservation raised to the model's token
+                  bound, then the router asks the model (its pick is scored and refused like
+                  a rule's); a rules-routed Run never pays for this step
     authorize     the tool against the tenant's allowlist and the scope its side effect needs
+                  (a model's pick exactly like a rule's)
     invoke        the tool in the router, under its breaker and bulkhead, within the deadline
+    phrase        for a tenant whose answers the model phrases: the answer, streamed from the
+                  tool's result (its tokens reserved before the tool ran); result_json stays
     remember      the turns and the answer to memory (completing the claim), else the outbox
-    account       the usage record and audit events, committed to the outbox with the turns
-    answer
+    account       the usage record (the model's real token counts, priced per model) and audit
+                  events, committed to the outbox with the turns
+    answer        RunStream has told the caller each step as it happened (routed, tool
+                  started and finished, answer text); Run and RunStream share every step
 
 The request's deadline is a budget that shrinks across these hops (services.kit.deadlines);
 each hop also has its own cap, so a hung dependency costs a bounded share of it. Failures
@@ -29,7 +38,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -55,7 +64,6 @@ from services.kit.context import request_id_var
 from services.kit.deadlines import Deadline, DeadlineSpentError
 from services.kit.errors import abort, abort_invalid, forward, retry_info, violations_from
 from services.kit.outbox import MessageOutbox
-from services.kit.pricing import cost_micros
 from services.kit.tracecontext import link_caller_context
 from services.kit.tracing import current_trace_id
 from toolmesh.common.v1 import audit_pb2, common_pb2
@@ -67,11 +75,14 @@ from toolmesh.telemetry.v1 import telemetry_pb2
 log = logging.getLogger("toolmesh.gateway")
 
 RUN = "/toolmesh.gateway.v1.Gateway/Run"
+RUN_STREAM = "/toolmesh.gateway.v1.Gateway/RunStream"
 CALL_TOOL = "/toolmesh.gateway.v1.Gateway/CallTool"
 # Contracts a request's audit events name.
 CONTRACTS = ("toolmesh.gateway.v1", "toolmesh.router.v1")
 # Request ids derived from idempotency keys live in their own UUID namespace.
 _IDEMPOTENCY_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:toolmesh:gateway:idempotency")
+# The breaker of the router's model calls: a slow model must not open the router's own breaker.
+MODEL = "router:model"
 ROUTER_FALLBACK = (
     "The tool router is unavailable right now, so no tool could run. Please try again."
 )
@@ -101,10 +112,6 @@ def content_fingerprint(kind: str, session_id: str, *content: str) -> str:
     """What an idempotency key is bound to: the kind of request and everything it asks."""
     canonical = json.dumps([kind, session_id, *content], ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def whitespace_tokens(text: str) -> int:
-    return len(text.split())
 
 
 @dataclass
@@ -146,6 +153,30 @@ class Flight:
     reservation_id: str = ""
     # Audit events committed with the request's usage record (tool.write).
     audit: list[telemetry_pb2.AuditEvent] = field(default_factory=list)
+    # Model tokens used so far, as the provider counted them, the model, and the prompt
+    # template versions used (a refused request is still charged for them).
+    tokens_in: int = 0
+    tokens_out: int = 0
+    model: str = ""
+    prompts: list[router_pb2.PromptRef] = field(default_factory=list)
+    # RunStream's sink for progress events; None for Run and CallTool.
+    emit: Callable[[gateway_pb2.RunStreamResponse], None] | None = None
+    # True once answer text was streamed (the answer is then not sent again as one chunk).
+    streamed_answer: bool = False
+    # True once the reservation was raised to the model calls' bounds (once per request).
+    raised: bool = False
+
+    def tell(self, event: gateway_pb2.RunStreamResponse) -> None:
+        if self.emit is not None:
+            self.emit(event)
+
+    def used(self, usage: router_pb2.ModelUsage) -> None:
+        """Add a model call's tokens; its prompt version joins the ones named."""
+        self.tokens_in += usage.input_tokens
+        self.tokens_out += usage.output_tokens
+        self.model = self.model or usage.model
+        if usage.HasField("prompt") and usage.prompt not in self.prompts:
+            self.prompts.append(usage.prompt)
 
     def degrade(self, what: str) -> None:
         """Name what was degraded in the answer, and count the fallback by dependency."""
@@ -234,9 +265,13 @@ class Pipeline:
     # -- Run and CallTool: admit, validate, authenticate -------------------------------------
 
     async def run(
-        self, request: gateway_pb2.RunRequest, context: aio.ServicerContext
+        self,
+        request: gateway_pb2.RunRequest,
+        context: aio.ServicerContext,
+        emit: Callable[[gateway_pb2.RunStreamResponse], None] | None = None,
     ) -> gateway_pb2.RunResponse:
-        """Answer a prompt with the tool the router picks."""
+        """Answer a prompt with the tool the router picks; ``emit`` receives RunStream's
+        progress events as the steps happen."""
         deadline = self.deadline(context)
         started = deadline.clock()
         async with self._admitted(self._gateway, "", deadline, context):
@@ -255,15 +290,51 @@ class Pipeline:
                     deadline,
                     principal,
                     policy,
-                    rpc=RUN,
+                    rpc=RUN if emit is None else RUN_STREAM,
                     session_id=run_input.session_id,
                     idempotency_key=run_input.idempotency_key,
                     content=(run_input.prompt,),
                     started=started,
                 )
                 flight.prompt = run_input.prompt
+                flight.emit = emit
                 async with self._accounted_if_refused(flight):
                     return await self._fly_run(flight, run_input.idempotency_key)
+
+    async def run_stream(
+        self, request: gateway_pb2.RunStreamRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.RunStreamResponse]:
+        """Run, telling each step as it happens; the last event is the whole response.
+
+        The request flies in its own task, so events reach the caller while it runs; the
+        caller going away cancels the task, and with it whatever hop is in flight (the model's
+        generation stops with the router's stream)."""
+        events: asyncio.Queue[gateway_pb2.RunStreamResponse | None] = asyncio.Queue()
+
+        async def fly() -> gateway_pb2.RunResponse:
+            try:
+                return await self.run(
+                    gateway_pb2.RunRequest(
+                        session_id=request.session_id,
+                        prompt=request.prompt,
+                        idempotency_key=request.idempotency_key,
+                    ),
+                    context,
+                    emit=events.put_nowait,
+                )
+            finally:
+                events.put_nowait(None)
+
+        task = asyncio.create_task(fly(), name="run-stream")
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+            response = await task
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        yield gateway_pb2.RunStreamResponse(final=response)
 
     async def call_tool(
         self, request: gateway_pb2.CallToolRequest, context: aio.ServicerContext
@@ -328,7 +399,12 @@ class Pipeline:
             session_id=session_id,
             request_id=request_id,
             caller=caller_proto(principal),
-            fingerprint=(content_fingerprint(rpc, session_id, *content) if idempotency_key else ""),
+            # Run and RunStream are one request kind: a retry by either gets the first's answer.
+            fingerprint=(
+                content_fingerprint(RUN if rpc == RUN_STREAM else rpc, session_id, *content)
+                if idempotency_key
+                else ""
+            ),
         )
 
     # -- the two flows, step by step ------------------------------------------------------------
@@ -347,7 +423,9 @@ class Pipeline:
 
     async def _run_claimed(self, flight: Flight) -> gateway_pb2.RunResponse:
         route = await self._select_and_reserve(flight)
-        parts = route.parts if route is not None else router_pb2.ConfidenceParts()
+        if route is not None and route.HasField("model_plan"):
+            route = await self._consult(flight, route)
+        self._tell_routed(flight, route)
         if route is None:
             flight.answer, flight.outcome = ROUTER_FALLBACK, gateway_pb2.OUTCOME_FALLBACK
             flight.degrade("router")
@@ -359,14 +437,15 @@ class Pipeline:
             )
             flight.outcome = gateway_pb2.OUTCOME_NO_MATCH
         else:
-            await self._authorize(flight, route.tool)
-            await self._invoke(flight, route.tool, route.arguments_json)
-        usage = common_pb2.Usage(
-            tokens_in=whitespace_tokens(flight.prompt),
-            tokens_out=whitespace_tokens(flight.answer),
-            tool_calls=flight.tool_calls,
-            cost_units=flight.cost_units,
-        )
+            await self._run_pick(flight, route)
+        if not flight.streamed_answer:
+            flight.tell(
+                gateway_pb2.RunStreamResponse(
+                    answer_chunk=gateway_pb2.AnswerChunk(text=flight.answer)
+                )
+            )
+        parts = route.parts if route is not None else router_pb2.ConfidenceParts()
+        usage = self._usage_so_far(flight)
         price = self._price(usage)
         tool = flight.tool
         response = gateway_pb2.RunResponse(
@@ -385,11 +464,58 @@ class Pipeline:
             cost_micros=price.cost_micros,
             currency=price.currency,
             price_version=price.version,
+            route_method=route.method if route is not None else router_pb2.ROUTE_METHOD_UNSPECIFIED,
+            prompts=flight.prompts,
         )
         await self._remember(flight, usage, response)
         response.degraded.extend(flight.degraded)
         self._record_answer(flight, usage)
         return response
+
+    def _usage_so_far(self, flight: Flight) -> common_pb2.Usage:
+        """The model's tokens as the provider counted them (none for a rules-only Run)."""
+        return common_pb2.Usage(
+            tokens_in=flight.tokens_in,
+            tokens_out=flight.tokens_out,
+            tool_calls=flight.tool_calls,
+            cost_units=flight.cost_units,
+            model=flight.model,
+        )
+
+    async def _run_pick(self, flight: Flight, route: router_pb2.RouteResponse) -> None:
+        """Authorize the router's pick (a rule's or the model's alike), reserve a phrased
+        answer's tokens, invoke the tool, and let the model phrase its answer."""
+        tool = route.tool
+        await self._authorize(flight, tool)
+        phrased = route.HasField("answer_plan")
+        if phrased and not flight.raised:
+            # Rules-routed, answer phrased: its tokens are reserved before the tool runs.
+            await self._top_up(flight, [route.answer_plan])
+        started = gateway_pb2.ToolStarted(tool_name=tool.name, tool_version=tool.version)
+        flight.tell(gateway_pb2.RunStreamResponse(tool_started=started))
+        await self._invoke(flight, tool, route.arguments_json)
+        finished = gateway_pb2.ToolFinished(
+            tool_name=tool.name, outcome=flight.outcome, duration_ms=flight.tool_duration_ms
+        )
+        flight.tell(gateway_pb2.RunStreamResponse(tool_finished=finished))
+        if phrased and flight.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED:
+            await self._phrase(flight, route)
+
+    def _tell_routed(self, flight: Flight, route: router_pb2.RouteResponse | None) -> None:
+        matched = route is not None and route.matched
+        flight.tell(
+            gateway_pb2.RunStreamResponse(
+                routed=gateway_pb2.Routed(
+                    tool_name=route.tool.name if route is not None and matched else "",
+                    tool_version=route.tool.version if route is not None and matched else "",
+                    confidence=route.confidence if route is not None else 0.0,
+                    route_method=(
+                        route.method if route is not None else router_pb2.ROUTE_METHOD_UNSPECIFIED
+                    ),
+                    reason=route.reason if route is not None else "router unavailable",
+                )
+            )
+        )
 
     async def _fly_call(self, flight: Flight, call: CallToolInput) -> gateway_pb2.CallToolResponse:
         if not flight.allowed:
@@ -586,9 +712,145 @@ class Pipeline:
             route.cancel()
         return routed
 
+    # -- consult (the model, when the rules found no tool) ------------------------------------
+
+    async def _consult(
+        self, flight: Flight, rules: router_pb2.RouteResponse
+    ) -> router_pb2.RouteResponse:
+        """Let the model choose: read the session's recent turns while the reservation is
+        raised to the model's bound (a refusal stops here, before any model call), then Route
+        again with the history and ``allow_model``. The router scores the model's pick like a
+        rule's; the router failing leaves the rules' answer (no tool), "model" degraded."""
+        plans = [rules.model_plan]
+        if rules.HasField("answer_plan"):
+            plans.append(rules.answer_plan)
+        history = asyncio.create_task(self._history(flight))
+        try:
+            await self._top_up(flight, plans)
+            turns = await history
+        finally:
+            history.cancel()
+        try:
+            timeout = flight.deadline.timeout(self._settings.model_route_timeout_ms / 1000)
+            routed: router_pb2.RouteResponse = await self._guard.call(
+                MODEL,
+                self._clients.router.Route,
+                router_pb2.RouteRequest(
+                    caller=flight.caller,
+                    request_id=flight.request_id,
+                    prompt=flight.prompt,
+                    history=turns,
+                    allowed_tools=sorted(flight.allowed),
+                    allow_model=True,
+                ),
+                timeout,
+            )
+        except (DependencyError, DeadlineSpentError) as err:
+            log.warning("routing with the model failed", extra={"error": str(err)})
+            flight.degrade("model")
+            return rules
+        if routed.HasField("model_usage"):
+            flight.used(routed.model_usage)
+        for what in routed.degraded:
+            flight.degrade(what)
+        return routed
+
+    async def _history(self, flight: Flight) -> list[common_pb2.Turn]:
+        """The session's most recent turns, oldest first; memory failing means none
+        ("memory" degraded), never a failed request."""
+        if not flight.session_id or not self._settings.model_history_turns:
+            return []
+        try:
+            reply = await self._guard.call(
+                "memory",
+                self._clients.memory.GetHistory,
+                memory_pb2.GetHistoryRequest(
+                    caller=flight.caller,
+                    session_id=flight.session_id,
+                    limit=self._settings.model_history_turns,
+                ),
+                flight.deadline.timeout(self._settings.memory_read_timeout_ms / 1000),
+            )
+        except (DependencyError, DeadlineSpentError) as err:
+            log.warning("history unavailable; the model goes without", extra={"error": str(err)})
+            flight.degrade("memory")
+            return []
+        return list(reply.turns)
+
+    # -- phrase -------------------------------------------------------------------------------
+
+    async def _phrase(self, flight: Flight, route: router_pb2.RouteResponse) -> None:
+        """The model phrases the answer from the tool's result, streamed to a RunStream caller
+        as it comes; the model failing keeps the tool's own answer ("model" degraded)."""
+        tool = flight.tool
+        assert tool is not None
+        pieces: list[str] = []
+        usage = router_pb2.ModelUsage()
+
+        async def read(call: aio.UnaryStreamCall) -> None:
+            async for reply in call:
+                if reply.text:
+                    pieces.append(reply.text)
+                    flight.streamed_answer = flight.emit is not None
+                    flight.tell(
+                        gateway_pb2.RunStreamResponse(
+                            answer_chunk=gateway_pb2.AnswerChunk(text=reply.text)
+                        )
+                    )
+                if reply.HasField("usage"):
+                    usage.CopyFrom(reply.usage)
+
+        call: aio.UnaryStreamCall | None = None
+
+        async def start() -> None:
+            nonlocal call
+            call = self._clients.router.PhraseAnswer(
+                router_pb2.PhraseAnswerRequest(
+                    caller=flight.caller,
+                    request_id=flight.request_id,
+                    prompt=flight.prompt,
+                    tool_name=tool.name,
+                    tool_version=tool.version,
+                    tool_answer=flight.answer,
+                    result_json=flight.result_json,
+                    arguments_json=route.arguments_json,
+                    model=flight.model,
+                ),
+                timeout=timeout,
+            )
+            await read(call)
+
+        try:
+            timeout = flight.deadline.timeout(self._settings.model_route_timeout_ms / 1000)
+            await self._guard.run(MODEL, start, timeout)
+        except (DependencyError, DeadlineSpentError) as err:
+            log.warning("the model could not phrase the answer", extra={"error": str(err)})
+            flight.degrade("model")
+        finally:
+            # Cancelling the stream is what stops the model's generation in the router.
+            if call is not None and not call.done():
+                call.cancel()
+        if usage.input_tokens or usage.output_tokens:
+            flight.used(usage)
+        elif pieces:
+            # The stream broke after the model had worked: charged at the planned bound.
+            plan = route.answer_plan
+            flight.used(
+                router_pb2.ModelUsage(
+                    model=flight.model or plan.model,
+                    input_tokens=plan.max_input_tokens,
+                    output_tokens=len(pieces),
+                    prompt=plan.prompt,
+                )
+            )
+        text = "".join(pieces).strip()
+        if text and "model" not in flight.degraded:
+            flight.answer = text
+
     async def _reserve(self, flight: Flight, cost_units: int = 0) -> None:
-        """Reserve the request's tokens (a Run's prompt and an answer estimate), one tool call
-        and its estimated cost against the caller's budgets; the usage record commits it.
+        """Reserve one tool call and its estimated cost against the caller's budgets; the
+        usage record commits it. No tokens: only a model uses them, and a Run that turns out
+        to need one raises this reservation first (``_top_up``).
 
         Callers known to have no budget skip the hop. Over budget: telemetry's
         RESOURCE_EXHAUSTED (naming the budget and its reset, QuotaFailure, RetryInfo) reaches
@@ -598,30 +860,9 @@ class Pipeline:
         budgets = self._accounting.budgets
         if budgets.known(flight.caller) is False:
             return
-        tokens_in = whitespace_tokens(flight.prompt)
-        tokens_out = self._settings.budget_output_tokens_estimate if flight.prompt else 0
-        table = self._accounting.prices.table
-        estimate = cost_micros(table, tokens_in, tokens_out, 1, cost_units) if table else 0
-        try:
-            timeout = flight.deadline.timeout(self._settings.budget_call_timeout_ms / 1000)
-        except DeadlineSpentError:
-            await abort(flight.context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exhausted")
-        try:
-            reply = await self._guard.call(
-                "telemetry",
-                self._clients.telemetry.ReserveBudget,
-                telemetry_pb2.ReserveBudgetRequest(
-                    caller=flight.caller,
-                    request_id=flight.request_id,
-                    tool_calls=1,
-                    tokens=tokens_in + tokens_out,
-                    cost_micros=estimate,
-                    ttl_seconds=self._settings.budget_reservation_ttl_s,
-                ),
-                timeout,
-            )
-        except DependencyError as err:
-            await self._reservation_failed(flight, err)
+        estimate = self._accounting.prices.estimate(0, 0, cost_units, [])
+        reply = await self._ask_reservation(flight, tokens=0, cost=estimate, top_up=False)
+        if reply is None:
             return
         budgets.learn(flight.caller, not reply.unlimited)
         if reply.reserved:
@@ -629,6 +870,53 @@ class Pipeline:
             flight.reservation_id = reply.reservation_id
         else:
             count_reservation("unlimited")
+
+    async def _ask_reservation(
+        self, flight: Flight, *, tokens: int, cost: int, top_up: bool
+    ) -> telemetry_pb2.ReserveBudgetResponse | None:
+        """ReserveBudget; None when the ledger failed open (refusals abort the request)."""
+        try:
+            timeout = flight.deadline.timeout(self._settings.budget_call_timeout_ms / 1000)
+        except DeadlineSpentError:
+            await abort(flight.context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exhausted")
+        try:
+            reply: telemetry_pb2.ReserveBudgetResponse = await self._guard.call(
+                "telemetry",
+                self._clients.telemetry.ReserveBudget,
+                telemetry_pb2.ReserveBudgetRequest(
+                    caller=flight.caller,
+                    request_id=flight.request_id,
+                    tool_calls=1,
+                    tokens=tokens,
+                    cost_micros=cost,
+                    ttl_seconds=self._settings.budget_reservation_ttl_s,
+                    top_up=top_up,
+                ),
+                timeout,
+            )
+        except DependencyError as err:
+            await self._reservation_failed(flight, err)
+            return None
+        return reply
+
+    async def _top_up(self, flight: Flight, plans: list[router_pb2.ModelPlan]) -> None:
+        """Before a model call: raise the request's reservation to the calls' token bounds
+        (each an upper bound, so concurrent requests never pass a token limit together) and
+        their cost at the dearest model that may serve them. Callers without a budget, and a
+        ledger that failed open, skip it."""
+        flight.raised = True
+        if self._accounting.budgets.known(flight.caller) is False or "budget" in flight.degraded:
+            return
+        tokens_in = sum(plan.max_input_tokens for plan in plans)
+        tokens_out = sum(plan.max_output_tokens for plan in plans)
+        models = sorted({m for plan in plans for m in (plan.model, plan.fallback_model) if m})
+        cost = self._accounting.prices.estimate(tokens_in, tokens_out, 0, models)
+        reply = await self._ask_reservation(
+            flight, tokens=tokens_in + tokens_out, cost=cost, top_up=True
+        )
+        if reply is not None and reply.reserved:
+            count_reservation("raised")
+            flight.reservation_id = reply.reservation_id
 
     async def _reservation_failed(self, flight: Flight, err: DependencyError) -> None:
         if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.rpc_error is not None:
@@ -710,6 +998,7 @@ class Pipeline:
             tool_outcome=flight.tool_outcome,
             tool_duration_ms=flight.tool_duration_ms,
             trace_id=current_trace_id(),
+            prompts=[f"{p.name}@{p.version}" for p in flight.prompts],
         )
 
     @asynccontextmanager
@@ -724,8 +1013,10 @@ class Pipeline:
         except aio.AbortError:
             code = flight.context.code()
             status = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
-            # Refused: it used nothing, and commits its reservation (if any) at nothing.
-            record = self._usage(flight, common_pb2.Usage(), "refused", status, uuid.uuid4().hex)
+            # Model tokens spent before the refusal (a write tool the model picked for a
+            # caller without tools:write) are charged like any others.
+            usage = self._usage_so_far(flight)
+            record = self._usage(flight, usage, "refused", status, uuid.uuid4().hex)
             await self._access.put_refusal(
                 flight.context, [(KIND_USAGE, record.request_id, record)]
             )
@@ -833,7 +1124,7 @@ class Pipeline:
 
     def _price(self, usage: common_pb2.Usage) -> Price:
         return self._accounting.prices.price(
-            usage.tokens_in, usage.tokens_out, usage.tool_calls, usage.cost_units
+            usage.tokens_in, usage.tokens_out, usage.tool_calls, usage.cost_units, usage.model
         )
 
     def _record_answer(self, flight: Flight, usage: common_pb2.Usage) -> None:
@@ -845,6 +1136,12 @@ class Pipeline:
         span.set_attribute("gen_ai.usage.input_tokens", usage.tokens_in)
         span.set_attribute("gen_ai.usage.output_tokens", usage.tokens_out)
         span.set_attribute("toolmesh.outcome", outcome_name)
+        if flight.model:
+            span.set_attribute("toolmesh.model", flight.model)
+        if flight.prompts:
+            span.set_attribute(
+                "toolmesh.prompts", [f"{p.name}@{p.version}" for p in flight.prompts]
+            )
         span.set_attribute("toolmesh.degraded", list(flight.degraded))
         log.info(
             "request answered",

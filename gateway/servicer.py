@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc import aio
@@ -20,6 +21,7 @@ from gateway.backends import BackendAdmin
 from gateway.clients import Clients
 from gateway.operations import Operations
 from gateway.pipeline import Pipeline
+from gateway.prompts import PromptAdmin
 from gateway.reliability import DependencyError, Guard
 from gateway.validation import HistoryInput, StatsInput
 from services.kit.allowlist import tool_allowed
@@ -84,11 +86,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._guard = guard
         self._operations = operations
         self._backends = backends
+        self._prompts = PromptAdmin(backends)
 
     async def Run(
         self, request: gateway_pb2.RunRequest, context: aio.ServicerContext
     ) -> gateway_pb2.RunResponse:
         return await self._pipeline.run(request, context)
+
+    async def RunStream(
+        self, request: gateway_pb2.RunStreamRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.RunStreamResponse]:
+        async for event in self._pipeline.run_stream(request, context):
+            yield event
 
     async def CallTool(
         self, request: gateway_pb2.CallToolRequest, context: aio.ServicerContext
@@ -298,3 +307,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.ApproveToolVersionRequest, context: aio.ServicerContext
     ) -> gateway_pb2.ApproveToolVersionResponse:
         return await self._backends.ApproveToolVersion(request, context)
+
+    # -- prompt template versions, in gateway.prompts ----------------------------------------
+
+    async def ListPrompts(
+        self, request: gateway_pb2.ListPromptsRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.ListPromptsResponse:
+        return await self._prompts.ListPrompts(request, context)
+
+    async def GetPrompt(
+        self, request: gateway_pb2.GetPromptRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.GetPromptResponse:
+        return await self._prompts.GetPrompt(request, context)
+
+    async def PublishPrompt(
+        self, request: gateway_pb2.PublishPromptRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.PublishPromptResponse:
+        return await self._prompts.PublishPrompt(request, context)
+
+    async def SelectPrompt(
+        self, request: gateway_pb2.SelectPromptRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.SelectPromptResponse:
+        return await self._prompts.SelectPrompt(request, context)

@@ -29,6 +29,13 @@ class GatewaySettings(ServiceSettings):
     memory_write_timeout_ms: int = Field(default=250, ge=1)
     # Route gets at most this long (within the request's deadline); past it: router fallback.
     route_timeout_ms: int = Field(default=2000, ge=1)
+    # A Route that consults the model (the rules found no tool) gets at most this long; the
+    # router keeps within it and answers with the rules' decision when the model is too slow.
+    model_route_timeout_ms: int = Field(default=30_000, ge=1)
+    # Most recent turns of the session read from memory as the model's context (0: none), and
+    # how long that read may take (past it the model gets no history: "memory" degraded).
+    model_history_turns: int = Field(default=20, ge=0, le=1000)
+    memory_read_timeout_ms: int = Field(default=250, ge=1)
     # A claimed idempotency key holds for the request's deadline plus this long, so that a
     # retry does not run it again while its answer waits in the outbox for memory.
     idempotency_lease_grace_s: float = Field(default=30.0, ge=0, le=300)
@@ -81,8 +88,6 @@ class GatewaySettings(ServiceSettings):
     budget_call_timeout_ms: int = Field(default=2000, ge=1)
     # A reservation never committed by a usage record is released by telemetry after this.
     budget_reservation_ttl_s: int = Field(default=60, ge=1, le=3600)
-    # Output tokens assumed when reserving (the answer is not known yet).
-    budget_output_tokens_estimate: int = Field(default=64, ge=0)
     # Ledger unreachable while a budget applies (or may apply): refuse with UNAVAILABLE (false,
     # the default) or run the tool unchecked and report "budget" in degraded (true).
     budget_fail_open: bool = False

@@ -3,7 +3,9 @@ kit's server."""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,11 +30,15 @@ from services.router.catalog import default_registry
 from services.router.health import ToolHealth
 from services.router.invoke import Executor
 from services.router.migrations import MIGRATIONS
+from services.router.models.admin import PromptAdmin
+from services.router.models.prompts import PromptStore, load_seeds
+from services.router.models.provider import ProviderConfig, build_providers, read_api_key
+from services.router.models.routing import ModelRouter, ModelSettings
 from services.router.notes import NotesStore
 from services.router.registry import Registry
 from services.router.routing import RoutePool, ToolRouter
 from services.router.rules import load_rules
-from services.router.servicer import RouterServicer, contract_message
+from services.router.servicer import RouterServicer, contract_message, routing_mode
 from services.router.settings import RouterSettings
 from toolmesh.router.v1 import router_pb2, router_pb2_grpc
 
@@ -51,8 +57,61 @@ PEER_RULES = PeerRules.for_service(
         "RemoveBackend": [GATEWAY],
         "ListToolVersions": [GATEWAY],
         "ApproveToolVersion": [GATEWAY],
+        "PhraseAnswer": [GATEWAY],
+        "ListPrompts": [GATEWAY],
+        "GetPrompt": [GATEWAY],
+        "PublishPrompt": [GATEWAY],
+        "SelectPrompt": [GATEWAY],
     },
 )
+log = logging.getLogger("toolmesh.router")
+
+
+def _tenants(text: str) -> frozenset[str]:
+    return frozenset(t.strip() for t in text.split(",") if t.strip())
+
+
+def provider_configs(settings: RouterSettings) -> list[ProviderConfig]:
+    """The primary provider and the fallback, as configured (none: rules only)."""
+    if not settings.model_enabled:
+        return []
+    configs = [
+        ProviderConfig(
+            "primary",
+            settings.model_base_url,
+            settings.model_name,
+            read_api_key(settings.model_api_key_file, settings.model_api_key.get_secret_value()),
+        )
+    ]
+    if settings.model_fallback_base_url:
+        configs.append(
+            ProviderConfig(
+                "fallback",
+                settings.model_fallback_base_url,
+                settings.model_fallback_name,
+                read_api_key(
+                    settings.model_fallback_api_key_file,
+                    settings.model_fallback_api_key.get_secret_value(),
+                ),
+            )
+        )
+    return configs
+
+
+def model_settings(settings: RouterSettings) -> ModelSettings:
+    return ModelSettings(
+        tool_choice=settings.model_tool_choice,
+        timeout_s=settings.model_timeout_s,
+        route_max_tokens=settings.model_route_max_tokens,
+        answer_max_tokens=settings.model_answer_max_tokens,
+        max_history_tokens=settings.model_max_history_tokens,
+        max_result_bytes=settings.model_max_result_bytes,
+        max_tools=settings.model_max_tools,
+        top_logprobs=settings.model_top_logprobs,
+        temperature=settings.model_temperature,
+        model_first=_tenants(settings.model_first_tenants),
+        phrased=_tenants(settings.model_answer_tenants),
+    )
 
 
 def build(
@@ -78,6 +137,10 @@ def build(
         tools = registry if registry is not None else default_registry(plugins)
     with setting_guard(settings, "rules_file", "point {setting} at a valid routing rules file"):
         rules = load_rules(settings.rules_file)
+    seeds = load_seeds()
+    # A key file that cannot be read fails start-up here, before anything is served.
+    with setting_guard(settings, "model_api_key_file", "point {setting} at a readable key file"):
+        providers_configured = provider_configs(settings)
     tracer = trace.get_tracer("toolmesh.router", tracer_provider=tracer_provider)
 
     production = settings.env is Environment.PRODUCTION
@@ -129,6 +192,29 @@ def build(
             manager.note_rule(name, "no backend serves it yet; the rule applies once one does")
         pool = RoutePool(router)
         cleanups.append(pool.close)
+        prompts = PromptStore(session_factory(engine), cache_s=settings.prompt_cache_s)
+        await prompts.seed(seeds)
+        model = None
+        if providers_configured:
+            providers = build_providers(
+                providers_configured,
+                settings.breaker_config(),
+                tracer,
+                max_attempts=settings.model_max_attempts,
+            )
+            cleanups.append(providers.close)
+            model = ModelRouter(
+                providers,
+                prompts,
+                model_settings(settings),
+                weights=rules.weights,
+                threshold=rules.threshold,
+                health=health,
+                clock=time.monotonic,
+            )
+        # `toolmesh up` and operators read which mode the router runs in from here (and from
+        # GetServiceInfo's attributes).
+        log.info("routing mode", extra=routing_mode(model))
         servicer = RouterServicer(
             registry=tools,
             router=pool,
@@ -145,6 +231,8 @@ def build(
                 register_wait_s=settings.backend_register_wait_s,
                 contract=contract_message,
             ),
+            prompts=PromptAdmin(prompts),
+            model=model,
             clock=clock,
         )
         router_pb2_grpc.add_RouterServicer_to_server(servicer, server)

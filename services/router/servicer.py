@@ -9,7 +9,8 @@ every tenant. Anything another tenant owns is NOT_FOUND, exactly like a name nev
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -24,9 +25,12 @@ from services.router.backends.admin import BackendAdmin
 from services.router.backends.config import KIND_TO_PROTO, Kind
 from services.router.backends.manager import MISSING, SUSPENDED
 from services.router.invoke import Executor, ToolRunError
+from services.router.models.admin import PromptAdmin, prompt_ref
+from services.router.models.provider import ModelRefusedError, ModelUnavailableError
+from services.router.models.routing import ModelRouter, Plan, Proposal, Usage
 from services.router.notes import NotesStore
 from services.router.registry import Registry, SideEffect, Tool, ToolContext, is_allowed
-from services.router.routing import Candidate, RoutePool, RoutingBusyError
+from services.router.routing import Candidate, Decision, RoutePool, RoutingBusyError
 from toolmesh.router.v1 import router_pb2, router_pb2_grpc
 
 CONTRACT_VERSIONS = ["toolmesh.router.v1"]
@@ -38,6 +42,9 @@ MAX_KEY_CHARS = 128
 DEADLINE_RESERVE_S = 0.02
 # Suggested wait when too many long prompts are queued for scoring.
 ROUTE_RETRY_AFTER_S = 0.5
+# Time kept back from the caller's deadline for answering after a model call.
+MODEL_RESERVE_S = 0.1
+MAX_RESULT_CHARS = 256 * 1024
 
 _SIDE_EFFECTS = {
     SideEffect.READ_ONLY: router_pb2.SIDE_EFFECT_READ_ONLY,
@@ -69,9 +76,21 @@ def contract_message(tool: Tool) -> router_pb2.ToolContract:
     )
 
 
-def _parts(candidate: Candidate) -> router_pb2.ConfidenceParts:
+def _parts(candidate: Candidate | Proposal) -> router_pb2.ConfidenceParts:
     return router_pb2.ConfidenceParts(
         intent=candidate.intent, schema_fit=candidate.schema_fit, health=candidate.health
+    )
+
+
+def _usage_message(usage: Usage) -> router_pb2.ModelUsage:
+    return router_pb2.ModelUsage(
+        model=usage.model,
+        provider=usage.provider,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        duration_ms=usage.duration_ms,
+        reported=usage.reported,
+        prompt=prompt_ref(usage.prompt),
     )
 
 
@@ -113,14 +132,20 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         notes: NotesStore,
         *,
         backends: BackendAdmin,
+        prompts: PromptAdmin,
+        model: ModelRouter | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._registry = registry
         self._router = router
         self._executor = executor
         self._notes = notes
         self._backends = backends
+        self._prompts = prompts
+        self._model = model
         self._clock = clock
+        self._monotonic = monotonic
 
     async def _find(
         self, context: aio.ServicerContext, tenant: str, name: str, version: str
@@ -170,12 +195,16 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Route(
         self, request: router_pb2.RouteRequest, context: aio.ServicerContext
     ) -> router_pb2.RouteResponse:
+        """The rules first; when they find no tool (or the tenant asks the model first) and a
+        model is configured: without ``allow_model`` the plan of the model call, with it the
+        model's proposal, scored like a rule's (the rules' answer stands if the model fails)."""
         if len(request.prompt) > MAX_PROMPT_CHARS:
             await abort_invalid(context, [("prompt", f"longer than {MAX_PROMPT_CHARS} characters")])
+        tenant = request.caller.tenant
+        model = self._model
+        model_first = model is not None and model.settings.model_first_for(tenant)
         try:
-            decision = await self._router.route(
-                request.prompt, request.allowed_tools, request.caller.tenant
-            )
+            decision = await self._router.route(request.prompt, request.allowed_tools, tenant)
         except RoutingBusyError as error:
             await abort(
                 context,
@@ -183,11 +212,47 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 f"the router is busy scoring long prompts ({error}); retry later",
                 retry_info(ROUTE_RETRY_AFTER_S),
             )
+        response = self._rules_response(decision)
+        if model is None or (decision.matched and not model_first):
+            if model is not None and decision.matched:
+                await self._plan_answer(model, response, request.prompt, tenant)
+            return response
+        offered = model.offer(self._allowed_tools(tenant, request.allowed_tools))
+        if not offered:
+            return response
+        if not request.allow_model:
+            plan = await model.route_plan(tenant, offered, request.prompt)
+            response.matched = False
+            response.ClearField("tool")
+            response.arguments_json = ""
+            response.model_plan.CopyFrom(self._plan_message(model, plan))
+            await self._plan_answer(model, response, request.prompt, tenant)
+            return response
+        try:
+            proposal = await model.propose(
+                tenant, offered, request.prompt, request.history, self._model_deadline(context)
+            )
+        except (ModelUnavailableError, ModelRefusedError) as error:
+            response.degraded.append("model")
+            response.reason = f"{response.reason}; the model could not be consulted ({error})"
+            return response
+        if not proposal.matched and decision.matched:
+            # Model first, and the model found nothing: the rules' answer stands.
+            response.model_usage.CopyFrom(_usage_message(proposal.usage))
+            response.reason = f"{response.reason} (the model: {proposal.reason})"
+            return response
+        routed = self._model_response(response, proposal)
+        if routed.matched:
+            await self._plan_answer(model, routed, request.prompt, tenant)
+        return routed
+
+    def _rules_response(self, decision: Decision) -> router_pb2.RouteResponse:
         response = router_pb2.RouteResponse(
             matched=decision.matched,
             threshold=decision.threshold,
             reason=decision.reason,
             rules_version=decision.rules_version,
+            method=router_pb2.ROUTE_METHOD_RULES,
             candidates=[
                 router_pb2.Candidate(
                     tool_name=c.tool.spec.name, confidence=c.confidence, parts=_parts(c)
@@ -203,6 +268,68 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 response.tool.CopyFrom(contract_message(best.tool))
                 response.arguments_json = decision.arguments_json
         return response
+
+    def _model_response(
+        self, rules: router_pb2.RouteResponse, proposal: Proposal
+    ) -> router_pb2.RouteResponse:
+        response = router_pb2.RouteResponse(
+            matched=proposal.matched,
+            threshold=rules.threshold,
+            reason=proposal.reason,
+            rules_version=rules.rules_version,
+            method=router_pb2.ROUTE_METHOD_MODEL,
+            confidence=proposal.confidence,
+            parts=_parts(proposal),
+            model_usage=_usage_message(proposal.usage),
+        )
+        if proposal.tool is not None:
+            response.candidates.append(
+                router_pb2.Candidate(
+                    tool_name=proposal.tool.spec.name,
+                    confidence=proposal.confidence,
+                    parts=_parts(proposal),
+                )
+            )
+        if proposal.matched and proposal.tool is not None:
+            response.tool.CopyFrom(contract_message(proposal.tool))
+            response.arguments_json = json.dumps(proposal.arguments)
+        return response
+
+    def _plan_message(self, model: ModelRouter, plan: Plan) -> router_pb2.ModelPlan:
+        return router_pb2.ModelPlan(
+            model=model.model,
+            fallback_model=model.fallback_model,
+            max_input_tokens=plan.max_input_tokens,
+            max_output_tokens=plan.max_output_tokens,
+            prompt=prompt_ref(plan.prompt),
+        )
+
+    async def _plan_answer(
+        self, model: ModelRouter, response: router_pb2.RouteResponse, prompt: str, tenant: str
+    ) -> None:
+        """The answer's plan, for a tenant whose answers the model phrases."""
+        if model.settings.phrased_for(tenant):
+            plan = await model.answer_plan(tenant, prompt, response.tool.name)
+            response.answer_plan.CopyFrom(self._plan_message(model, plan))
+
+    def _allowed_tools(self, tenant: str, allowed: Iterable[str]) -> list[Tool]:
+        """The latest released version of every tool the caller may use."""
+        names = {tool.spec.name for tool in self._registry.all()}
+        built_in = [self._registry.latest(name) for name in sorted(names)]
+        tools = [t for t in built_in if t is not None]
+        tools += self._backends.served_tools(tenant)
+        allowed = list(allowed)
+        return [tool for tool in tools if is_allowed(tool.spec.name, allowed)]
+
+    def _model_deadline(self, context: aio.ServicerContext) -> float:
+        """When a model call must be done: within the model timeout and the caller's deadline,
+        less the time the answer needs to reach the caller."""
+        assert self._model is not None
+        budget = self._model.settings.timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            budget = min(budget, remaining - MODEL_RESERVE_S)
+        return self._monotonic() + budget
 
     async def _check_request(
         self, request: router_pb2.InvokeToolRequest, context: aio.ServicerContext
@@ -384,7 +511,84 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         version = await self._backends.approve(request, context)
         return router_pb2.ApproveToolVersionResponse(version=version)
 
+    async def PhraseAnswer(
+        self, request: router_pb2.PhraseAnswerRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.PhraseAnswerResponse]:
+        model = self._model
+        if model is None:
+            await abort(
+                context, grpc.StatusCode.FAILED_PRECONDITION, "no model is configured to answer"
+            )
+        problems = []
+        if not request.caller.tenant:
+            problems.append(("caller.tenant", "required"))
+        if len(request.prompt) > MAX_PROMPT_CHARS:
+            problems.append(("prompt", f"longer than {MAX_PROMPT_CHARS} characters"))
+        for name in ("tool_answer", "result_json", "arguments_json"):
+            if len(getattr(request, name)) > MAX_RESULT_CHARS:
+                problems.append((name, f"longer than {MAX_RESULT_CHARS} characters"))
+        if len(request.tool_name) > MAX_KEY_CHARS or len(request.model) > MAX_KEY_CHARS:
+            problems.append(("tool_name", f"longer than {MAX_KEY_CHARS} characters"))
+        if problems:
+            await abort_invalid(context, problems)
+        try:
+            async for piece in model.phrase(
+                request.caller.tenant,
+                text=request.prompt,
+                tool_name=request.tool_name,
+                arguments_json=request.arguments_json,
+                answer=request.tool_answer,
+                result_json=request.result_json,
+                model=request.model,
+                deadline=self._model_deadline(context),
+            ):
+                if isinstance(piece, Usage):
+                    yield router_pb2.PhraseAnswerResponse(usage=_usage_message(piece))
+                else:
+                    yield router_pb2.PhraseAnswerResponse(text=piece)
+        except ModelUnavailableError as error:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, f"the model cannot answer: {error}")
+        except ModelRefusedError as error:
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"the model refused: {error}")
+
+    async def ListPrompts(
+        self, request: router_pb2.ListPromptsRequest, context: aio.ServicerContext
+    ) -> router_pb2.ListPromptsResponse:
+        return router_pb2.ListPromptsResponse(versions=await self._prompts.list(request, context))
+
+    async def GetPrompt(
+        self, request: router_pb2.GetPromptRequest, context: aio.ServicerContext
+    ) -> router_pb2.GetPromptResponse:
+        return router_pb2.GetPromptResponse(version=await self._prompts.get(request, context))
+
+    async def PublishPrompt(
+        self, request: router_pb2.PublishPromptRequest, context: aio.ServicerContext
+    ) -> router_pb2.PublishPromptResponse:
+        version, created = await self._prompts.publish(request, context)
+        return router_pb2.PublishPromptResponse(version=version, created=created)
+
+    async def SelectPrompt(
+        self, request: router_pb2.SelectPromptRequest, context: aio.ServicerContext
+    ) -> router_pb2.SelectPromptResponse:
+        return router_pb2.SelectPromptResponse(version=await self._prompts.select(request, context))
+
     async def GetServiceInfo(
         self, request: router_pb2.GetServiceInfoRequest, context: aio.ServicerContext
     ) -> router_pb2.GetServiceInfoResponse:
-        return router_pb2.GetServiceInfoResponse(info=service_info("router", CONTRACT_VERSIONS))
+        info = service_info("router", CONTRACT_VERSIONS)
+        info.attributes.update(routing_mode(self._model))
+        return router_pb2.GetServiceInfoResponse(info=info)
+
+
+def routing_mode(model: ModelRouter | None) -> dict[str, str]:
+    """How this router routes, for GetServiceInfo and its start-up log line."""
+    if model is None:
+        return {"routing_mode": "rules"}
+    mode = {
+        "routing_mode": "rules+model",
+        "model": model.model,
+        "model_tool_choice": model.settings.tool_choice,
+    }
+    if model.fallback_model:
+        mode["fallback_model"] = model.fallback_model
+    return mode

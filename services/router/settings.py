@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 
 from services.kit.breaker import BreakerConfig
 from services.kit.settings import DEFAULT_PORTS, ServiceSettings
@@ -85,6 +85,66 @@ class RouterSettings(ServiceSettings):
     backend_stderr_lines_per_s: float = Field(default=20.0, gt=0)
     # Durable outbox of the router's own audit events (tool.drift), relayed to telemetry.
     audit_outbox_file: Path | None = None
+
+    # -- models (docs/models.md). Without a base URL the router routes by its rules alone. -----
+    # An OpenAI-compatible Chat Completions endpoint, e.g. http://127.0.0.1:8080/v1 (llama.cpp,
+    # vLLM, Ollama's /v1, LiteLLM or a hosted API), and the model name to ask it for.
+    model_base_url: str = ""
+    model_name: str = ""
+    # The API key: read from this file (preferred), else TOOLMESH_ROUTER_MODEL_API_KEY. Never
+    # logged; empty for servers without authentication.
+    model_api_key_file: Path | None = None
+    model_api_key: SecretStr = SecretStr("")
+    # An optional second provider, asked when the first is down, failing or its breaker open.
+    model_fallback_base_url: str = ""
+    model_fallback_name: str = ""
+    model_fallback_api_key_file: Path | None = None
+    model_fallback_api_key: SecretStr = SecretStr("")
+    # How the model is asked to choose a tool: "tools" (native function calling), or a
+    # JSON-schema-constrained answer for servers without it: "json_schema" (OpenAI's
+    # response_format, vLLM) or "json_object" (llama.cpp's {"type": "json_object", "schema"}).
+    # The JSON modes also ask for token log-probabilities (the I of the confidence).
+    model_tool_choice: Literal["tools", "json_schema", "json_object"] = "tools"
+    # Longest a model call may take (never past the caller's deadline).
+    model_timeout_s: float = Field(default=20.0, gt=0, le=300)
+    # Attempts per provider: retries only for connections never made and 429/503 whose
+    # Retry-After fits in the time left.
+    model_max_attempts: int = Field(default=3, ge=1, le=5)
+    # Output tokens asked for: a routing answer, a phrased answer.
+    model_route_max_tokens: int = Field(default=128, ge=8, le=4096)
+    model_answer_max_tokens: int = Field(default=256, ge=8, le=8192)
+    # Bound on the recent history sent to the model (oldest turns are left out to fit).
+    model_max_history_tokens: int = Field(default=1024, ge=0, le=65536)
+    # Bytes of a tool's result shown to the answer model (the tool's answer text when larger).
+    model_max_result_bytes: int = Field(default=4096, ge=256, le=65536)
+    # Tools offered to the model at most (the caller's allowed ones, by name).
+    model_max_tools: int = Field(default=32, ge=1, le=128)
+    # Alternatives per token asked for with log-probabilities (0: do not ask).
+    model_top_logprobs: int = Field(default=5, ge=0, le=20)
+    model_temperature: float = Field(default=0.0, ge=0, le=2)
+    # Tenants (comma-separated, "*" for all) whose Runs ask the model before the rules (the
+    # rules then answer only when the model finds nothing), and whose answers the model
+    # phrases from the tool's result.
+    model_first_tenants: str = ""
+    model_answer_tenants: str = ""
+    # Seconds a replica keeps a tenant's selected prompt versions before reading them again:
+    # the bound on how long a publication or selection takes to reach every replica.
+    prompt_cache_s: float = Field(default=2.0, ge=0, le=60)
+
+    @model_validator(mode="after")
+    def _model_named(self) -> RouterSettings:
+        """A provider needs the model to ask for; half a fallback is a mistake, not a choice."""
+        if self.model_base_url and not self.model_name:
+            raise ValueError("model_base_url needs model_name")
+        if bool(self.model_fallback_base_url) != bool(self.model_fallback_name):
+            raise ValueError("set model_fallback_base_url and model_fallback_name together")
+        if self.model_fallback_base_url and not self.model_base_url:
+            raise ValueError("a fallback model needs a primary (model_base_url)")
+        return self
+
+    @property
+    def model_enabled(self) -> bool:
+        return bool(self.model_base_url)
 
     def resolved_audit_outbox_file(self) -> Path:
         return self.audit_outbox_file or self.data_dir / "router" / "audit-outbox.db"

@@ -29,6 +29,7 @@ COST_KEYS = {
     telemetry_pb2.COST_GROUP_BY_PRINCIPAL: "principal",
     telemetry_pb2.COST_GROUP_BY_TOOL: "tool_name",
     telemetry_pb2.COST_GROUP_BY_DAY: "day",
+    telemetry_pb2.COST_GROUP_BY_MODEL: "model",
 }
 GROUPINGS = {
     telemetry_pb2.STATS_GROUP_BY_SERVICE: "service",
@@ -81,6 +82,8 @@ def usage_row(record: telemetry_pb2.UsageRecord) -> dict[str, Any]:
         "tool_outcome": record.tool_outcome,
         "tool_duration_ms": record.tool_duration_ms,
         "trace_id": record.trace_id,
+        "model": record.model,
+        "prompts": ",".join(record.prompts),
     }
 
 

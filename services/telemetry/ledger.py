@@ -26,6 +26,7 @@ from sqlalchemy import (
     delete,
     func,
     select,
+    update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Mapped, mapped_column
@@ -38,7 +39,7 @@ PERIODS = ("day", "month")
 # Rows deleted per transaction by retention.
 DELETE_CHUNK = 5000
 METRICS = ("tool_calls", "tokens", "cost_micros")
-COST_KEYS = ("tenant", "principal", "tool_name", "day")
+COST_KEYS = ("tenant", "principal", "tool_name", "day", "model")
 
 
 class UsageRow(Base):
@@ -83,6 +84,10 @@ class UsageRow(Base):
     tool_outcome: Mapped[int] = mapped_column(SmallInteger, nullable=False)
     tool_duration_ms: Mapped[float] = mapped_column(Float, nullable=False)
     trace_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    # The model whose tokens these are ("" when none was consulted), and the prompt template
+    # versions used ("name@version", comma-separated).
+    model: Mapped[str] = mapped_column(String(MAX_KEY_CHARS), nullable=False, server_default="")
+    prompts: Mapped[str] = mapped_column(String(512), nullable=False, server_default="")
 
 
 class UsageTotalRow(Base):
@@ -298,6 +303,7 @@ class Ledger:
                 record["tokens_out"],
                 record["tool_calls"],
                 record["cost_units"],
+                model=record["model"],
             ),
             "currency": self.prices.currency,
             "price_version": self.prices.version,
@@ -442,8 +448,13 @@ class Ledger:
         asked: Amounts,
         ttl_s: int,
         now: datetime,
+        top_up: bool = False,
     ) -> Reservation | list[Violation] | None:
-        """A reservation, the violated budgets, or None when no budget applies."""
+        """A reservation, the violated budgets, or None when no budget applies.
+
+        With ``top_up`` a live reservation of the request is raised to ``asked`` (each metric
+        to the larger of held and asked); only the increase is checked against the budgets.
+        """
         if not await self.budgeted(tenant, principal):
             return None
         now_ns = _ns(now)
@@ -451,12 +462,16 @@ class Ledger:
             r = ReservationRow
             existing = (
                 await conn.execute(
-                    select(r.id, r.expires_at_ns).where(
+                    select(r.id, r.expires_at_ns, r.tool_calls, r.tokens, r.cost_micros).where(
                         r.tenant == tenant, r.request_id == request_id
                     )
                 )
             ).first()
             if existing is not None and existing.expires_at_ns > now_ns:
+                if top_up:
+                    return await self._raise(
+                        conn, existing, asked, tenant=tenant, principal=principal, now=now
+                    )
                 return Reservation(existing.id, existing.expires_at_ns)
             if existing is not None:
                 await conn.execute(delete(r).where(r.id == existing.id))
@@ -495,6 +510,40 @@ class Ledger:
                 )
             )
             return reservation
+
+    async def _raise(
+        self,
+        conn: AsyncConnection,
+        held: Any,
+        asked: Amounts,
+        *,
+        tenant: str,
+        principal: str,
+        now: datetime,
+    ) -> Reservation | list[Violation]:
+        """Raise a live reservation (a row of telemetry_reservations) to ``asked``; the caller
+        holds the tenant's budget lock."""
+        target = Amounts(*(max(getattr(held, metric), asked.get(metric)) for metric in METRICS))
+        increase = Amounts(*(target.get(m) - getattr(held, m) for m in METRICS))
+        if increase != Amounts():
+            budgets = (await conn.execute(_applying(tenant, principal))).all()
+            violations = [
+                violation
+                for budget in budgets
+                for violation in _violations(await self._state(conn, budget, now), increase)
+            ]
+            if violations:
+                return violations
+            await conn.execute(
+                update(ReservationRow)
+                .where(ReservationRow.id == held.id)
+                .values(
+                    tool_calls=target.tool_calls,
+                    tokens=target.tokens,
+                    cost_micros=target.cost_micros,
+                )
+            )
+        return Reservation(held.id, held.expires_at_ns)
 
     async def prune(self, occurred_before_ns: int) -> int:
         """Delete usage records that occurred before the cut, a chunk per transaction."""

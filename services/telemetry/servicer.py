@@ -248,6 +248,14 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServicer):
             output_per_1k_tokens_micros=table.output_per_1k_tokens_micros,
             per_tool_call_micros=table.per_tool_call_micros,
             per_cost_unit_micros=table.per_cost_unit_micros,
+            models=[
+                telemetry_pb2.ModelPrice(
+                    model=name,
+                    input_per_1k_tokens_micros=price.input_per_1k_tokens_micros,
+                    output_per_1k_tokens_micros=price.output_per_1k_tokens_micros,
+                )
+                for name, price in sorted(table.models.items())
+            ],
         )
 
     async def GetCost(
@@ -256,7 +264,9 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServicer):
         violations = validation.caller("", request.caller)
         keys = [convert.COST_KEYS.get(g) for g in request.group_by]
         if None in keys or len(set(keys)) != len(keys):
-            violations.append(("group_by", "distinct values of TENANT, PRINCIPAL, TOOL, DAY"))
+            violations.append(
+                ("group_by", "distinct values of TENANT, PRINCIPAL, TOOL, DAY, MODEL")
+            )
         if not 0 <= request.days <= MAX_COST_DAYS:
             violations.append(("days", f"between 0 and {MAX_COST_DAYS}"))
         window = validation.timestamp("", request, "start", required=False)
@@ -351,6 +361,7 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServicer):
             asked=Amounts(request.tool_calls, request.tokens, request.cost_micros),
             ttl_s=request.ttl_seconds or DEFAULT_TTL_S,
             now=now,
+            top_up=request.top_up,
         )
         if outcome is None:
             _RESERVATIONS.add(1, {"result": "unlimited"})

@@ -38,6 +38,9 @@ _MAX_SECONDS = 253_402_300_799
 # Longest duration a record may report: a day, far above any request's deadline.
 MAX_DURATION_MS = 86_400_000.0
 STORED_TIME = "a time between 1970-01-01 and 2262-04-11 UTC"
+# Prompt versions a usage record may name ("name@version"); stored comma-joined in 512 chars.
+MAX_PROMPTS = 4
+MAX_PROMPT_REF_CHARS = 100
 
 Violations = list[tuple[str, str]]
 
@@ -113,8 +116,17 @@ def usage_record(i: int, record: telemetry_pb2.UsageRecord) -> Violations:
         where,
         record,
         ("request_id", "tenant"),
-        ("principal", "route", "tool_name", "tool_version", "outcome", "service"),
+        ("principal", "route", "tool_name", "tool_version", "outcome", "service", "model"),
     )
+    if len(record.prompts) > MAX_PROMPTS or any(
+        not p or len(p) > MAX_PROMPT_REF_CHARS or "," in p for p in record.prompts
+    ):
+        found.append(
+            (
+                f"{where}prompts",
+                f"at most {MAX_PROMPTS} names of 1-{MAX_PROMPT_REF_CHARS} characters without ','",
+            )
+        )
     found += amounts(where, record, ("tokens_in", "tokens_out", "tool_calls", "cost_units"))
     found += timestamp(where, record, "occurred_at", required=True)
     if record.reservation_id and not RESERVATION_ID.fullmatch(record.reservation_id):

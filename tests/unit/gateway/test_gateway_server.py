@@ -14,6 +14,7 @@ from grpc_status import rpc_status
 from tests.unit.gateway.conftest import GatewayUnderTest, bearer, start_gateway
 from tests.unit.gateway.fakes import Fakes, SigningKey, mint
 from toolmesh.gateway.v1 import gateway_pb2
+from toolmesh.router.v1 import router_pb2
 from toolmesh.telemetry.v1 import telemetry_pb2
 
 
@@ -40,7 +41,9 @@ async def test_tool_answer_carries_tool_confidence_usage_and_ids(gw: GatewayUnde
     assert reply.confidence == pytest.approx(0.93)
     assert reply.confidence_parts.intent == pytest.approx(0.9)
     assert reply.result_json == '{"value": 391}'
-    assert (reply.usage.tokens_in, reply.usage.tokens_out) == (5, 3)
+    # The rules routed it: no model read or wrote a token.
+    assert (reply.usage.tokens_in, reply.usage.tokens_out, reply.usage.model) == (0, 0, "")
+    assert reply.route_method == router_pb2.ROUTE_METHOD_UNSPECIFIED  # the fake says nothing
     assert (reply.usage.tool_calls, reply.usage.cost_units) == (1, 2)
     assert list(reply.degraded) == []
     assert re.fullmatch(r"[0-9a-f]{32}", reply.request_id)

@@ -87,7 +87,7 @@ async def test_prices_are_served_and_match_the_kit(server: TelemetryServer) -> N
 
 async def test_usage_is_priced_stored_once_and_grouped(server: TelemetryServer) -> None:
     first = await server.stub.RecordUsage(G.RecordUsageRequest(records=WORKLOAD))
-    assert (first.stored, first.duplicates, first.price_version) == (4, 0, "2026-11-01")
+    assert (first.stored, first.duplicates, first.price_version) == (4, 0, "2026-12-01")
     replay = await server.stub.RecordUsage(G.RecordUsageRequest(records=WORKLOAD))
     assert (replay.stored, replay.duplicates) == (0, 4)
 
