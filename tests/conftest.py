@@ -6,9 +6,12 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.kit import logs as kit_logs
 from services.kit.logs import NOISY_LOGGERS
@@ -20,12 +23,33 @@ from tests.pgutil import fresh_databases
 _METRICS = InMemoryMetricReader()
 metrics.set_meter_provider(MeterProvider(metric_readers=[_METRICS]))
 
+# Likewise one tracer provider, recording as a service process does (configure_tracing installs
+# an SDK provider there too), so no test runs against the no-op default and none can change
+# what the next one sees. Its spans are kept in memory and forgotten after each test.
+_SPANS = InMemorySpanExporter()
+_TRACER_PROVIDER = TracerProvider()
+_TRACER_PROVIDER.add_span_processor(SimpleSpanProcessor(_SPANS))
+trace.set_tracer_provider(_TRACER_PROVIDER)
+
 
 @pytest.fixture(scope="session")
 def metric_reader() -> InMemoryMetricReader:
     """The session's in-memory metrics (cumulative: compare before and after, or look for the
     labels a test made)."""
     return _METRICS
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    """The spans finished during this test by anything using the global tracer provider."""
+    return _SPANS
+
+
+@pytest.fixture(autouse=True)
+def _spans_forgotten() -> Iterator[None]:
+    _SPANS.clear()
+    yield
+    _SPANS.clear()
 
 
 @pytest.fixture

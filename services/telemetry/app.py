@@ -110,8 +110,17 @@ def _record_own_spans(store: SpanStore, keep_every_trace: bool, cleanups: list[C
         exporter = LocalSpanExporter(
             store, asyncio.get_running_loop(), keep_every_trace=keep_every_trace
         )
-        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
-        cleanups.append(exporter.close)
+        processor = BatchSpanProcessor(exporter, schedule_delay_millis=1000)
+        provider.add_span_processor(processor)
+
+        async def stop_recording() -> None:
+            # The provider outlives this server (a process may build another one, as tests
+            # do): its processor is shut down (worker thread ended, later spans dropped) on a
+            # thread, since an export in flight waits for this event loop.
+            await exporter.close()
+            await asyncio.to_thread(processor.shutdown)
+
+        cleanups.append(stop_recording)
 
 
 def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:

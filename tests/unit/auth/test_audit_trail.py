@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry import trace
 
 from services.kit.channels import open_channel
 from services.kit.server import Cleanup, Running, start
@@ -121,15 +122,13 @@ async def test_events_reach_the_trail_once_and_survive_a_telemetry_outage(
     dev = auth.dev_credentials()
     admin_token = await auth.token()
     request_id = f"req-{uuid.uuid4().hex[:12]}"
-    trace_id = uuid.uuid4().hex
-    created = await auth.stub.CreateClient(
-        auth_pb2.CreateClientRequest(client_id="audit-bot", tenant="dev", roles=["reader"]),
-        metadata=[
-            *bearer(admin_token),
-            ("x-request-id", request_id),
-            ("traceparent", f"00-{trace_id}-{'1' * 16}-01"),
-        ],
-    )
+    # The caller's span: the channel's client interceptor propagates it, as a mesh peer's would.
+    with trace.get_tracer(__name__).start_as_current_span("caller") as caller:
+        trace_id = format(caller.get_span_context().trace_id, "032x")
+        created = await auth.stub.CreateClient(
+            auth_pb2.CreateClientRequest(client_id="audit-bot", tenant="dev", roles=["reader"]),
+            metadata=[*bearer(admin_token), ("x-request-id", request_id)],
+        )
     secret = created.client_secret
     issued = await auth.stub.IssueToken(
         auth_pb2.IssueTokenRequest(client_id="audit-bot", client_secret=secret)

@@ -14,9 +14,6 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.kit.pricing import cost_micros
@@ -347,17 +344,6 @@ async def test_auth_failures_are_audited_without_the_token_and_rate_limited() ->
             assert expired not in event.SerializeToString().decode(errors="replace")
     finally:
         await stop()  # type: ignore[misc]
-
-
-@pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
 
 
 async def test_run_span_carries_the_genai_usage_attributes(spans: InMemorySpanExporter) -> None:

@@ -5,10 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from grpc import aio
-from opentelemetry import trace
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.unit.gateway.conftest import GatewayUnderTest, bearer, start_gateway
@@ -66,17 +63,6 @@ async def test_a_caller_deadline_shorter_than_the_reserve_is_deadline_exceeded(
     with pytest.raises(aio.AioRpcError) as err:
         await _run(gw, timeout=0.02)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-@pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
 
 
 async def test_run_span_carries_tenant_request_tool_and_outcome(

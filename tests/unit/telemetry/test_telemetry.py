@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -363,6 +365,23 @@ def test_never_exports_its_own_spans_to_itself() -> None:
     assert TelemetrySettings(otlp_endpoint="localhost:50055").otlp_endpoint == ""
     collector = TelemetrySettings(otlp_endpoint="collector:4317")
     assert collector.otlp_endpoint == "collector:4317"
+
+
+def _span_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("OtelBatch")}
+
+
+async def test_a_stopped_server_stops_recording_its_own_spans(tmp_path: Path) -> None:
+    """Telemetry stores its own spans through the process's tracer provider, which outlives
+    the server: stopping it must end that recording (no worker thread, no processor writing
+    to a closed store), or every server a process builds would leave one behind."""
+    before = _span_threads()
+    server = await TelemetryServer(TelemetrySettings(port=0, data_dir=tmp_path)).start()
+    try:
+        assert len(_span_threads() - before) == 1
+    finally:
+        await server.stop()
+    assert _span_threads() - before == set()
 
 
 async def test_service_info(server: TelemetryServer) -> None:
