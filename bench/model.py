@@ -21,7 +21,7 @@ import httpx2
 from grpc import aio
 
 from bench.echo_server import METHOD
-from tests.e2e.mesh import REPO, Mesh, free_port
+from testing.mesh import REPO, Mesh, free_port
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from toolmesh.router.v1 import router_pb2
 

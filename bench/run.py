@@ -23,7 +23,7 @@ from grpc import aio
 from bench import calltool, corpus, model, storage
 from bench.echo_server import METHOD
 from bench.load import Result, closed_loop
-from tests.e2e.mesh import REPO, Mesh, free_port
+from testing.mesh import REPO, Mesh, free_port
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "10"))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from grpc import aio
 
-from tests.e2e.mesh import REPO, Mesh
+from testing.mesh import REPO, Mesh
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 RUNS = int(os.environ.get("BENCH_STORAGE_RUNS", "400"))

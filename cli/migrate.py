@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import sys
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from services.kit.migrations import ServiceMigrations
 
 SERVICES = ("auth", "router", "memory", "telemetry")
-_SETTINGS = {
-    "auth": "AuthSettings",
-    "router": "RouterSettings",
-    "memory": "MemorySettings",
-    "telemetry": "TelemetrySettings",
-}
 
 
 def add_parser(sub: Any) -> None:
@@ -56,15 +54,43 @@ class MigrateError(Exception):
     """Printed as ``error: <message>``; exit status 1."""
 
 
-def migrations_of(service: str) -> Any:
-    """The service's ServiceMigrations, from its migrations package."""
-    from services.kit.migrations import ServiceMigrations
+class DatabaseSettings(Protocol):
+    """What every service's settings class offers for finding its database."""
 
-    package = f"services.{service}.migrations"
-    found = getattr(importlib.import_module(package), "MIGRATIONS", None)
-    if not isinstance(found, ServiceMigrations):
-        raise MigrateError(f"{package} defines no MIGRATIONS")
-    return found
+    database_url: str
+
+    def ensure_data_dir(self) -> Path: ...
+
+
+def service_parts(service: str) -> tuple[ServiceMigrations, Callable[[], DatabaseSettings]]:
+    """The service's migrations and settings class: all the CLI imports of a service. The
+    imports are written out (not computed) so the import contracts in pyproject.toml see them."""
+    if service == "auth":
+        from services.auth.migrations import MIGRATIONS as AUTH
+        from services.auth.settings import AuthSettings
+
+        return AUTH, AuthSettings
+    if service == "router":
+        from services.router.migrations import MIGRATIONS as ROUTER
+        from services.router.settings import RouterSettings
+
+        return ROUTER, RouterSettings
+    if service == "memory":
+        from services.memory.migrations import MIGRATIONS as MEMORY
+        from services.memory.settings import MemorySettings
+
+        return MEMORY, MemorySettings
+    if service == "telemetry":
+        from services.telemetry.migrations import MIGRATIONS as TELEMETRY
+        from services.telemetry.settings import TelemetrySettings
+
+        return TELEMETRY, TelemetrySettings
+    raise MigrateError(f"unknown service {service!r} (one of {', '.join(SERVICES)})")
+
+
+def migrations_of(service: str) -> ServiceMigrations:
+    """The service's ServiceMigrations, from its migrations package."""
+    return service_parts(service)[0]
 
 
 def database_url(service: str, explicit: str) -> str:
@@ -75,9 +101,7 @@ def database_url(service: str, explicit: str) -> str:
 
     from services.kit.db import sqlite_url
 
-    settings_class = getattr(
-        importlib.import_module(f"services.{service}.settings"), _SETTINGS[service]
-    )
+    settings_class = service_parts(service)[1]
     try:
         settings = settings_class()
     except ValidationError as error:

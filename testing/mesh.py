@@ -1,4 +1,5 @@
-"""The five real services as real processes on free loopback ports, for end-to-end tests."""
+"""The five real services as real processes on free loopback ports, for end-to-end tests and
+benchmarks."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.kit.certs import make_all
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SERVICES = ("telemetry", "auth", "memory", "router", "gateway")
 MODULES = {name: f"services.{name}" for name in SERVICES} | {"gateway": "gateway"}
 # Who may call whom when mTLS is on: only the gateway reaches the inner services (auth also

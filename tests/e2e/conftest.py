@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.e2e.mesh import Mesh
+from testing.mesh import Mesh
 from tests.pgutil import fresh_databases
 from toolmesh.gateway.v1 import gateway_pb2_grpc
 

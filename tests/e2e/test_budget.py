@@ -19,8 +19,8 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
+from testing.mesh import Mesh
 from tests.e2e.conftest import bearer
-from tests.e2e.mesh import Mesh
 from tests.e2e.test_security import create_client, issue
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from toolmesh.telemetry.v1 import telemetry_pb2

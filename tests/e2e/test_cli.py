@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.e2e.mesh import REPO, SERVICES, Mesh
+from testing.mesh import REPO, SERVICES, Mesh
 
 pytestmark = pytest.mark.e2e
 

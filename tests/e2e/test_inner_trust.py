@@ -17,7 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.e2e.mesh import REPO, Mesh
+from testing.mesh import REPO, Mesh
 from toolmesh.common.v1 import common_pb2
 from toolmesh.memory.v1 import memory_pb2, memory_pb2_grpc
 from toolmesh.router.v1 import router_pb2, router_pb2_grpc

@@ -17,8 +17,8 @@ from pathlib import Path
 import mcp_types as types
 import pytest
 
+from testing.mesh import Mesh
 from tests.e2e.conftest import bearer
-from tests.e2e.mesh import Mesh
 from tests.faceproc import FaceProcess, mcp_session
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from toolmesh.router.v1 import router_pb2

@@ -22,8 +22,8 @@ import grpc
 import psycopg
 import pytest
 
+from testing.mesh import REPO, Mesh
 from tests.e2e.conftest import bearer
-from tests.e2e.mesh import REPO, Mesh
 from tests.faults.chaos_tools import rules_with_chaos
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc

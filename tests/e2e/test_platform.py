@@ -12,8 +12,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from testing.mesh import SERVICES, Mesh
 from tests.e2e.conftest import bearer
-from tests.e2e.mesh import SERVICES, Mesh
 from toolmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from toolmesh.memory.v1 import memory_pb2, memory_pb2_grpc

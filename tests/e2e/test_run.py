@@ -10,8 +10,8 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from testing.mesh import Mesh
 from tests.e2e.conftest import bearer
-from tests.e2e.mesh import Mesh
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.e2e

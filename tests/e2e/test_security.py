@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import hashes, hmac, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.engine import make_url
 
+from testing.mesh import REPO, SERVICES, Mesh
 from tests.e2e.conftest import bearer
-from tests.e2e.mesh import REPO, SERVICES, Mesh
 from toolmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from services.kit.certs import make_all
-from tests.e2e.mesh import MODULES, REPO
+from testing.mesh import MODULES, REPO
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.mesh import REPO, SERVICES, free_port
+from testing.mesh import REPO, SERVICES, free_port
 from tests.e2e.test_cli import TOOLMESH
 
 pytestmark = pytest.mark.e2e

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from services.kit.interceptors import UNDECODABLE_MESSAGE
-from tests.e2e.mesh import REPO, SERVICES, Mesh
+from testing.mesh import REPO, SERVICES, Mesh
 from tests.wire import raw_call
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 

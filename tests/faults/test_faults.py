@@ -24,7 +24,7 @@ import grpc
 import pytest
 from grpc import aio
 
-from tests.e2e.mesh import Mesh
+from testing.mesh import Mesh
 from tests.faults.chaos_tools import rules_with_chaos
 from tests.faults.load import LoadResult, run_load
 from tests.faults.proxy import DelayProxy

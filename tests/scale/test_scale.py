@@ -23,7 +23,7 @@ import grpc
 import pytest
 from grpc import aio
 
-from tests.e2e.mesh import SERVICES, Mesh
+from testing.mesh import SERVICES, Mesh
 from tests.e2e.test_security import create_client, issue
 from tests.pgutil import fresh_databases
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
