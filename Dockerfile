@@ -21,14 +21,20 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*
 
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-
 WORKDIR /app
 
-# Dependencies first, pinned to exact versions, so this layer is reused until they change.
-COPY deploy/docker/constraints.txt /tmp/constraints.txt
-RUN pip install --requirement /tmp/constraints.txt
+# Build tools (the code generator, the build backend) in a virtualenv of their own, which never
+# reaches the final stage. Every package is pinned with its hash (locks/, `make lock`).
+COPY locks/build.txt locks/runtime.txt /tmp/locks/
+RUN python -m venv /opt/build \
+    && /opt/build/bin/pip install --require-hashes --requirement /tmp/locks/build.txt
+
+# The runtime virtualenv gets the runtime lock only, installed by the build venv's pip (so it
+# has no pip of its own); this layer is reused until the lock changes.
+RUN python -m venv --without-pip /opt/venv \
+    && /opt/build/bin/pip --python /opt/venv/bin/python install --require-hashes \
+        --requirement /tmp/locks/runtime.txt
+ENV PATH=/opt/venv/bin:$PATH
 
 COPY pyproject.toml README.md ./
 COPY protos ./protos
@@ -38,16 +44,17 @@ COPY cli ./cli
 COPY mcpface ./mcpface
 
 # Generated contract code goes into the app directory (./toolmesh), exactly as `make gen` does,
-# so that `pip install .` below packages it with the services.
-RUN python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. \
-        $(find protos -name '*.proto') \
+# so that the wheel below packages it with the services.
+RUN /opt/build/bin/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. \
+        --grpc_python_out=. $(find protos -name '*.proto') \
     && test -f toolmesh/gateway/v1/gateway_pb2_grpc.py
 
-# The project itself, with no dependency resolution: everything it needs is already pinned in.
+# The project itself, with no dependency resolution: everything it needs is already locked in.
 # pip compiles the bytecode here, because the final root filesystem is read-only.
-RUN pip install --no-deps --no-build-isolation --constraint /tmp/constraints.txt . \
-    && python -c "import services.kit.server, gateway, toolmesh.gateway.v1.gateway_pb2_grpc" \
-    && python -m pip uninstall --yes setuptools wheel pip
+RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/dist . \
+    && /opt/build/bin/pip --python /opt/venv/bin/python install --no-deps /tmp/dist/*.whl \
+    && /opt/venv/bin/python -c "import services.kit.server, gateway, toolmesh.gateway.v1.gateway_pb2_grpc" \
+    && ! /opt/venv/bin/python -c "import grpc_tools" 2>/dev/null
 
 ############################ final ############################
 FROM python:3.11.14-slim-bookworm

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 
 import pytest
@@ -11,7 +10,6 @@ import pytest
 from tests.deploy.kube import REPO
 
 DOCKERFILE = REPO / "Dockerfile"
-CONSTRAINTS = REPO / "deploy" / "docker" / "constraints.txt"
 
 
 @dataclass
@@ -116,14 +114,26 @@ def test_final_stage_has_no_compilers_and_no_pip_cache(instructions: list[Instru
     assert "PIP_NO_CACHE_DIR=1" in env
 
 
-def test_builder_generates_contracts_and_installs_pinned(instructions: list[Instruction]) -> None:
+def test_builder_generates_contracts_and_installs_from_the_locks(
+    instructions: list[Instruction],
+) -> None:
     runs = " ".join(i.args for i in stages(instructions)[0] if i.op == "RUN")
+    # The code generator runs from the build virtualenv, which the final stage never copies.
     assert (
-        "python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. "
-        "$(find protos -name '*.proto')"
+        "/opt/build/bin/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. "
+        "--grpc_python_out=. $(find protos -name '*.proto')"
     ) in runs
-    assert "pip install --requirement /tmp/constraints.txt" in runs
-    assert "pip install --no-deps" in runs and " ." in runs
+    assert "/opt/build/bin/pip install --require-hashes --requirement /tmp/locks/build.txt" in runs
+    # The runtime virtualenv gets the runtime lock (no grpcio-tools, no build backend) and the
+    # project's wheel with nothing left to resolve.
+    assert (
+        "/opt/build/bin/pip --python /opt/venv/bin/python install --require-hashes "
+        "--requirement /tmp/locks/runtime.txt"
+    ) in runs
+    assert "/opt/build/bin/pip --python /opt/venv/bin/python install --no-deps /tmp/dist/" in runs
+    assert '! /opt/venv/bin/python -c "import grpc_tools"' in runs
+    copies = [i.args for i in stages(instructions)[0] if i.op == "COPY"]
+    assert "locks/build.txt locks/runtime.txt /tmp/locks/" in copies
 
 
 def test_runtime_contract(instructions: list[Instruction]) -> None:
@@ -138,21 +148,6 @@ def test_runtime_contract(instructions: list[Instruction]) -> None:
     # Kubernetes gRPC probes replace a HEALTHCHECK (and the Dockerfile says why).
     assert not [i for i in instructions if i.op == "HEALTHCHECK"]
     assert "No HEALTHCHECK" in DOCKERFILE.read_text()
-
-
-def test_constraints_pin_every_dependency_exactly() -> None:
-    pins: dict[str, str] = {}
-    for raw in CONSTRAINTS.read_text().splitlines():
-        line = raw.split("#")[0].strip()
-        if line:
-            name, sep, version = line.partition("==")
-            assert sep and version, f"not pinned: {line}"
-            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    for requirement in project["dependencies"]:
-        name = re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0]
-        assert re.sub(r"[-_.]+", "-", name).lower() in pins, f"{name} is not pinned"
-    assert "toolmesh" not in pins
 
 
 def test_dockerignore_keeps_local_state_and_secrets_out() -> None:
