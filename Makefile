@@ -94,7 +94,7 @@ run: install gen
 	$(BIN)/toolmesh up
 
 # In a random order (pytest-randomly): the last lines name the seed; replay a failing order with
-# `make test PYTEST_ARGS='-p randomly --randomly-seed=N'`.
+# `make test PYTEST_ARGS=--randomly-seed=N` (`-p no:randomly` for the file order).
 test: install gen model-server
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 

@@ -321,11 +321,15 @@ class Accounting:
 
     @classmethod
     def create(
-        cls, stub: telemetry_pb2_grpc.TelemetryStub, guard: Guard, settings: GatewaySettings
+        cls,
+        stub: telemetry_pb2_grpc.TelemetryStub,
+        guard: Guard,
+        settings: GatewaySettings,
+        clock: Callable[[], float] = time.monotonic,
     ) -> Accounting:
         rate = settings.audit_auth_failures_per_s
         return cls(
             prices=PriceCache(stub, settings),
-            budgets=BudgetCache(stub, guard, settings),
-            auth_failures=AuditLimiter(rate, max(1, int(rate))),
+            budgets=BudgetCache(stub, guard, settings, clock=clock),
+            auth_failures=AuditLimiter(rate, max(1, int(rate)), clock),
         )

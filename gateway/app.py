@@ -5,6 +5,8 @@ has arrived."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 from grpc import aio
 
@@ -39,18 +41,26 @@ def breaker_config(settings: GatewaySettings) -> BreakerConfig:
     )
 
 
-def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
+def build(
+    settings: ServiceSettings,
+    cleanups: list[Cleanup],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> Register:
     """Start-up never waits for auth: health is NOT_SERVING and requests get UNAVAILABLE until
-    the first state arrives. Items left in the outbox by an earlier run are replayed."""
+    the first state arrives. Items left in the outbox by an earlier run are replayed.
+
+    ``clock`` (tests) drives what is judged by elapsed time: breakers, the staleness of auth's
+    state, the budget state's TTL and the audit rate limit."""
     assert isinstance(settings, GatewaySettings)
 
     async def register(server: aio.Server) -> Registered:
         clients = Clients.open(settings)
-        guard = Guard(breaker_config(settings))
+        guard = Guard(breaker_config(settings), clock)
         outbox = open_outbox(settings, clients, guard)
         await outbox.open()
-        auth_state = AuthState(clients.auth, settings)
-        accounting = Accounting.create(clients.telemetry, guard, settings)
+        auth_state = AuthState(clients.auth, settings, clock)
+        accounting = Accounting.create(clients.telemetry, guard, settings, clock)
         access = Access(settings, auth_state, outbox, accounting.auth_failures)
         pipeline = Pipeline(
             settings=settings,

@@ -78,7 +78,7 @@ class Guard:
     """Breakers by dependency name ("auth", "router", "memory", "telemetry", "tool:<name>")."""
 
     def __init__(self, config: BreakerConfig, clock: Callable[[], float] = time.monotonic):
-        self.breakers = BreakerRegistry(config)
+        self.breakers = BreakerRegistry(config, clock)
         self._clock = clock
 
     async def call(

@@ -75,3 +75,15 @@ def _process_logging_restored() -> Iterator[None]:
     if logging.getLogRecordFactory() is not factory:
         logging.setLogRecordFactory(factory)
         kit_logs.forget_redaction_factory()
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    """Tests run in a random order (pytest-randomly); the seed closes the report, even under -q,
+    so that a failure seen once can be replayed in the same order."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and config.pluginmanager.has_plugin("randomly"):
+        terminalreporter.write_line(
+            f"random order seed {seed}: replay this order with --randomly-seed={seed}"
+        )

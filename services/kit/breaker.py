@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,28 +154,33 @@ class CircuitBreaker:
 class BreakerRegistry:
     """Breakers by name, created on first use, exported as a state gauge."""
 
-    def __init__(self, config: BreakerConfig | None = None) -> None:
+    def __init__(
+        self, config: BreakerConfig | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._config = config or BreakerConfig()
+        self._clock = clock
         self._breakers: dict[str, CircuitBreaker] = {}
-        _REGISTRIES.append(self)
+        _REGISTRIES.add(self)
 
     def get(self, name: str) -> CircuitBreaker:
         breaker = self._breakers.get(name)
         if breaker is None:
-            breaker = self._breakers[name] = CircuitBreaker(name, self._config)
+            breaker = self._breakers[name] = CircuitBreaker(name, self._config, self._clock)
         return breaker
 
     def all(self) -> list[CircuitBreaker]:
         return list(self._breakers.values())
 
 
-_REGISTRIES: list[BreakerRegistry] = []
+# Weak: a registry belongs to a server, and a process that builds several (tests do) must not
+# keep reporting, nor keep alive, the breakers of servers long gone.
+_REGISTRIES: weakref.WeakSet[BreakerRegistry] = weakref.WeakSet()
 
 
 def _observe_states(_options: CallbackOptions) -> list[Observation]:
     return [
         Observation(int(b.state), {"breaker": b.name})
-        for registry in _REGISTRIES
+        for registry in list(_REGISTRIES)
         for b in registry.all()
     ]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -49,18 +50,47 @@ class GatewayUnderTest:
             await asyncio.sleep(0.05)
 
 
+async def eventually(check: Callable[[], bool], within_s: float = 5.0) -> None:
+    """Poll ``check`` until it holds; fail after ``within_s`` (a bound for slow machines, not a
+    timing assertion)."""
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+class ManualClock:
+    """A monotonic clock that moves only when a test moves it (``gateway.app.build(clock=)``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 async def start_gateway(
-    fakes: Fakes, **overrides: object
+    fakes: Fakes, *, clock: Callable[[], float] = time.monotonic, **overrides: object
 ) -> tuple[Running, Running, aio.Channel, GatewayUnderTest]:
     inner = await start(ServiceSettings(port=0), fakes.register)
-    gateway, channel, under_test = await start_gateway_on(inner.port, fakes, **overrides)
+    gateway, channel, under_test = await start_gateway_on(
+        inner.port, fakes, clock=clock, **overrides
+    )
     return inner, gateway, channel, under_test
 
 
 async def start_gateway_on(
-    inner_port: int, fakes: Fakes, **overrides: object
+    inner_port: int,
+    fakes: Fakes,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    **overrides: object,
 ) -> tuple[Running, aio.Channel, GatewayUnderTest]:
-    """A gateway in front of fakes already serving on ``inner_port``."""
+    """A gateway in front of fakes already serving on ``inner_port``; ``clock`` drives its
+    breakers, auth staleness, budget state TTL and audit rate limit."""
     target = f"127.0.0.1:{inner_port}"
     values: dict[str, object] = {
         "port": 0,
@@ -87,7 +117,7 @@ async def start_gateway_on(
             shutil.rmtree(settings.data_dir, ignore_errors=True)
 
         cleanups.append(remove_dir)
-    gateway = await start(settings, build(settings, cleanups))
+    gateway = await start(settings, build(settings, cleanups, clock=clock))
     gateway.cleanups.extend(cleanups)
     channel = aio.insecure_channel(f"127.0.0.1:{gateway.port}")
     return (

@@ -80,9 +80,11 @@ class FakeAuth(auth_pb2_grpc.AuthServicer):
         self.tenants: dict[str, list[str]] = {"acme": ["*"], "small": ["calculator"]}
         self.down = False
         self.jwks_calls = 0
+        self.refused = 0  # calls answered UNAVAILABLE while down
 
     async def _check(self, context: aio.ServicerContext) -> None:
         if self.down:
+            self.refused += 1
             await abort(context, grpc.StatusCode.UNAVAILABLE, "auth is down")
 
     async def IssueToken(

@@ -18,14 +18,24 @@ from grpc_status import rpc_status
 
 from services.kit.server import Running, start
 from services.kit.settings import ServiceSettings
-from tests.unit.gateway.conftest import GatewayUnderTest, bearer, start_gateway, start_gateway_on
+from tests.unit.gateway.conftest import (
+    GatewayUnderTest,
+    ManualClock,
+    bearer,
+    start_gateway,
+    start_gateway_on,
+)
 from tests.unit.gateway.fakes import Fakes
 from toolmesh.gateway.v1 import gateway_pb2
 from toolmesh.memory.v1 import memory_pb2
 
-RESERVE_S = 0.05
-# Scheduling, the outbox fsync and the answer's trip back over loopback.
-EPSILON_S = 0.04
+# The deadline tests keep a wide reserve, so that the fallback's trip back (the outbox commit,
+# loopback) fits before the caller's deadline even on a loaded machine: a reply arriving at all
+# proves it came in time (the call would fail with DEADLINE_EXCEEDED otherwise).
+RESERVE_S = 0.25
+CALLER_TIMEOUT_S = 1.0
+# Timers fire late, never early; only whole milliseconds of the timeout cross the wire.
+EARLY_S = 0.02
 
 
 def _request(prompt: str = "what is 2 + 2", **fields: str) -> gateway_pb2.RunRequest:
@@ -58,9 +68,11 @@ def _outbox_rows(gw: GatewayUnderTest) -> list[tuple[str, str, bytes]]:
 class _Mesh:
     def __init__(self) -> None:
         self.stops: list[Callable[[], object]] = []
+        self.clock = ManualClock()
 
     async def gateway(self, fakes: Fakes, **overrides: object) -> GatewayUnderTest:
-        inner, gateway, channel, gw = await start_gateway(fakes, **overrides)
+        """A gateway on the mesh's manual clock (breakers, auth staleness)."""
+        inner, gateway, channel, gw = await start_gateway(fakes, clock=self.clock, **overrides)
         self.stops.extend([lambda: inner.stop(0), lambda: gateway.stop(0), channel.close])
         return gw
 
@@ -76,15 +88,16 @@ async def mesh() -> AsyncIterator[_Mesh]:
 # -- deadline budget ---------------------------------------------------------------------------
 
 
-async def test_hanging_tool_answers_the_fallback_before_the_callers_deadline(
-    gw: GatewayUnderTest,
-) -> None:
+async def test_hanging_tool_answers_the_fallback_before_the_callers_deadline(mesh: _Mesh) -> None:
+    gw = await mesh.gateway(Fakes(), deadline_reserve_ms=int(RESERVE_S * 1000))
+    await gw.wait_ready()
     gw.fakes.router.invoke_delay_s = 10.0
-    reply, elapsed = await _timed_run(gw, timeout=0.5)
+    reply, elapsed = await _timed_run(gw, timeout=CALLER_TIMEOUT_S)
     assert reply.outcome == gateway_pb2.OUTCOME_FALLBACK
     assert reply.answer == "The calculator is unavailable."
     assert list(reply.degraded) == ["tool:calculator"]
-    assert 0.5 - RESERVE_S - 0.02 < elapsed < 0.5 - RESERVE_S + EPSILON_S
+    # The tool had all the time there was: up to the caller's deadline less the reserve.
+    assert CALLER_TIMEOUT_S - RESERVE_S - EARLY_S < elapsed < CALLER_TIMEOUT_S
     # The gateway gave up on the hanging call: the tool saw it cancelled.
     await _eventually(lambda: "InvokeTool" in gw.fakes.router.cancelled)
     # No time was left for memory, so the turn went to the outbox and is delivered later.
@@ -92,23 +105,28 @@ async def test_hanging_tool_answers_the_fallback_before_the_callers_deadline(
 
 
 async def test_hanging_router_answers_the_fallback_before_the_callers_deadline(
-    gw: GatewayUnderTest,
+    mesh: _Mesh,
 ) -> None:
+    gw = await mesh.gateway(Fakes(), deadline_reserve_ms=int(RESERVE_S * 1000))
+    await gw.wait_ready()
     gw.fakes.router.route_delay_s = 10.0
-    reply, elapsed = await _timed_run(gw, timeout=0.5)
+    reply, elapsed = await _timed_run(gw, timeout=CALLER_TIMEOUT_S)
     assert reply.outcome == gateway_pb2.OUTCOME_FALLBACK
     assert list(reply.degraded) == ["router"]
-    assert elapsed < 0.5 - RESERVE_S + EPSILON_S
+    assert elapsed < CALLER_TIMEOUT_S
     await _eventually(lambda: "Route" in gw.fakes.router.cancelled)
 
 
 async def test_without_a_caller_deadline_the_default_bounds_a_hanging_tool(mesh: _Mesh) -> None:
-    gw = await mesh.gateway(Fakes(), default_deadline_s=0.4)
+    gw = await mesh.gateway(
+        Fakes(), default_deadline_s=CALLER_TIMEOUT_S, deadline_reserve_ms=int(RESERVE_S * 1000)
+    )
     await gw.wait_ready()
     gw.fakes.router.invoke_delay_s = 10.0
     reply, elapsed = await _timed_run(gw, timeout=None)
     assert reply.outcome == gateway_pb2.OUTCOME_FALLBACK
-    assert elapsed < 0.4 - RESERVE_S + EPSILON_S
+    # Bounded by the default deadline (the call itself has none), not by the 10 s tool.
+    assert CALLER_TIMEOUT_S - RESERVE_S - EARLY_S < elapsed < CALLER_TIMEOUT_S + RESERVE_S
 
 
 async def test_caller_cancelling_cancels_the_downstream_call(gw: GatewayUnderTest) -> None:
@@ -138,19 +156,26 @@ async def test_router_breaker_opens_fails_fast_half_opens_and_closes(mesh: _Mesh
         reply, _ = await _timed_run(gw, timeout=2)
         assert list(reply.degraded) == ["router"]
     calls = len(router.routes)
+    # Open, and stays open however long the call takes while the clock stands still: the router
+    # would answer after 1.5 s, inside the caller's 2 s, were it called.
+    router.route_delay_s = 1.5
     reply, elapsed = await _timed_run(gw, timeout=2)
     assert reply.outcome == gateway_pb2.OUTCOME_FALLBACK and list(reply.degraded) == ["router"]
     assert len(router.routes) == calls, "an open breaker must not call the router"
-    assert elapsed < 0.1
+    assert elapsed < 1.0, "an open breaker answers at once"
+    router.route_delay_s = 0.0
+    mesh.clock.advance(0.25)
+    await _timed_run(gw, timeout=2)
+    assert len(router.routes) == calls, "still open before open_s"
     # Half-open after open_s: a failing trial opens it again at once.
-    await asyncio.sleep(0.35)
+    mesh.clock.advance(0.1)
     await _timed_run(gw, timeout=2)
     assert len(router.routes) == calls + 1
     await _timed_run(gw, timeout=2)
     assert len(router.routes) == calls + 1
     # Recovered: two successful trials close it, and every call goes through again.
     router.route_error = None
-    await asyncio.sleep(0.35)
+    mesh.clock.advance(0.5)
     for _ in range(4):
         reply, _ = await _timed_run(gw, timeout=2)
         assert reply.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
@@ -263,19 +288,19 @@ def _retry_delay(status: object) -> float | None:
 async def test_runs_over_the_cap_are_refused_at_once_with_retry_info(mesh: _Mesh) -> None:
     gw = await mesh.gateway(Fakes(), max_inflight_runs=2, admission_wait_ms=0)
     await gw.wait_ready()
-    gw.fakes.router.invoke_delay_s = 0.5
+    gw.fakes.router.invoke_delay_s = 1.0
     busy = [
         asyncio.ensure_future(gw.stub.Run(_request(), metadata=bearer(gw.token()), timeout=5))
         for _ in range(2)
     ]
     await _eventually(lambda: len(gw.fakes.router.invocations) == 2)
-    started = time.monotonic()
     call = gw.stub.Run(_request(), metadata=bearer(gw.token()), timeout=5)
     with pytest.raises(aio.AioRpcError) as err:
         await call
-    elapsed = time.monotonic() - started
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert elapsed < 0.02
+    # At once: refused while both slots were still held, not after waiting for one to free up
+    # (each is held for a second), however slow the machine.
+    assert not any(run.done() for run in busy)
     assert _retry_delay(await rpc_status.aio.from_call(call)) == pytest.approx(0.2)
     replies = await asyncio.gather(*busy)
     assert {r.outcome for r in replies} == {gateway_pb2.OUTCOME_TOOL_ANSWERED}
@@ -374,20 +399,24 @@ async def test_not_serving_until_auth_state_arrives() -> None:
 
 
 async def test_auth_down_keeps_verifying_within_staleness_then_fails_closed(mesh: _Mesh) -> None:
-    gw = await mesh.gateway(Fakes(), auth_refresh_s=0.05, auth_staleness_s=0.8, **_FAST_BREAKER)
+    gw = await mesh.gateway(Fakes(), auth_refresh_s=0.02, auth_staleness_s=0.8, **_FAST_BREAKER)
     await gw.wait_ready()
-    gw.fakes.auth.down = True
-    await asyncio.sleep(0.4)  # refreshes fail (the auth breaker opens); cached keys still verify
+    auth = gw.fakes.auth
+    auth.down = True
+    # Refreshes fail until the auth breaker opens and skips them; cached keys still verify.
+    await _eventually(lambda: auth.refused >= 4)
+    mesh.clock.advance(0.8)
     reply, _ = await _timed_run(gw, timeout=2)
     assert reply.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
-    await asyncio.sleep(0.6)
+    mesh.clock.advance(0.01)
     call = gw.stub.Run(_request(), metadata=bearer(gw.token()), timeout=2)
     with pytest.raises(aio.AioRpcError) as err:
         await call
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert _retry_delay(await rpc_status.aio.from_call(call)) is not None
-    gw.fakes.auth.down = False
-    await gw.wait_ready()  # the breaker half-opens, a trial refresh succeeds
+    auth.down = False
+    mesh.clock.advance(0.5)  # past open_s: the breaker half-opens, a trial refresh succeeds
+    await gw.wait_ready()
 
 
 async def test_a_forwarded_error_keeps_its_status_details(gw: GatewayUnderTest) -> None:

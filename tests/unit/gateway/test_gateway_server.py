@@ -11,7 +11,13 @@ from google.rpc import error_details_pb2
 from grpc import aio
 from grpc_status import rpc_status
 
-from tests.unit.gateway.conftest import GatewayUnderTest, bearer, start_gateway
+from tests.unit.gateway.conftest import (
+    GatewayUnderTest,
+    ManualClock,
+    bearer,
+    eventually,
+    start_gateway,
+)
 from tests.unit.gateway.fakes import Fakes, SigningKey, mint
 from toolmesh.gateway.v1 import gateway_pb2
 from toolmesh.router.v1 import router_pb2
@@ -187,9 +193,13 @@ async def test_missing_or_bad_token_is_unauthenticated(
 async def test_revocation_and_disabled_client_apply_after_a_refresh(gw: GatewayUnderTest) -> None:
     token = gw.token(jti="revoke-me")
     await _run(gw, "what is 1 + 1", token)
-    gw.fakes.auth.revoked.add("revoke-me")
-    gw.fakes.auth.disabled.add("bad-client")
-    await asyncio.sleep(0.4)
+    auth = gw.fakes.auth
+    auth.revoked.add("revoke-me")
+    auth.disabled.add("bad-client")
+    # Refreshes run one after another: once the third since the change has begun, the second,
+    # which began after the change, has been applied.
+    calls = auth.jwks_calls
+    await eventually(lambda: auth.jwks_calls >= calls + 3)
     err = await _error(_run(gw, "what is 1 + 1", token))
     assert (err.code(), err.details()) == (grpc.StatusCode.UNAUTHENTICATED, "token revoked")
     err = await _error(_run(gw, "what is 1 + 1", gw.token(sub="bad-client")))
@@ -198,20 +208,26 @@ async def test_revocation_and_disabled_client_apply_after_a_refresh(gw: GatewayU
 
 async def test_rotated_key_is_fetched_at_once_on_an_unknown_kid() -> None:
     fakes = Fakes()
+    clock = ManualClock()
     inner, gateway, channel, gw = await start_gateway(
-        fakes, auth_refresh_s=300, auth_staleness_s=600
+        fakes, clock=clock, auth_refresh_s=300, auth_staleness_s=600
     )
     try:
         await gw.wait_ready()
         fakes.auth.keys.append(SigningKey("k2"))
         reply = await _run(gw, "what is 1 + 1", mint(fakes.auth.keys[-1]))
         assert reply.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
-        calls = fakes.auth.jwks_calls
         # A stranger's kid refetches at most once a second, so it cannot hammer auth.
+        clock.advance(1.5)
+        calls = fakes.auth.jwks_calls
         for _ in range(5):
             err = await _error(_run(gw, "what is 1 + 1", mint(SigningKey("k9"))))
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert fakes.auth.jwks_calls <= calls + 1
+            clock.advance(0.1)
+        assert fakes.auth.jwks_calls == calls + 1
+        clock.advance(0.6)  # a second after the last refetch
+        await _error(_run(gw, "what is 1 + 1", mint(SigningKey("k9"))))
+        assert fakes.auth.jwks_calls == calls + 2
     finally:
         await channel.close()
         await gateway.stop(0)
@@ -238,12 +254,15 @@ async def test_many_requests_with_a_rotated_key_at_once_all_pass() -> None:
 async def test_garbage_from_auth_keeps_the_last_good_state_and_the_loop_alive(
     gw: GatewayUnderTest,
 ) -> None:
-    good_keys = gw.fakes.auth.keys
-    gw.fakes.auth.keys = []  # an empty JWKS is refused as a refresh, not applied
-    await asyncio.sleep(0.3)
+    auth = gw.fakes.auth
+    good_keys = auth.keys
+    auth.keys = []  # an empty JWKS is refused as a refresh, not applied
+    calls = auth.jwks_calls
+    await eventually(lambda: auth.jwks_calls >= calls + 3)  # two refreshes saw it
     assert (await _run(gw, "what is 1 + 1", mint(good_keys[-1]))).answer
-    gw.fakes.auth.keys = [SigningKey("k5")]
-    await asyncio.sleep(0.3)
+    auth.keys = [SigningKey("k5")]
+    calls = auth.jwks_calls
+    await eventually(lambda: auth.jwks_calls >= calls + 3)  # the loop is still refreshing
     reply = await _run(gw, "what is 1 + 1", mint(gw.fakes.auth.keys[-1]))
     assert reply.outcome == gateway_pb2.OUTCOME_TOOL_ANSWERED
 
@@ -251,15 +270,21 @@ async def test_garbage_from_auth_keeps_the_last_good_state_and_the_loop_alive(
 async def test_auth_down_at_start_then_stale_fails_closed() -> None:
     fakes = Fakes()
     fakes.auth.down = True
-    inner, gateway, channel, gw = await start_gateway(fakes, auth_staleness_s=0.5)
+    clock = ManualClock()
+    inner, gateway, channel, gw = await start_gateway(fakes, clock=clock, auth_staleness_s=0.5)
     try:
         err = await _error(_run(gw, "what is 1 + 1"))
         assert err.code() == grpc.StatusCode.UNAVAILABLE  # started anyway, no state yet
         fakes.auth.down = False
+        clock.advance(60)  # auth's breaker, open after the failed refreshes, lets a trial through
         await gw.wait_ready()
         await _run(gw, "what is 1 + 1")
         fakes.auth.down = True
-        await asyncio.sleep(0.8)
+        refused = fakes.auth.refused
+        await eventually(lambda: fakes.auth.refused > refused)  # a refresh failed
+        clock.advance(0.5)
+        await _run(gw, "what is 1 + 1")  # the last state is as old as allowed: still used
+        clock.advance(0.01)
         err = await _error(_run(gw, "what is 1 + 1"))
         assert err.code() == grpc.StatusCode.UNAVAILABLE
     finally:

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+import gc
+import uuid
 
-from services.kit.breaker import BreakerConfig, BreakerOpen, CircuitBreaker, State
+import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from services.kit.breaker import (
+    BreakerConfig,
+    BreakerOpen,
+    BreakerRegistry,
+    CircuitBreaker,
+    State,
+)
 
 
 class Clock:
@@ -131,3 +141,39 @@ def test_release_frees_a_half_open_trial_without_counting() -> None:
     third = breaker.acquire()  # the freed slot can be used
     assert breaker.state is State.HALF_OPEN
     breaker.record(True, 0.01, third)
+
+
+def test_a_registrys_breakers_run_on_its_clock() -> None:
+    clock = Clock()
+    breaker = BreakerRegistry(CONFIG, clock).get("dep")
+    for _ in range(4):
+        _call(breaker, ok=False)
+    assert breaker.state is State.OPEN
+    clock.now += 5.0
+    assert breaker.state is State.HALF_OPEN
+
+
+def _reported(reader: InMemoryMetricReader) -> set[str]:
+    data = reader.get_metrics_data()
+    return {
+        str(point.attributes["breaker"])
+        for resource in (data.resource_metrics if data else [])
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "toolmesh.breaker.state"
+        for point in metric.data.data_points
+        if point.attributes
+    }
+
+
+def test_the_state_gauge_forgets_the_breakers_of_a_registry_gone(
+    metric_reader: InMemoryMetricReader,
+) -> None:
+    """A process that builds several servers (as the tests do) reports only the live ones."""
+    name = f"dep-{uuid.uuid4().hex}"
+    registry = BreakerRegistry(CONFIG)
+    registry.get(name)
+    assert name in _reported(metric_reader)
+    del registry
+    gc.collect()
+    assert name not in _reported(metric_reader)
