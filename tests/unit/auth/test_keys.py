@@ -73,20 +73,37 @@ async def test_rotate_then_retire(auth: AuthServer) -> None:
 
 
 async def test_a_rotated_key_is_published_before_it_signs(tmp_path: Path) -> None:
-    server = await AuthServer(make_settings(tmp_path / "data", key_publish_ahead_s=1)).start()
+    server = await AuthServer(make_settings(tmp_path / "data", key_publish_ahead_s=2)).start()
     try:
         old_kid, _ = server.signing_key()
         rotated = await server.stub.RotateKey(
             auth_pb2.RotateKeyRequest(), metadata=await server.admin()
         )
         new_kid = rotated.active.kid
+        signs_from = rotated.active.signs_from.ToNanoseconds() / 1e9
         assert rotated.active.signs_from.ToNanoseconds() > rotated.active.created_at.ToNanoseconds()
         assert await jwks_kids(server) == sorted([old_kid, new_kid])
-        assert jwt.get_unverified_header(await server.token())["kid"] == old_kid
-        await asyncio.sleep(1.1)
-        assert jwt.get_unverified_header(await server.token())["kid"] == new_kid
+        # Judged by each token's own iat against signs_from, not by how long the calls took:
+        # the old key signs until signs_from, the new one from then on (iat is in whole
+        # seconds, so within signs_from's own second either may sign).
+        seen: list[str] = []
+        while new_kid not in seen:
+            token = await server.token()
+            kid, iat = jwt.get_unverified_header(token)["kid"], _claims(token)["iat"]
+            if iat + 1 <= signs_from:
+                assert kid == old_kid, (kid, iat, signs_from)
+            elif iat >= signs_from:
+                assert kid == new_kid, (kid, iat, signs_from)
+            seen.append(kid)
+            await asyncio.sleep(0.2)
+        assert seen[0] == old_kid, "the new key signed before it was published for a while"
     finally:
         await server.stop()
+
+
+def _claims(token: str) -> dict[str, int]:
+    claims: dict[str, int] = jwt.decode(token, options={"verify_signature": False})
+    return claims
 
 
 async def test_rotate_key_says_so_when_the_keys_dir_is_not_writable(auth: AuthServer) -> None:

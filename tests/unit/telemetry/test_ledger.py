@@ -237,15 +237,24 @@ async def test_reservation_is_idempotent_and_expires(tmp_path) -> None:
     server = await TelemetryServer(settings).start()
     try:
         await set_budget(server, tool_calls=1)
-        first = await reserve(server, "a", tool_calls=1, ttl=1)
-        again = await reserve(server, "a", tool_calls=1, ttl=1)
+        reserved_at = time.time()
+        first = await reserve(server, "a", tool_calls=1, ttl=2)
+        again = await reserve(server, "a", tool_calls=1, ttl=2)
         assert first.reserved and again.reservation_id == first.reservation_id
         with pytest.raises(aio.AioRpcError) as caught:
             await reserve(server, "b", tool_calls=1)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        await asyncio.sleep(1.1)
-        # Never committed: it stopped counting when it expired, and the sweeper removed it.
-        later = await reserve(server, "b", tool_calls=1)
+        # Never committed: it stops counting when it expires, and the sweeper removes it.
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                later = await reserve(server, "b", tool_calls=1)
+                break
+            except aio.AioRpcError as refused:
+                assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert time.monotonic() < deadline, "the reservation never expired"
+                await asyncio.sleep(0.1)
+        assert time.time() >= reserved_at + 2, "released before its TTL"
         assert later.reserved and later.reservation_id != first.reservation_id
         remaining = await sql(server, "SELECT id FROM telemetry_reservations")
         assert remaining == [(later.reservation_id,)]
