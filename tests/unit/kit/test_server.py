@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -29,7 +30,11 @@ class EchoSettings(ServiceSettings):
     service_name = "echo"
 
 
+SLOW_STARTED: list[float] = []  # when each Slow call reached its handler
+
+
 async def _slow(request: bytes, context: aio.ServicerContext) -> bytes:
+    SLOW_STARTED.append(time.monotonic())
     await asyncio.sleep(float(request.decode()))
     return b"done"
 
@@ -89,15 +94,25 @@ async def test_sigterm_style_stop_drains_in_flight_calls_and_flips_health(
     running: Running, channel: aio.Channel
 ) -> None:
     slow = channel.unary_unary(f"/{SERVICE}/Slow")
-    in_flight = asyncio.ensure_future(slow(b"0.5", timeout=5))
-    await asyncio.sleep(0.1)
-    stopping = asyncio.ensure_future(running.stop(grace=3))
-    await asyncio.sleep(0.05)
+    started = len(SLOW_STARTED)
+    in_flight = asyncio.ensure_future(slow(b"1.0", timeout=10))
+    deadline = time.monotonic() + 5
+    while len(SLOW_STARTED) == started:  # in flight: inside its handler
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    stopping = asyncio.ensure_future(running.stop(grace=5))
     health = health_pb2_grpc.HealthStub(channel)
-    with pytest.raises(aio.AioRpcError) as err:
-        # New calls are refused while the in-flight one finishes.
-        await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    # New calls are refused (once health has flipped and the server stops) while the in-flight
+    # one is still running.
+    while True:
+        try:
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
+        except aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            break
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await asyncio.sleep(0.01)
+    assert not in_flight.done()
     assert await in_flight == b"done"
     await stopping
 

@@ -47,6 +47,7 @@ class MisbehavingTools:
     """Misbehaving tools that the published catalog must never contain."""
 
     gate: asyncio.Event = field(default_factory=asyncio.Event)
+    gated_calls: int = 0  # gated_tool calls that reached the tool
 
     async def slow(self, _args: dict[str, Any], _ctx: ToolContext) -> ToolOutput:
         await asyncio.sleep(30)
@@ -62,6 +63,7 @@ class MisbehavingTools:
         return ToolOutput("x" * 100_000, {"ok": True})
 
     async def gated(self, _args: dict[str, Any], _ctx: ToolContext) -> ToolOutput:
+        self.gated_calls += 1
         await self.gate.wait()
         return ToolOutput("opened", {"ok": True})
 
