@@ -260,14 +260,12 @@ async def test_outbox_write_failing_means_unavailable_and_no_answer(gw: GatewayU
     blocker.isolation_level = None
     blocker.execute("BEGIN EXCLUSIVE")
     try:
-        started = time.monotonic()
         call = gw.stub.Run(_request(), metadata=bearer(gw.token()), timeout=0.6)
         with pytest.raises(aio.AioRpcError) as err:
             await call
-        elapsed = time.monotonic() - started
+        # UNAVAILABLE, not DEADLINE_EXCEEDED: the gateway answered before the caller's deadline.
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "could not be stored" in (err.value.details() or "")
-        assert elapsed < 0.6
         assert sum(gw.fakes.memory.stored.values()) == 0
     finally:
         blocker.execute("ROLLBACK")

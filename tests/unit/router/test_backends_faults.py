@@ -283,20 +283,21 @@ async def test_a_hung_server_keeps_the_deadline_and_opens_the_breaker(rig: Rig) 
     with pytest.raises(aio.AioRpcError) as caught:
         await invoke(rig.router.stub, "hung.sleepy", {"seconds": 30}, timeout=0.2)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 2
     for _ in range(3):
         started = time.monotonic()
         with pytest.raises(aio.AioRpcError) as caught:
-            await invoke(rig.router.stub, "hung.lookup", {"word": "a"}, timeout=5)
+            await invoke(rig.router.stub, "hung.lookup", {"word": "a"}, timeout=60)
+        # The router's own 300 ms timeout ended it, not the caller's minute (margin for a
+        # loaded machine: only a missing tool timeout could take that long).
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert time.monotonic() - started < 1.5
-    # Three timeouts in the window: the tool's and the backend's breakers are open.
-    started = time.monotonic()
+        assert time.monotonic() - started < 20
+    # Three timeouts in the window: the tool's and the backend's breakers are open, and refuse
+    # without calling the hung server.
     with pytest.raises(aio.AioRpcError) as caught:
         await invoke(rig.router.stub, "hung.lookup", {"word": "a"})
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "circuit open" in caught.value.details()
-    assert time.monotonic() - started < 0.1
 
 
 async def test_a_result_over_the_size_cap_is_refused(rig: Rig) -> None:
@@ -322,11 +323,9 @@ async def test_an_http_backend_that_goes_down_fails_fast_behind_its_breaker(rig:
             await invoke(rig.router.stub, "remote.echo", {"message": "hi"})
         codes.append(caught.value.code())
     assert set(codes) == {grpc.StatusCode.UNAVAILABLE}
-    started = time.monotonic()
-    with pytest.raises(aio.AioRpcError) as caught:
+    with pytest.raises(aio.AioRpcError) as caught:  # refused without trying the dead server
         await invoke(rig.router.stub, "remote.echo", {"message": "hi"})
     assert "circuit open" in caught.value.details()
-    assert time.monotonic() - started < 0.1
     backends = await rig.router.stub.ListBackends(
         router_pb2.ListBackendsRequest(caller=ADMIN), timeout=5
     )

@@ -5,7 +5,6 @@ phrased answers, and prompt versions."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -213,10 +212,8 @@ async def test_a_slow_model_is_cut_at_the_deadline_and_the_rules_answer_stands(
     router: RouterServer, model: FakeModel
 ) -> None:
     model.then(Reply(content=choice_json("list_notes", {}), delay_s=5))
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    # A reply at all is one before the caller's deadline (the call fails otherwise).
     routed = await router.stub.Route(_ask(), timeout=1.0)
-    assert loop.time() - started < 1.0
     assert not routed.matched and list(routed.degraded) == ["model"]
     assert "no answer in time" in routed.reason
 

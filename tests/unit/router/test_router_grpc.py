@@ -258,11 +258,12 @@ async def test_notes_are_scoped_by_tenant_and_session(router: RouterServer) -> N
 
 
 async def test_a_slow_tool_times_out_at_its_contract_timeout(router: RouterServer) -> None:
-    started = time.monotonic()
-    error = await invoke_error(router, invoke_request("slow_tool", {}, tool_version="0.1.0"))
+    # The router's error, not the caller's 30 s deadline, ended the call.
+    error = await invoke_error(
+        router, invoke_request("slow_tool", {}, tool_version="0.1.0"), timeout=30
+    )
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert error.details() == "tool slow_tool did not finish within 400 ms"
-    assert time.monotonic() - started < 1.5
     (span,) = router.spans.get_finished_spans()
     assert span.status.status_code is StatusCode.ERROR
     assert span.attributes is not None and span.attributes["error.type"] == "deadline_exceeded"
