@@ -59,6 +59,20 @@ async def eventually(check: Callable[[], bool], within_s: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def ready_once_auth_is_back(gw: GatewayUnderTest, clock: ManualClock) -> None:
+    """Auth is up again: move ``clock`` past the auth breaker's open period until a trial
+    refresh has succeeded. More than once, because a refresh that failed before auth came back
+    may report its failure late (on a loaded machine) and open the breaker again."""
+    for _ in range(20):
+        clock.advance(60)
+        try:
+            await gw.wait_ready(timeout=0.5)
+            return
+        except aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+    raise AssertionError("the gateway never refreshed auth's state again")
+
+
 class ManualClock:
     """A monotonic clock that moves only when a test moves it (``gateway.app.build(clock=)``)."""
 

@@ -22,6 +22,7 @@ from tests.unit.gateway.conftest import (
     GatewayUnderTest,
     ManualClock,
     bearer,
+    ready_once_auth_is_back,
     start_gateway,
     start_gateway_on,
 )
@@ -413,8 +414,7 @@ async def test_auth_down_keeps_verifying_within_staleness_then_fails_closed(mesh
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert _retry_delay(await rpc_status.aio.from_call(call)) is not None
     auth.down = False
-    mesh.clock.advance(0.5)  # past open_s: the breaker half-opens, a trial refresh succeeds
-    await gw.wait_ready()
+    await ready_once_auth_is_back(gw, mesh.clock)  # the breaker half-opens, a trial succeeds
 
 
 async def test_a_forwarded_error_keeps_its_status_details(gw: GatewayUnderTest) -> None:

@@ -16,6 +16,7 @@ from tests.unit.gateway.conftest import (
     ManualClock,
     bearer,
     eventually,
+    ready_once_auth_is_back,
     start_gateway,
 )
 from tests.unit.gateway.fakes import Fakes, SigningKey, mint
@@ -276,8 +277,7 @@ async def test_auth_down_at_start_then_stale_fails_closed() -> None:
         err = await _error(_run(gw, "what is 1 + 1"))
         assert err.code() == grpc.StatusCode.UNAVAILABLE  # started anyway, no state yet
         fakes.auth.down = False
-        clock.advance(60)  # auth's breaker, open after the failed refreshes, lets a trial through
-        await gw.wait_ready()
+        await ready_once_auth_is_back(gw, clock)
         await _run(gw, "what is 1 + 1")
         fakes.auth.down = True
         refused = fakes.auth.refused
