@@ -27,8 +27,9 @@ async def test_tool_call_gets_what_is_left_of_the_callers_deadline(gw: GatewayUn
     await _run(gw, timeout=0.8)
     budget = gw.fakes.router.invoke_budgets[-1]
     # Below one second gRPC sends timeouts rounded up to whole milliseconds (hence the slack);
-    # above it C-core rounds up to coarser units, up to 100 ms at 1-10 s.
-    assert budget is not None and 0.5 < budget <= 0.8 - 0.05 + WIRE_ROUNDING_S
+    # above it C-core rounds up to coarser units, up to 100 ms at 1-10 s. The lower bound
+    # leaves a loaded machine time to get there.
+    assert budget is not None and 0.2 < budget <= 0.8 - 0.05 + WIRE_ROUNDING_S
 
 
 async def test_without_a_caller_deadline_the_default_applies_capped_by_the_maximum() -> None:
@@ -41,20 +42,28 @@ async def test_without_a_caller_deadline_the_default_applies_capped_by_the_maxim
         await _run(gw, timeout=None)
         await _run(gw, timeout=20.0)
         for budget in fakes.router.invoke_budgets:
-            assert budget is not None and 0.5 < budget <= 0.9 - 0.05 + WIRE_ROUNDING_S
+            assert budget is not None and 0.2 < budget <= 0.9 - 0.05 + WIRE_ROUNDING_S
     finally:
         await channel.close()
         await gateway.stop(0)
         await inner.stop(0)
 
 
-async def test_slow_tool_under_a_short_deadline_ends_in_the_contract_fallback(
-    gw: GatewayUnderTest,
-) -> None:
-    gw.fakes.router.invoke_delay_s = 1.0
-    reply = await _run(gw, timeout=0.3)
-    assert reply.outcome == gateway_pb2.OUTCOME_FALLBACK
-    assert list(reply.degraded) == ["tool:calculator"]
+async def test_slow_tool_under_a_short_deadline_ends_in_the_contract_fallback() -> None:
+    # A 250 ms reserve: the fallback's outbox commit and trip back fit before the caller's
+    # deadline even on a loaded machine (the default 50 ms is tuned for production hosts).
+    fakes = Fakes()
+    inner, gateway, channel, gw = await start_gateway(fakes, deadline_reserve_ms=250)
+    try:
+        await gw.wait_ready()
+        fakes.router.invoke_delay_s = 3.0
+        reply = await _run(gw, timeout=0.8)
+        assert reply.outcome == gateway_pb2.OUTCOME_FALLBACK
+        assert list(reply.degraded) == ["tool:calculator"]
+    finally:
+        await channel.close()
+        await gateway.stop(0)
+        await inner.stop(0)
 
 
 async def test_a_caller_deadline_shorter_than_the_reserve_is_deadline_exceeded(
