@@ -23,6 +23,7 @@ import logging
 import random
 import sqlite3
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -248,7 +249,7 @@ class Relay:
         self._base = base_backoff_s
         self._max = max_backoff_s
         self._wake = asyncio.Event()
-        _OUTBOXES.append(outbox)
+        _OUTBOXES.add(outbox)
 
     def route(
         self,
@@ -339,13 +340,15 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-_OUTBOXES: list[Outbox] = []
+# Weak: an outbox belongs to a server; a process that builds several (tests do) must not keep
+# every one it ever opened alive, nor report its depth.
+_OUTBOXES: weakref.WeakSet[Outbox] = weakref.WeakSet()
 
 
 def _observe_depths(_options: CallbackOptions) -> list[Observation]:
     return [
         Observation(depth, {"kind": kind})
-        for outbox in _OUTBOXES
+        for outbox in list(_OUTBOXES)
         for kind, depth in outbox.depths.items()
     ]
 

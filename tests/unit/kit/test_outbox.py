@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,16 @@ async def test_message_outbox_group_commits_and_routes_typed_messages(tmp_path: 
         pass
     assert sorted(got, key=int) == [str(i) for i in range(20)]
     await box.close()
+
+
+async def test_a_closed_outbox_is_not_kept_alive_by_the_depth_gauge(tmp_path: Path) -> None:
+    """Servers come and go in one process (tests build hundreds): the depth gauge must not hold
+    on to, nor report, the outboxes of servers long gone."""
+    box = Outbox(tmp_path / "outbox.db")
+    await box.open()
+    Relay(box)
+    await box.close()
+    gone = weakref.ref(box)
+    del box
+    gc.collect()
+    assert gone() is None
