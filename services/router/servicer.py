@@ -721,6 +721,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> router_pb2.GetServiceInfoResponse:
         info = service_info("router", CONTRACT_VERSIONS)
         info.attributes.update(routing_mode(self._model))
+        # Which replica answered: release leases and histories name replicas by this.
+        info.attributes["replica"] = self._served.view.replica
         return router_pb2.GetServiceInfoResponse(info=info)
 
 

@@ -607,8 +607,12 @@ class ReleaseAdmin:
     async def get(
         self, request: router_pb2.GetReleaseRequest, context: aio.ServicerContext
     ) -> router_pb2.Release:
-        release = await self._owned(request.caller, request.id, context)
-        return release_message(release, await self._store.events(release.id))
+        await self._owned(request.caller, request.id, context)
+        # The history first, then the row: the state shown is never older than its history.
+        events = await self._store.events(request.id)
+        release = await self._store.get(request.id)
+        assert release is not None
+        return release_message(release, events)
 
     async def _owned(
         self, caller: common_pb2.Caller, release_id: str, context: aio.ServicerContext

@@ -162,7 +162,7 @@ class Analyzer:
         step = analysis.decide(release, judged, now)
         judged = replace(judged, decision=step.detail)
         after = replace(step.release, last_analysis=judged)
-        event = Event(now, step.action, ACTOR, step.detail, judged)
+        event = Event(now, step.action, f"{ACTOR} {self.owner}", step.detail, judged)
         if not await self._store.update(
             release, after, [event], owner=self.owner, now=now, stable=step.stable
         ):
