@@ -407,6 +407,7 @@ class Pipeline:
                 if idempotency_key
                 else ""
             ),
+            started=started,
         )
 
     # -- the two flows, step by step ------------------------------------------------------------
@@ -1085,6 +1086,12 @@ class Pipeline:
             flight.degrade(f"tool:{tool.name}")
             return
         flight.tool_calls = 1
+        # The tool worked as its contract says, also when it reported an error for this input.
+        flight.tool_outcome = (
+            telemetry_pb2.TOOL_OUTCOME_REFUSED
+            if reply.tool_error
+            else telemetry_pb2.TOOL_OUTCOME_OK
+        )
         flight.answer = reply.answer
         flight.result_json = reply.result_json
         flight.cost_units = tool.cost_units
