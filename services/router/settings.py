@@ -137,6 +137,7 @@ class RouterSettings(ServiceSettings):
     prompt_cache_s: float = Field(default=2.0, ge=0, le=60)
 
     # -- releases (docs/releases.md) -----------------------------------------------------------
+
     # Every replica re-reads the stable versions and the releases in progress this often: a
     # step, rollback or promotion decided by any replica is applied by all within this bound
     # (plus one database read; prompts within prompt_cache_s).
