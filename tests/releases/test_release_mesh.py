@@ -26,16 +26,21 @@ def mesh(
 ) -> Iterator[Mesh]:
     root = tmp_path_factory.mktemp(f"release-mesh-{request.param}")
     if request.param == "postgres":
-        with (
-            fresh_databases(*DB_SERVICES) as urls,
-            drill.running(drill.release_mesh(root, urls)) as m,
-        ):
-            drill.deploy_candidates(m)
-            yield m
+        with fresh_databases(*DB_SERVICES) as urls:
+            yield from _running(drill.release_mesh(root, urls))
     else:
-        with drill.running(drill.release_mesh(root)) as m:
-            drill.deploy_candidates(m)
-            yield m
+        yield from _running(drill.release_mesh(root))
+
+
+def _running(mesh: Mesh) -> Iterator[Mesh]:
+    asyncio.run(drill.deployed_earlier(mesh))
+    with drill.running(mesh):
+        yield mesh
+
+
+# The whole set on SQLite; on PostgreSQL what depends on the database most: a rollback
+# decided and applied by every replica, and the analyzer's lease taken over after a kill.
+SQLITE_ONLY = pytest.mark.parametrize("mesh", ["sqlite"], indirect=True)
 
 
 async def scenario(mesh: Mesh, body: object) -> dict[str, object]:
@@ -53,6 +58,7 @@ async def scenario(mesh: Mesh, body: object) -> dict[str, object]:
             await load.stop()
 
 
+@SQLITE_ONLY
 async def test_the_new_build_serves_its_stable_versions_until_released(mesh: Mesh) -> None:
     token = await asyncio.to_thread(mesh.token)
     metadata = (("authorization", f"Bearer {token}"),)
@@ -69,6 +75,7 @@ async def test_the_new_build_serves_its_stable_versions_until_released(mesh: Mes
     assert reply.answer == "echo hello" and reply.rules_version
 
 
+@SQLITE_ONLY
 async def test_a_good_candidate_goes_through_every_stage_under_load(mesh: Mesh) -> None:
     async def body(operator: drill.Operator, load: drill.Load, _token: str) -> dict[str, object]:
         return await drill.good_release(operator, load)
@@ -81,20 +88,15 @@ async def test_a_good_candidate_goes_through_every_stage_under_load(mesh: Mesh) 
     assert isinstance(served, dict) and served.get("1.0.0") and served.get("1.1.0")
 
 
-@pytest.mark.parametrize(
-    ("candidate", "misbehaves"),
-    [
-        ("1.2.0", lambda a: a.outcome == gateway_pb2.OUTCOME_FALLBACK),
-        ("1.3.0", lambda a: a.latency_ms >= 200),
-    ],
-    ids=["fails-20%", "adds-200ms"],
-)
-async def test_a_bad_candidate_is_rolled_back_within_the_plans_bounds(
-    mesh: Mesh, candidate: str, misbehaves: object
-) -> None:
+async def test_a_bad_candidate_is_rolled_back_within_the_plans_bounds(mesh: Mesh) -> None:
+    """1.2.0 fails one call in five (the drill also releases 1.3.0, 200 ms slower; both are
+    rolled back in-process too, tests/unit/router/test_releases.py)."""
+    candidate = "1.2.0"
+
     async def body(operator: drill.Operator, load: drill.Load, _token: str) -> dict[str, object]:
-        # The good release before left 1.1.0 stable: its figures are the baseline now.
-        return await drill.bad_release(operator, load, candidate, misbehaves)  # type: ignore[arg-type]
+        return await drill.bad_release(
+            operator, load, candidate, lambda a: a.outcome == gateway_pb2.OUTCOME_FALLBACK
+        )
 
     bad = await scenario(mesh, body)
     assert bad["state"] == "RELEASE_STATE_ROLLED_BACK", bad
@@ -104,6 +106,7 @@ async def test_a_bad_candidate_is_rolled_back_within_the_plans_bounds(
     assert candidate not in bad["served_after"], bad  # type: ignore[operator]
 
 
+@SQLITE_ONLY
 async def test_a_write_tool_canary_runs_every_call_once(mesh: Mesh) -> None:
     async def body(operator: drill.Operator, _load: drill.Load, token: str) -> dict[str, object]:
         return await drill.write_canary(mesh, operator, token)
@@ -125,5 +128,5 @@ async def test_killing_the_analyzer_mid_release_resumes_it_on_the_other_replica(
     assert result["state"] in ("RELEASE_STATE_SUCCEEDED", "RELEASE_STATE_MONITORING"), result
     assert len(result["analyzers"]) == 2 and result["double_steps"] == 0, result  # type: ignore[arg-type]
     assert result["taken_over_after_s"] <= drill.LEASE_S + 2, result  # type: ignore[operator]
-    # Each step judged once: 20% -> 40% -> 60% -> 80% -> 100%, none twice.
-    assert result["judged_at"] == [20, 40, 60, 80], result
+    # Each step judged once: 25% -> 50% -> 75% -> 100%, none twice.
+    assert result["judged_at"] == [25, 50, 75], result

@@ -300,7 +300,8 @@ class ReleaseAdmin:
                 f"{candidate} is already the stable version of {unit.label}",
             )
         plan = await self._plan(request, unit, resolved.side_effect, context)
-        in_progress = self._view.release(unit) or await self._store.active_for(unit)
+        # The database, not this replica's view: another replica may have just finished one.
+        in_progress = await self._store.active_for(unit)
         if in_progress is not None:
             await self._busy(context, in_progress)
         checks = await self._gates(kind, request, resolved, examples)
@@ -608,11 +609,9 @@ class ReleaseAdmin:
         self, request: router_pb2.GetReleaseRequest, context: aio.ServicerContext
     ) -> router_pb2.Release:
         await self._owned(request.caller, request.id, context)
-        # The history first, then the row: the state shown is never older than its history.
-        events = await self._store.events(request.id)
-        release = await self._store.get(request.id)
-        assert release is not None
-        return release_message(release, events)
+        found = await self._store.with_events(request.id)
+        assert found is not None
+        return release_message(*found)
 
     async def _owned(
         self, caller: common_pb2.Caller, release_id: str, context: aio.ServicerContext

@@ -450,6 +450,20 @@ class ReleaseStore:
             rows = (await session.scalars(query)).all()
         return [_release(r) for r in rows]
 
+    async def with_events(self, release_id: str) -> tuple[Release, list[Event]] | None:
+        """The release and its history as of one revision: read again when a change landed
+        between the two reads (whatever the database's isolation level)."""
+        for _ in range(5):
+            before = await self.get(release_id)
+            if before is None:
+                return None
+            events = await self.events(release_id)
+            after = await self.get(release_id)
+            if after is not None and after.revision == before.revision:
+                return after, events
+        latest = await self.get(release_id)
+        return (latest, await self.events(release_id)) if latest is not None else None
+
     async def events(self, release_id: str) -> list[Event]:
         async with self._sessions() as session:
             rows = (
