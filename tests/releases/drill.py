@@ -55,6 +55,8 @@ PLAN: dict[str, Any] = {
     "shadow_intervals": 1,
     "shadow_share": 0.5,
     "monitor_seconds": 2 * INTERVAL_S,
+    # The machine is shared with other work: p95 jitters by tens of ms; +200 ms still fails.
+    "p95_slack_ms": 50.0,
 }
 ACTIVE = {
     R.RELEASE_STATE_SHADOW,
@@ -492,7 +494,8 @@ def write_doc(results: dict[str, Any], doc: Path = DOC) -> None:
             f"replicas, SQLite, {results['load_workers']} closed-loop clients sending Run "
             f"through the gateway (about {failing['rate_per_s']} requests/s), plan steps "
             f"{', '.join(f'{s}%' for s in STEPS)}, interval {INTERVAL_S:g} s, threshold "
-            f"{THRESHOLD}, replicas re-reading the release state every {SYNC_S:g} s.",
+            f"{THRESHOLD}, p95 slack {PLAN['p95_slack_ms']:g} ms, replicas re-reading the "
+            f"release state every {SYNC_S:g} s.",
             "",
             f"Good candidate (echo_word 1.1.0 against 1.0.0): "
             f"{good['state'].removeprefix('RELEASE_STATE_').lower()} in {good['duration_s']} s "

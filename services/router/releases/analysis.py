@@ -4,9 +4,11 @@ Each interval the candidate is judged on its own figures against the stable vers
 
 - shadow: agreement of the copied calls' results, their error rate and p95 against the
   stable calls they copied;
-- canary: the candidate's error rate and p95 (telemetry's per-request records, this step's
-  window) against the stable version's, the burn rate of its error budget against the unit's
-  SLO, and for routing rules the share of prompts left without a tool;
+- canary: the candidate's error rate and p95 against the stable version's over the same
+  window (this step's, side by side under the same load; telemetry's per-request records),
+  the burn rates of its error and latency budgets against the unit's SLO (what still judges
+  the final step, where the stable version serves nobody), and for routing rules the share
+  of prompts left without a tool;
 - monitoring (after promotion): the unit's SLO, both burn rates (availability and latency).
 
 Too few samples (``min_requests``) is "waiting": neither advances nor counts as failed, so a
@@ -157,6 +159,7 @@ def judge_canary(
         _error_rate(plan, stable, candidate, shadow=False),
         _p95(plan, stable, candidate, shadow=False),
         _burn("burn_rate", plan, candidate, candidate.error_burn_rate, "error"),
+        _burn("latency_burn_rate", plan, candidate, candidate.latency_burn_rate, "latency"),
     ]
     if kind is UnitKind.ROUTING:
         base = stable.no_match_rate if stable.requests >= plan.min_requests else 0.0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -48,8 +48,6 @@ log = logging.getLogger("toolmesh.router.releases")
 
 ACTOR = "router"
 CONTRACTS = ("toolmesh.router.v1", "toolmesh.telemetry.v1")
-# How far before a release started the stable version's baseline reaches, at least.
-BASELINE_S = 300.0
 _KINDS = {
     UnitKind.TOOL: telemetry_pb2.RELEASE_UNIT_KIND_TOOL,
     UnitKind.ROUTING: telemetry_pb2.RELEASE_UNIT_KIND_ROUTING,
@@ -212,9 +210,10 @@ class Analyzer:
         if state is State.MONITORING:
             windows = [(release.candidate_version, release.stage_started_at)]
         else:
-            baseline = max(BASELINE_S, 10 * plan.interval_s)
+            # Side by side: both versions over this step's window, so they are compared under
+            # the same load and conditions (a baseline from another time would not be).
             windows = [
-                (release.stable_version, release.started_at - timedelta(seconds=baseline)),
+                (release.stable_version, release.stage_started_at),
                 (release.candidate_version, release.stage_started_at),
             ]
         try:
