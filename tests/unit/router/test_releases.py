@@ -412,3 +412,72 @@ async def test_a_prompt_release_assigns_the_candidate_per_session(lite: Rig) -> 
         }
     finally:
         await engine.dispose()
+
+
+def _rules_version(rig: Rig, version: str, extra: str) -> None:
+    """A rules version in the rig's rules directory: the seed with its own version."""
+    seed = tools.rules_with_release_tools(rig.root).read_text()
+    head, _, tail = seed.partition('version = "2026.11.29-1"')
+    directory = rig.root / "rules.d"
+    directory.mkdir(exist_ok=True)
+    (directory / f"{version}.toml").write_text(f'{head}version = "{version}"{tail}{extra}')
+
+
+@pytest.fixture
+async def rules_rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    """One replica with two more routing rules versions beside the seed: a good one and one
+    whose examples fail."""
+    async for started in start_rig(tmp_path):
+        _rules_version(
+            started,
+            "2026.12.04-1",
+            '\n[[examples]]\nprompt = "echo apple"\ntool = "echo_word"\n'
+            'arguments = { word = "apple" }\n\n[[examples]]\nprompt = "tell me a joke"\n',
+        )
+        _rules_version(
+            started, "2026.12.04-2", '\n[[examples]]\nprompt = "echo apple"\ntool = "calculator"\n'
+        )
+        await started.add_replica(rules_dir=started.root / "rules.d")
+        yield started
+
+
+async def test_a_routing_rules_version_is_gated_shadowed_and_canaried(rules_rig: Rig) -> None:
+    rig = rules_rig
+
+    async def route(session: str, prompt: str = "echo apple") -> R.RouteResponse:
+        return await rig.router.Route(
+            R.RouteRequest(caller=PLATFORM, prompt=prompt, allowed_tools=["*"], session_id=session),
+            timeout=5,
+        )
+
+    assert (await route("a")).rules_version == "2026.11.29-1"
+    with pytest.raises(aio.AioRpcError) as caught:
+        await rig.start_release("2026.12.04-2", tool="", unit_kind=R.RELEASE_UNIT_KIND_ROUTING)
+    why = refusals(caught.value)["examples"]
+    assert "expected calculator, got echo_word" in why
+    with pytest.raises(aio.AioRpcError) as caught:
+        await rig.start_release("2026.99.99-1", tool="", unit_kind=R.RELEASE_UNIT_KIND_ROUTING)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    release = await rig.start_release(
+        "2026.12.04-1",
+        tool="",
+        unit_kind=R.RELEASE_UNIT_KIND_ROUTING,
+        **{**QUICK, "min_requests": 5},
+    )
+    assert release.state == R.RELEASE_STATE_SHADOW
+    for i in range(8):
+        routed = await route(f"shadow-{i}", f"echo w{i}")
+        assert routed.rules_version == "2026.11.29-1"
+    await rig.eventually_shadowed(release.id, 8)
+    canary = await rig.interval(release.id, INTERVAL)
+    assert canary.state == R.RELEASE_STATE_CANARY and canary.weight == 20
+    agreement = next(
+        f for f in canary.events[-1].analysis.figures if f.version == "2026.12.04-1"
+    ).agreement
+    assert agreement == 1.0
+    versions = Counter([(await route(f"c{i}")).rules_version for i in range(100)])
+    assert set(versions) == {"2026.11.29-1", "2026.12.04-1"}
+    # A conversation keeps its rules version.
+    assert len({(await route("c7")).rules_version for _ in range(5)}) == 1
+    await rig.control(release.id, R.RELEASE_CONTROL_PROMOTE, "looks right")
+    assert {(await route(f"d{i}")).rules_version for i in range(20)} == {"2026.12.04-1"}
