@@ -305,7 +305,13 @@ class ReleaseAdmin:
         if in_progress is not None:
             await self._busy(context, in_progress)
         checks = await self._gates(kind, request, resolved, examples)
-        release = self._new_release(request, unit, resolved.stable, plan, checks)
+        stable_version = resolved.stable
+        if unit.kind is UnitKind.PROMPT and all(c.passed for c in checks):
+            # The owner's own selection row carries the release (made now, not before every
+            # check passed: a tenant without one follows the platform's until then).
+            pinned = await self._prompts.pin(unit.tenant, unit.name, by=caller.subject)
+            stable_version = str(pinned)
+        release = self._new_release(request, unit, stable_version, plan, checks)
         events = [
             Event(release.started_at, "start", caller.subject, _start_detail(release, request)),
             Event(release.started_at, "gate", ACTOR, _gate_detail(checks)),
@@ -430,10 +436,10 @@ class ReleaseAdmin:
                 await abort_invalid(context, [("candidate_version", "a prompt version number")])
             try:
                 await self._prompts.get(owner, name, int(candidate))
+                current = await self._prompts.selected(owner, name)
             except PromptNotFoundError as error:
                 await abort(context, grpc.StatusCode.NOT_FOUND, str(error))
-            stable_number = await self._prompts.pin(owner, name, by=request.caller.subject)
-            return Candidate(UnitKey(UnitKind.PROMPT, owner, name), str(stable_number))
+            return Candidate(UnitKey(UnitKind.PROMPT, owner, name), str(current.version))
         unit = self._served.unit_of(tenant, name)
         if unit is None:
             await abort(context, grpc.StatusCode.NOT_FOUND, f"tool {name} is not registered")
@@ -673,14 +679,8 @@ class ReleaseAdmin:
             problems.append(("reason", f"at most {MAX_REASON_CHARS} characters"))
         if problems:
             await abort_invalid(context, problems)
+        # A platform-wide unit's release is visible (hence controllable) to platform:admin only.
         release = await self._owned(request.caller, request.id, context)
-        if not release.unit.tenant and not _platform(request.caller):
-            await abort(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{release.unit.label} is a platform-wide unit: its releases need the scope "
-                f"{PLATFORM_ADMIN}",
-            )
         for _ in range(_CONTROL_ATTEMPTS):
             step = await self._controlled(release, request, context)
             after, event, stable = step

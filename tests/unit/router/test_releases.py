@@ -481,3 +481,25 @@ async def test_a_routing_rules_version_is_gated_shadowed_and_canaried(rules_rig:
     assert len({(await route("c7")).rules_version for _ in range(5)}) == 1
     await rig.control(release.id, R.RELEASE_CONTROL_PROMOTE, "looks right")
     assert {(await route(f"d{i}")).rules_version for i in range(20)} == {"2026.12.04-1"}
+
+
+async def test_a_breach_after_promotion_rolls_back_to_the_previous_version(lite: Rig) -> None:
+    rig = lite
+    release = await rig.start_release(
+        "1.1.0",
+        kind=R.RELEASE_PLAN_KIND_IMMEDIATE,
+        monitor_seconds=60,
+        **{"interval_seconds": INTERVAL, "min_requests": 10, "threshold": 2},
+    )
+    assert release.state == R.RELEASE_STATE_MONITORING
+    assert (await rig.resolve("anyone")).version == "1.1.0"
+    # The promoted version now fails every third call: its error budget burns far too fast.
+    for _ in range(2):
+        await rig.traffic(30, lambda v, n: (v == "1.1.0" and n % 3 == 0, 10.0))
+        current = await rig.interval(release.id, INTERVAL)
+    assert current.state == R.RELEASE_STATE_FAILED, current.events[-1]
+    assert "the SLO was breached after promotion" in current.reason
+    assert "slo_availability" in current.reason
+    assert (await rig.resolve("anyone")).version == "1.0.0"
+    failed = await rig.audit("release.fail")
+    assert failed and json.loads(failed[0].details_json)["candidate"] == "1.1.0"
