@@ -159,7 +159,7 @@ class ShadowRunner:
         ):
             try:
                 run = await self._executor.run(
-                    candidate, arguments, copy, candidate.spec.timeout_ms / 1000
+                    candidate, arguments, copy, candidate.spec.timeout_ms / 1000, shadow=True
                 )
             except ToolRunError as error:
                 outcome = error_outcome(error, (time.perf_counter() - started) * 1000)

@@ -8,10 +8,15 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from jsonschema import Draft202012Validator
+from opentelemetry import trace
 
+from services.kit import breaker
+from services.kit.breaker import BreakerConfig, BreakerRegistry
 from services.router.catalog import CALCULATOR, CALCULATOR_1_1, UNIT_CONVERT, UNIT_CONVERT_1_1
 from services.router.compat import breaking_changes, narrowed
-from services.router.registry import SideEffect, ToolSpec
+from services.router.invoke import Executor, ToolRunError
+from services.router.registry import SideEffect, Tool, ToolContext, ToolOrigin, ToolSpec
 from services.router.releases import analysis
 from services.router.releases.model import (
     Analysis,
@@ -260,3 +265,27 @@ def test_plan_limits_name_the_field() -> None:
         "plan.threshold",
     ]
     assert Plan.from_json(PLAN.to_json()) == PLAN
+
+
+async def test_a_shadow_copy_never_moves_the_backend_breaker_live_calls_share() -> None:
+    """A failing candidate's copies open its own (per-version) breaker, not the backend's."""
+
+    async def broken(_arguments: dict[str, object], _ctx: ToolContext) -> object:
+        raise RuntimeError("candidate bug")
+
+    spec = replace(CALCULATOR_1_1, name="files_read", version="2.0.0", examples=())
+    tool = Tool(
+        spec=spec,
+        run=broken,  # type: ignore[arg-type]
+        input_validator=Draft202012Validator(spec.input_schema),
+        output_validator=Draft202012Validator(spec.output_schema),
+        origin=ToolOrigin(backend="files", kind="grpc", tenant="acme", fingerprint="f" * 64),
+    )
+    breakers = BreakerRegistry(BreakerConfig(window_size=4, minimum_calls=2, open_wait_s=60))
+    executor = Executor(max_result_bytes=4096, tracer=trace.get_tracer("test"), breakers=breakers)
+    ctx = ToolContext("acme", "s", "r", "", None)  # type: ignore[arg-type]
+    for _ in range(4):
+        with pytest.raises(ToolRunError):
+            await executor.run(tool, {"expression": "1"}, ctx, 1.0, shadow=True)
+    assert breakers.get("backend:acme/files").state is breaker.State.CLOSED
+    assert breakers.get(f"tool:{tool.limit_key}").state is breaker.State.OPEN
