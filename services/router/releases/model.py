@@ -14,7 +14,7 @@ import itertools
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -155,9 +155,6 @@ class Plan:
             if not (math.isfinite(value) and low <= value <= high):
                 found.append((name, f"between {low:g} and {high:g}"))
         return found
-
-    def with_kind(self, kind: PlanKind) -> Plan:
-        return replace(self, kind=kind)
 
 
 def shadow_refusal(key: UnitKey, side_effect: SideEffect | None) -> str:
@@ -330,11 +327,6 @@ class Release:
     @property
     def active(self) -> bool:
         return self.state in ACTIVE
-
-    @property
-    def judged_state(self) -> State:
-        """The stage the release is in, whether or not it is paused."""
-        return self.paused_state if self.state is State.PAUSED and self.paused_state else self.state
 
 
 # Upper bounds (ms) of the shadow latency histogram's buckets; the last one is open.

@@ -273,12 +273,6 @@ class ReleaseStore:
             return row.stable_version
         return version
 
-    async def set_stable(
-        self, key: UnitKey, stable: str, previous: str, *, by: str, now: datetime
-    ) -> None:
-        async with self._sessions() as session, session.begin():
-            await self._set_stable(session, key, stable, previous, by=by, now=now)
-
     async def _set_stable(
         self,
         session: AsyncSession,
@@ -401,10 +395,6 @@ class ReleaseStore:
             if after.unit.kind is UnitKind.PROMPT:
                 await self._mirror_prompt(session, after)
         return True
-
-    async def add_event(self, release_id: str, event: Event) -> None:
-        async with self._sessions() as session, session.begin():
-            session.add(_event_row(release_id, event))
 
     async def get(self, release_id: str) -> Release | None:
         async with self._sessions() as session:

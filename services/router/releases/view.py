@@ -70,10 +70,6 @@ class ReleaseView:
         unit = self._units.get(key)
         return unit.stable_version if unit is not None else None
 
-    def previous(self, key: UnitKey) -> str:
-        unit = self._units.get(key)
-        return unit.previous_version if unit is not None else ""
-
     def release(self, key: UnitKey) -> Release | None:
         return self._active.get(key)
 
@@ -92,9 +88,6 @@ class ReleaseView:
         """The release whose candidate takes copies of this unit's calls now, if any."""
         release = self._active.get(key)
         return release if release is not None and release.state is State.SHADOW else None
-
-    def active(self) -> list[Release]:
-        return list(self._active.values())
 
     def on_change(self, listener: Listener) -> None:
         """Call ``listener`` after a refresh that changed some unit's stable version."""
