@@ -512,6 +512,11 @@ def write_doc(results: dict[str, Any], doc: Path = DOC) -> None:
             "Bound on the calls: the first step's weight x the measured request rate x that "
             "time x 1.5, + 5.",
             "",
+            "Decided after the first bad answer / last request routed to the candidate after "
+            f"the decision: failing {failing['decided_after_s']} s / "
+            f"{failing['last_call_after_decision_s']} s, slow {slow['decided_after_s']} s / "
+            f"{slow['last_call_after_decision_s']} s (negative: sent before the decision).",
+            "",
             f"Failed checks of the failing candidate: {'; '.join(failing['failed_checks'])}.",
             f"Failed checks of the slow candidate: {'; '.join(slow['failed_checks'])}.",
             END,
