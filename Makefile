@@ -9,7 +9,7 @@ BASELINE := protos/baseline/toolmesh-v1.binpb
 PYDIRS := services gateway cli mcpface bench testing
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock gen run test check checkov lint imports typecheck buf-lint buf-breaking baseline bench faults scale-test docs certs clean model-server
+.PHONY: help install lock gen run test check checkov lint imports typecheck buf-lint buf-breaking baseline bench faults scale-test release-drill docs certs clean model-server
 
 help:
 	@echo "make run       install, generate code, start the whole mesh on loopback (SQLite)"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench     measure Run beside a raw gRPC echo, write BENCHMARKS.md"
 	@echo "make faults    the failure suite at full length, writes docs/reliability.md"
 	@echo "make scale-test  two replicas of everything on PostgreSQL, writes docs/scaling.md"
+	@echo "make release-drill  a good and two bad releases on the real mesh under load, writes docs/releases.md"
 	@echo "make model-server  install the tests' model server (llama.cpp) and its small model"
 	@echo "make baseline  record the current contracts as the released baseline (on release only)"
 
@@ -154,6 +155,10 @@ faults: install gen
 scale-test: install gen
 	TOOLMESH_SCALE_FULL=1 $(BIN)/pytest -q tests/scale
 	$(BIN)/python -m tests.scale.report var/scale/results.json docs/scaling.md
+
+# A good and two bad releases on the real mesh under load; writes the figures in docs/releases.md.
+release-drill: install gen
+	$(BIN)/python -m tests.releases.drill
 
 # Regenerate the README's configuration table from the settings classes.
 docs: install gen

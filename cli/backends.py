@@ -238,7 +238,11 @@ def cmd_tools_approve(conn: Connection, args: argparse.Namespace) -> str:
     if args.json:
         return output.as_json(reply)
     contract = reply.version.contract
-    return f"published {contract.name}@{contract.version} (fingerprint {contract.fingerprint})"
+    return (
+        f"published {contract.name}@{contract.version} (fingerprint {contract.fingerprint}); "
+        f"the stable version serves until you release it: toolmesh release start tool "
+        f"{contract.name} --candidate {contract.version}"
+    )
 
 
 def cmd_call(conn: Connection, args: argparse.Namespace) -> str:

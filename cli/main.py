@@ -314,10 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--window", type=int, default=3600, help="seconds (default 3600)")
     stats.set_defaults(handler=cmd_stats)
 
-    from cli import admin, backends, capacity, migrate, ops, prompts, up
+    from cli import admin, backends, capacity, migrate, ops, prompts, releases, up
 
     backends.add_parsers(sub, common)
     prompts.add_parsers(sub, common)
+    releases.add_parsers(sub, common)
     ops.add_parsers(sub, common)
     capacity.add_parser(sub, common)
     admin.add_parsers(sub, common)

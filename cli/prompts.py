@@ -108,6 +108,7 @@ def cmd_publish(conn: Connection, args: argparse.Namespace) -> str:
             template=_template(args.file),
             params_json=_params(args.params),
             shared=args.shared,
+            keep_selection=args.no_select,
         ),
         metadata=bearer(conn, args),
         timeout=args.timeout,
@@ -116,6 +117,11 @@ def cmd_publish(conn: Connection, args: argparse.Namespace) -> str:
         return output.as_json(reply)
     ref = reply.version.ref
     what = "published" if reply.created else "already published (same content)"
+    if args.no_select:
+        return (
+            f"{ref.name}@{ref.version} {what}; not in use yet (release it: toolmesh release "
+            f"start prompt {ref.name} --candidate {ref.version})"
+        )
     scope = "every tenant without its own" if args.shared else "your tenant"
     return f"{ref.name}@{ref.version} {what}; now in use for {scope}"
 
@@ -156,6 +162,11 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     )
     publish.add_argument(
         "--shared", action="store_true", help="a platform version for every tenant"
+    )
+    publish.add_argument(
+        "--no-select",
+        action="store_true",
+        help="publish only; release it gradually with `toolmesh release start prompt`",
     )
     publish.set_defaults(handler=cmd_publish)
     select = psub.add_parser("select", parents=[common], help="use another version (admin)")

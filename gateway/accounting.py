@@ -264,6 +264,7 @@ def usage_record(
     tool_duration_ms: float,
     trace_id: str,
     prompts: list[str] | None = None,
+    rules_version: str = "",
 ) -> telemetry_pb2.UsageRecord:
     """The one compact record of a request: what it used (priced and charged against budgets
     by telemetry) and how it went (statistics, SLOs and tool health are computed from these
@@ -291,6 +292,7 @@ def usage_record(
         trace_id=trace_id,
         model=usage.model,
         prompts=prompts or [],
+        rules_version=rules_version,
     )
 
 

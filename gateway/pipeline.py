@@ -159,6 +159,8 @@ class Flight:
     tokens_out: int = 0
     model: str = ""
     prompts: list[router_pb2.PromptRef] = field(default_factory=list)
+    # The routing rules version that routed a Run ("" when the router was not reached).
+    rules_version: str = ""
     # RunStream's sink for progress events; None for Run and CallTool.
     emit: Callable[[gateway_pb2.RunStreamResponse], None] | None = None
     # True once answer text was streamed (the answer is then not sent again as one chunk).
@@ -405,6 +407,7 @@ class Pipeline:
                 if idempotency_key
                 else ""
             ),
+            started=started,
         )
 
     # -- the two flows, step by step ------------------------------------------------------------
@@ -425,6 +428,8 @@ class Pipeline:
         route = await self._select_and_reserve(flight)
         if route is not None and route.HasField("model_plan"):
             route = await self._consult(flight, route)
+        if route is not None:
+            flight.rules_version = route.rules_version
         self._tell_routed(flight, route)
         if route is None:
             flight.answer, flight.outcome = ROUTER_FALLBACK, gateway_pb2.OUTCOME_FALLBACK
@@ -466,6 +471,7 @@ class Pipeline:
             price_version=price.version,
             route_method=route.method if route is not None else router_pb2.ROUTE_METHOD_UNSPECIFIED,
             prompts=flight.prompts,
+            rules_version=flight.rules_version,
         )
         await self._remember(flight, usage, response)
         response.degraded.extend(flight.degraded)
@@ -670,6 +676,10 @@ class Pipeline:
                     tool_name=name,
                     tool_version=version,
                     allowed_tools=sorted(flight.allowed),
+                    # Under a canary the version is assigned per (tenant, session), or per
+                    # request (stable across retries with the same idempotency key).
+                    session_id=flight.session_id,
+                    request_id=flight.request_id,
                 ),
                 flight.deadline.timeout(self._settings.route_timeout_ms / 1000),
             )
@@ -698,6 +708,7 @@ class Pipeline:
                     request_id=flight.request_id,
                     prompt=flight.prompt,
                     allowed_tools=sorted(flight.allowed),
+                    session_id=flight.session_id,
                 ),
                 timeout,
             )
@@ -742,6 +753,7 @@ class Pipeline:
                     history=turns,
                     allowed_tools=sorted(flight.allowed),
                     allow_model=True,
+                    session_id=flight.session_id,
                 ),
                 timeout,
             )
@@ -815,6 +827,7 @@ class Pipeline:
                     result_json=flight.result_json,
                     arguments_json=route.arguments_json,
                     model=flight.model,
+                    session_id=flight.session_id,
                 ),
                 timeout=timeout,
             )
@@ -999,6 +1012,7 @@ class Pipeline:
             tool_duration_ms=flight.tool_duration_ms,
             trace_id=current_trace_id(),
             prompts=[f"{p.name}@{p.version}" for p in flight.prompts],
+            rules_version=flight.rules_version,
         )
 
     @asynccontextmanager
@@ -1072,6 +1086,12 @@ class Pipeline:
             flight.degrade(f"tool:{tool.name}")
             return
         flight.tool_calls = 1
+        # The tool worked as its contract says, also when it reported an error for this input.
+        flight.tool_outcome = (
+            telemetry_pb2.TOOL_OUTCOME_REFUSED
+            if reply.tool_error
+            else telemetry_pb2.TOOL_OUTCOME_OK
+        )
         flight.answer = reply.answer
         flight.result_json = reply.result_json
         flight.cost_units = tool.cost_units
@@ -1133,6 +1153,11 @@ class Pipeline:
         tool_name = flight.tool.name if flight.tool else ""
         span = trace.get_current_span()
         span.set_attribute("gen_ai.tool.name", tool_name)
+        # The versions that served the request (a release may have assigned a candidate).
+        if flight.tool is not None:
+            span.set_attribute("toolmesh.tool.version", flight.tool.version)
+        if flight.rules_version:
+            span.set_attribute("toolmesh.rules.version", flight.rules_version)
         span.set_attribute("gen_ai.usage.input_tokens", usage.tokens_in)
         span.set_attribute("gen_ai.usage.output_tokens", usage.tokens_out)
         span.set_attribute("toolmesh.outcome", outcome_name)

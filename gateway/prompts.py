@@ -64,11 +64,16 @@ class PromptAdmin:
                 template=request.template,
                 params_json=request.params_json,
                 shared=request.shared,
+                keep_selection=request.keep_selection,
             ),
             (
                 audit_pb2.AUDIT_ACTION_PROMPT_PUBLISH,
                 request.name[:64],
-                {"shared": request.shared, "template_sha256": template_sha256},
+                {
+                    "shared": request.shared,
+                    "template_sha256": template_sha256,
+                    "selected": not request.keep_selection,
+                },
             ),
         )
         return gateway_pb2.PublishPromptResponse(version=reply.version, created=reply.created)

@@ -22,6 +22,7 @@ from gateway.clients import Clients
 from gateway.operations import Operations
 from gateway.pipeline import Pipeline
 from gateway.prompts import PromptAdmin
+from gateway.releases import ReleaseAdmin
 from gateway.reliability import DependencyError, Guard
 from gateway.validation import HistoryInput, StatsInput
 from services.kit.allowlist import tool_allowed
@@ -87,6 +88,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._operations = operations
         self._backends = backends
         self._prompts = PromptAdmin(backends)
+        self._releases = ReleaseAdmin(backends)
 
     async def Run(
         self, request: gateway_pb2.RunRequest, context: aio.ServicerContext
@@ -329,3 +331,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.SelectPromptRequest, context: aio.ServicerContext
     ) -> gateway_pb2.SelectPromptResponse:
         return await self._prompts.SelectPrompt(request, context)
+
+    # -- releases, in gateway.releases ------------------------------------------------------
+
+    async def StartRelease(
+        self, request: gateway_pb2.StartReleaseRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.StartReleaseResponse:
+        return await self._releases.StartRelease(request, context)
+
+    async def GetRelease(
+        self, request: gateway_pb2.GetReleaseRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.GetReleaseResponse:
+        return await self._releases.GetRelease(request, context)
+
+    async def ListReleases(
+        self, request: gateway_pb2.ListReleasesRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.ListReleasesResponse:
+        return await self._releases.ListReleases(request, context)
+
+    async def ControlRelease(
+        self, request: gateway_pb2.ControlReleaseRequest, context: aio.ServicerContext
+    ) -> gateway_pb2.ControlReleaseResponse:
+        return await self._releases.ControlRelease(request, context)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from services.kit.channels import open_channel
 from services.kit.db import create_engine, session_factory, sqlite_url
 from services.kit.migrations import check_schema
 from services.kit.peers import ANY_PEER, GATEWAY, PeerRules
+from services.kit.periodic import every
 from services.kit.server import Cleanup, Register, Registered
 from services.kit.settings import Environment, ServiceSettings
 from services.kit.startup import setting_guard
@@ -36,11 +39,19 @@ from services.router.models.provider import ProviderConfig, build_providers, rea
 from services.router.models.routing import ModelRouter, ModelSettings
 from services.router.notes import NotesStore
 from services.router.registry import Registry
+from services.router.releases.admin import ReleaseAdmin
+from services.router.releases.analyzer import Analyzer
+from services.router.releases.model import ROUTING_UNIT, Release, UnitKey, UnitKind
+from services.router.releases.shadow import ShadowRunner
+from services.router.releases.store import ReleaseStore
+from services.router.releases.view import ReleaseView
 from services.router.routing import RoutePool, ToolRouter
-from services.router.rules import load_rules
+from services.router.rules import RuleBook, Rules, load_rule_book
+from services.router.served import Served
 from services.router.servicer import RouterServicer, contract_message, routing_mode
 from services.router.settings import RouterSettings
 from toolmesh.router.v1 import router_pb2, router_pb2_grpc
+from toolmesh.telemetry.v1 import telemetry_pb2_grpc
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 # Only the gateway routes and invokes for a caller (the tenant and scopes come from it).
@@ -62,6 +73,10 @@ PEER_RULES = PeerRules.for_service(
         "GetPrompt": [GATEWAY],
         "PublishPrompt": [GATEWAY],
         "SelectPrompt": [GATEWAY],
+        "StartRelease": [GATEWAY],
+        "GetRelease": [GATEWAY],
+        "ListReleases": [GATEWAY],
+        "ControlRelease": [GATEWAY],
     },
 )
 log = logging.getLogger("toolmesh.router")
@@ -114,6 +129,12 @@ def model_settings(settings: RouterSettings) -> ModelSettings:
     )
 
 
+def replica_id() -> str:
+    """This process's name in release leases and shadow tallies: host, pid and a nonce (a
+    restarted process is a new replica, so it never mistakes a lease for its own)."""
+    return f"{socket.gethostname()[:80]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
 def build(
     settings: ServiceSettings,
     cleanups: list[Cleanup],
@@ -121,12 +142,14 @@ def build(
     registry: Registry | None = None,
     tracer_provider: trace.TracerProvider | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    release_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> Register:
     """Load and check rules and contracts now (a bad file fails start-up), serve later.
 
     Test hooks: ``registry`` replaces the published tools (for example to add a slow tool),
-    ``tracer_provider`` receives the tool spans instead of the global provider, and ``clock``
-    is the wall clock the tools read (fixed, for exact answers).
+    ``tracer_provider`` receives the tool spans instead of the global provider, ``clock``
+    is the wall clock the tools read (fixed, for exact answers), and ``release_clock`` the
+    one releases are timed by.
     """
     if not isinstance(settings, RouterSettings):
         raise TypeError("the router needs RouterSettings")
@@ -135,8 +158,13 @@ def build(
         settings, "plugin_modules", "list importable modules that define TOOLS in {setting}"
     ):
         tools = registry if registry is not None else default_registry(plugins)
-    with setting_guard(settings, "rules_file", "point {setting} at a valid routing rules file"):
-        rules = load_rules(settings.rules_file)
+    with setting_guard(
+        settings,
+        "rules_dir" if settings.rules_dir else "rules_file",
+        "point {setting} at valid routing rules (one version per file)",
+    ):
+        book = load_rule_book(settings.rules_file, settings.rules_dir)
+    rules = book.versions[book.seed]
     seeds = load_seeds()
     # A key file that cannot be read fails start-up here, before anything is served.
     with setting_guard(settings, "model_api_key_file", "point {setting} at a readable key file"):
@@ -187,51 +215,71 @@ def build(
         # Cleanups run in reverse: backends stop (children exit) before the audit outbox closes.
         cleanups.append(manager.stop)
         await manager.start()
-        router = ToolRouter(rules, tools, health, backends=manager.served, notice=manager.note_rule)
-        for name in router.waiting:
-            manager.note_rule(name, "no backend serves it yet; the rule applies once one does")
-        pool = RoutePool(router)
+        routers = _routers(book, tools, health, manager)
+        pool = RoutePool(routers[book.seed])
         cleanups.append(pool.close)
+        view = await _release_view(
+            settings,
+            ReleaseStore(session_factory(engine)),
+            tools=tools,
+            manager=manager,
+            book=book,
+            clock=release_clock,
+        )
+        cleanups.append(view.stop)
         prompts = PromptStore(session_factory(engine), cache_s=settings.prompt_cache_s)
         await prompts.seed(seeds)
-        model = None
-        if providers_configured:
-            providers = build_providers(
-                providers_configured,
-                settings.breaker_config(),
-                tracer,
-                max_attempts=settings.model_max_attempts,
-            )
-            cleanups.append(providers.close)
-            model = ModelRouter(
-                providers,
-                prompts,
-                model_settings(settings),
-                weights=rules.weights,
-                threshold=rules.threshold,
-                health=health,
-                clock=time.monotonic,
-            )
+        model = _model_router(
+            settings,
+            configured=providers_configured,
+            prompts=prompts,
+            rules=rules,
+            health=health,
+            tracer=tracer,
+            cleanups=cleanups,
+        )
         # `toolmesh up` and operators read which mode the router runs in from here (and from
         # GetServiceInfo's attributes).
         log.info("routing mode", extra=routing_mode(model))
+        executor = Executor(
+            max_result_bytes=settings.max_result_bytes,
+            tracer=tracer,
+            breakers=BreakerRegistry(settings.breaker_config()),
+            concurrency_wait_s=settings.concurrency_wait_ms / 1000,
+        )
+        notes = NotesStore(session_factory(engine))
+        served = Served(tools, manager, view, routers, book)
+        shadow = ShadowRunner(
+            executor, view, pool, tracer, max_inflight=settings.release_shadow_inflight
+        )
+        cleanups.append(shadow.stop)
+        release_admin = _release_admin(
+            settings,
+            view=view,
+            served=served,
+            prompts=prompts,
+            executor=executor,
+            notes=notes,
+            audit=audit,
+            channel=channel,
+            cleanups=cleanups,
+            clock=release_clock,
+        )
         servicer = RouterServicer(
             registry=tools,
             router=pool,
-            executor=Executor(
-                max_result_bytes=settings.max_result_bytes,
-                tracer=tracer,
-                breakers=BreakerRegistry(settings.breaker_config()),
-                concurrency_wait_s=settings.concurrency_wait_ms / 1000,
-            ),
-            notes=NotesStore(session_factory(engine)),
+            executor=executor,
+            notes=notes,
             backends=BackendAdmin(
                 manager,
                 secret_dirs=secret_dirs if secret_dirs or not production else None,
                 register_wait_s=settings.backend_register_wait_s,
                 contract=contract_message,
             ),
-            prompts=PromptAdmin(prompts),
+            prompts=PromptAdmin(prompts, release_admin.releasing_prompt),
+            served=served,
+            releases=release_admin,
+            shadow=shadow,
             model=model,
             clock=clock,
         )
@@ -239,3 +287,140 @@ def build(
         return Registered([SERVICE_NAME], peers=PEER_RULES)
 
     return register
+
+
+def _routers(
+    book: RuleBook, tools: Registry, health: ToolHealth, manager: BackendManager
+) -> dict[str, ToolRouter]:
+    """A scorer per routing rules version (each checked against the registry)."""
+    routers = {
+        version: ToolRouter(rules, tools, health, backends=manager.served, notice=manager.note_rule)
+        for version, rules in book.versions.items()
+    }
+    for name in routers[book.seed].waiting:
+        manager.note_rule(name, "no backend serves it yet; the rule applies once one does")
+    return routers
+
+
+async def _release_view(
+    settings: RouterSettings,
+    store: ReleaseStore,
+    *,
+    tools: Registry,
+    manager: BackendManager,
+    book: RuleBook,
+    clock: Callable[[], datetime],
+) -> ReleaseView:
+    """The release state this replica serves from, read now and every release_sync_s; the
+    backend tools are pinned to their stable versions from it."""
+    view = ReleaseView(
+        store,
+        replica=replica_id(),
+        sync_s=settings.release_sync_s,
+        defaults=lambda: _defaults(tools, manager, book),
+        clock=clock,
+    )
+    manager.stable_of = lambda tenant, name: view.stable(UnitKey(UnitKind.TOOL, tenant, name))
+    view.on_change(manager.recompute)
+    await view.start()
+    return view
+
+
+def _defaults(
+    registry: Registry, manager: BackendManager, book: RuleBook
+) -> Iterator[tuple[UnitKey, str]]:
+    """Every unit and the version it starts from when first seen: the latest release of a
+    built-in tool, the version a backend tool serves now, the seed rules file's version."""
+    for name in sorted({tool.spec.name for tool in registry.all()}):
+        latest = registry.latest(name)
+        if latest is not None:
+            yield UnitKey(UnitKind.TOOL, "", name), latest.spec.version
+    yield ROUTING_UNIT, book.seed
+    for runtime in manager.runtimes():
+        for name, tool in runtime.tools.items():
+            yield (
+                UnitKey(UnitKind.TOOL, runtime.record.tenant, f"{runtime.name}.{name}"),
+                (tool.spec.version),
+            )
+
+
+def _release_admin(
+    settings: RouterSettings,
+    *,
+    view: ReleaseView,
+    served: Served,
+    prompts: PromptStore,
+    executor: Executor,
+    notes: NotesStore,
+    audit: RouterAudit,
+    channel: aio.Channel,
+    cleanups: list[Cleanup],
+    clock: Callable[[], datetime],
+) -> ReleaseAdmin:
+    """The release RPCs, and this replica's analyzer running every ``release_tick_s``."""
+    manager = served.backends
+
+    async def completed(release: Release) -> None:
+        """A backend tool's version a completed release replaced is retired."""
+        unit = release.unit
+        if unit.kind is UnitKind.TOOL and "." in unit.name:
+            await manager.retire(unit.tenant, unit.name, release.stable_version)
+
+    analyzer = Analyzer(
+        view.store,
+        view,
+        telemetry_pb2_grpc.TelemetryStub(channel),
+        audit,
+        owner=view.replica,
+        lease_s=settings.release_lease_s,
+        clock=clock,
+        completed=completed,
+    )
+    cleanups.append(analyzer.stop)
+    cleanups.append(
+        every(
+            settings.release_tick_s,
+            analyzer.tick,
+            name="release-analyzer",
+            first_after_s=settings.release_tick_s,
+        )
+    )
+    return ReleaseAdmin(
+        view.store,
+        view,
+        served=served,
+        prompts=prompts,
+        executor=executor,
+        notes=notes,
+        audit=audit,
+        clock=clock,
+        completed=completed,
+    )
+
+
+def _model_router(
+    settings: RouterSettings,
+    *,
+    configured: list[ProviderConfig],
+    prompts: PromptStore,
+    rules: Rules,
+    health: ToolHealth,
+    tracer: trace.Tracer,
+    cleanups: list[Cleanup],
+) -> ModelRouter | None:
+    """The model behind the rules, when a provider is configured."""
+    if not configured:
+        return None
+    providers = build_providers(
+        configured, settings.breaker_config(), tracer, max_attempts=settings.model_max_attempts
+    )
+    cleanups.append(providers.close)
+    return ModelRouter(
+        providers,
+        prompts,
+        model_settings(settings),
+        weights=rules.weights,
+        threshold=rules.threshold,
+        health=health,
+        clock=time.monotonic,
+    )

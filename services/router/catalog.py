@@ -16,6 +16,7 @@ from typing import Any
 
 from services.router.notes import KeyReusedError
 from services.router.registry import (
+    Example,
     Registry,
     SideEffect,
     ToolConflictError,
@@ -58,6 +59,11 @@ CALCULATOR = ToolSpec(
     cost_units=1,
     timeout_ms=1000,
     fallback_answer="I could not compute that expression.",
+    examples=(
+        Example({"expression": "2+3*4"}, result={"value": "14", "exact": True}),
+        Example({"expression": "1/3"}, result={"exact": False}),
+        Example({"expression": "1/0"}, refused=True),
+    ),
 )
 
 # 1.1.0 reads numbers in every common notation whole (1e400, 1,000, .5) and refuses the
@@ -88,6 +94,12 @@ CALCULATOR_1_1 = ToolSpec(
     cost_units=1,
     timeout_ms=1000,
     fallback_answer="I could not compute that expression.",
+    examples=(
+        *CALCULATOR.examples,
+        Example({"expression": "2^10"}, result={"value": "1024", "exact": True}),
+        Example({"expression": "1,000 * 2"}, result={"value": "2000"}),
+        Example({"expression": "1,5 + 1"}, refused=True),
+    ),
 )
 
 UNIT_CONVERT = ToolSpec(
@@ -120,6 +132,10 @@ UNIT_CONVERT = ToolSpec(
     cost_units=1,
     timeout_ms=1000,
     fallback_answer="I could not convert those units.",
+    examples=(
+        Example({"value": 1, "from_unit": "km", "to_unit": "m"}, result={"result": 1000}),
+        Example({"value": 1, "from_unit": "km", "to_unit": "kg"}, refused=True),
+    ),
 )
 
 # 1.1.0 takes the value as a number or as decimal text (read whole: "1e308", "1,000"), and
@@ -159,6 +175,17 @@ UNIT_CONVERT_1_1 = ToolSpec(
     cost_units=1,
     timeout_ms=1000,
     fallback_answer="I could not convert those units.",
+    examples=(
+        Example(
+            {"value": 1, "from_unit": "km", "to_unit": "m"},
+            result={"result": "1000", "exact": True},
+        ),
+        Example(
+            {"value": "1e308", "from_unit": "km", "to_unit": "m"},
+            result={"result": "1e311", "exact": True},
+        ),
+        Example({"value": 1, "from_unit": "km", "to_unit": "kg"}, refused=True),
+    ),
 )
 
 CURRENT_TIME = ToolSpec(
@@ -185,6 +212,10 @@ CURRENT_TIME = ToolSpec(
     cost_units=1,
     timeout_ms=1000,
     fallback_answer="I could not tell the time there.",
+    examples=(
+        Example({"zone": "UTC"}, result={"zone": "UTC", "utc_offset": "+00:00"}),
+        Example({"zone": "Nowhere/Atlantis"}, refused=True),
+    ),
 )
 
 SAVE_NOTE = ToolSpec(

@@ -111,9 +111,19 @@ class Executor:
             ) from None
 
     async def run(
-        self, tool: Tool, arguments: dict[str, Any], ctx: ToolContext, budget_s: float
+        self,
+        tool: Tool,
+        arguments: dict[str, Any],
+        ctx: ToolContext,
+        budget_s: float,
+        *,
+        shadow: bool = False,
     ) -> RunResult:
-        """Run ``tool`` within ``budget_s`` seconds, or raise ToolRunError."""
+        """Run ``tool`` within ``budget_s`` seconds, or raise ToolRunError.
+
+        A ``shadow`` copy (services.router.releases.shadow) leaves the backend's breaker alone:
+        live calls of the stable version share it, and a copy must never refuse them. The
+        tool's own breaker and concurrency limit are per version, so they stay in force."""
         spec = tool.spec
         started = time.perf_counter()
         # Cut short by the caller's deadline, a timeout is not the tool's fault.
@@ -122,7 +132,7 @@ class Executor:
         await self._take_slot(tool, slot, budget_s)
         permits: list[tuple[CircuitBreaker, int]] = []
         try:
-            if tool.backend_key is not None:
+            if tool.backend_key is not None and not shadow:
                 assert tool.origin is not None
                 permits.append(
                     self._acquire(f"backend:{tool.backend_key}", f"backend {tool.origin.backend}")

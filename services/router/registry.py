@@ -71,6 +71,81 @@ class ToolOutput:
 
 ToolFn = Callable[[dict[str, Any], ToolContext], Awaitable[ToolOutput]]
 
+_EXPECTATIONS = ("result", "answer", "answer_contains", "refused")
+
+
+class ExampleError(ValueError):
+    """An example that does not say what it expects (or says it badly)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """A call a tool version must answer as stated. Declared with the version (built-in
+    tools) or supplied when a release starts (backend tools); the release gate runs every
+    example against the candidate through the real Executor before any traffic reaches it.
+
+    Exactly one expectation: ``result`` (every key given equals the result's), ``answer``
+    (the whole answer text), ``answer_contains`` (a piece of it), or ``refused`` (the tool
+    declines these arguments).
+    """
+
+    arguments: Mapping[str, Any]
+    result: Mapping[str, Any] | None = None
+    answer: str | None = None
+    answer_contains: str | None = None
+    refused: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in _EXPECTATIONS if (getattr(self, name) not in (None, False))]
+        if len(given) != 1:
+            raise ExampleError(f"give exactly one of {', '.join(_EXPECTATIONS)}")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Example:
+        if not isinstance(data, Mapping):
+            raise ExampleError("an example is a JSON object")
+        unknown = set(data) - {"arguments", *_EXPECTATIONS}
+        if unknown:
+            raise ExampleError(f"unknown key {sorted(unknown)[0]!r}")
+        arguments = data.get("arguments", {})
+        result = data.get("result")
+        if not isinstance(arguments, Mapping) or not isinstance(result, Mapping | None):
+            raise ExampleError("arguments and result are JSON objects")
+        for name in ("answer", "answer_contains"):
+            if not isinstance(data.get(name), str | None):
+                raise ExampleError(f"{name} is a string")
+        if not isinstance(data.get("refused", False), bool):
+            raise ExampleError("refused is true or false")
+        return cls(
+            arguments=arguments,
+            result=result,
+            answer=data.get("answer"),
+            answer_contains=data.get("answer_contains"),
+            refused=data.get("refused", False),
+        )
+
+    def problem(self, output: ToolOutput | None, refusal: str = "") -> str | None:
+        """Why the tool's answer (``output``, or ``refusal`` when it declined) does not match
+        this example; None when it does."""
+        if self.refused:
+            if output is None or output.tool_error:
+                return None
+            return f"expected a refusal, got the answer {output.answer[:80]!r}"
+        if output is None or output.tool_error:
+            reason = refusal or (output.answer if output else "")
+            return f"the tool declined: {reason[:160]}"
+        if self.answer is not None and output.answer != self.answer:
+            return f"expected the answer {self.answer[:80]!r}, got {output.answer[:80]!r}"
+        if self.answer_contains is not None and self.answer_contains not in output.answer:
+            return f"expected the answer to contain {self.answer_contains[:80]!r}"
+        if self.result is not None:
+            got = output.result or {}
+            for key, value in self.result.items():
+                if key not in got or got[key] != value:
+                    shown = json.dumps(got.get(key))[:60] if key in got else "nothing"
+                    return f"expected result {key} = {json.dumps(value)[:60]}, got {shown}"
+        return None
+
 
 @dataclass(frozen=True)
 class ToolSpec:
@@ -87,6 +162,9 @@ class ToolSpec:
     fallback_answer: str
     # Operational limit, not part of the contract: calls beyond it are refused at once.
     max_concurrency: int = 32
+    # Calls this version must answer as stated (the release gate runs them); declared with
+    # the version, not part of the contract's fingerprint.
+    examples: tuple[Example, ...] = field(default=(), compare=False)
 
     def fingerprint(self) -> str:
         contract = {

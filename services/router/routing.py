@@ -165,6 +165,9 @@ HealthLookup = Callable[[str, str], float]
 BackendLookup = Callable[[str, str], Tool | None]
 # Told once per rule that names a backend tool which cannot be routed to (and why).
 RuleNotice = Callable[[str, str], None]
+# A tool name -> the version serving this caller (releases assign it per tenant and session),
+# or None when the caller cannot be routed to it now.
+ToolLookup = Callable[[str], Tool | None]
 
 
 class ToolRouter:
@@ -185,13 +188,20 @@ class ToolRouter:
         # Backend tools whose current contract lacks a property the rules extract.
         self._unfit: dict[str, str] = {}
 
-    def _tool(self, name: str, tenant: str) -> Tool | None:
+    @property
+    def rules(self) -> Rules:
+        return self._rules
+
+    def _tool(self, name: str, tenant: str, lookup: ToolLookup | None) -> Tool | None:
         """The tool a rule names, as the caller's tenant sees it (None: not routable now)."""
-        if "." not in name:
-            return self._registry.latest(name)
-        tool = self._backends(tenant, name) if self._backends is not None else None
-        if tool is None:
-            return None
+        if lookup is not None:
+            tool = lookup(name)
+        elif "." not in name:
+            tool = self._registry.latest(name)
+        else:
+            tool = self._backends(tenant, name) if self._backends is not None else None
+        if tool is None or "." not in name:
+            return tool
         fingerprint = tool.origin.fingerprint if tool.origin else ""
         if self._unfit.get(name) == fingerprint:
             return None
@@ -234,10 +244,18 @@ class ToolRouter:
             vetoed=veto,
         )
 
-    def route(self, prompt: str, allowed_tools: Iterable[str], tenant: str = "") -> Decision:
+    def route(
+        self,
+        prompt: str,
+        allowed_tools: Iterable[str],
+        tenant: str = "",
+        lookup: ToolLookup | None = None,
+    ) -> Decision:
         """Score every allowed tool; CPU-bound (RE2 and JSON Schema), linear in the prompt.
 
-        Backend tools take part when rules name them and the caller's tenant sees them."""
+        Backend tools take part when rules name them and the caller's tenant sees them.
+        ``lookup`` gives the version of each tool that serves this caller (default: the
+        latest release of a built-in tool, the served version of a backend tool)."""
         allowed = list(allowed_tools)
         prompt = prompt.translate(_SPACES)
         veto = self._rules.veto(prompt)
@@ -245,7 +263,7 @@ class ToolRouter:
         for name, tool_rules in self._rules.tools.items():
             if not is_allowed(name, allowed):
                 continue
-            tool = self._tool(name, tenant)
+            tool = self._tool(name, tenant, lookup)
             if tool is not None:
                 candidates.append(self._score(tool, tool_rules, prompt, veto))
         candidates.sort(key=lambda c: (-c.confidence, c.tool.spec.name))
@@ -313,17 +331,27 @@ class RoutePool:
         self._pending = 0
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="route")
 
-    async def route(self, prompt: str, allowed_tools: Iterable[str], tenant: str = "") -> Decision:
+    async def route(
+        self,
+        prompt: str,
+        allowed_tools: Iterable[str],
+        tenant: str = "",
+        *,
+        router: ToolRouter | None = None,
+        lookup: ToolLookup | None = None,
+    ) -> Decision:
+        """Score with ``router`` (a rules version; default the pool's own) and ``lookup``."""
         allowed = list(allowed_tools)
+        scorer = router or self._router
         if len(prompt) <= self._inline_chars:
-            return self._router.route(prompt, allowed, tenant)
+            return scorer.route(prompt, allowed, tenant, lookup)
         if self._pending >= self._max_waiting:
             raise RoutingBusyError(f"{self._pending} long prompts are already being routed")
         self._pending += 1
         try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(
-                self._executor, self._router.route, prompt, allowed, tenant
+                self._executor, scorer.route, prompt, allowed, tenant, lookup
             )
         finally:
             self._pending -= 1

@@ -213,8 +213,17 @@ class ToolRules(_Strict):
         return found
 
 
+class RuleExample(_Strict):
+    """A prompt and what these rules must make of it: the release gate of a rules version
+    routes each one (``tool`` "" means no tool; ``arguments`` a subset of those extracted)."""
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    tool: str = ""
+    arguments: dict[str, Any] = {}
+
+
 class Rules(_Strict):
-    version: str = Field(min_length=1)
+    version: str = Field(min_length=1, max_length=64)
     threshold: float = Field(gt=0, le=1)
     weights: Weights
     # Named pieces of pattern, used as {name}; a set may use the sets defined before it.
@@ -222,6 +231,8 @@ class Rules(_Strict):
     # Prompts that ask for no tool at all (negations, several questions at once).
     vetoes: list[Veto] = []
     tools: dict[str, ToolRules]
+    # What the release gate checks a new version against (docs/releases.md).
+    examples: list[RuleExample] = []
 
     _vetoes: list[tuple[Pattern, str]] = PrivateAttr(default_factory=list)
 
@@ -293,3 +304,35 @@ def load_rules(path: Path) -> Rules:
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise RulesError(f"cannot read routing rules {path}: {error}") from None
     return parse_rules(data)
+
+
+@dataclass(frozen=True)
+class RuleBook:
+    """Every routing rules version the router can serve, side by side: the seed file
+    (``rules_file``, which a fresh install starts from) and each ``*.toml`` of the versions
+    directory. Which version serves whom is the release state's (services.router.releases)."""
+
+    versions: Mapping[str, Rules]
+    seed: str
+
+    def get(self, version: str) -> Rules | None:
+        return self.versions.get(version)
+
+
+def load_rule_book(seed_file: Path, directory: Path | None) -> RuleBook:
+    """The seed file and every version in ``directory``; the same version twice with
+    different content is refused (a version is immutable)."""
+    seed = load_rules(seed_file)
+    versions: dict[str, Rules] = {seed.version: seed}
+    sources = {seed.version: seed_file}
+    for path in sorted(directory.glob("*.toml")) if directory is not None else []:
+        rules = load_rules(path)
+        known = versions.get(rules.version)
+        if known is not None and known.model_dump() != rules.model_dump():
+            raise RulesError(
+                f"routing rules version {rules.version} is in {sources[rules.version]} and, "
+                f"different, in {path}: a version never changes; give the new one its own"
+            )
+        versions.setdefault(rules.version, rules)
+        sources.setdefault(rules.version, path)
+    return RuleBook(versions, seed.version)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -18,19 +19,32 @@ from typing import Any
 import grpc
 from grpc import aio
 from jsonschema import ValidationError
+from opentelemetry import trace
 
 from services.kit.buildinfo import service_info
 from services.kit.errors import abort, abort_invalid, retry_info
 from services.router.backends.admin import BackendAdmin
 from services.router.backends.config import KIND_TO_PROTO, Kind
 from services.router.backends.manager import MISSING, SUSPENDED
-from services.router.invoke import Executor, ToolRunError
+from services.router.invoke import Executor, RunResult, ToolRunError
 from services.router.models.admin import PromptAdmin, prompt_ref
 from services.router.models.provider import ModelRefusedError, ModelUnavailableError
 from services.router.models.routing import ModelRouter, Plan, Proposal, Usage
 from services.router.notes import NotesStore
 from services.router.registry import Registry, SideEffect, Tool, ToolContext, is_allowed
+from services.router.releases.admin import ReleaseAdmin
+from services.router.releases.model import ROUTING_UNIT
+from services.router.releases.shadow import (
+    Outcome,
+    RouteCall,
+    ShadowRunner,
+    decision_outcome,
+    error_outcome,
+    tool_outcome,
+)
+from services.router.releases.view import CANDIDATE, STABLE
 from services.router.routing import Candidate, Decision, RoutePool, RoutingBusyError
+from services.router.served import Served
 from toolmesh.router.v1 import router_pb2, router_pb2_grpc
 
 CONTRACT_VERSIONS = ["toolmesh.router.v1"]
@@ -44,6 +58,9 @@ DEADLINE_RESERVE_S = 0.02
 ROUTE_RETRY_AFTER_S = 0.5
 # Time kept back from the caller's deadline for answering after a model call.
 MODEL_RESERVE_S = 0.1
+# A stable call's failures a shadow copy is compared on: the tool's own answers (a refusal of
+# the arguments included), not the mesh refusing to run it (busy, circuit open).
+_NOT_RUN = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
 MAX_RESULT_CHARS = 256 * 1024
 
 _SIDE_EFFECTS = {
@@ -133,6 +150,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         *,
         backends: BackendAdmin,
         prompts: PromptAdmin,
+        served: Served,
+        releases: ReleaseAdmin,
+        shadow: ShadowRunner,
         model: ModelRouter | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         monotonic: Callable[[], float] = time.monotonic,
@@ -143,17 +163,25 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._notes = notes
         self._backends = backends
         self._prompts = prompts
+        self._served = served
+        self._releases = releases
+        self._shadow = shadow
         self._model = model
         self._clock = clock
         self._monotonic = monotonic
 
     async def _find(
-        self, context: aio.ServicerContext, tenant: str, name: str, version: str
+        self, context: aio.ServicerContext, tenant: str, name: str, version: str, draw: str = ""
     ) -> Tool:
-        """The tool ``name`` at ``version`` (latest published when empty) as ``tenant`` sees
-        it; NOT_FOUND (or FAILED_PRECONDITION for a suspended drift) otherwise."""
+        """The tool ``name`` at ``version`` as ``tenant`` sees it (without a version: the one
+        serving (tenant, draw), its stable version unless a canary assigns the candidate);
+        NOT_FOUND (or FAILED_PRECONDITION for a suspended drift) otherwise."""
         if "." not in name:
-            tool = self._registry.get(name, version) if version else self._registry.latest(name)
+            if version:
+                tool = self._registry.get(name, version)
+            else:
+                picked = self._served.pick(tenant, name, draw)
+                tool = picked.tool if picked is not None else None
             if tool is None:
                 what = (
                     f"tool {name} has no version {version}"
@@ -173,24 +201,32 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"tool {name} is no longer offered by backend {runtime.name}",
             )
-        tool = runtime.tools.get(tool_name)
-        if tool is None or status is None:
+        if status is None:
             await abort(context, grpc.StatusCode.NOT_FOUND, f"tool {name} is not registered")
-        if status == SUSPENDED:
+        if version:
+            found_tool = runtime.published.get(tool_name, {}).get(version)
+            if found_tool is None:
+                served = ", ".join(sorted(runtime.published.get(tool_name, {}))) or "none"
+                await abort(
+                    context,
+                    grpc.StatusCode.NOT_FOUND,
+                    f"tool {name} has no served version {version} (served: {served})",
+                )
+            suspended = runtime.suspended(tool_name, found_tool.spec.side_effect)
+        else:
+            picked = self._served.pick(tenant, name, draw)
+            found_tool = picked.tool if picked is not None else None
+            suspended = found_tool is None and status == SUSPENDED
+        if suspended:
             await abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"tool {name} is suspended: its backend now declares it write-capable; an "
-                "operator must approve the new contract",
+                "operator must approve the new contract and release it",
             )
-        if version and version != tool.spec.version:
-            served = tool.spec.version
-            await abort(
-                context,
-                grpc.StatusCode.NOT_FOUND,
-                f"tool {name} has no served version {version} (the served version is {served})",
-            )
-        return tool
+        if found_tool is None:
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"tool {name} is not registered")
+        return found_tool
 
     async def Route(
         self, request: router_pb2.RouteRequest, context: aio.ServicerContext
@@ -200,11 +236,23 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         model's proposal, scored like a rule's (the rules' answer stands if the model fails)."""
         if len(request.prompt) > MAX_PROMPT_CHARS:
             await abort_invalid(context, [("prompt", f"longer than {MAX_PROMPT_CHARS} characters")])
+        if len(request.session_id) > MAX_KEY_CHARS:
+            await abort_invalid(
+                context, [("session_id", f"longer than {MAX_KEY_CHARS} characters")]
+            )
         tenant = request.caller.tenant
+        # Under a release, versions are assigned per (tenant, session).
+        draw = request.session_id or request.request_id
         model = self._model
         model_first = model is not None and model.settings.model_first_for(tenant)
+        rules, arm = self._served.rules_for(tenant, draw)
+        lookup = self._served.lookup(tenant, draw)
+        allowed = list(request.allowed_tools)
+        started = time.perf_counter()
         try:
-            decision = await self._router.route(request.prompt, request.allowed_tools, tenant)
+            decision = await self._router.route(
+                request.prompt, allowed, tenant, router=rules, lookup=lookup
+            )
         except RoutingBusyError as error:
             await abort(
                 context,
@@ -212,25 +260,34 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 f"the router is busy scoring long prompts ({error}); retry later",
                 retry_info(ROUTE_RETRY_AFTER_S),
             )
+        span = trace.get_current_span()
+        span.set_attribute("toolmesh.rules.version", decision.rules_version)
+        span.set_attribute("toolmesh.rules.release_arm", arm)
+        self._shadow_route(RouteCall(request.prompt, allowed, tenant, lookup), decision, started)
         response = self._rules_response(decision)
         if model is None or (decision.matched and not model_first):
             if model is not None and decision.matched:
-                await self._plan_answer(model, response, request.prompt, tenant)
+                await self._plan_answer(model, response, request.prompt, tenant, draw)
             return response
-        offered = model.offer(self._allowed_tools(tenant, request.allowed_tools))
+        offered = model.offer(self._allowed_tools(tenant, allowed, draw))
         if not offered:
             return response
         if not request.allow_model:
-            plan = await model.route_plan(tenant, offered, request.prompt)
+            plan = await model.route_plan(tenant, offered, request.prompt, session=draw)
             response.matched = False
             response.ClearField("tool")
             response.arguments_json = ""
             response.model_plan.CopyFrom(self._plan_message(model, plan))
-            await self._plan_answer(model, response, request.prompt, tenant)
+            await self._plan_answer(model, response, request.prompt, tenant, draw)
             return response
         try:
             proposal = await model.propose(
-                tenant, offered, request.prompt, request.history, self._model_deadline(context)
+                tenant,
+                offered,
+                request.prompt,
+                request.history,
+                self._model_deadline(context),
+                session=draw,
             )
         except (ModelUnavailableError, ModelRefusedError) as error:
             response.degraded.append("model")
@@ -243,8 +300,19 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             return response
         routed = self._model_response(response, proposal)
         if routed.matched:
-            await self._plan_answer(model, routed, request.prompt, tenant)
+            await self._plan_answer(model, routed, request.prompt, tenant, draw)
         return routed
+
+    def _shadow_route(self, asked: RouteCall, decision: Decision, started: float) -> None:
+        """While a routing release shadows, score a share of prompts with its rules too."""
+        release = self._served.view.shadowing(ROUTING_UNIT)
+        if release is None or not self._shadow.wanted(release):
+            return
+        candidate = self._served.routers.get(release.candidate_version)
+        if candidate is None or decision.rules_version != release.stable_version:
+            return
+        stable = decision_outcome(decision, (time.perf_counter() - started) * 1000)
+        self._shadow.route(release, candidate, asked, stable)
 
     def _rules_response(self, decision: Decision) -> router_pb2.RouteResponse:
         response = router_pb2.RouteResponse(
@@ -305,21 +373,25 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         )
 
     async def _plan_answer(
-        self, model: ModelRouter, response: router_pb2.RouteResponse, prompt: str, tenant: str
+        self,
+        model: ModelRouter,
+        response: router_pb2.RouteResponse,
+        prompt: str,
+        tenant: str,
+        session: str,
     ) -> None:
         """The answer's plan, for a tenant whose answers the model phrases."""
         if model.settings.phrased_for(tenant):
-            plan = await model.answer_plan(tenant, prompt, response.tool.name)
+            plan = await model.answer_plan(tenant, prompt, response.tool.name, session=session)
             response.answer_plan.CopyFrom(self._plan_message(model, plan))
 
-    def _allowed_tools(self, tenant: str, allowed: Iterable[str]) -> list[Tool]:
-        """The latest released version of every tool the caller may use."""
-        names = {tool.spec.name for tool in self._registry.all()}
-        built_in = [self._registry.latest(name) for name in sorted(names)]
-        tools = [t for t in built_in if t is not None]
-        tools += self._backends.served_tools(tenant)
+    def _allowed_tools(self, tenant: str, allowed: Iterable[str], draw: str) -> list[Tool]:
+        """The version serving (tenant, draw) of every tool the caller may use."""
         allowed = list(allowed)
-        return [tool for tool in tools if is_allowed(tool.spec.name, allowed)]
+        names = {tool.spec.name for tool in self._registry.all()}
+        names |= {tool.spec.name for tool in self._backends.served_tools(tenant)}
+        picks = [self._served.pick(tenant, name, draw) for name in sorted(names)]
+        return [p.tool for p in picks if p is not None and is_allowed(p.tool.spec.name, allowed)]
 
     def _model_deadline(self, context: aio.ServicerContext) -> float:
         """When a model call must be done: within the model timeout and the caller's deadline,
@@ -410,11 +482,19 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             notes=self._notes,
             now=self._clock,
         )
+        span = trace.get_current_span()
+        span.set_attribute("toolmesh.tool.version", tool.spec.version)
+        span.set_attribute("toolmesh.tool.release_arm", self._arm(request.caller.tenant, tool))
+        started = time.perf_counter()
         try:
             run = await self._executor.run(tool, arguments, tool_context, budget_s)
         except ToolRunError as error:
+            if error.code not in _NOT_RUN:
+                ms = (time.perf_counter() - started) * 1000
+                self._shadow_tool(tool, arguments, tool_context, error_outcome(error, ms))
             details = [] if error.retry_after_s is None else [retry_info(error.retry_after_s)]
             await abort(context, error.code, error.message, *details)
+        self._shadow_tool(tool, arguments, tool_context, self._outcome(run, started))
         return router_pb2.InvokeToolResponse(
             tool_name=tool.spec.name,
             tool_version=tool.spec.version,
@@ -425,14 +505,47 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             tool_error=run.output.tool_error,
         )
 
+    def _arm(self, tenant: str, tool: Tool) -> str:
+        """ "candidate" when ``tool`` is the candidate of its unit's release, else "stable"."""
+        unit = self._served.unit_of(tenant, tool.spec.name)
+        release = self._served.view.release(unit) if unit is not None else None
+        if release is not None and tool.spec.version == release.candidate_version:
+            return CANDIDATE
+        return STABLE
+
+    @staticmethod
+    def _outcome(run: RunResult, started: float) -> Outcome:
+        ms = (time.perf_counter() - started) * 1000
+        return tool_outcome(run.result_json, run.output.answer, run.output.tool_error, ms)
+
+    def _shadow_tool(
+        self, tool: Tool, arguments: dict[str, Any], ctx: ToolContext, stable: Outcome
+    ) -> None:
+        """While the tool's release shadows, copy a share of its stable calls (read-only
+        tools only) to the candidate, after this call's answer."""
+        if tool.spec.side_effect is not SideEffect.READ_ONLY:
+            return
+        unit = self._served.unit_of(ctx.tenant, tool.spec.name)
+        release = self._served.view.shadowing(unit) if unit is not None else None
+        if release is None or tool.spec.version != release.stable_version:
+            return
+        if not self._shadow.wanted(release):
+            return
+        name = tool.spec.name
+        if "." in name:
+            candidate = self._backends.manager.served(ctx.tenant, name, release.candidate_version)
+        else:
+            candidate = self._registry.get(name, release.candidate_version)
+        if candidate is not None:
+            self._shadow.tool(release, candidate, arguments, ctx, stable)
+
     async def ListTools(
         self, request: router_pb2.ListToolsRequest, context: aio.ServicerContext
     ) -> router_pb2.ListToolsResponse:
         allowed: Iterable[str] = request.allowed_tools or ["*"]
-        # The version each tool serves (its latest release); ListToolVersions has the history.
-        builtin = {t.spec.name: self._registry.latest(t.spec.name) for t in self._registry.all()}
+        # The stable version of each tool; ListToolVersions has the history.
         tools = [
-            *(tool for tool in builtin.values() if tool is not None),
+            *self._served.stable_builtins(),
             *self._backends.served_tools(request.caller.tenant),
         ]
         return router_pb2.ListToolsResponse(
@@ -443,12 +556,20 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.ResolveToolRequest, context: aio.ServicerContext
     ) -> router_pb2.ResolveToolResponse:
         problems = [] if request.tool_name else [("tool_name", "required")]
-        if len(request.tool_name) > MAX_KEY_CHARS:
-            problems.append(("tool_name", f"longer than {MAX_KEY_CHARS} characters"))
+        for field, value in (
+            ("tool_name", request.tool_name),
+            ("session_id", request.session_id),
+            ("request_id", request.request_id),
+        ):
+            if len(value) > MAX_KEY_CHARS:
+                problems.append((field, f"longer than {MAX_KEY_CHARS} characters"))
         if problems:
             await abort_invalid(context, problems)
+        # Sticky per session; a call outside a session draws by its request (a random one
+        # when it names none).
+        draw = request.session_id or request.request_id or uuid.uuid4().hex
         tool = await self._find(
-            context, request.caller.tenant, request.tool_name, request.tool_version
+            context, request.caller.tenant, request.tool_name, request.tool_version, draw
         )
         if not is_allowed(tool.spec.name, request.allowed_tools):
             # Not on the caller's allowlist: exactly like a tool that does not exist.
@@ -541,6 +662,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 result_json=request.result_json,
                 model=request.model,
                 deadline=self._model_deadline(context),
+                session=request.session_id,
             ):
                 if isinstance(piece, Usage):
                     yield router_pb2.PhraseAnswerResponse(usage=_usage_message(piece))
@@ -572,11 +694,35 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> router_pb2.SelectPromptResponse:
         return router_pb2.SelectPromptResponse(version=await self._prompts.select(request, context))
 
+    async def StartRelease(
+        self, request: router_pb2.StartReleaseRequest, context: aio.ServicerContext
+    ) -> router_pb2.StartReleaseResponse:
+        return router_pb2.StartReleaseResponse(release=await self._releases.start(request, context))
+
+    async def GetRelease(
+        self, request: router_pb2.GetReleaseRequest, context: aio.ServicerContext
+    ) -> router_pb2.GetReleaseResponse:
+        return router_pb2.GetReleaseResponse(release=await self._releases.get(request, context))
+
+    async def ListReleases(
+        self, request: router_pb2.ListReleasesRequest, context: aio.ServicerContext
+    ) -> router_pb2.ListReleasesResponse:
+        return router_pb2.ListReleasesResponse(releases=await self._releases.list(request, context))
+
+    async def ControlRelease(
+        self, request: router_pb2.ControlReleaseRequest, context: aio.ServicerContext
+    ) -> router_pb2.ControlReleaseResponse:
+        return router_pb2.ControlReleaseResponse(
+            release=await self._releases.control(request, context)
+        )
+
     async def GetServiceInfo(
         self, request: router_pb2.GetServiceInfoRequest, context: aio.ServicerContext
     ) -> router_pb2.GetServiceInfoResponse:
         info = service_info("router", CONTRACT_VERSIONS)
         info.attributes.update(routing_mode(self._model))
+        # Which replica answered: release leases and histories name replicas by this.
+        info.attributes["replica"] = self._served.view.replica
         return router_pb2.GetServiceInfoResponse(info=info)
 
 

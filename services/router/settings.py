@@ -19,8 +19,13 @@ class RouterSettings(ServiceSettings):
     port: int = Field(default=DEFAULT_PORTS["router"], ge=0, le=65535)
     # Empty means the SQLite file <data_dir>/router.db.
     database_url: str = ""
-    # Versioned routing rules (intent patterns, argument extraction, weights, threshold).
+    # Versioned routing rules (intent patterns, argument extraction, weights, threshold): the
+    # seed version, stable on a fresh install.
     rules_file: Path = DEFAULT_RULES_FILE
+    # A directory of further rules versions (*.toml, each with its own `version`), served side
+    # by side with the seed: a new version reaches callers only through a release
+    # (docs/releases.md). Every replica needs the same files. Empty: the seed alone.
+    rules_dir: Path | None = None
     # Where GetToolHealth is asked for each tool's recent success rate (the H of the confidence).
     telemetry_target: str = "127.0.0.1:50055"
     # Seconds between background refreshes of tool health; never refreshed per request.
@@ -131,6 +136,20 @@ class RouterSettings(ServiceSettings):
     # the bound on how long a publication or selection takes to reach every replica.
     prompt_cache_s: float = Field(default=2.0, ge=0, le=60)
 
+    # -- releases (docs/releases.md) -----------------------------------------------------------
+
+    # Every replica re-reads the stable versions and the releases in progress this often: a
+    # step, rollback or promotion decided by any replica is applied by all within this bound
+    # (plus one database read; prompts within prompt_cache_s).
+    release_sync_s: float = Field(default=1.0, gt=0, le=30)
+    # How often each replica's analyzer renews its release leases and judges the releases due.
+    release_tick_s: float = Field(default=1.0, gt=0, le=30)
+    # How long a release's analyzer lease lasts unless renewed: when a replica dies, another
+    # takes its releases over within this bound (a replica stopping cleanly lets go at once).
+    release_lease_s: float = Field(default=10.0, gt=0, le=300)
+    # Shadow copies of live calls in flight at once per replica; more are skipped (counted).
+    release_shadow_inflight: int = Field(default=8, ge=1, le=256)
+
     @model_validator(mode="after")
     def _model_named(self) -> RouterSettings:
         """A provider needs the model to ask for; half a fallback is a mistake, not a choice."""
@@ -140,6 +159,13 @@ class RouterSettings(ServiceSettings):
             raise ValueError("set model_fallback_base_url and model_fallback_name together")
         if self.model_fallback_base_url and not self.model_base_url:
             raise ValueError("a fallback model needs a primary (model_base_url)")
+        return self
+
+    @model_validator(mode="after")
+    def _lease_outlives_ticks(self) -> RouterSettings:
+        """A lease renewed every tick must outlive a tick, or replicas would take turns."""
+        if self.release_lease_s <= 2 * self.release_tick_s:
+            raise ValueError("release_lease_s must be more than twice release_tick_s")
         return self
 
     @property

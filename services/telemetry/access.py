@@ -43,7 +43,20 @@ _OWN_AUDIT_ACTIONS: dict[str, frozenset[str]] = {
         {"token.issue", "auth.failure", "permission.denied", "audit.dead_letter"}
         | {a for a in KNOWN_ACTIONS if a.startswith("admin.")}
     ),
-    ROUTER: frozenset({"tool.drift", "audit.dead_letter"}),
+    # The router's analyzer decides release transitions itself; the operator's requests
+    # (release.start, .pause, .resume, .abort, a manual .promote) are the gateway's to record.
+    ROUTER: frozenset(
+        {
+            "tool.drift",
+            "audit.dead_letter",
+            "release.gate",
+            "release.step",
+            "release.promote",
+            "release.rollback",
+            "release.fail",
+            "release.complete",
+        }
+    ),
 }
 
 

@@ -65,6 +65,8 @@ PEER_RULES = PeerRules.for_service(
         "GetSlo": [GATEWAY],
         "GetToolHealth": [ROUTER],
         "CheckpointAudit": [GATEWAY],
+        # The router's release analyzer judges candidates on these figures.
+        "GetReleaseFigures": [ROUTER],
     },
 ).merged(PeerRules.for_service(TraceService.SERVICE, {"Export": [ANY_PEER]}))
 

@@ -17,7 +17,8 @@ from services.telemetry import slo
 from services.telemetry.audit import Verdict
 from services.telemetry.checkpoints import Checkpoint
 from services.telemetry.ledger import Amounts, BudgetState
-from services.telemetry.stats import GroupStats
+from services.telemetry.records import VersionSamples
+from services.telemetry.stats import GroupStats, nearest_rank
 from services.telemetry.store import SpanRow
 from services.telemetry.validation import stamp_ns
 from toolmesh.telemetry.v1 import telemetry_pb2
@@ -84,6 +85,7 @@ def usage_row(record: telemetry_pb2.UsageRecord) -> dict[str, Any]:
         "trace_id": record.trace_id,
         "model": record.model,
         "prompts": ",".join(record.prompts),
+        "rules_version": record.rules_version,
     }
 
 
@@ -266,3 +268,32 @@ def sli_status(
             for state in slo.alerts(burns)
         ],
     )
+
+
+def version_figures(
+    window: telemetry_pb2.VersionWindow, samples: VersionSamples, objective: slo.Objective
+) -> telemetry_pb2.VersionFigures:
+    """One version's figures, with the burn rates of ``objective``'s two SLIs."""
+    durations = samples.durations
+    count = len(durations)
+    figures = telemetry_pb2.VersionFigures(
+        version=window.version,
+        requests=count,
+        errors=samples.errors,
+        slow=samples.slow,
+        no_match=samples.no_match,
+        window_start=window.start,
+        window_end=window.end,
+    )
+    if count:
+        figures.error_rate = samples.errors / count
+        figures.p50_ms = nearest_rank(durations, 50)
+        figures.p95_ms = nearest_rank(durations, 95)
+        figures.mean_ms = sum(durations) / count
+        figures.error_burn_rate = float(
+            slo.burn_rate(samples.errors, count, objective.availability)
+        )
+        figures.latency_burn_rate = float(
+            slo.burn_rate(samples.slow, count, objective.latency_target)
+        )
+    return figures

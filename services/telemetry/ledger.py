@@ -88,6 +88,10 @@ class UsageRow(Base):
     # versions used ("name@version", comma-separated).
     model: Mapped[str] = mapped_column(String(MAX_KEY_CHARS), nullable=False, server_default="")
     prompts: Mapped[str] = mapped_column(String(512), nullable=False, server_default="")
+    # The routing rules version that routed the request ("" when none did, or unknown).
+    rules_version: Mapped[str] = mapped_column(
+        String(MAX_KEY_CHARS), nullable=False, server_default=""
+    )
 
 
 class UsageTotalRow(Base):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, func, select, true
+from sqlalchemy import ColumnElement, and_, case, func, literal, select, true
 
 from services.telemetry.database import Database
 from services.telemetry.ledger import UsageRow
@@ -47,6 +47,35 @@ class ToolCounts:
     tool_version: str
     calls: int
     failures: int
+
+
+@dataclass(frozen=True)
+class VersionSamples:
+    """One release unit version's records in a window: every duration (for exact
+    percentiles) and the counts the release analysis judges."""
+
+    durations: list[float]
+    errors: int
+    slow: int
+    no_match: int
+
+
+def _version_filter(kind: str, name: str, version: str) -> tuple[ColumnElement[bool], Any, Any]:
+    """Which records belong to a unit's version, and their duration and failure columns.
+
+    A tool's version: its invocations (the tool's own latency and failures). A routing rules
+    or prompt version: the requests it served (the request's latency, the mesh's faults).
+    """
+    if kind == "tool":
+        which = and_(_TOOL_RAN, _U.tool_name == name, _U.tool_version == version)
+        return which, _U.tool_duration_ms, _U.tool_outcome == _FAILED
+    if kind == "routing":
+        return and_(_MEASURED, _U.rules_version == version), _U.duration_ms, _U.error == true()
+    # The prompts column is "name@version" comma-joined: match one whole element.
+    named = (literal(",") + _U.prompts + literal(",")).contains(
+        f",{name}@{version},", autoescape=True
+    )
+    return and_(_MEASURED, named), _U.duration_ms, _U.error == true()
 
 
 class RequestRecords:
@@ -126,6 +155,38 @@ class RequestRecords:
         return [
             ToolCounts(name, version, int(calls), int(bad)) for name, version, calls, bad in rows
         ]
+
+    async def version_samples(
+        self,
+        kind: str,
+        name: str,
+        version: str,
+        *,
+        tenant: str,
+        service: str,
+        start_ns: int,
+        end_ns: int,
+        slow_ms: float,
+    ) -> VersionSamples:
+        """A release unit version's records in [start_ns, end_ns] (``tenant`` "": every
+        tenant's; ``service`` "": every sender's)."""
+        which, duration, failed = _version_filter(kind, name, version)
+        query = select(duration, failed, _U.outcome).where(
+            which, _U.occurred_at_ns >= start_ns, _U.occurred_at_ns <= end_ns
+        )
+        if tenant:
+            query = query.where(_U.tenant == tenant)
+        if service:
+            query = query.where(_U.service == service)
+        async with self._db.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        durations = sorted(float(d or 0.0) for d, _, _ in rows)
+        return VersionSamples(
+            durations=durations,
+            errors=sum(1 for _, bad, _ in rows if bad),
+            slow=sum(1 for d in durations if d > slow_ms),
+            no_match=sum(1 for _, _, outcome in rows if outcome == "no_match"),
+        )
 
     async def trace_tenants(self, trace_id: str) -> set[str]:
         """Tenants whose records name the trace (one, unless a trace id was reused)."""

@@ -44,6 +44,12 @@ MAX_TTL_S = 3600
 DEFAULT_AUDIT_PAGE = 100
 MAX_AUDIT_PAGE = 1000
 NO_SUCH_TRACE = "no span of this trace is stored"
+MAX_RELEASE_VERSIONS = 8
+_UNIT_KINDS = {
+    telemetry_pb2.RELEASE_UNIT_KIND_TOOL: "tool",
+    telemetry_pb2.RELEASE_UNIT_KIND_ROUTING: "routing",
+    telemetry_pb2.RELEASE_UNIT_KIND_PROMPT: "prompt",
+}
 
 _USAGE_STORED = meter().create_counter(
     "toolmesh.telemetry.usage_records_stored", unit="{record}", description="Usage records stored"
@@ -216,6 +222,44 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServicer):
             ],
             window_start=convert.timestamp(start_ns),
             window_end=convert.timestamp(end_ns),
+        )
+
+    async def GetReleaseFigures(
+        self, request: telemetry_pb2.GetReleaseFiguresRequest, context: aio.ServicerContext
+    ) -> telemetry_pb2.GetReleaseFiguresResponse:
+        """Per-version figures of a release unit, each over its own window, judged against the
+        unit's SLO objective (services.telemetry.slo.unit_objective)."""
+        kind = _UNIT_KINDS.get(request.kind)
+        violations = validation.release_figures(request, kind, MAX_RELEASE_VERSIONS)
+        objective = slo.unit_objective(self._slos, kind or "", request.name)
+        if request.objective:
+            named = next((o for o in self._slos.objectives if o.name == request.objective), None)
+            if named is None:
+                violations.append(("objective", "no such objective"))
+            else:
+                objective = named
+        if violations or kind is None:
+            await abort_invalid(context, violations)
+        figures = []
+        for window in request.versions:
+            start_ns, end_ns = validation.stamp_ns(window.start), validation.stamp_ns(window.end)
+            samples = await self._records.version_samples(
+                kind,
+                request.name,
+                window.version,
+                tenant=request.tenant,
+                service=objective.service,
+                start_ns=start_ns,
+                end_ns=end_ns,
+                slow_ms=objective.latency_threshold_ms,
+            )
+            figures.append(convert.version_figures(window, samples, objective))
+        return telemetry_pb2.GetReleaseFiguresResponse(
+            versions=figures,
+            objective=objective.name,
+            availability_target=float(objective.availability),
+            latency_threshold_ms=objective.latency_threshold_ms,
+            latency_target=float(objective.latency_target),
         )
 
     # -- usage, cost, budgets ------------------------------------------------------------------

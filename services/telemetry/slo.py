@@ -148,3 +148,30 @@ def burn_rates(windows: Mapping[int, WindowCounts], target: Fraction) -> dict[in
     return {
         size: burn_rate(windows[size].bad, windows[size].total, target) for size in BURN_WINDOWS_S
     }
+
+
+# What a release unit is judged against when no objective covers it.
+DEFAULT_UNIT_OBJECTIVE = Objective(
+    name="",
+    service="",
+    route="",
+    tool="",
+    availability=Fraction("0.99"),
+    latency_threshold_ms=500.0,
+    latency_target=Fraction("0.95"),
+    period_days=30,
+)
+
+
+def unit_objective(config: SloConfig, kind: str, name: str) -> Objective:
+    """The objective a release unit's burn rates use: for a tool, the objective of that tool,
+    else of every tool ("*"); for routing rules and prompts (which serve whole requests), the
+    first objective of a route; else DEFAULT_UNIT_OBJECTIVE."""
+    objectives = config.objectives
+    if kind == "tool":
+        found = next((o for o in objectives if o.tool == name), None) or next(
+            (o for o in objectives if o.tool == "*"), None
+        )
+    else:
+        found = next((o for o in objectives if o.route), None)
+    return found or DEFAULT_UNIT_OBJECTIVE

@@ -116,7 +116,16 @@ def usage_record(i: int, record: telemetry_pb2.UsageRecord) -> Violations:
         where,
         record,
         ("request_id", "tenant"),
-        ("principal", "route", "tool_name", "tool_version", "outcome", "service", "model"),
+        (
+            "principal",
+            "route",
+            "tool_name",
+            "tool_version",
+            "outcome",
+            "service",
+            "model",
+            "rules_version",
+        ),
     )
     if len(record.prompts) > MAX_PROMPTS or any(
         not p or len(p) > MAX_PROMPT_REF_CHARS or "," in p for p in record.prompts
@@ -186,3 +195,30 @@ def _json_object(text: str) -> bool:
         return isinstance(json.loads(text), dict)
     except ValueError:
         return False
+
+
+def release_figures(
+    request: telemetry_pb2.GetReleaseFiguresRequest, kind: str | None, max_versions: int
+) -> Violations:
+    found: Violations = []
+    if kind is None:
+        found.append(("kind", "one of TOOL, ROUTING or PROMPT"))
+    elif kind != "routing" and not request.name:
+        found.append(("name", "required for a tool or prompt"))
+    found += texts("", request, (), ("name", "tenant", "objective"))
+    if not 1 <= len(request.versions) <= max_versions:
+        found.append(("versions", f"1 to {max_versions} versions"))
+    for i, window in enumerate(request.versions[:max_versions]):
+        where = f"versions[{i}]."
+        found += texts(where, window, ("version",), ())
+        found += timestamp(where, window, "start", required=True)
+        found += timestamp(where, window, "end", required=True)
+        if (
+            window.HasField("start")
+            and window.HasField("end")
+            and (
+                (window.start.seconds, window.start.nanos) > (window.end.seconds, window.end.nanos)
+            )
+        ):
+            found.append((f"{where}end", "at or after start"))
+    return found

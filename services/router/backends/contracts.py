@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.router.compat import breaking_changes
 from services.router.registry import SideEffect
 
 FIRST_VERSION = "1.0.0"
@@ -87,50 +88,24 @@ def changed_fields(old: DiscoveredTool, new: DiscoveredTool) -> list[str]:
     return [name for name in (*CONTRACT_FIELDS, "side_effect") if before[name] != after[name]]
 
 
-def _open(schema: Any) -> bool:
-    return schema in ({}, True)
-
-
-def input_narrowed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    """True unless every argument object the old input schema accepted is (visibly) still
-    accepted by the new one. Conservative: a change it cannot judge counts as narrowing."""
-    if old == new:
-        return False
-    keys = (set(old) | set(new)) - {
-        "properties",
-        "required",
-        "additionalProperties",
-        "description",
-        "title",
-        "$schema",
-    }
-    if any(old.get(k) != new.get(k) for k in keys):
-        return True
-    old_props: Mapping[str, Any] = old.get("properties", {})
-    new_props: Mapping[str, Any] = new.get("properties", {})
-    for name, schema in old_props.items():
-        if name not in new_props or (new_props[name] != schema and not _open(new_props[name])):
-            return True
-    if not set(new.get("required", [])) <= set(old.get("required", [])):
-        return True
-    old_extra = old.get("additionalProperties", True)
-    new_extra = new.get("additionalProperties", True)
-    if old_extra != new_extra and not _open(new_extra):
-        return True
-    # A new property that restricts what the old schema let through as an extra.
-    return any(
-        old_extra is not False and not _open(schema)
-        for name, schema in new_props.items()
-        if name not in old_props
-    )
-
-
 def release_key(version: str) -> tuple[int, int, int]:
     match = _RELEASE.match(version)
     if match is None:
         raise ValueError(f"{version!r} is not a release version (MAJOR.MINOR.PATCH)")
     major, minor, patch = match.groups()
     return int(major), int(minor), int(patch)
+
+
+def contract_breaks(old: DiscoveredTool, new: DiscoveredTool) -> list[str]:
+    """How ``new`` breaks callers of ``old`` (services.router.compat, the one rule)."""
+    return breaking_changes(
+        old_input=old.input_schema,
+        new_input=new.input_schema,
+        old_output=old.output_schema,
+        new_output=new.output_schema,
+        old_side_effect=old.side_effect.value,
+        new_side_effect=new.side_effect.value,
+    )
 
 
 def approval_problem(
@@ -144,15 +119,9 @@ def approval_problem(
     current = release_key(latest_version)
     if wanted <= current:
         return f"must be above the latest published version {latest_version}"
-    breaking = []
-    if pending.side_effect is not latest.side_effect:
-        breaking.append("its side effect changed")
-    if input_narrowed(latest.input_schema, pending.input_schema):
-        breaking.append("its input schema accepts less")
+    breaking = contract_breaks(latest, pending)
     if breaking and wanted[0] <= current[0]:
-        return (
-            f"must be a new major version ({current[0] + 1}.0.0 or above): {' and '.join(breaking)}"
-        )
+        return f"must be a new major version ({current[0] + 1}.0.0 or above): {'; '.join(breaking)}"
     return None
 
 

@@ -15,6 +15,12 @@ the pinned input and output schemas and callers only ever see the pinned descrip
 contract waits as PENDING for an operator. One exception: when the backend now declares a
 write side effect for a tool published as read-only, the tool is suspended (FAILED_PRECONDITION)
 until approved, since serving it as read-only would let a read-only caller write.
+
+Which published version is pinned is the release state's (services.router.releases): the
+tool's stable version. An approved version is published beside it and reaches callers only
+through a release (docs/releases.md). Every published version stays runnable, so a call
+routed to a candidate just before a rollback still completes; a version is retired when the
+release that replaced it completes.
 """
 
 from __future__ import annotations
@@ -115,8 +121,10 @@ class BackendRuntime:
         self.versions: dict[str, list[VersionRecord]] = {}
         # What the last discovery on this replica found (None: no discovery yet).
         self.live: dict[str, DiscoveredTool] | None = None
-        # tool -> the Tool served for it (its latest published version).
+        # tool -> the Tool served for it by default (its stable version).
         self.tools: dict[str, Tool] = {}
+        # tool -> version -> the Tool of every published version (releases pick among them).
+        self.published: dict[str, dict[str, Tool]] = {}
         # tool -> served, drifted, suspended or missing.
         self.status: dict[str, str] = {}
         self.restarts = 0
@@ -332,18 +340,24 @@ class BackendRuntime:
         self.settle()
         self._discovered.set()
 
-    def rebuild(self, versions: list[VersionRecord]) -> None:
-        """Recompute what is served from the stored versions and the last discovery."""
-        by_tool: dict[str, list[VersionRecord]] = {}
-        for version in versions:
-            by_tool.setdefault(version.tool, []).append(version)
+    def rebuild(self, versions: list[VersionRecord] | None = None) -> None:
+        """Recompute what is served from the stored versions (``versions``, or the ones read
+        last), the stable versions and the last discovery."""
+        if versions is not None:
+            by_tool: dict[str, list[VersionRecord]] = {}
+            for version in versions:
+                by_tool.setdefault(version.tool, []).append(version)
+            self.versions = by_tool
         tools: dict[str, Tool] = {}
         status: dict[str, str] = {}
-        for name, rows in by_tool.items():
-            published = [r for r in rows if r.state is VersionState.PUBLISHED]
-            if not published:
+        published: dict[str, dict[str, Tool]] = {}
+        for name, rows in self.versions.items():
+            publishable = [r for r in rows if r.state is VersionState.PUBLISHED]
+            if not publishable:
                 continue
-            pinned = published[-1]
+            built = {r.version: t for r in publishable if (t := self._tool(r)) is not None}
+            published[name] = built
+            pinned = self._pinned(name, publishable)
             live = self.live.get(name) if self.live is not None else pinned.contract
             if live is None:
                 status[name] = MISSING
@@ -357,14 +371,42 @@ class BackendRuntime:
                 status[name] = SUSPENDED
             else:
                 status[name] = DRIFTED_SERVED
-            tool = self._tool(pinned)
-            if tool is not None:
-                tools[name] = tool
-        self.versions = by_tool
+            if pinned.version in built:
+                tools[name] = built[pinned.version]
         self.tools = tools
         self.status = status
+        self.published = published
         if self.state in (READY, DRIFTED):
             self.settle()
+
+    def _pinned(self, name: str, publishable: list[VersionRecord]) -> VersionRecord:
+        """The stable version of the tool; before the release state knows one, the earliest
+        still published (the one served before any later approval)."""
+        stable = self._manager.stable_of(self.record.tenant, f"{self.name}.{name}")
+        return next((r for r in publishable if r.version == stable), publishable[0])
+
+    def suspended(self, name: str, side_effect: SideEffect) -> bool:
+        """True when a version published as read-only is now declared write-capable by the
+        backend: serving it as read-only would let a read-only caller write."""
+        live = self.live.get(name) if self.live is not None else None
+        return (
+            live is not None
+            and side_effect is SideEffect.READ_ONLY
+            and live.side_effect is SideEffect.WRITE
+        )
+
+    def serving(self, name: str, version: str = "") -> Tool | None:
+        """The Tool of ``version`` of the tool (default: its stable version) when it can be
+        called now: published, still offered by the backend, not suspended."""
+        status = self.status.get(name)
+        if status is None or status == MISSING:
+            return None
+        if not version:
+            return self.tools.get(name) if status in (SERVED, DRIFTED_SERVED) else None
+        tool = self.published.get(name, {}).get(version)
+        if tool is None or self.suspended(name, tool.spec.side_effect):
+            return None
+        return tool
 
     def settle(self) -> None:
         """READY, or DRIFTED while some tool's live contract differs from its published one."""
@@ -394,7 +436,7 @@ class BackendRuntime:
         )
         return Tool(
             spec=spec,
-            run=partial(self._call, contract.name),
+            run=partial(self._call, contract.name, contract.side_effect),
             input_validator=input_validator,
             output_validator=output_validator,
             origin=ToolOrigin(
@@ -405,8 +447,10 @@ class BackendRuntime:
             ),
         )
 
-    async def _call(self, name: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolOutput:
-        if self.status.get(name) == SUSPENDED:
+    async def _call(
+        self, name: str, side_effect: SideEffect, arguments: dict[str, Any], ctx: ToolContext
+    ) -> ToolOutput:
+        if self.suspended(name, side_effect):
             raise ToolRunError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"tool {self.name}.{name} is suspended: its backend now declares it "
@@ -478,6 +522,8 @@ class BackendManager:
         self._sync_lock = asyncio.Lock()
         self.pending: dict[int, int] = {}
         self._noted_rules: set[str] = set()
+        # (owning tenant, "<backend>.<tool>") -> its stable version (the release state's).
+        self.stable_of: Callable[[str, str], str | None] = lambda _tenant, _name: None
         _MANAGERS.append(self)
 
     def now(self) -> datetime:
@@ -637,15 +683,29 @@ class BackendManager:
             return None
         return runtime, tool
 
-    def served(self, tenant: str, name: str) -> Tool | None:
-        """The served Tool for "<backend>.<tool>" (routing's lookup); None when not served."""
+    def served(self, tenant: str, name: str, version: str = "") -> Tool | None:
+        """The Tool for "<backend>.<tool>" at ``version`` (default: its stable version) as
+        ``tenant`` may call it now; None when it may not."""
         found = self.tool(tenant, name)
         if found is None:
             return None
         runtime, tool = found
-        if runtime.status.get(tool) in (SERVED, DRIFTED_SERVED):
-            return runtime.tools.get(tool)
-        return None
+        return runtime.serving(tool, version)
+
+    def recompute(self) -> None:
+        """Re-pin every backend tool after the release state changed a stable version."""
+        for runtime in self._runtimes.values():
+            runtime.rebuild()
+
+    async def retire(self, tenant: str, name: str, version: str) -> None:
+        """Retire a published version a completed release replaced."""
+        backend, _, tool = name.partition(".")
+        runtime = next(
+            (r for r in self._runtimes.values() if r.record.tenant == tenant and r.name == backend),
+            None,
+        )
+        if runtime is not None and await self.store.retire(runtime.record.id, tool, version):
+            await self.sync()
 
     def note_rule(self, name: str, why: str) -> None:
         """Say once that a routing rule names a backend tool that cannot be routed to yet."""

@@ -2,7 +2,8 @@
 replica.
 
 ``router_backends`` holds registrations (unique per tenant and name; "" is the shared tenant).
-``router_tool_versions`` holds every contract discovery found: PUBLISHED (served), PENDING (a
+``router_tool_versions`` holds every contract discovery found: PUBLISHED (servable; the release
+state picks the stable one, services.router.releases), PENDING (a
 drift, waiting for approval, version "") and RETIRED (replaced). Two partial unique indexes make
 concurrent discoveries by several replicas safe: one row per published version, one pending row
 per fingerprint. Removing a backend removes its versions.
@@ -308,8 +309,10 @@ class BackendStore:
         now: datetime,
         check: Any,
     ) -> VersionRecord:
-        """Publish the pending contract ``fingerprint`` as ``version``; the published one is
-        retired. ``check(version, latest_version, latest, pending)`` returns why not, or None."""
+        """Publish the pending contract ``fingerprint`` as ``version`` beside the published ones
+        (a release makes it the stable one; the version it replaces is retired when that
+        release completes). ``check(version, latest_version, latest, pending)`` returns why
+        not, or None."""
         async with self._sessions() as session, session.begin():
             rows = (
                 await session.scalars(
@@ -341,20 +344,26 @@ class BackendStore:
             )
             if problem:
                 raise ApprovalRefused(problem)
-            await session.execute(
-                update(ToolVersionRow)
-                .where(
-                    ToolVersionRow.backend_id == backend_id,
-                    ToolVersionRow.tool == tool,
-                    ToolVersionRow.state == VersionState.PUBLISHED.value,
-                )
-                .values(state=VersionState.RETIRED.value)
-            )
             pending.state = VersionState.PUBLISHED.value
             pending.version = version
             pending.decided_at = now
             pending.decided_by = actor
         return VersionRecord.from_row(pending)
+
+    async def retire(self, backend_id: int, tool: str, version: str) -> bool:
+        """Retire a published version (a completed release replaced it); True when it was."""
+        async with self._sessions() as session, session.begin():
+            result = await session.execute(
+                update(ToolVersionRow)
+                .where(
+                    ToolVersionRow.backend_id == backend_id,
+                    ToolVersionRow.tool == tool,
+                    ToolVersionRow.version == version,
+                    ToolVersionRow.state == VersionState.PUBLISHED.value,
+                )
+                .values(state=VersionState.RETIRED.value)
+            )
+            return bool(result.rowcount)
 
     async def pending_counts(self) -> dict[int, int]:
         async with self._sessions() as session:

@@ -1,5 +1,5 @@
 """Alembic migrations of the router schema (session notes; tool backends and their tools'
-versions; prompt template versions and selections; run by services.kit.migrations).
+versions; prompt template versions and selections; releases; run by services.kit.migrations).
 
 A schema change is a new file in versions/ whose down_revision is the latest one;
 test_migrations_match_the_models (tests/unit/migrations) fails until the migrations and the

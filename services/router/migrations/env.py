@@ -5,6 +5,7 @@ from alembic import context
 from services.router.backends.store import Base
 from services.router.migrations import VERSION_TABLE
 from services.router.models import prompts  # noqa: F401  (its tables join Base.metadata)
+from services.router.releases import store  # noqa: F401  (its tables join Base.metadata)
 
 context.configure(
     connection=context.config.attributes["connection"],

@@ -9,6 +9,7 @@ tenant's (NOT_FOUND, exactly like a version never published).
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -53,9 +54,28 @@ def _params_json(prompt: Prompt) -> str:
     return json.dumps(dict(prompt.params), sort_keys=True) if prompt.params else ""
 
 
+# (owner, prompt name) -> the id of a release of that selection in progress, else None.
+ReleaseInProgress = Callable[[str, str], Awaitable[str | None]]
+
+
+async def _none(_owner: str, _name: str) -> str | None:
+    return None
+
+
 class PromptAdmin:
-    def __init__(self, store: PromptStore) -> None:
+    def __init__(self, store: PromptStore, releasing: ReleaseInProgress = _none) -> None:
         self.store = store
+        self._releasing = releasing
+
+    async def _not_releasing(self, owner: str, name: str, context: aio.ServicerContext) -> None:
+        """A selection under a release changes only through that release."""
+        release = await self._releasing(owner, name)
+        if release is not None:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"release {release} of prompt {name} is in progress: promote or abort it first",
+            )
 
     async def _tenant(self, caller: common_pb2.Caller, context: aio.ServicerContext) -> str:
         if not caller.tenant:
@@ -121,9 +141,14 @@ class PromptAdmin:
         except PromptError as error:
             await abort_invalid(context, [(error.field, error.problem)])
         owner = "" if request.shared else tenant
+        if not request.keep_selection:
+            await self._not_releasing(owner, request.name, context)
         prompt, created = await self.store.publish(
             request.name, request.template, params, tenant=owner, by=request.caller.subject
         )
+        if request.keep_selection:
+            current = await self.store.selected(tenant, prompt.name)
+            return _message(prompt, full=True, selected=current.version == prompt.version), created
         await self.store.select(owner, prompt.name, prompt.version, by=request.caller.subject)
         return _message(prompt, full=True, selected=True), created
 
@@ -137,6 +162,7 @@ class PromptAdmin:
         if request.shared:
             await self._shared(request.caller, context)
         owner = "" if request.shared else tenant
+        await self._not_releasing(owner, request.name, context)
         try:
             prompt = await self.store.get(owner, request.name, request.version)
             await self.store.select(owner, request.name, request.version, by=request.caller.subject)

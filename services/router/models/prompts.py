@@ -11,9 +11,10 @@ published by platform operators; every tenant may select them. A tenant's own ve
 visible and selectable only by that tenant.
 
 Selection: the version a tenant uses is its own selection, else the platform's ("" row), else
-the newest platform version. Each selection row has a stable version and room for a candidate
-(``candidate_version``, ``candidate_weight``) for releases (issue 13); this module serves the
-stable version only. Every replica sees a publication or selection within ``cache_s``.
+the newest platform version. Each selection row has a stable version and, while a release of
+it runs a canary (services.router.releases), a candidate and its weight: the candidate serves
+the sessions the sticky assignment gives it. Every replica sees a publication, a selection or
+a release step within ``cache_s``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.router.notes import Base
+from services.router.releases.model import UnitKey, UnitKind, on_candidate
 
 ROUTE_SYSTEM = "route-system"
 ANSWER = "answer"
@@ -156,6 +158,17 @@ class Prompt:
         )
 
 
+@dataclass(frozen=True)
+class Selection:
+    """A selection row as the request path reads it: whose it is, the stable version, and the
+    candidate serving ``weight`` percent of sessions (None: no canary)."""
+
+    owner: str
+    stable: int
+    candidate: int | None
+    weight: int
+
+
 class PromptError(ValueError):
     """A publication or selection the router refuses; ``field`` names what was wrong."""
 
@@ -252,7 +265,9 @@ class PromptStore:
         self._sessions = sessions
         self._cache_s = cache_s
         self._clock = clock
-        self._selected: dict[tuple[str, str], tuple[float, Prompt]] = {}
+        self._selected: dict[tuple[str, str], tuple[float, Selection | None]] = {}
+        # Versions never change: kept once read.
+        self._versions: dict[tuple[str, str, int], Prompt] = {}
 
     async def publish(
         self, name: str, template: str, params: Mapping[str, Any], *, tenant: str, by: str
@@ -339,16 +354,33 @@ class PromptStore:
             rows = (await session.scalars(query.order_by(PromptRow.name, PromptRow.version))).all()
         return [Prompt.from_row(row) for row in rows]
 
-    async def selected(self, tenant: str, name: str) -> Prompt:
-        """The version ``tenant`` uses now (cached for ``cache_s``)."""
+    async def selected(self, tenant: str, name: str, session: str = "") -> Prompt:
+        """The version ``tenant`` uses now for ``session`` (the selection is cached for
+        ``cache_s``; under a canary the candidate serves the sessions assigned to it)."""
         cached = self._selected.get((tenant, name))
         if cached is not None and self._clock() - cached[0] < self._cache_s:
-            return cached[1]
-        prompt = await self._resolve(tenant, name)
-        self._selected[(tenant, name)] = (self._clock(), prompt)
+            selection = cached[1]
+        else:
+            selection = await self._selection(tenant, name)
+            self._selected[(tenant, name)] = (self._clock(), selection)
+        if selection is None:
+            return await self._newest_platform(name)
+        version = selection.stable
+        if selection.candidate is not None and on_candidate(
+            UnitKey(UnitKind.PROMPT, selection.owner, name),
+            str(selection.candidate),
+            selection.weight,
+            tenant,
+            session,
+        ):
+            version = selection.candidate
+        key = (tenant, name, version)
+        prompt = self._versions.get(key)
+        if prompt is None:
+            prompt = self._versions[key] = await self.get(tenant, name, version)
         return prompt
 
-    async def _resolve(self, tenant: str, name: str) -> Prompt:
+    async def _selection(self, tenant: str, name: str) -> Selection | None:
         async with self._sessions() as session:
             rows = (
                 await session.scalars(
@@ -358,10 +390,15 @@ class PromptStore:
                     )
                 )
             ).all()
-        chosen = {row.tenant: row.stable_version for row in rows}
-        version = chosen.get(tenant, chosen.get(""))
-        if version is not None:
-            return await self.get(tenant, name, version)
+        chosen = {row.tenant: row for row in rows}
+        row = chosen.get(tenant, chosen.get(""))
+        if row is None:
+            return None
+        return Selection(
+            row.tenant, row.stable_version, row.candidate_version, row.candidate_weight
+        )
+
+    async def _newest_platform(self, name: str) -> Prompt:
         async with self._sessions() as session:
             row = await session.scalar(
                 select(PromptRow)
@@ -372,6 +409,25 @@ class PromptStore:
         if row is None:
             raise PromptNotFoundError(f"no version of prompt {name} is stored")
         return Prompt.from_row(row)
+
+    async def pin(self, owner: str, name: str, *, by: str) -> int:
+        """The stable version of ``owner``'s own selection, made from the version it uses now
+        when it has none yet (a release needs a stable version of its own to return to)."""
+        async with self._sessions() as session:
+            row = await session.get(PromptSelectionRow, (owner, name))
+        if row is not None:
+            return row.stable_version
+        current = await self.selected(owner, name) if owner else await self._newest_platform(name)
+        with contextlib.suppress(IntegrityError):
+            await self.select(owner, name, current.version, by=by)
+        async with self._sessions() as session:
+            row = await session.get(PromptSelectionRow, (owner, name))
+        assert row is not None
+        return row.stable_version
+
+    def forget(self) -> None:
+        """Read the selections again at the next request (after a change made here)."""
+        self._selected.clear()
 
     async def seed(self, seeds: list[Seed]) -> None:
         """Publish each seed as a platform version (once per content); a name without a

@@ -280,9 +280,12 @@ class ModelRouter:
             body["top_logprobs"] = self.settings.top_logprobs
         return body, {t.spec.name: t for t in offered}
 
-    async def route_plan(self, tenant: str, offered: Sequence[Tool], text: str) -> Plan:
-        """The bound of the routing call for ``text`` (history cut to its own bound)."""
-        prompt = await self._prompts.selected(tenant, ROUTE_SYSTEM)
+    async def route_plan(
+        self, tenant: str, offered: Sequence[Tool], text: str, *, session: str = ""
+    ) -> Plan:
+        """The bound of the routing call for ``text`` (history cut to its own bound), with
+        the routing prompt version that serves (tenant, session)."""
+        prompt = await self._prompts.selected(tenant, ROUTE_SYSTEM, session)
         body, _ = self._route_body(prompt, offered, text, [])
         bound = tokens.request_bound(body["messages"], body.get("tools"))
         return Plan(
@@ -296,9 +299,11 @@ class ModelRouter:
         text: str,
         history: Sequence[common_pb2.Turn],
         deadline: float,
+        *,
+        session: str = "",
     ) -> Proposal:
         """Ask the model; raises ModelUnavailableError/ModelRefusedError when it cannot."""
-        prompt = await self._prompts.selected(tenant, ROUTE_SYSTEM)
+        prompt = await self._prompts.selected(tenant, ROUTE_SYSTEM, session)
         turns = _cut_history(history, self.settings.max_history_tokens)
         body, names = self._route_body(prompt, offered, text, turns)
         completion = await self.providers.complete(body, deadline)
@@ -437,11 +442,13 @@ class ModelRouter:
             "temperature": self.settings.temperature,
         }
 
-    async def answer_plan(self, tenant: str, text: str, tool_name: str) -> Plan:
+    async def answer_plan(
+        self, tenant: str, text: str, tool_name: str, *, session: str = ""
+    ) -> Plan:
         """The bound of phrasing an answer to ``text`` from a result of at most
         ``max_result_bytes`` (a longer result is cut) and arguments of at most
         ANSWER_ARGUMENTS_BYTES."""
-        prompt = await self._prompts.selected(tenant, ANSWER)
+        prompt = await self._prompts.selected(tenant, ANSWER, session)
         placeholder_args = "x" * ANSWER_ARGUMENTS_BYTES
         # Before the tool is known (a model will pick it), a name as long as any can be.
         body = self._answer_body(prompt, text, tool_name or "x" * 128, placeholder_args, "")
@@ -467,10 +474,11 @@ class ModelRouter:
         result_json: str,
         model: str,
         deadline: float,
+        session: str = "",
     ) -> AsyncIterator[str | Usage]:
         """Pieces of the answer as they come, then its Usage; stopping early (the caller went
         away) closes the stream, which stops the server's generation."""
-        plan = await self.answer_plan(tenant, text, tool_name)
+        plan = await self.answer_plan(tenant, text, tool_name, session=session)
         prompt = plan.prompt
         body = self._answer_body(
             prompt, text, tool_name, arguments_json, self.tool_result(answer, result_json)

@@ -179,11 +179,13 @@ async def test_versions_drift_and_approve(cli: Cli) -> None:
         "tools", "approve", "time.echo", "--fingerprint", fingerprint, "--version", "1.1.0"
     )
     assert (code, err) == (0, "")
-    assert out == f"published time.echo@1.1.0 (fingerprint {fingerprint})\n"
+    assert out.startswith(f"published time.echo@1.1.0 (fingerprint {fingerprint}); ")
+    assert "toolmesh release start tool time.echo --candidate 1.1.0" in out
     code, out, _ = await cli("tools", "--versions", "time.echo", "--json")
     states = [(v["contract"]["version"], v["state"]) for v in json.loads(out)["versions"]]
+    # Published beside the stable version (a release makes it stable).
     assert states == [
-        ("1.0.0", "TOOL_VERSION_STATE_RETIRED"),
+        ("1.0.0", "TOOL_VERSION_STATE_PUBLISHED"),
         ("1.1.0", "TOOL_VERSION_STATE_PUBLISHED"),
     ]
     await _eventually(lambda: "tool.approve" in cli.actions())

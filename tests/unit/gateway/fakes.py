@@ -207,6 +207,8 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
         self.discovery: dict[str, list[tuple[str, router_pb2.SideEffect]]] = {}
         self.versions: dict[str, list[router_pb2.ToolVersion]] = {}
         self.backend_requests: list[object] = []
+        self.releases: dict[str, router_pb2.Release] = {}
+        self.release_requests: list[object] = []
         self.route_error: grpc.StatusCode | None = None
         self.invoke_error: tuple[grpc.StatusCode, str] | None = None
         # InvokeTool answers as a tool that declined the input (MCP isError).
@@ -419,16 +421,88 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
             await abort(
                 context, grpc.StatusCode.NOT_FOUND, f"no pending contract {request.fingerprint}"
             )
-        for version in history:
-            if version.state == router_pb2.TOOL_VERSION_STATE_PUBLISHED:
-                version.state = router_pb2.TOOL_VERSION_STATE_RETIRED
+        # Published beside the stable version; a release makes it the stable one.
         approved = pending[0]
         approved.state = router_pb2.TOOL_VERSION_STATE_PUBLISHED
         approved.contract.version = request.version
         approved.decided_by = request.caller.subject
         approved.decided_at.CopyFrom(_now())
-        self.tools[request.tool_name] = approved.contract
         return router_pb2.ApproveToolVersionResponse(version=approved)
+
+    # Releases follow the contract's shape: a start is a canary at its first step (shadow
+    # first for a read-only default plan), refused when the candidate is "bad"; controls move
+    # the state as the router would.
+
+    async def StartRelease(
+        self, request: router_pb2.StartReleaseRequest, context: aio.ServicerContext
+    ) -> router_pb2.StartReleaseResponse:
+        self.release_requests.append(request)
+        if request.candidate_version == "bad":
+            await abort(
+                context, grpc.StatusCode.FAILED_PRECONDITION, "release r0 refused: examples"
+            )
+        plan = router_pb2.ReleasePlan()
+        plan.CopyFrom(request.plan)
+        if not plan.steps:
+            plan.steps.extend([5, 25, 50, 100])
+        canary = plan.kind != router_pb2.RELEASE_PLAN_KIND_SHADOW_THEN_CANARY
+        release = router_pb2.Release(
+            id=f"r{len(self.releases) + 1}",
+            unit=router_pb2.ReleaseUnit(
+                kind=request.unit.kind,
+                name=request.unit.name,
+                tenant=request.caller.tenant if "." in request.unit.name else "",
+            ),
+            stable_version="1.0.0",
+            candidate_version=request.candidate_version,
+            plan=plan,
+            state=router_pb2.RELEASE_STATE_CANARY if canary else router_pb2.RELEASE_STATE_SHADOW,
+            weight=plan.steps[0] if canary else 0,
+            step=0 if canary else -1,
+            started_at=_now(),
+            started_by=request.caller.subject,
+            events=[router_pb2.ReleaseEvent(at=_now(), action="start", actor="dev")],
+        )
+        self.releases[release.id] = release
+        return router_pb2.StartReleaseResponse(release=release)
+
+    async def GetRelease(
+        self, request: router_pb2.GetReleaseRequest, context: aio.ServicerContext
+    ) -> router_pb2.GetReleaseResponse:
+        if request.id not in self.releases:
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no release {request.id}")
+        return router_pb2.GetReleaseResponse(release=self.releases[request.id])
+
+    async def ListReleases(
+        self, request: router_pb2.ListReleasesRequest, context: aio.ServicerContext
+    ) -> router_pb2.ListReleasesResponse:
+        self.release_requests.append(request)
+        active = (router_pb2.RELEASE_STATE_SHADOW, router_pb2.RELEASE_STATE_CANARY)
+        return router_pb2.ListReleasesResponse(
+            releases=[
+                r
+                for r in self.releases.values()
+                if (not request.unit.kind or r.unit.name == request.unit.name)
+                and (not request.active_only or r.state in active)
+            ]
+        )
+
+    async def ControlRelease(
+        self, request: router_pb2.ControlReleaseRequest, context: aio.ServicerContext
+    ) -> router_pb2.ControlReleaseResponse:
+        self.release_requests.append(request)
+        release = self.releases.get(request.id)
+        if release is None:
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no release {request.id}")
+        if request.action == router_pb2.RELEASE_CONTROL_ABORT:
+            release.state, release.weight = router_pb2.RELEASE_STATE_ABORTED, 0
+        elif request.action == router_pb2.RELEASE_CONTROL_PAUSE:
+            release.paused_state, release.state = release.state, router_pb2.RELEASE_STATE_PAUSED
+        elif request.action == router_pb2.RELEASE_CONTROL_RESUME:
+            release.state = release.paused_state
+        else:
+            release.state, release.weight = router_pb2.RELEASE_STATE_MONITORING, 100
+        return router_pb2.ControlReleaseResponse(release=release)
 
 
 class FakeMemory(memory_pb2_grpc.MemoryServicer):

@@ -21,6 +21,7 @@ from tests.unit.gateway.conftest import GatewayUnderTest, ManualClock, bearer, s
 from tests.unit.gateway.fake_ledger import PRICES, LedgerTelemetry
 from tests.unit.gateway.fakes import Fakes
 from toolmesh.gateway.v1 import gateway_pb2
+from toolmesh.telemetry.v1 import telemetry_pb2
 
 READ = "what is 17 + 25"
 WRITE = "note: buy more coffee"
@@ -298,6 +299,29 @@ async def test_a_retried_run_records_its_usage_and_write_once(lg: Ledgered) -> N
     await asyncio.sleep(0.2)
     assert len(lg.ledger.usage) == 1
     assert lg.ledger.actions() == ["tool.write"]
+
+
+async def test_the_record_says_how_long_the_request_and_its_tool_took(lg: Ledgered) -> None:
+    """Statistics, SLOs and tool health are computed from these fields alone: a tool that
+    answered is OK (REFUSED when it reported an error for the input, FAILED when it failed),
+    and the durations are the request's and the tool's own, in milliseconds."""
+    started = time.perf_counter()
+    answered = await lg.run(READ)
+    took_ms = (time.perf_counter() - started) * 1000
+    lg.gw.fakes.router.tool_error = True
+    declined = await lg.run(READ)
+    lg.gw.fakes.router.tool_error = False
+    lg.gw.fakes.router.invoke_error = (grpc.StatusCode.INTERNAL, "disk full")
+    failed = await lg.run(READ)
+    await _eventually(lambda: len(lg.ledger.usage) == 3)
+    records = {r.request_id: r for r in lg.ledger.usage}
+    record = records[answered.request_id]
+    assert 0 < record.tool_duration_ms <= record.duration_ms <= took_ms
+    assert [records[r.request_id].tool_outcome for r in (answered, declined, failed)] == [
+        telemetry_pb2.TOOL_OUTCOME_OK,
+        telemetry_pb2.TOOL_OUTCOME_REFUSED,
+        telemetry_pb2.TOOL_OUTCOME_FAILED,
+    ]
 
 
 async def test_a_failed_write_is_audited_as_a_failure(lg: Ledgered) -> None:

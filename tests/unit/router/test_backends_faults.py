@@ -186,7 +186,9 @@ async def test_a_changed_description_is_pinned_audited_and_served_after_approval
     assert details["pending_fingerprint"] == pending.contract.fingerprint
     assert poisoned not in events[0].details_json
 
-    # Approval: a version above the published one; then the new contract is served.
+    # Approval: a version above the published one, published beside it: the stable version
+    # keeps serving every caller until a release (here the operator's explicit, immediate
+    # one) makes the new version stable; the old one is retired when that release completes.
     with pytest.raises(aio.AioRpcError) as caught:
         await approve(rig, "dict.lookup", pending.contract.fingerprint, "1.0.0")
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -194,18 +196,21 @@ async def test_a_changed_description_is_pinned_audited_and_served_after_approval
     approved = await approve(rig, "dict.lookup", pending.contract.fingerprint, "1.1.0")
     assert approved.state == router_pb2.TOOL_VERSION_STATE_PUBLISHED
     assert approved.decided_by == "admin-1"
+    still = await listed(rig, "dict.lookup")
+    assert still is not None and still.version == "1.0.0"
+    assert (await invoke(rig.router.stub, "dict.lookup", {"word": "b"}, version="1.1.0")).answer
+    await release_now(rig, "dict.lookup", "1.1.0")
     now_served = await listed(rig, "dict.lookup")
     assert now_served is not None and now_served.version == "1.1.0"
     assert now_served.description == poisoned
-    assert (await invoke(rig.router.stub, "dict.lookup", {"word": "b"}, version="1.1.0")).answer
-    with pytest.raises(aio.AioRpcError) as caught:
-        await invoke(rig.router.stub, "dict.lookup", {"word": "b"}, version="1.0.0")
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     states = [(v.contract.version, v.state) for v in await versions(rig, "dict.lookup")]
     assert states == [
         ("1.0.0", router_pb2.TOOL_VERSION_STATE_RETIRED),
         ("1.1.0", router_pb2.TOOL_VERSION_STATE_PUBLISHED),
     ]
+    with pytest.raises(aio.AioRpcError) as caught:
+        await invoke(rig.router.stub, "dict.lookup", {"word": "b"}, version="1.0.0")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_a_tool_that_turns_write_capable_is_suspended_until_a_major_version(rig: Rig) -> None:
@@ -222,11 +227,35 @@ async def test_a_tool_that_turns_write_capable_is_suspended_until_a_major_versio
         await approve(rig, "words.lookup", pending.contract.fingerprint, "1.1.0")
     assert "new major version" in caught.value.details()
     await approve(rig, "words.lookup", pending.contract.fingerprint, "2.0.0")
+    assert await listed(rig, "words.lookup") is None  # 1.0.0 stays stable, and suspended
+    # A side effect that changed is a breaking change: released only with consent.
+    with pytest.raises(aio.AioRpcError) as caught:
+        await release_now(rig, "words.lookup", "2.0.0", allow_breaking=False)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "side effect changed" in caught.value.details()
+    await release_now(rig, "words.lookup", "2.0.0", allow_breaking=True)
     served = await listed(rig, "words.lookup")
     assert served is not None and served.side_effect == router_pb2.SIDE_EFFECT_WRITE
     with pytest.raises(aio.AioRpcError) as caught:
         await invoke(rig.router.stub, "words.lookup", {"word": "a"}, version="2.0.0")
     assert "idempotency_key" in field_violations(caught.value)
+
+
+async def release_now(rig: Rig, tool: str, version: str, *, allow_breaking: bool = False) -> None:
+    """The operator's explicit promotion: a release with the immediate plan and no monitoring
+    (gates still apply)."""
+    await rig.router.stub.StartRelease(
+        router_pb2.StartReleaseRequest(
+            caller=ADMIN,
+            unit=router_pb2.ReleaseUnit(kind=router_pb2.RELEASE_UNIT_KIND_TOOL, name=tool),
+            candidate_version=version,
+            plan=router_pb2.ReleasePlan(
+                kind=router_pb2.RELEASE_PLAN_KIND_IMMEDIATE, monitor_seconds=0
+            ),
+            allow_breaking=allow_breaking,
+        ),
+        timeout=10,
+    )
 
 
 async def _suspended(rig: Rig) -> bool:
