@@ -193,7 +193,7 @@ def cmd_revoke(conn: Connection, args: argparse.Namespace) -> str:
 
 
 def add_parsers(
-    sub: argparse._SubParsersAction,
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
     common: argparse.ArgumentParser,
 ) -> None:
     clients = sub.add_parser(

@@ -260,7 +260,9 @@ def cmd_call(conn: Connection, args: argparse.Namespace) -> str:
     return output.as_json(reply) if args.json else format_call(reply)
 
 
-def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def add_parsers(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     backends = sub.add_parser("backends", help="tool backends: MCP servers, gRPC tool services")
     bsub = backends.add_subparsers(dest="backends_command", required=True, metavar="ACTION")
     add = bsub.add_parser(

@@ -218,7 +218,9 @@ def cmd_capacity(conn: Connection, args: argparse.Namespace) -> str:
     return text
 
 
-def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def add_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     capacity = sub.add_parser(
         "capacity",
         parents=[common],

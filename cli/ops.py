@@ -382,7 +382,9 @@ def cmd_slo(conn: Connection, args: argparse.Namespace) -> str:
     return output.as_json(reply) if args.json else format_slo(reply)
 
 
-def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def add_parsers(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     trace = sub.add_parser("trace", parents=[common], help="one request's span tree")
     trace.add_argument("trace_id", help="32 hexadecimal characters (RunResponse.trace_id)")
     trace.set_defaults(handler=cmd_trace)

@@ -138,7 +138,9 @@ def cmd_select(conn: Connection, args: argparse.Namespace) -> str:
     return f"{ref.name}@{ref.version} now in use"
 
 
-def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def add_parsers(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     prompts = sub.add_parser("prompts", help="prompt template versions (route-system, answer)")
     psub = prompts.add_subparsers(dest="prompts_command", required=True, metavar="ACTION")
     listing = psub.add_parser("list", parents=[common], help="versions (ops:read)")

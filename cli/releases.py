@@ -388,7 +388,9 @@ def _plan_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reason", default="", help="why (recorded and audited)")
 
 
-def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def add_parsers(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     release = sub.add_parser("release", help="release a tool, routing rules or prompt version")
     rsub = release.add_subparsers(dest="release_command", required=True, metavar="ACTION")
 

@@ -687,8 +687,9 @@ class Pipeline:
             await abort(flight.context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exhausted")
         except DependencyError as err:
             await self._access.forward_error(flight.context, err)
-        flight.tool = reply.tool
-        return reply.tool
+        tool: router_pb2.ToolContract = reply.tool
+        flight.tool = tool
+        return tool
 
     # -- select || reserve ----------------------------------------------------------------------
 

@@ -198,7 +198,8 @@ class Mesh:
         return records
 
     def dev_credentials(self) -> dict[str, str]:
-        return json.loads((self.data_dir / "auth" / "dev-client.json").read_text())
+        creds: dict[str, str] = json.loads((self.data_dir / "auth" / "dev-client.json").read_text())
+        return creds
 
     def token(self, scopes: tuple[str, ...] = ()) -> str:
         creds = self.dev_credentials()
@@ -211,4 +212,5 @@ class Mesh:
                 ),
                 timeout=10,
             )
-        return reply.access_token
+        token: str = reply.access_token
+        return token

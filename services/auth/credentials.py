@@ -34,7 +34,9 @@ class SecretHasher:
 
         def check() -> bool:
             try:
-                return self._hasher.verify(secret_hash or self._decoy, secret.get_secret_value())
+                return bool(
+                    self._hasher.verify(secret_hash or self._decoy, secret.get_secret_value())
+                )
             except (VerificationError, InvalidHashError):
                 return False
 

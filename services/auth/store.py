@@ -256,7 +256,8 @@ class Store:
             set_={"expires_at": later},
         ).returning(RevokedTokenRow)
         async with self._sessions.begin() as session:
-            return (await session.scalars(upsert)).one()
+            row: RevokedTokenRow = (await session.scalars(upsert)).one()
+            return row
 
     async def revocations(self) -> tuple[list[RevokedTokenRow], list[str], float]:
         """Revoked ids still unexpired and clients not enabled, pruning what can no longer matter.

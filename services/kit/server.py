@@ -260,11 +260,11 @@ def _bind(server: aio.Server, settings: ServiceSettings, files: TlsFiles | None)
     """Listen on the configured address; a taken port or a foreign address is refused."""
     try:
         if files:
-            port = server.add_secure_port(
+            port: int = server.add_secure_port(
                 settings.address, files.server_credentials(settings.tls_require_client_auth)
             )
         else:
-            port = server.add_insecure_port(settings.address)
+            port = int(server.add_insecure_port(settings.address))
     except RuntimeError:  # grpc: "Failed to bind to address ..."
         port = 0
     if port == 0:

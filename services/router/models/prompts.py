@@ -43,7 +43,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.router.notes import Base
@@ -257,7 +257,7 @@ def load_seeds(directory: Path = SEED_DIR) -> list[Seed]:
 class PromptStore:
     def __init__(
         self,
-        sessions: async_sessionmaker[Any],
+        sessions: async_sessionmaker[AsyncSession],
         *,
         cache_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,

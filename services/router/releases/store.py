@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     DateTime,
@@ -30,6 +30,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapped, mapped_column
@@ -233,7 +234,7 @@ def _event_row(release_id: str, event: Event) -> ReleaseEventRow:
 
 
 class ReleaseStore:
-    def __init__(self, sessions: async_sessionmaker[Any]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
 
     # -- stable versions ------------------------------------------------------------------------
@@ -381,7 +382,7 @@ class ReleaseStore:
                 .where(condition)
                 .values(revision=before.revision + 1, **_columns(after))
             )
-            if result.rowcount != 1:
+            if cast(CursorResult[Any], result).rowcount != 1:
                 return False
             session.add_all([_event_row(before.id, e) for e in events])
             if stable is not None:
@@ -489,7 +490,7 @@ class ReleaseStore:
                 )
                 .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=ttl_s))
             )
-            return bool(result.rowcount == 1)
+            return cast(CursorResult[Any], result).rowcount == 1
 
     async def drop_leases(self, owner: str) -> None:
         """Let every lease ``owner`` holds go (a replica stopping), so another takes over at

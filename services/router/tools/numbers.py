@@ -123,4 +123,4 @@ def fraction_within(value: Fraction, max_exponent: int) -> bool:
     if value == 0:
         return True
     size = abs(value)
-    return Fraction(1, 10**max_exponent) <= size < 10**max_exponent
+    return bool(Fraction(1, 10**max_exponent) <= size < 10**max_exponent)

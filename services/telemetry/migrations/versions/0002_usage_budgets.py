@@ -18,7 +18,7 @@ depends_on: str | Sequence[str] | None = None
 _KEY = 256
 
 
-def _id() -> sa.Column:
+def _id() -> sa.Column[int]:
     return sa.Column(
         "id",
         sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
@@ -27,11 +27,11 @@ def _id() -> sa.Column:
     )
 
 
-def _text(name: str, length: int = _KEY) -> sa.Column:
+def _text(name: str, length: int = _KEY) -> sa.Column[str]:
     return sa.Column(name, sa.String(length), nullable=False)
 
 
-def _int(name: str) -> sa.Column:
+def _int(name: str) -> sa.Column[int]:
     return sa.Column(name, sa.BigInteger(), nullable=False)
 
 
