@@ -72,7 +72,8 @@ class AuditTrail:
         self._policy_version = policy_version
         self._timeout = call_timeout_s
         self._legacy_file = legacy_file
-        self.store = TableOutbox(database_url, "auth")
+        # One AppendAudit call per batch: a claim outlives it with room to spare.
+        self.store = TableOutbox(database_url, "auth", lease_s=2 * call_timeout_s + 1)
         self.outbox = MessageOutbox(
             self.store, idle_s=idle_s, base_backoff_s=base_backoff_s, max_backoff_s=max_backoff_s
         )
