@@ -183,8 +183,10 @@ def test_a_deleted_gateway_and_auth_pod_lose_nothing_acknowledged(
 
     # Nothing left waiting, and the new pod's data directory holds no outbox file.
     left = eventually(
-        lambda: query(urls["gateway"], "SELECT COUNT(*) FROM gateway_outbox")
-        + query(urls["auth"], "SELECT COUNT(*) FROM auth_outbox"),
+        lambda: (
+            query(urls["gateway"], "SELECT COUNT(*) FROM gateway_outbox")
+            + query(urls["auth"], "SELECT COUNT(*) FROM auth_outbox")
+        ),
         lambda counts: counts == [(0,), (0,)],
         timeout=15,
     )
