@@ -3,7 +3,8 @@
 This is what the Kubernetes migration Jobs run before a rollout (docs/deploy.md,
 docs/migrations.md). The database is found as the service finds it: ``--database-url``, else the
 service's settings from the environment (TOOLMESH_<SERVICE>_DATABASE_URL, falling back to
-TOOLMESH_DATABASE_URL, else the SQLite file ``<TOOLMESH_DATA_DIR>/<service>.db``).
+TOOLMESH_DATABASE_URL, else the SQLite file ``<TOOLMESH_DATA_DIR>/<service>.db``; for the gateway,
+whose only tables are its outbox's, TOOLMESH_GATEWAY_OUTBOX_URL).
 
 The CLI is an operator tool, not a service: from each service it imports only its migrations
 package (``services.<name>.migrations``: the revisions, whose env.py loads the table models) and
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from services.kit.migrations import ServiceMigrations
 
-SERVICES = ("auth", "router", "memory", "telemetry")
+SERVICES = ("auth", "router", "memory", "telemetry", "gateway")
 
 
 def add_parser(sub: Any) -> None:
@@ -57,8 +58,6 @@ class MigrateError(Exception):
 class DatabaseSettings(Protocol):
     """What every service's settings class offers for finding its database."""
 
-    database_url: str
-
     def ensure_data_dir(self) -> Path: ...
 
 
@@ -85,6 +84,12 @@ def service_parts(service: str) -> tuple[ServiceMigrations, Callable[[], Databas
         from services.telemetry.settings import TelemetrySettings
 
         return TELEMETRY, TelemetrySettings
+    if service == "gateway":
+        # The gateway's only tables are its outbox (TOOLMESH_GATEWAY_OUTBOX_URL).
+        from gateway.migrations import MIGRATIONS as GATEWAY
+        from gateway.settings import GatewaySettings
+
+        return GATEWAY, GatewaySettings
     raise MigrateError(f"unknown service {service!r} (one of {', '.join(SERVICES)})")
 
 
@@ -106,7 +111,9 @@ def database_url(service: str, explicit: str) -> str:
         settings = settings_class()
     except ValidationError as error:
         raise MigrateError(f"{service} settings are invalid: {error}") from None
-    url: str = settings.database_url or sqlite_url(settings.ensure_data_dir(), service)
+    # The gateway has no database but its outbox's.
+    configured = getattr(settings, "outbox_url" if service == "gateway" else "database_url")
+    url: str = configured or sqlite_url(settings.ensure_data_dir(), service)
     return url
 
 

@@ -16,7 +16,7 @@ from gateway.authn import AuthState
 from gateway.backends import BackendAdmin
 from gateway.clients import Clients
 from gateway.operations import Operations
-from gateway.outbox import open_outbox
+from gateway.outbox import open_outbox, outbox_store
 from gateway.pipeline import Pipeline
 from gateway.reliability import Guard, stop_tasks
 from gateway.servicer import GatewayServicer
@@ -57,7 +57,12 @@ def build(
     async def register(server: aio.Server) -> Registered:
         clients = Clients.open(settings)
         guard = Guard(breaker_config(settings), clock)
-        outbox = open_outbox(settings, clients, guard)
+        try:
+            store = await outbox_store(settings)
+        except BaseException:
+            await clients.close()  # the server never started, so no clean-up would run
+            raise
+        outbox = open_outbox(settings, clients, guard, store)
         await outbox.open()
         auth_state = AuthState(clients.auth, settings, clock)
         accounting = Accounting.create(clients.telemetry, guard, settings, clock)

@@ -1,8 +1,10 @@
 """The gateway's durable outbox: writes that must not be lost, replayed until delivered.
 
-One SQLite file, ``<data_dir>/gateway-outbox.db`` (services.kit.outbox.MessageOutbox). Every
-item is a serialized protobuf request of the receiving service's contract, so replay is
-"parse, send":
+Where items wait (services.kit.outbox.MessageOutbox): with ``outbox_url`` set (production),
+the ``gateway_outbox`` table of the gateway's own database (gateway/migrations), shared by every
+replica, so items acknowledged by a pod that is then deleted are delivered by the others; else
+the local SQLite file ``<data_dir>/gateway-outbox.db`` (dev). Every item is a serialized
+protobuf request of the receiving service's contract, so replay is "parse, send":
 
 - kind ``memory``: payload ``toolmesh.memory.v1.AppendTurnsRequest``, key
   ``memory:<request id>``, delivered by memory.AppendTurns (de-duplicated by request id; the
@@ -28,10 +30,13 @@ import logging
 import grpc
 
 from gateway.clients import Clients
+from gateway.migrations import MIGRATIONS, PREFIX
 from gateway.reliability import DependencyError, Guard
 from gateway.settings import GatewaySettings
 from services.kit.audit import dead_letter_notice
-from services.kit.outbox import MessageOutbox, send_splitting_refusals
+from services.kit.migrations import check_schema
+from services.kit.outbox import MessageOutbox, OutboxStore, send_splitting_refusals
+from services.kit.outbox_table import TableOutbox
 from toolmesh.memory.v1 import memory_pb2
 from toolmesh.telemetry.v1 import telemetry_pb2
 
@@ -55,10 +60,34 @@ def _refusal(exc: Exception) -> str | None:
     return None
 
 
-def open_outbox(settings: GatewaySettings, clients: Clients, guard: Guard) -> MessageOutbox:
-    """The outbox with its three delivery routes (not yet opened or started)."""
+async def outbox_store(settings: GatewaySettings) -> OutboxStore | None:
+    """The table store when ``outbox_url`` is set: its schema checked (or migrated, per
+    ``migrate_on_start``) and what a local file of an earlier run still holds moved into it."""
+    if not settings.outbox_url:
+        return None
+    await check_schema(settings.outbox_url, MIGRATIONS, migrate_on_start=settings.migrate_on_start)
+    store = TableOutbox(settings.outbox_url, PREFIX, lease_s=settings.outbox_lease_s)
+    await store.open()
+    try:
+        moved = await store.adopt_file(settings.ensure_data_dir() / FILE_NAME)
+    except BaseException:
+        await store.close()
+        raise
+    if moved:
+        log.info("outbox file moved into the outbox table", extra={"items": moved})
+    return store
+
+
+def open_outbox(
+    settings: GatewaySettings,
+    clients: Clients,
+    guard: Guard,
+    store: OutboxStore | None = None,
+) -> MessageOutbox:
+    """The outbox with its three delivery routes (not yet opened or started): on ``store``
+    (opened) when given, else on the local file."""
     outbox = MessageOutbox(
-        settings.ensure_data_dir() / FILE_NAME,
+        store or settings.ensure_data_dir() / FILE_NAME,
         idle_s=settings.outbox_idle_s,
         base_backoff_s=settings.outbox_backoff_base_s,
         max_backoff_s=settings.outbox_backoff_max_s,

@@ -69,7 +69,14 @@ class GatewaySettings(ServiceSettings):
     breaker_open_s: float = Field(default=5.0, gt=0)
     breaker_half_open_calls: int = Field(default=3, ge=1)
 
-    # Durable outbox (<data_dir>/gateway-outbox.db) relay: idle poll and retry backoff.
+    # Where the durable outbox keeps acknowledged items until memory and telemetry have them:
+    # empty means the local SQLite file <data_dir>/gateway-outbox.db (dev: it dies with the
+    # pod's emptyDir); a database URL means the gateway_outbox table there (production: its own
+    # PostgreSQL database, so a pod scaled down mid-outage leaves its items to the next replica).
+    outbox_url: str = ""
+    # A claimed item is left to this replica for this long before another may claim it.
+    outbox_lease_s: float = Field(default=60.0, gt=0)
+    # Relay: idle poll and retry backoff.
     outbox_idle_s: float = Field(default=0.5, gt=0)
     outbox_backoff_base_s: float = Field(default=0.2, gt=0)
     # Capped low so replay starts within a second or two of a dependency's recovery.

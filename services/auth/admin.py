@@ -8,7 +8,8 @@ tenants; the attempt is audited as permission.denied in the tenant whose client 
 
 Audit: a change is recorded in the tenant it changed (a client's tenant; the caller's for the
 global signing keys) and, when a platform operator acts on another tenant, in the operator's
-own tenant too; it is committed before the RPC answers.
+own tenant too; the events are written to auth's outbox table in the change's own transaction
+(``_staged_change``), so the change and its record commit together before the RPC answers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -25,6 +26,7 @@ from grpc import aio
 
 from services.auth import validation
 from services.auth.access import Actor
+from services.auth.audit import Staged
 from services.auth.base import AuthBase
 from services.auth.conversions import client_pb, key_pb, revoked_pb
 from services.auth.credentials import new_secret
@@ -34,6 +36,8 @@ from services.auth.models import (
     CLIENT_ENABLED,
     CLIENT_REVOKED,
     ClientRow,
+    RevokedTokenRow,
+    SigningKeyRow,
 )
 from services.auth.store import Conflict, NotFound, OtherTenant, StoreError, WrongState
 from services.kit.audit import FAILURE, SUCCESS, AuditAction, action_name
@@ -42,8 +46,10 @@ from services.kit.errors import abort, abort_invalid
 from services.kit.scopes import ADMIN, PLATFORM_ADMIN
 from services.kit.tokens import MAX_TOKEN_LIFETIME_S, TokenError
 from toolmesh.auth.v1 import auth_pb2
+from toolmesh.telemetry.v1.telemetry_pb2 import AuditEvent
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 log = logging.getLogger("toolmesh.auth")
 
@@ -113,15 +119,16 @@ class AdminRpcs(AuthBase):
             created_at=now,
             updated_at=now,
         )
-        await self._run_store(context, CLIENT_CREATE, actor, client_id, self._store.add_client(row))
-        await self._record_change(
-            context,
+        change: Staged[ClientRow] = self._staged_change(
             CLIENT_CREATE,
             actor,
-            client_id,
-            tenant=tenant,
+            lambda row: (row.client_id, row.tenant),
             details={"client_tenant": tenant, "scopes": scopes, "roles": roles},
         )
+        await self._run_store(
+            context, CLIENT_CREATE, actor, client_id, self._store.add_client(row, change.items)
+        )
+        change.committed()
         return auth_pb2.CreateClientResponse(
             client=client_pb(row), client_secret=secret.get_secret_value()
         )
@@ -188,21 +195,17 @@ class AdminRpcs(AuthBase):
         # tenant and one of the caller's own cost the same time.
         secret = new_secret()
         secret_hash = await self._hasher.hash(secret)
+        change = self._client_change(CLIENT_ROTATE_SECRET, actor)
         row = await self._run_store(
             context,
             CLIENT_ROTATE_SECRET,
             actor,
             request.client_id,
-            self._store.set_secret_hash(request.client_id, secret_hash, actor.tenant_filter),
+            self._store.set_secret_hash(
+                request.client_id, secret_hash, actor.tenant_filter, change.items
+            ),
         )
-        await self._record_change(
-            context,
-            CLIENT_ROTATE_SECRET,
-            actor,
-            row.client_id,
-            tenant=row.tenant,
-            details={"client_tenant": row.tenant},
-        )
+        change.committed()
         return auth_pb2.RotateClientSecretResponse(
             client=client_pb(row), client_secret=secret.get_secret_value()
         )
@@ -237,8 +240,17 @@ class AdminRpcs(AuthBase):
                 "the keys dir is not writable here; rotate with `python -m services.auth "
                 "rotate-key` where the key files are managed",
             )
+        # kid is the public key's thumbprint: naming it reveals nothing of the private key.
+        change: Staged[tuple[SigningKeyRow, SigningKeyRow | None]] = self._staged_change(
+            KEY_ROTATE,
+            actor,
+            lambda rows: (rows[0].kid, actor.tenant),
+            details=lambda rows: {"previous": rows[1].kid if rows[1] else ""},
+        )
         try:
-            new, previous = await self._store.rotate_to(kid, x, self._settings.key_publish_ahead_s)
+            new, previous = await self._store.rotate_to(
+                kid, x, self._settings.key_publish_ahead_s, change.items
+            )
         except Conflict:
             self._keys.remove(kid)
             await self._record_refusal(
@@ -252,15 +264,7 @@ class AdminRpcs(AuthBase):
             await abort(
                 context, grpc.StatusCode.ABORTED, "another key rotation ran at the same time; retry"
             )
-        # kid is the public key's thumbprint: naming it reveals nothing of the private key.
-        await self._record_change(
-            context,
-            KEY_ROTATE,
-            actor,
-            new.kid,
-            tenant=actor.tenant,
-            details={"previous": previous.kid if previous else ""},
-        )
+        change.committed()
         return auth_pb2.RotateKeyResponse(
             active=key_pb(new), previous=key_pb(previous) if previous else None
         )
@@ -272,11 +276,14 @@ class AdminRpcs(AuthBase):
         violations = validation.opaque_id("kid", request.kid, "required, a key id from ListKeys")
         if violations:
             await abort_invalid(context, violations)
-        row = await self._run_store(
-            context, KEY_RETIRE, actor, request.kid, self._store.retire(request.kid)
+        change: Staged[SigningKeyRow] = self._staged_change(
+            KEY_RETIRE, actor, lambda key: (key.kid, actor.tenant)
         )
+        row = await self._run_store(
+            context, KEY_RETIRE, actor, request.kid, self._store.retire(request.kid, change.items)
+        )
+        change.committed()
         self._keys.remove(row.kid)
-        await self._record_change(context, KEY_RETIRE, actor, row.kid, tenant=actor.tenant)
         return auth_pb2.RetireKeyResponse(key=key_pb(row))
 
     # --- tokens ---------------------------------------------------------------------------
@@ -309,15 +316,17 @@ class AdminRpcs(AuthBase):
         else:
             # A tenant admin revokes within its tenant; a platform operator in every tenant.
             tenant = "" if actor.platform else actor.tenant
-        row = await self._store.revoke_token(tenant, request.token_id, expires_at)
-        await self._record_change(
-            context,
+        change: Staged[RevokedTokenRow] = self._staged_change(
             TOKEN_REVOKE,
             actor,
-            row.jti,
-            tenant=tenant or actor.tenant,
-            details={"expires_at": round(row.expires_at, 3), "token_tenant": tenant or "*"},
+            lambda revoked: (revoked.jti, tenant or actor.tenant),
+            details=lambda revoked: {
+                "expires_at": round(revoked.expires_at, 3),
+                "token_tenant": tenant or "*",
+            },
         )
+        row = await self._store.revoke_token(tenant, request.token_id, expires_at, change.items)
+        change.committed()
         return auth_pb2.RevokeTokenResponse(revoked=revoked_pb(row))
 
     # --- helpers --------------------------------------------------------------------------
@@ -383,21 +392,17 @@ class AdminRpcs(AuthBase):
         violations = validation.client_id(client_id)
         if violations:
             await abort_invalid(context, violations)
+        change = self._client_change(action, actor)
         row = await self._run_store(
             context,
             action,
             actor,
             client_id,
-            self._store.set_client_state(client_id, state, allowed_from, actor.tenant_filter),
+            self._store.set_client_state(
+                client_id, state, allowed_from, actor.tenant_filter, change.items
+            ),
         )
-        await self._record_change(
-            context,
-            action,
-            actor,
-            client_id,
-            tenant=row.tenant,
-            details={"client_tenant": row.tenant},
-        )
+        change.committed()
         return row
 
     async def _run_store(
@@ -449,32 +454,39 @@ class AdminRpcs(AuthBase):
                 str(error),
             )
 
-    async def _record_change(
+    def _client_change(self, action: int, actor: Actor) -> Staged[ClientRow]:
+        """The events of a change to one client, recorded in the client's tenant."""
+        return self._staged_change(
+            action,
+            actor,
+            lambda row: (row.client_id, row.tenant),
+            details=lambda row: {"client_tenant": row.tenant},
+        )
+
+    def _staged_change(
         self,
-        context: aio.ServicerContext,
         action: int,
         actor: Actor,
-        target: str,
+        where: Callable[[R], tuple[str, str]],
         *,
-        tenant: str,
-        details: Mapping[str, object] | None = None,
-    ) -> None:
-        """Record a change made by ``actor`` in ``tenant`` before answering; a platform
-        operator's change to another tenant is recorded in the operator's tenant too."""
-        tenants: Sequence[str] = [tenant] if tenant == actor.tenant else [tenant, actor.tenant]
-        extra = {} if tenant == actor.tenant else {"actor_tenant": actor.tenant}
-        # Together, so both events share one outbox commit.
-        await asyncio.gather(
-            *(
-                self._record_required(
-                    context,
-                    action,
-                    SUCCESS,
-                    tenant=where,
-                    actor=actor.subject,
-                    target=target,
-                    details={**(details or {}), **extra},
+        details: Mapping[str, object] | Callable[[R], Mapping[str, object]] | None = None,
+    ) -> Staged[R]:
+        """The audit events of a change by ``actor``, for the store to commit in the change's
+        transaction: ``where`` names the target and the tenant changed, from the changed row.
+        A platform operator's change to another tenant is recorded in the operator's tenant
+        too."""
+
+        def build(row: R) -> list[AuditEvent]:
+            target, tenant = where(row)
+            facts = dict(details(row) if callable(details) else details or {})
+            tenants: Sequence[str] = [tenant] if tenant == actor.tenant else [tenant, actor.tenant]
+            if tenant != actor.tenant:
+                facts["actor_tenant"] = actor.tenant
+            return [
+                self._audit.event(
+                    action, SUCCESS, tenant=t, actor=actor.subject, target=target, details=facts
                 )
-                for where in tenants
-            )
-        )
+                for t in tenants
+            ]
+
+        return self._audit.staged(build)

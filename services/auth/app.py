@@ -192,12 +192,13 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
             await engine.dispose()  # the server never started, so no clean-up would run
             raise
         cleanups.append(engine.dispose)
-        # Audit events wait in this file until telemetry has them; a relay started here
-        # delivers them (and whatever an earlier run left behind) with backoff.
+        # Audit events wait in auth's outbox table until telemetry has them; a relay started
+        # here delivers them (and whatever an earlier run or another replica left) with backoff.
         trail = AuditTrail(
-            settings.resolved_audit_outbox_file(),
+            settings.db_url(),
             settings.telemetry_target,
             lambda: policy.current().version,
+            legacy_file=settings.resolved_audit_outbox_file(),
             call_timeout_s=settings.audit_call_timeout_s,
             base_backoff_s=settings.audit_backoff_base_s,
             max_backoff_s=settings.audit_backoff_max_s,

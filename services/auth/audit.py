@@ -4,30 +4,41 @@ the telemetry service's hash-chained trail (``toolmesh.telemetry.v1.Telemetry/Ap
 Building an event is services.kit.audit's job (the one builder: actions from the
 ``toolmesh.common.v1.AuditAction`` enum, every field cleaned and clipped to telemetry's
 limits); this module only adds auth's context (request id, trace id, policy version) and
-delivers: ``AuditTrail.event`` builds, ``record`` logs and commits, the relay sends.
+delivers.
 
-Outbox items have kind ``audit``, key = the event id (a random hex id) and payload = the
-serialized ``AuditEvent``. Telemetry stores each (tenant, event_id) once, so a batch delivered
-twice (a crash between delivery and deletion) is harmless. While telemetry is down the relay
-backs off (full jitter) and the events wait in the file; they are replayed at the next start.
+The outbox is the ``auth_outbox`` table of auth's own database (services.kit.outbox_table), so
+an event outlives the pod as the change it records does. Two ways in:
 
-Every event is also written as a structured log line on ``toolmesh.auth.audit``; the outbox
-(and then telemetry) is the record. Callers never pass secrets, tokens or key material: targets
-are client ids, key ids (public thumbprints) and token ids (jti).
+- a change (an admin RPC, an operator command): ``AuditTrail.staged`` builds the events from
+  the changed row and the store inserts them in the change's own transaction, so the change and
+  its events commit together or not at all;
+- anything else (a token issued, a refusal): ``record`` commits the event on its own, group
+  committed with the events recorded meanwhile.
+
+Outbox items have kind ``audit``, key ``audit:<event id>`` and payload the serialized
+``AuditEvent``. Telemetry stores each (tenant, event_id) once, so a batch delivered twice (a
+crash between delivery and deletion) is harmless. While telemetry is down the relay backs off
+(full jitter) and the events wait in the table; any replica delivers them. An outbox file left
+by an earlier release is moved into the table at start.
+
+Every event is also written as a structured log line on ``toolmesh.auth.audit`` once committed;
+the outbox (and then telemetry) is the record. Callers never pass secrets, tokens or key
+material: targets are client ids, key ids (public thumbprints) and token ids (jti).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from services.kit.audit import audit_event
 from services.kit.channels import open_channel
 from services.kit.context import request_id_var
-from services.kit.outbox import Item, Outbox, Pending, Relay
+from services.kit.outbox import Item, MessageOutbox
+from services.kit.outbox_table import TableOutbox
 from services.kit.tracing import current_trace_id
 from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 
@@ -40,50 +51,50 @@ CONTRACT_VERSIONS = ("toolmesh.auth.v1",)
 BATCH = 100
 
 
+R = TypeVar("R")
+
+
 class AuditTrail:
-    """The auth service's audit emitter: ``record`` returns once the event is durable."""
+    """The auth service's audit emitter: an event is durable before the RPC answers."""
 
     def __init__(
         self,
-        path: Path,
+        database_url: str,
         telemetry_target: str,
         policy_version: Callable[[], str],
         *,
+        legacy_file: Path | None = None,
         call_timeout_s: float = 5.0,
         idle_s: float = 0.5,
         base_backoff_s: float = 0.2,
         max_backoff_s: float = 10.0,
     ) -> None:
-        self.path = path
-        self._target = telemetry_target
         self._policy_version = policy_version
         self._timeout = call_timeout_s
-        self.outbox = Outbox(path)
-        self.relay = Relay(
-            self.outbox, idle_s=idle_s, base_backoff_s=base_backoff_s, max_backoff_s=max_backoff_s
+        self._legacy_file = legacy_file
+        # One AppendAudit call per batch: a claim outlives it with room to spare.
+        self.store = TableOutbox(database_url, "auth", lease_s=2 * call_timeout_s + 1)
+        self.outbox = MessageOutbox(
+            self.store, idle_s=idle_s, base_backoff_s=base_backoff_s, max_backoff_s=max_backoff_s
         )
         self._channel = open_channel(telemetry_target)
         self._stub = telemetry_pb2_grpc.TelemetryStub(self._channel)
-        self.relay.route(KIND, self._deliver, BATCH)
-        self._task: asyncio.Task[None] | None = None
-        # Group commit: events recorded while a commit runs share the next one (one fsync).
-        self._waiting: list[tuple[Item, asyncio.Future[None]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self.outbox.route(KIND, telemetry_pb2.AuditEvent, self._deliver, batch=BATCH)
 
     async def open(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Connect to the outbox table (the schema must be at head) and move what an earlier
+        release's outbox file still holds into it."""
         await self.outbox.open()
+        if self._legacy_file is not None:
+            moved = await self.store.adopt_file(self._legacy_file)
+            if moved:
+                log.info("audit outbox file moved into the outbox table", extra={"items": moved})
 
     def start(self) -> None:
-        """Start relaying, including events an earlier run left in the file."""
-        self._task = asyncio.create_task(self.relay.run(), name="audit-relay")
+        """Start relaying, including events an earlier run (or another replica) left."""
+        self.outbox.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._writer is not None:
-            await asyncio.gather(self._writer, return_exceptions=True)
         await self.outbox.close()
         await self._channel.close()
 
@@ -120,58 +131,66 @@ class AuditTrail:
         target: str = "",
         details: Mapping[str, object] | None = None,
     ) -> telemetry_pb2.AuditEvent:
-        """Log the event and commit it to the outbox (fsync'd) before returning.
+        """Commit the event to the outbox on its own (group commit) and log it.
 
         Raises when the outbox cannot be written; the caller decides whether its RPC may still
         answer. Cancelling the caller does not cancel the commit."""
         event = self.event(
             action, outcome, tenant=tenant, actor=actor, target=target, details=details
         )
-        audit_log.info(
-            "audit",
-            extra={
-                "event": event.action,
-                "actor": event.actor,
-                "target": event.target,
-                "outcome": event.outcome,
-                "tenant": event.tenant,
-                "event_id": event.event_id,
-                "details": json.loads(event.details_json) if event.details_json else {},
-            },
-        )
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._waiting.append((Item(KIND, event.event_id, event.SerializeToString()), done))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write(), name="audit-outbox-writer")
-        await asyncio.shield(done)
-        self.relay.wake()
+        await self.outbox.put_many([(KIND, event.event_id, event)])
+        self.committed([event])
         return event
 
-    async def _write(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting, []
-            try:
-                await self.outbox.put([item for item, _ in batch])
-            except Exception as exc:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-            else:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
+    def staged(self, build: Callable[[R], list[telemetry_pb2.AuditEvent]]) -> Staged[R]:
+        """Events to commit in the transaction of a change: ``build`` makes them from the
+        changed row (the store calls it inside the transaction)."""
+        return Staged(self, build)
 
-    async def _deliver(self, pending: list[Pending]) -> list[tuple[Pending, str]]:
-        request = telemetry_pb2.AppendAuditRequest(
-            events=[telemetry_pb2.AuditEvent.FromString(item.payload) for item in pending]
-        )
+    def committed(self, events: Sequence[telemetry_pb2.AuditEvent]) -> None:
+        """Log events now durable and wake the relay."""
+        for event in events:
+            audit_log.info(
+                "audit",
+                extra={
+                    "event": event.action,
+                    "actor": event.actor,
+                    "target": event.target,
+                    "outcome": event.outcome,
+                    "tenant": event.tenant,
+                    "event_id": event.event_id,
+                    "details": json.loads(event.details_json) if event.details_json else {},
+                },
+            )
+        self.outbox.relay.wake()
+
+    async def _deliver(self, events: list[telemetry_pb2.AuditEvent]) -> list[tuple[int, str]]:
+        request = telemetry_pb2.AppendAuditRequest(events=events)
         reply = await self._stub.AppendAudit(request, timeout=self._timeout)
         log.info(
             "audit events delivered",
-            extra={"items": len(pending), "stored": reply.stored, "duplicates": reply.duplicates},
+            extra={"items": len(events), "stored": reply.stored, "duplicates": reply.duplicates},
         )
         return []
 
 
-__all__ = ["KIND", "AuditTrail"]
+class Staged(Generic[R]):
+    """Audit events of one change: ``items`` is the store's hook inside the transaction,
+    ``committed`` the caller's once it committed."""
+
+    def __init__(
+        self, trail: AuditTrail, build: Callable[[R], list[telemetry_pb2.AuditEvent]]
+    ) -> None:
+        self._trail = trail
+        self._build = build
+        self.events: list[telemetry_pb2.AuditEvent] = []
+
+    def items(self, row: R) -> list[Item]:
+        self.events = self._build(row)
+        return [Item(KIND, f"{KIND}:{e.event_id}", e.SerializeToString()) for e in self.events]
+
+    def committed(self) -> None:
+        self._trail.committed(self.events)
+
+
+__all__ = ["KIND", "AuditTrail", "Staged"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 from sqlalchemy import Boolean, Float, Index, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from services.kit.outbox_table import outbox_tables
+
 KEY_ACTIVE = "active"
 KEY_VERIFYING = "verifying"
 KEY_RETIRED = "retired"
@@ -77,3 +79,7 @@ class RevokedTokenRow(Base):
     jti: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[float] = mapped_column(Float, index=True)
     revoked_at: Mapped[float] = mapped_column(Float)
+
+
+# Audit events waiting for telemetry, written in the transaction of the change they record.
+AUDIT_OUTBOX = outbox_tables(Base.metadata, "auth")

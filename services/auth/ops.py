@@ -10,10 +10,11 @@ import argparse
 import re
 import secrets
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from services.auth.admin import CLIENT_CREATE, CLIENT_DELETE, KEY_RETIRE, KEY_ROTATE
-from services.auth.audit import AuditTrail
+from services.auth.audit import AuditTrail, Staged
 from services.auth.credentials import SecretHasher, new_secret
 from services.auth.keys import KeyFiles
 from services.auth.models import (
@@ -22,6 +23,7 @@ from services.auth.models import (
     CLIENT_ENABLED,
     CLIENT_REVOKED,
     ClientRow,
+    SigningKeyRow,
 )
 from services.auth.policy import NAME_PATTERN, SCOPE_PATTERN, load_policy
 from services.auth.settings import AuthSettings
@@ -33,6 +35,7 @@ from services.kit.db import create_engine
 ACTOR = "local-operator"
 # The local operator has no tenant of its own; names starting with "_" are never real tenants.
 OPERATOR_TENANT = "_operator"
+R = TypeVar("R")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -60,34 +63,48 @@ async def run(settings: AuthSettings, args: argparse.Namespace) -> dict[str, Any
     """Run one command; returns what to print. Raises ValueError for bad input."""
     settings.ensure_data_dir()
     engine = create_engine(settings.db_url())
-    # Events go to the same outbox file as the server's: its relay (or the next start's)
-    # delivers them to telemetry.
+    # Events go to the server's outbox table, in the transaction of the change they record:
+    # a running server's relay (or the next start's) delivers them to telemetry.
     trail = AuditTrail(
-        settings.resolved_audit_outbox_file(),
+        settings.db_url(),
         settings.telemetry_target,
         lambda: load_policy(settings.policy_file).version,
     )
     try:
-        await trail.open()
         store = Store(engine)
         await store.create_schema(migrate=settings.migrate_on_start)
+        await trail.open()
         keys = KeyFiles(settings.resolved_keys_dir())
         if args.command == "rotate-key":
             kid, x = keys.create()
-            new, previous = await store.rotate_to(kid, x, settings.key_publish_ahead_s)
-            previous_kid = previous.kid if previous else ""
-            await record(trail, KEY_ROTATE, new.kid, {"previous": previous_kid})
+            rotated: Staged[tuple[SigningKeyRow, SigningKeyRow | None]] = staged(
+                trail,
+                KEY_ROTATE,
+                lambda rows: rows[0].kid,
+                lambda rows: {"previous": rows[1].kid if rows[1] else ""},
+            )
+            new, previous = await store.rotate_to(
+                kid, x, settings.key_publish_ahead_s, rotated.items
+            )
+            rotated.committed()
             return {"active": new.kid, "previous": previous.kid if previous else None}
         if args.command == "retire-key":
-            retired = await store.retire(args.kid)
+            retiring: Staged[SigningKeyRow] = staged(trail, KEY_RETIRE, lambda key: key.kid)
+            retired = await store.retire(args.kid, retiring.items)
+            retiring.committed()
             keys.remove(retired.kid)
-            await record(trail, KEY_RETIRE, retired.kid)
             return {"retired": retired.kid}
         if args.command == "delete-client":
-            deleted = await store.set_client_state(
-                args.client_id, CLIENT_DELETED, (CLIENT_ENABLED, CLIENT_DISABLED, CLIENT_REVOKED)
+            deleting: Staged[ClientRow] = staged(
+                trail, CLIENT_DELETE, lambda c: c.client_id, lambda c: {"client_tenant": c.tenant}
             )
-            await record(trail, CLIENT_DELETE, deleted.client_id, {"client_tenant": deleted.tenant})
+            deleted = await store.set_client_state(
+                args.client_id,
+                CLIENT_DELETED,
+                (CLIENT_ENABLED, CLIENT_DISABLED, CLIENT_REVOKED),
+                audit=deleting.items,
+            )
+            deleting.committed()
             return {"deleted": deleted.client_id}
         return await _create_client(settings, store, trail, args)
     finally:
@@ -95,11 +112,24 @@ async def run(settings: AuthSettings, args: argparse.Namespace) -> dict[str, Any
         await engine.dispose()
 
 
-async def record(
-    trail: AuditTrail, action: int, target: str, details: dict[str, object] | None = None
-) -> None:
-    await trail.record(
-        action, SUCCESS, tenant=OPERATOR_TENANT, actor=ACTOR, target=target, details=details
+def staged(
+    trail: AuditTrail,
+    action: int,
+    target: Callable[[R], str],
+    details: Callable[[R], dict[str, object]] | None = None,
+) -> Staged[R]:
+    """The local operator's event of a change, committed in the change's transaction."""
+    return trail.staged(
+        lambda row: [
+            trail.event(
+                action,
+                SUCCESS,
+                tenant=OPERATOR_TENANT,
+                actor=ACTOR,
+                target=target(row),
+                details=details(row) if details else None,
+            )
+        ]
     )
 
 
@@ -129,9 +159,16 @@ async def _create_client(
         created_at=now,
         updated_at=now,
     )
-    await store.add_client(row)
-    details = {"client_tenant": row.tenant, "scopes": args.scope, "roles": args.role}
-    await record(trail, CLIENT_CREATE, client_id, details)
+    details: dict[str, object] = {
+        "client_tenant": row.tenant,
+        "scopes": args.scope,
+        "roles": args.role,
+    }
+    creating: Staged[ClientRow] = staged(
+        trail, CLIENT_CREATE, lambda c: c.client_id, lambda _: details
+    )
+    await store.add_client(row, creating.items)
+    creating.committed()
     return {
         "client_id": client_id,
         "client_secret": secret.get_secret_value(),

@@ -49,8 +49,10 @@ class AuthSettings(ServiceSettings):
     # Where audit events go (telemetry's AppendAudit): host:port, a comma list of replicas,
     # ipv4:... or dns:///name:port. mTLS is used when this process has a certificate.
     telemetry_target: str = f"127.0.0.1:{DEFAULT_PORTS['telemetry']}"
-    # The durable queue (SQLite) of audit events not yet delivered to telemetry; unset means
-    # <data_dir>/auth/audit-outbox.db. Keep it on a disk that outlives the process.
+    # Audit events wait for telemetry in the auth_outbox table of auth's own database, written
+    # in the transaction of the change they record. This is only the outbox file of releases
+    # before that (unset: <data_dir>/auth/audit-outbox.db): what it still holds is moved into
+    # the table at start, and the file renamed *.adopted.
     audit_outbox_file: Path | None = None
     # Seconds each AppendAudit call may take before the batch is retried later.
     audit_call_timeout_s: float = Field(default=5.0, gt=0)

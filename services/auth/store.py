@@ -1,9 +1,16 @@
-"""Reads and writes of keys, clients and revocations; the database is shared by all replicas."""
+"""Reads and writes of keys, clients and revocations; the database is shared by all replicas.
+
+Every change takes an optional ``audit`` hook: given the changed row, it returns the outbox
+items (audit events) that record the change, inserted into ``auth_outbox`` in the change's own
+transaction, so the change and its audit events commit together or not at all.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -12,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from services.auth.migrations import MIGRATIONS
 from services.auth.models import (
+    AUDIT_OUTBOX,
     CLIENT_DELETED,
     CLIENT_ENABLED,
     CLIENT_REVOKED,
@@ -24,9 +32,14 @@ from services.auth.models import (
 )
 from services.kit.db import session_factory
 from services.kit.migrations import check_schema
+from services.kit.outbox import Item
+from services.kit.outbox_table import insert_items
 from services.kit.tokens import MAX_TOKEN_LIFETIME_S
 
 PRUNE_EVERY_S = 30.0
+R = TypeVar("R")
+# The changed row -> the outbox items recording the change (services.auth.audit.Staged.items).
+Audit = Callable[[R], Sequence[Item]]
 
 
 class StoreError(Exception):
@@ -77,6 +90,16 @@ class Store:
         this release, or behind it and ``migrate`` is false.
         """
         await check_schema(self._engine, MIGRATIONS, migrate_on_start=migrate)
+
+    async def _audit(self, session: AsyncSession, audit: Audit[R] | None, row: R) -> None:
+        """Insert the change's audit events in the change's transaction (flushing it first, so
+        a refused change raises before any event is built)."""
+        if audit is None:
+            return
+        await session.flush()
+        items = audit(row)
+        if items:
+            await session.execute(insert_items(self._dialect, AUDIT_OUTBOX.items, items))
 
     # --- signing keys -------------------------------------------------------------------
 
@@ -135,7 +158,11 @@ class Store:
             return previous or active
 
     async def rotate_to(
-        self, kid: str, x: str, publish_ahead_s: float
+        self,
+        kid: str,
+        x: str,
+        publish_ahead_s: float,
+        audit: Audit[tuple[SigningKeyRow, SigningKeyRow | None]] | None = None,
     ) -> tuple[SigningKeyRow, SigningKeyRow | None]:
         """Make a new key active and the active one verifying, in one transaction."""
         now = time.time()
@@ -162,11 +189,12 @@ class Store:
                     signs_from=now + (publish_ahead_s if previous else 0),
                 )
                 session.add(new)
+                await self._audit(session, audit, (new, previous))
         except IntegrityError as error:
             raise Conflict("another key rotation ran at the same time; retry") from error
         return new, previous
 
-    async def retire(self, kid: str) -> SigningKeyRow:
+    async def retire(self, kid: str, audit: Audit[SigningKeyRow] | None = None) -> SigningKeyRow:
         async with self._sessions.begin() as session:
             row = await session.get(SigningKeyRow, kid, with_for_update=True)
             if row is None:
@@ -176,6 +204,7 @@ class Store:
             if row.state == KEY_VERIFYING:
                 row.state = KEY_RETIRED
                 row.state_changed_at = time.time()
+            await self._audit(session, audit, row)
             return row
 
     # --- clients ------------------------------------------------------------------------
@@ -184,10 +213,11 @@ class Store:
         async with self._sessions() as session:
             return await session.get(ClientRow, client_id)
 
-    async def add_client(self, row: ClientRow) -> None:
+    async def add_client(self, row: ClientRow, audit: Audit[ClientRow] | None = None) -> None:
         try:
             async with self._sessions.begin() as session:
                 session.add(row)
+                await self._audit(session, audit, row)
         except IntegrityError as error:
             raise Conflict(f"client {row.client_id} already exists") from error
 
@@ -206,6 +236,7 @@ class Store:
         state: str,
         allowed_from: tuple[str, ...],
         tenant: str | None = None,
+        audit: Audit[ClientRow] | None = None,
     ) -> ClientRow:
         """Move a client out of the enabled state; revoked and deleted also lose the secret.
 
@@ -218,10 +249,15 @@ class Store:
             if state in (CLIENT_REVOKED, CLIENT_DELETED):
                 row.secret_hash = ""
             row.updated_at = time.time()
+            await self._audit(session, audit, row)
             return row
 
     async def set_secret_hash(
-        self, client_id: str, secret_hash: str, tenant: str | None = None
+        self,
+        client_id: str,
+        secret_hash: str,
+        tenant: str | None = None,
+        audit: Audit[ClientRow] | None = None,
     ) -> ClientRow:
         async with self._sessions.begin() as session:
             row = await _client_for_update(session, client_id, tenant)
@@ -229,6 +265,7 @@ class Store:
                 raise WrongState(f"client {client_id} is {row.state}")
             row.secret_hash = secret_hash
             row.updated_at = time.time()
+            await self._audit(session, audit, row)
             return row
 
     async def set_scopes(self, client_id: str, scopes: str) -> None:
@@ -241,7 +278,13 @@ class Store:
 
     # --- revocations --------------------------------------------------------------------
 
-    async def revoke_token(self, tenant: str, jti: str, expires_at: float) -> RevokedTokenRow:
+    async def revoke_token(
+        self,
+        tenant: str,
+        jti: str,
+        expires_at: float,
+        audit: Audit[RevokedTokenRow] | None = None,
+    ) -> RevokedTokenRow:
         """Record a revoked token id of ``tenant`` ("" = any tenant); idempotent: revoking
         again, even concurrently on several replicas, keeps one row with the later expiry."""
         dialect = postgresql if self._dialect == "postgresql" else sqlite
@@ -257,6 +300,7 @@ class Store:
         ).returning(RevokedTokenRow)
         async with self._sessions.begin() as session:
             row: RevokedTokenRow = (await session.scalars(upsert)).one()
+            await self._audit(session, audit, row)
             return row
 
     async def revocations(self) -> tuple[list[RevokedTokenRow], list[str], float]:

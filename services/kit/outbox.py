@@ -1,4 +1,4 @@
-"""A durable outbox: writes that must not be lost wait in a local SQLite file until delivered.
+"""A durable outbox: writes that must not be lost wait in storage that outlives the process.
 
 The sender commits an item here before acknowledging its own caller, then a relay delivers
 items in batches with exponential backoff and jitter. Receivers de-duplicate by the item's
@@ -7,12 +7,14 @@ here, exactly once there. An item its receiver refuses for good (its own content
 the receiver's health) is never dropped silently: it moves to the dead-letter table, with a
 metric, an error log and a hook its owner uses to say so where it matters (the audit chain).
 
-Layers: ``Outbox`` is the file; ``Relay`` delivers per kind; ``MessageOutbox`` is what a
-service uses — protobuf messages by kind, group commit (puts arriving while a commit runs
-share the next transaction and its fsync), typed delivery routes.
+Layers: a store (``OutboxStore``) keeps the items: ``Outbox`` is a local SQLite file (the dev
+default), services.kit.outbox_table.TableOutbox a table in the service's own database (what
+production uses, so items outlive the pod, not only the process); ``Relay`` delivers per kind;
+``MessageOutbox`` is what a service uses — protobuf messages by kind, group commit (puts
+arriving while a commit runs share the next transaction and its fsync), typed delivery routes.
 
-Uses the standard library's sqlite3 on one dedicated thread rather than SQLAlchemy: it is a
-local queue file, not a shared schema, and one thread keeps every access serialized.
+``Outbox`` uses the standard library's sqlite3 on one dedicated thread rather than SQLAlchemy:
+it is a local queue file, not a shared schema, and one thread keeps every access serialized.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from google.protobuf.message import Message
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -89,7 +91,26 @@ class DeadLetter:
     dead_at: float
 
 
+class OutboxStore(Protocol):
+    """Where items wait: ``due`` hands out items in queue order (a shared store also leases
+    them, so replicas relaying one table do not send the same items at the same time)."""
+
+    depths: dict[str, int]
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def put(self, items: Sequence[Item]) -> None: ...
+    async def due(self, kind: str, limit: int) -> list[Pending]: ...
+    async def done(self, ids: Sequence[int]) -> None: ...
+    async def retry_later(self, ids: Sequence[int], error: str, delay_s: float) -> None: ...
+    async def dead_letter(self, refused: Sequence[tuple[int, str]]) -> None: ...
+    async def dead_letters(self, kind: str = "") -> list[DeadLetter]: ...
+    async def refresh_depths(self) -> dict[str, int]: ...
+
+
 class Outbox:
+    """The local file store (one process owns the file)."""
+
     def __init__(self, path: Path) -> None:
         self._path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
@@ -237,7 +258,7 @@ class Relay:
 
     def __init__(
         self,
-        outbox: Outbox,
+        outbox: OutboxStore,
         *,
         idle_s: float = 0.5,
         base_backoff_s: float = 0.2,
@@ -342,7 +363,7 @@ def _describe(exc: BaseException) -> str:
 
 # Weak: an outbox belongs to a server; a process that builds several (tests do) must not keep
 # every one it ever opened alive, nor report its depth.
-_OUTBOXES: weakref.WeakSet[Outbox] = weakref.WeakSet()
+_OUTBOXES: weakref.WeakSet[OutboxStore] = weakref.WeakSet()
 
 
 def _observe_depths(_options: CallbackOptions) -> list[Observation]:
@@ -378,14 +399,16 @@ class MessageOutbox:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | OutboxStore,
         *,
         idle_s: float = 0.5,
         base_backoff_s: float = 0.2,
         max_backoff_s: float = 2.0,
     ) -> None:
-        self.path = path
-        self.store = Outbox(path)
+        """``path``: a local SQLite file, or a store (a table in the service's database)."""
+        self.path = path if isinstance(path, Path) else None
+        self.store: OutboxStore = Outbox(path) if isinstance(path, Path) else path
+        self._name = path.name if isinstance(path, Path) else type(path).__name__
         self.relay = Relay(
             self.store, idle_s=idle_s, base_backoff_s=base_backoff_s, max_backoff_s=max_backoff_s
         )
@@ -398,7 +421,7 @@ class MessageOutbox:
 
     def start(self) -> None:
         """Start relaying, including what an earlier run left in the file."""
-        self._task = asyncio.create_task(self.relay.run(), name=f"relay:{self.path.name}")
+        self._task = asyncio.create_task(self.relay.run(), name=f"relay:{self._name}")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -493,6 +516,7 @@ __all__ = [
     "Item",
     "MessageOutbox",
     "Outbox",
+    "OutboxStore",
     "Pending",
     "Relay",
     "send_splitting_refusals",

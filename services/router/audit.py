@@ -41,6 +41,7 @@ class RouterAudit:
     """``record`` returns once the event is durable; a relay task delivers it."""
 
     def __init__(self, path: Path, telemetry_target: str, *, call_timeout_s: float = 5.0) -> None:
+        self._path = path
         self._outbox = MessageOutbox(path)
         self._channel = open_channel(telemetry_target)
         self._stub = telemetry_pb2_grpc.TelemetryStub(self._channel)
@@ -53,7 +54,7 @@ class RouterAudit:
         )
 
     async def open(self) -> None:
-        self._outbox.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         await self._outbox.open()
         self._outbox.start()
 

@@ -215,7 +215,10 @@ def test_database_url_comes_from_a_secret(
         (container,) = kube.pod_spec(deployment)["containers"]
         env = {e["name"]: e for e in container.get("env", [])}
         name = f"TOOLMESH_{service.upper()}_DATABASE_URL"
-        if service not in kube.DB_SERVICES:
+        if service == "gateway" and overlay == "overlays/prod":
+            # Its only database is its outbox's.
+            name = "TOOLMESH_GATEWAY_OUTBOX_URL"
+        elif service not in kube.DB_SERVICES:
             assert name not in env
             continue
         ref = env[name]["valueFrom"]["secretKeyRef"]
@@ -223,6 +226,24 @@ def test_database_url_comes_from_a_secret(
         # Production must not silently fall back to a per-pod SQLite file.
         assert ref.get("optional") is optional
         assert "DATABASE_URL" not in " ".join(kube.config_env(docs, container))
+
+
+def test_prod_outboxes_live_in_postgresql_not_in_the_pod(
+    rendered: dict[str, list[kube.Doc]],
+) -> None:
+    """Issue 15: an outbox on an emptyDir dies with its pod. In production the gateway's is a
+    table of its own database and auth's a table of auth's (no outbox file setting at all)."""
+    docs = rendered["overlays/prod"]
+    for name in ("gateway", "auth"):
+        (container,) = kube.pod_spec(kube.by_name(docs, "Deployment", name))["containers"]
+        env = {e["name"]: e for e in container.get("env", [])}
+        settings = {**kube.config_env(docs, container), **env}
+        assert "TOOLMESH_AUTH_AUDIT_OUTBOX_FILE" not in settings
+        url = "TOOLMESH_GATEWAY_OUTBOX_URL" if name == "gateway" else "TOOLMESH_AUTH_DATABASE_URL"
+        assert env[url]["valueFrom"]["secretKeyRef"] == {"name": f"{name}-database", "key": "url"}
+    dev = kube.by_name(rendered["overlays/dev"], "Deployment", "gateway")
+    (container,) = kube.pod_spec(dev)["containers"]
+    assert "TOOLMESH_GATEWAY_OUTBOX_URL" not in {e["name"] for e in container.get("env", [])}
 
 
 def test_prod_auth_mounts_its_signing_keys_from_a_secret(
@@ -428,7 +449,7 @@ def test_production_replicas_never_migrate_the_schema_themselves(
     for deployment in toolmesh_deployments(docs):
         (container,) = kube.pod_spec(deployment)["containers"]
         env = kube.config_env(docs, container)
-        if env.get("TOOLMESH_ENV") == "production" and service_of(deployment) != "gateway":
+        if env.get("TOOLMESH_ENV") == "production":
             assert env.get("TOOLMESH_MIGRATE_ON_START") == "false", (path, service_of(deployment))
 
 

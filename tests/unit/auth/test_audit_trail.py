@@ -107,9 +107,11 @@ async def auth(tmp_path: Path, telemetry: Telemetry) -> AsyncIterator[AuthServer
 
 
 def outbox_rows(server: AuthServer) -> list[tuple[str, bytes]]:
-    path = server.settings.resolved_audit_outbox_file()
-    with sqlite3.connect(path) as conn:
-        return conn.execute("SELECT key, payload FROM outbox WHERE kind = 'audit'").fetchall()
+    """What waits in auth's outbox table (the SQLite database of these tests)."""
+    with sqlite3.connect(server.settings.data_dir / "auth.db") as conn:
+        return conn.execute(
+            "SELECT key, payload FROM auth_outbox WHERE kind = 'audit' ORDER BY id"
+        ).fetchall()
 
 
 def as_text(events: list[telemetry_pb2.AuditEvent]) -> str:
@@ -198,7 +200,7 @@ async def test_events_reach_the_trail_once_and_survive_a_telemetry_outage(
     assert len(waiting) == 1
     (key, payload) = waiting[0]
     pending = telemetry_pb2.AuditEvent.FromString(payload)
-    assert (pending.event_id, pending.action) == (key, "admin.client.disable")
+    assert (f"audit:{pending.event_id}", pending.action) == (key, "admin.client.disable")
     for leaked in (secret, dev["client_secret"], admin_token, issued.access_token):
         assert leaked.encode() not in payload
     await asyncio.sleep(0.5)  # a few delivery attempts fail meanwhile
@@ -216,7 +218,7 @@ async def test_events_reach_the_trail_once_and_survive_a_telemetry_outage(
     assert [(e.action, e.target, e.outcome) for e in events[5:]] == [
         ("admin.client.disable", "audit-bot", "success")
     ]
-    assert events[5].event_id == key
+    assert f"audit:{events[5].event_id}" == key
     assert len(events) == 6
     verdict = await telemetry.verify("dev")
     assert verdict.ok and verdict.events_checked == 6

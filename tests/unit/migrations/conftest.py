@@ -13,6 +13,8 @@ import pytest
 from sqlalchemy import MetaData
 
 import services
+from gateway.migrations import METADATA as GATEWAY_METADATA
+from gateway.migrations import MIGRATIONS as GATEWAY
 from services.auth.migrations import MIGRATIONS as AUTH
 from services.auth.models import Base as AuthBase
 from services.kit.db import sqlite_url
@@ -39,6 +41,7 @@ SERVICES = {
     "auth": Service(AUTH, AuthBase.metadata),
     "router": Service(ROUTER, RouterBase.metadata),
     "memory": Service(MEMORY, MemoryBase.metadata),
+    "gateway": Service(GATEWAY, GATEWAY_METADATA),
 }
 
 

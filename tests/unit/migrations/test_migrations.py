@@ -1,4 +1,5 @@
-"""Every migration of auth, router and memory, up and down, on SQLite and PostgreSQL.
+"""Every migration of auth, router, memory and the gateway (its outbox), up and down, on SQLite
+and PostgreSQL.
 
 Also: the models match the migrations (autogenerate finds nothing), services share one database
 with one version table each, replicas migrating together take turns, databases made by the
