@@ -22,9 +22,10 @@ from grpc import aio
 
 from bench import calltool, corpus, model, storage
 from bench.echo_server import METHOD
-from bench.load import Result, closed_loop
+from bench.load import Result, Window, closed_loop
 from testing.mesh import REPO, Mesh, free_port
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from toolmesh.telemetry.v1 import telemetry_pb2
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "10"))
 # Sections other modules measure on the traced mesh, appended to BENCHMARKS.md.
@@ -45,7 +46,9 @@ async def bench_echo(target: str, concurrency: int) -> Result:
         return await closed_loop(lambda _w: echo(payload, timeout=5), concurrency, SECONDS)
 
 
-async def bench_run(target: str, token: str, concurrency: int) -> Result:
+async def bench_run(
+    target: str, token: str, concurrency: int, window: Window | None = None
+) -> Result:
     metadata = (("authorization", f"Bearer {token}"),)
     async with aio.insecure_channel(target) as channel:
         await _wait_ready(channel)
@@ -60,7 +63,21 @@ async def bench_run(target: str, token: str, concurrency: int) -> Result:
                 raise RuntimeError(f"degraded answer: {reply.degraded}")
             return reply
 
-        return await closed_loop(call, concurrency, SECONDS)
+        return await closed_loop(call, concurrency, SECONDS, window=window)
+
+
+def set_bench_budget(mesh: Mesh, token: str) -> None:
+    """A budget for the bench caller's whole tenant, far above what the bench spends: every
+    Run is checked against it, none is refused by it."""
+    with mesh.channel("gateway") as channel:
+        gateway_pb2_grpc.GatewayStub(channel).SetBudget(
+            gateway_pb2.SetBudgetRequest(
+                period=telemetry_pb2.BUDGET_PERIOD_DAY,
+                limits=telemetry_pb2.BudgetAmounts(tool_calls=1_000_000_000),
+            ),
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=10,
+        )
 
 
 def _row(name: str, result: Result, base: Result) -> str:
