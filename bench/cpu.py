@@ -113,8 +113,21 @@ def profiled(pids: dict[str, int], out: Path, seconds: float) -> Iterator[None]:
     spy = Path(sys.executable).with_name("py-spy")
     procs = [
         subprocess.Popen(
-            [str(spy), "record", "--pid", str(pid), "--duration", str(int(seconds)),
-             "--rate", "67", "--format", "raw", "--nonblocking", "-o", str(out / f"{name}.txt")],
+            [
+                str(spy),
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(int(seconds)),
+                "--rate",
+                "67",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "-o",
+                str(out / f"{name}.txt"),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -146,8 +159,10 @@ def main() -> None:
             print({name: f"{rss_mb(pid):.0f} MB" for name, pid in pids.items()}, flush=True)
             window = CpuWindow(pids)
             result = asyncio.run(bench_run.bench_run(mesh.gateway, token, concurrency, window))
-            print(f"Run c={concurrency}: {result.rps:.0f}/s p50 {result.p50_ms:.2f} ms "
-                  f"errors {result.errors}")
+            print(
+                f"Run c={concurrency}: {result.rps:.0f}/s p50 {result.p50_ms:.2f} ms "
+                f"errors {result.errors}"
+            )
             for line in cpu_table([(f"Run, {concurrency} callers", result.requests, window)]):
                 print(line)
             # Profiled separately: the sampler's own CPU would skew the figures above.

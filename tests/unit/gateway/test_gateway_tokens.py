@@ -14,8 +14,8 @@ from collections.abc import Callable
 import jwt
 import pytest
 
-from gateway.accounting import verified_identity
 from gateway import authn
+from gateway.accounting import verified_identity
 from gateway.authn import (
     AuthSnapshot,
     AuthState,
@@ -203,7 +203,7 @@ def test_staleness_bound_must_outlast_the_refresh_interval() -> None:
 
 def _loaded_state(revocations: Revocations | None = None) -> AuthState:
     state = AuthState(None, SETTINGS, clock=lambda: 0.0)  # type: ignore[arg-type]
-    state._snapshot = snapshot(revocations)  # noqa: SLF001 (no auth to fetch from here)
+    state._snapshot = snapshot(revocations)
     return state
 
 
@@ -226,12 +226,12 @@ async def test_a_verified_token_is_remembered_but_revocation_and_expiry_still_ap
     listing = auth_pb2.GetRevocationsResponse(
         revoked_tokens=[auth_pb2.RevokedToken(token_id="cached-1", tenant="acme")]
     )
-    state._snapshot = snapshot(parse_revocations(listing))  # noqa: SLF001
+    state._snapshot = snapshot(parse_revocations(listing))
     with pytest.raises(TokenError, match="token revoked"):
         await state.verify(token)
     # Past its expiry the token is verified in full again, never served from memory.
     state = _loaded_state()
     await state.verify(token)
-    state._wall = lambda: principal.expires_at + 1.0  # noqa: SLF001
+    state._wall = lambda: principal.expires_at + 1.0
     await state.verify(token)
     assert len(checks) == 3
