@@ -143,6 +143,7 @@ def write_report(
         + ", ".join(f"{name} {mb:.0f} MB" for name, mb in IDLE_RSS.items())
         + ".",
         "",
+        (REPO / "bench" / "changes.md").read_text(),
         (REPO / "bench" / "before.md").read_text(),
     ]
     path.write_text("\n".join(lines))
