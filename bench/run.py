@@ -104,7 +104,7 @@ def write_report(
         "",
         "`echo` is a raw grpc.aio unary echo server measured in the same run: the baseline. "
         '`Run` is `Gateway.Run("what is 17 * 23")` through gateway, auth (JWT verified '
-        "in the gateway), memory (history read + two turns appended, SQLite WAL with "
+        "in the gateway), memory (two turns appended, SQLite WAL with "
         "synchronous=FULL), router (route + invoke) and telemetry (spans exported in batches). "
         "Ratios: latency is Run p50 / echo p50; throughput is Run rps / echo rps. "
         '"degraded or failed" counts answers that were not a clean tool answer (for example '
