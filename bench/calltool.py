@@ -19,8 +19,9 @@ from grpc import aio
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
+from bench.cpu import CpuWindow
 from bench.echo_server import METHOD
-from bench.load import Result, closed_loop
+from bench.load import Result, Window, closed_loop
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from toolmesh.router.v1 import router_pb2
 
@@ -50,6 +51,7 @@ async def _call_tool(
     arguments: str,
     concurrency: int,
     seconds: float,
+    window: Window | None = None,
 ) -> Result:
     metadata = (("authorization", f"Bearer {token}"),)
     request = gateway_pb2.CallToolRequest(tool=tool, arguments_json=arguments)
@@ -60,7 +62,7 @@ async def _call_tool(
             raise RuntimeError(f"{reply.outcome}: {reply.answer}")
         return reply
 
-    return await closed_loop(call, concurrency, seconds)
+    return await closed_loop(call, concurrency, seconds, window=window)
 
 
 async def _direct_mcp(concurrency: int, seconds: float) -> Result:
@@ -120,6 +122,8 @@ async def bench(
     levels: tuple[int, ...],
     seconds: float,
     progress: Callable[[str], None] = print,
+    cpu_rows: list[tuple[str, int, CpuWindow]] | None = None,
+    pids: dict[str, int] | None = None,
 ) -> str:
     """Measure every row at every concurrency level; the Markdown section."""
     rows: list[str] = []
@@ -135,9 +139,14 @@ async def bench(
                     _row("echo", echo, echo, None),
                     _row("mcp-server-time direct (mcp SDK, stdio)", direct, echo, direct),
                 ]
+                window = CpuWindow(pids) if pids else None
                 builtin = await _call_tool(
-                    stub, token, "calculator", calculator, concurrency, seconds
+                    stub, token, "calculator", calculator, concurrency, seconds, window
                 )
+                if window is not None and cpu_rows is not None:
+                    cpu_rows.append(
+                        (f"CallTool calculator, {concurrency} callers", builtin.requests, window)
+                    )
                 rows.append(_row("CallTool calculator (built-in)", builtin, echo, None))
                 progress(
                     f"c={concurrency}: echo p50 {echo.p50_ms:.2f} ms; CallTool calculator "

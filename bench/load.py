@@ -7,6 +7,13 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
+
+
+class Window(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,10 @@ async def closed_loop(
     concurrency: int,
     duration_s: float,
     warmup_s: float = 1.0,
+    window: Window | None = None,
 ) -> Result:
-    """Run ``call(worker)`` from ``concurrency`` workers; measure after a warm-up."""
+    """Run ``call(worker)`` from ``concurrency`` workers; measure after a warm-up.
+    ``window`` is started when measuring starts and stopped when it ends (CPU accounting)."""
     latencies: list[float] = []
     errors = 0
     stop_at = time.monotonic() + warmup_s + duration_s
@@ -57,7 +66,14 @@ async def closed_loop(
             if now >= measure_from:
                 latencies.append((time.perf_counter() - started) * 1000)
 
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    async def mark() -> None:
+        if window is not None:
+            await asyncio.sleep(warmup_s)
+            window.start()
+            await asyncio.sleep(max(stop_at - time.monotonic(), 0))
+            window.stop()
+
+    await asyncio.gather(mark(), *(worker(i) for i in range(concurrency)))
     latencies.sort()
     return Result(
         concurrency=concurrency,

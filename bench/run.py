@@ -20,15 +20,19 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
-from bench import calltool, corpus, model, storage
+from bench import calltool, corpus, cpu, model, storage
 from bench.echo_server import METHOD
-from bench.load import Result, closed_loop
+from bench.load import Result, Window, closed_loop
 from testing.mesh import REPO, Mesh, free_port
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from toolmesh.telemetry.v1 import telemetry_pb2
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "10"))
 # Sections other modules measure on the traced mesh, appended to BENCHMARKS.md.
 SECTIONS: list[str] = []
+# CPU per request per process (label, requests, window), and idle RSS per service (MB).
+CPU_ROWS: list[tuple[str, int, cpu.CpuWindow]] = []
+IDLE_RSS: dict[str, float] = {}
 CONCURRENCY = tuple(int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,32").split(","))
 PROMPT = "what is 17 * 23"
 
@@ -45,7 +49,9 @@ async def bench_echo(target: str, concurrency: int) -> Result:
         return await closed_loop(lambda _w: echo(payload, timeout=5), concurrency, SECONDS)
 
 
-async def bench_run(target: str, token: str, concurrency: int) -> Result:
+async def bench_run(
+    target: str, token: str, concurrency: int, window: Window | None = None
+) -> Result:
     metadata = (("authorization", f"Bearer {token}"),)
     async with aio.insecure_channel(target) as channel:
         await _wait_ready(channel)
@@ -60,7 +66,21 @@ async def bench_run(target: str, token: str, concurrency: int) -> Result:
                 raise RuntimeError(f"degraded answer: {reply.degraded}")
             return reply
 
-        return await closed_loop(call, concurrency, SECONDS)
+        return await closed_loop(call, concurrency, SECONDS, window=window)
+
+
+def set_bench_budget(mesh: Mesh, token: str) -> None:
+    """A budget for the bench caller's whole tenant, far above what the bench spends: every
+    Run is checked against it, none is refused by it."""
+    with mesh.channel("gateway") as channel:
+        gateway_pb2_grpc.GatewayStub(channel).SetBudget(
+            gateway_pb2.SetBudgetRequest(
+                period=telemetry_pb2.BUDGET_PERIOD_DAY,
+                limits=telemetry_pb2.BudgetAmounts(tool_calls=1_000_000_000),
+            ),
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=10,
+        )
 
 
 def _row(name: str, result: Result, base: Result) -> str:
@@ -84,7 +104,7 @@ def write_report(
         "",
         "`echo` is a raw grpc.aio unary echo server measured in the same run: the baseline. "
         '`Run` is `Gateway.Run("what is 17 * 23")` through gateway, auth (JWT verified '
-        "in the gateway), memory (history read + two turns appended, SQLite WAL with "
+        "in the gateway), memory (two turns appended, SQLite WAL with "
         "synchronous=FULL), router (route + invoke) and telemetry (spans exported in batches). "
         "Ratios: latency is Run p50 / echo p50; throughput is Run rps / echo rps. "
         '"degraded or failed" counts answers that were not a clean tool answer (for example '
@@ -110,17 +130,34 @@ def write_report(
         "recording, exporting and ingesting a span for every hop (DESIGN.md: sample in "
         "production).",
         "",
+        "## CPU per request per process (this run)",
+        "",
+        "Milliseconds of CPU (user + system, from /proc) each process used over a row's "
+        "measured window, divided by the requests answered in it: what each hop costs the "
+        "machine, whatever scheduling noise does to latency. Every row runs with a budget "
+        "set for the bench tenant.",
+        "",
+        *cpu.cpu_table(CPU_ROWS),
+        "",
+        "Idle RSS per service (after start-up, before load): "
+        + ", ".join(f"{name} {mb:.0f} MB" for name, mb in IDLE_RSS.items())
+        + ".",
+        "",
+        (REPO / "bench" / "changes.md").read_text(),
+        (REPO / "bench" / "before.md").read_text(),
     ]
     path.write_text("\n".join(lines))
 
 
 async def measure(
-    echo_target: str, mesh: Mesh, token: str, levels: tuple[int, ...]
+    echo_target: str, mesh: Mesh, token: str, levels: tuple[int, ...], label: str = "Run"
 ) -> list[tuple[Result, Result]]:
     results = []
     for concurrency in levels:
         echo = await bench_echo(echo_target, concurrency)
-        run = await bench_run(mesh.gateway, token, concurrency)
+        window = cpu.CpuWindow(cpu.mesh_pids(mesh) | {"load generator": os.getpid()})
+        run = await bench_run(mesh.gateway, token, concurrency, window)
+        CPU_ROWS.append((f"{label}, {concurrency} callers", run.requests, window))
         print(
             f"c={concurrency}: echo {echo.rps:,.0f}/s p50 {echo.p50_ms:.2f} ms; "
             f"Run {run.rps:,.0f}/s p50 {run.p50_ms:.2f} ms, errors {run.errors}",
@@ -139,12 +176,26 @@ def _mesh_results(
         try:
             mesh.start_all()
             token = mesh.token()
+            set_bench_budget(mesh, token)
             time.sleep(0.5)
-            results = asyncio.run(measure(echo_target, mesh, token, concurrency))
-            if sample_ratio == "1.0":
+            traced = sample_ratio == "1.0"
+            if traced:
+                IDLE_RSS.update({n: cpu.rss_mb(pid) for n, pid in cpu.mesh_pids(mesh).items()})
+            label = "Run" if traced else "Run, tracing off"
+            results = asyncio.run(measure(echo_target, mesh, token, concurrency, label))
+            if traced:
+                pids = cpu.mesh_pids(mesh) | {"load generator": os.getpid()}
                 SECTIONS.append(
                     asyncio.run(
-                        calltool.bench(echo_target, mesh.gateway, token, concurrency, SECONDS)
+                        calltool.bench(
+                            echo_target,
+                            mesh.gateway,
+                            token,
+                            concurrency,
+                            SECONDS,
+                            cpu_rows=CPU_ROWS,
+                            pids=pids,
+                        )
                     )
                 )
             return results

@@ -8,6 +8,10 @@
   without a budget never pay a hop: a caller not known yet reserves (telemetry answers
   ``unlimited`` when no budget applies), a caller known to be unbudgeted is re-checked with
   GetBudgetState in the background once its entry is older than ``budget_state_ttl_s``.
+- :class:`BudgetLeases` holds, per budgeted (tenant, principal), a lease: one telemetry
+  reservation of ``budget_lease_calls`` tool calls (and their estimated cost) that requests
+  draw from locally, so a budgeted caller pays one ReserveBudget hop per lease, not per
+  request (see the class for the bound on overspend).
 - :class:`AuditLimiter` caps ``auth.failure`` events per gateway replica (a token bucket), so a
   client spraying bad tokens cannot flood the outbox and the audit chain.
 - ``usage_record`` builds the compact per-request record that travels through the durable
@@ -21,8 +25,8 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -314,12 +318,100 @@ def verified_identity(
 
 
 @dataclass
+class _Lease:
+    reservation_id: str
+    calls: int
+    cost_micros: int
+    # Drawn from until then (on this gateway's monotonic clock), well before telemetry
+    # releases the reservation.
+    usable_until: float
+
+
+@dataclass
+class BudgetLeases:
+    """Budget leases: one telemetry reservation of ``size`` tool calls per budgeted caller,
+    drawn from by its requests here, one call (and its estimated cost) each.
+
+    A lease is checked against the caller's budgets like any reservation, so leases never
+    together pass a limit; a caller whose budget cannot hold a whole lease is not leased to
+    (for ``budget_state_ttl_s``) and reserves per request as before. Every request but the
+    lease's last sends its usage record without a reservation id; the last one's commits
+    the lease (telemetry deletes the reservation when it records it). Until then the lease is
+    counted in full besides the records already delivered, so a budget is, if anything,
+    refused early. The bound on overspend: once the last record committed the lease, up to
+    ``size - 1`` records of the lease not yet delivered (an outbox delivering late) are in
+    neither the reservation nor the ledger, so a caller can pass a limit by at most
+    ``size - 1`` tool calls per lease, per gateway replica. A lease not used up (a quiet
+    caller, a gateway killed) holds its calls until telemetry releases it after
+    ``budget_reservation_ttl_s``. ``size`` 1 turns leasing off."""
+
+    size: int
+    lifetime_s: float
+    retry_after_s: float
+    clock: Callable[[], float] = time.monotonic
+    _leases: dict[tuple[str, str], _Lease] = field(default_factory=dict)
+    _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    # Callers whose budget refused a whole lease, until when.
+    _tight: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    async def draw(
+        self,
+        caller: common_pb2.Caller,
+        cost_micros: int,
+        acquire: Callable[[int, int], Awaitable[str | None]],
+    ) -> tuple[bool, str]:
+        """(True, reservation id to commit, "" but for a lease's last call) when the call was
+        drawn from a lease, leasing one first if needed through ``acquire(calls, cost)``
+        (None: no lease granted); (False, "") when the request must reserve by itself."""
+        key = (caller.tenant, caller.subject)
+        if self.size <= 1 or self._tight.get(key, float("-inf")) > self.clock():
+            return False, ""
+        taken = self._take(key, cost_micros)
+        if taken is not None:
+            return True, taken
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            # Another request may have leased while this one waited.
+            taken = self._take(key, cost_micros)
+            if taken is not None:
+                return True, taken
+            reservation_id = await acquire(self.size, self.size * cost_micros)
+            if reservation_id is None:
+                self._tight[key] = self.clock() + self.retry_after_s
+                return False, ""
+            self._leases[key] = _Lease(
+                reservation_id,
+                self.size,
+                self.size * cost_micros,
+                self.clock() + self.lifetime_s,
+            )
+            taken = self._take(key, cost_micros)
+        return (True, taken) if taken is not None else (False, "")
+
+    def _take(self, key: tuple[str, str], cost_micros: int) -> str | None:
+        lease = self._leases.get(key)
+        if lease is None:
+            return None
+        if lease.usable_until <= self.clock() or lease.cost_micros < cost_micros:
+            # Expiring, or too little cost left for this call: left to telemetry to release.
+            del self._leases[key]
+            return None
+        lease.calls -= 1
+        lease.cost_micros -= cost_micros
+        if lease.calls > 0:
+            return ""
+        del self._leases[key]
+        return lease.reservation_id
+
+
+@dataclass
 class Accounting:
     """What the servicer needs for cost and governance, built and started by gateway.app."""
 
     prices: PriceCache
     budgets: BudgetCache
     auth_failures: AuditLimiter
+    leases: BudgetLeases
 
     @classmethod
     def create(
@@ -334,4 +426,11 @@ class Accounting:
             prices=PriceCache(stub, settings),
             budgets=BudgetCache(stub, guard, settings, clock=clock),
             auth_failures=AuditLimiter(rate, max(1, int(rate)), clock),
+            leases=BudgetLeases(
+                size=settings.budget_lease_calls,
+                # Half the reservation's life: the last call's record commits it in time.
+                lifetime_s=settings.budget_reservation_ttl_s / 2,
+                retry_after_s=settings.budget_state_ttl_s,
+                clock=clock,
+            ),
         )

@@ -8,6 +8,12 @@ not matter.
 
 The checks themselves are services.kit.tokens, the verifier auth runs too: this module only
 supplies the cached keys and revocations and the rules from the gateway's settings.
+
+A verified token is remembered until it expires (``VERIFIED_CACHE_SIZE`` tokens at most): a
+repeated token skips the signature check, never the rest. Every use still needs the state to
+be within its staleness bound, the token's key still published, its expiry not passed, and
+the current revocations to name neither the token nor its client, so a revocation takes
+effect on the next refresh exactly as without the cache.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from services.kit.tokens import (
     TokenError,
     TokenRules,
     UnknownKeyError,
+    check_standing,
+    key_id,
     verify,
 )
 from toolmesh.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -43,6 +51,8 @@ log = logging.getLogger("toolmesh.gateway.auth")
 UNKNOWN_KID_REFETCH_S = 1.0
 # Per fetch from auth; the background loop tries again on the next tick.
 FETCH_TIMEOUT_S = 2.0
+# Verified tokens remembered (oldest forgotten first).
+VERIFIED_CACHE_SIZE = 4096
 
 __all__ = [
     "ALGORITHM",
@@ -158,6 +168,9 @@ class AuthState:
         self._kid_fetched_at = float("-inf")
         self._kid_lock = asyncio.Lock()
         self._loaded = asyncio.Event()
+        # token -> (principal, kid): signatures already checked.
+        self._verified: dict[str, tuple[Principal, str]] = {}
+        self._wall = time.time
 
     def snapshot(self) -> AuthSnapshot:
         """The current state, or AuthUnavailableError when there is none fresh enough."""
@@ -222,13 +235,32 @@ class AuthState:
     async def verify(self, token: str) -> tuple[Principal, Policy]:
         """Verify ``token``; an unknown kid refetches the JWKS once (rate-limited) and retries."""
         snapshot = self.snapshot()
+        known = self._verified.get(token)
+        if known is not None:
+            principal, kid = known
+            if kid in snapshot.keys and self._wall() < principal.expires_at:
+                revocations = snapshot.revocations
+                check_standing(
+                    principal,
+                    revoked=revocations.token_revoked(principal.tenant, principal.token_id),
+                    client_enabled=principal.subject not in revocations.disabled_clients,
+                )
+                return principal, snapshot.policy
+            del self._verified[token]
         try:
-            return verify_token(token, snapshot, self.rules), snapshot.policy
+            principal = verify_token(token, snapshot, self.rules)
         except UnknownKeyError as exc:
             if not await self._refetch_jwks(exc.kid):
                 raise
-        snapshot = self.snapshot()
-        return verify_token(token, snapshot, self.rules), snapshot.policy
+            snapshot = self.snapshot()
+            principal = verify_token(token, snapshot, self.rules)
+        self._remember(token, principal)
+        return principal, snapshot.policy
+
+    def _remember(self, token: str, principal: Principal) -> None:
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = (principal, key_id(token, self.rules))
 
     async def _refetch_jwks(self, kid: str) -> bool:
         """True when ``kid`` is known afterwards; concurrent callers share one fetch."""

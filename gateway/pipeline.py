@@ -872,9 +872,18 @@ class Pipeline:
         ``budget_fail_open`` (then the request runs unchecked and "budget" is degraded).
         """
         budgets = self._accounting.budgets
-        if budgets.known(flight.caller) is False:
+        known = budgets.known(flight.caller)
+        if known is False:
             return
         estimate = self._accounting.prices.estimate(0, 0, cost_units, [])
+        if known:
+            leased, reservation_id = await self._accounting.leases.draw(
+                flight.caller, estimate, lambda calls, cost: self._lease(flight, calls, cost)
+            )
+            if leased:
+                count_reservation("leased")
+                flight.reservation_id = reservation_id
+                return
         reply = await self._ask_reservation(flight, tokens=0, cost=estimate, top_up=False)
         if reply is None:
             return
@@ -884,6 +893,29 @@ class Pipeline:
             flight.reservation_id = reply.reservation_id
         else:
             count_reservation("unlimited")
+
+    async def _lease(self, flight: Flight, calls: int, cost: int) -> str | None:
+        """A lease of ``calls`` tool calls for the caller (its own reservation in telemetry);
+        None when not granted, for any reason: the request then reserves by itself, and that
+        reservation's answer (a refusal, an unreachable ledger) is the one the caller gets."""
+        try:
+            reply = await self._guard.call(
+                "telemetry",
+                self._clients.telemetry.ReserveBudget,
+                telemetry_pb2.ReserveBudgetRequest(
+                    caller=flight.caller,
+                    request_id=uuid.uuid4().hex,
+                    tool_calls=calls,
+                    cost_micros=cost,
+                    ttl_seconds=self._settings.budget_reservation_ttl_s,
+                ),
+                flight.deadline.timeout(self._settings.budget_call_timeout_ms / 1000),
+            )
+        except (DependencyError, DeadlineSpentError):
+            return None
+        if reply.unlimited:
+            self._accounting.budgets.learn(flight.caller, False)
+        return reply.reservation_id if reply.reserved else None
 
     async def _ask_reservation(
         self, flight: Flight, *, tokens: int, cost: int, top_up: bool

@@ -95,6 +95,10 @@ class GatewaySettings(ServiceSettings):
     budget_call_timeout_ms: int = Field(default=2000, ge=1)
     # A reservation never committed by a usage record is released by telemetry after this.
     budget_reservation_ttl_s: int = Field(default=60, ge=1, le=3600)
+    # Tool calls a budgeted caller leases from telemetry at once and draws from locally (one
+    # ReserveBudget hop per lease instead of per request); a limit may be passed by up to this
+    # many calls less one per gateway replica (gateway.accounting.BudgetLeases). 1: no leases.
+    budget_lease_calls: int = Field(default=16, ge=1, le=1000)
     # Ledger unreachable while a budget applies (or may apply): refuse with UNAVAILABLE (false,
     # the default) or run the tool unchecked and report "budget" in degraded (true).
     budget_fail_open: bool = False

@@ -294,11 +294,26 @@ class Ledger:
             by_tenant.setdefault(record["tenant"], []).append(record)
         for tenant in sorted(by_tenant):
             async with self._db.locked(BudgetLockRow, tenant) as (conn, _):
-                for record in by_tenant[tenant]:
-                    stored += await self._record_one(conn, record)
+                stored_now = [
+                    priced
+                    for record in by_tenant[tenant]
+                    if (priced := await self._record_one(conn, record)) is not None
+                ]
+                await self._add_to_totals(conn, tenant, stored_now)
+                committed = [r["reservation_id"] for r in stored_now if r["reservation_id"]]
+                if committed:
+                    await conn.execute(
+                        delete(ReservationRow).where(
+                            ReservationRow.tenant == tenant, ReservationRow.id.in_(committed)
+                        )
+                    )
+                stored += len(stored_now)
         return stored, len(records) - stored
 
-    async def _record_one(self, conn: AsyncConnection, record: dict[str, Any]) -> int:
+    async def _record_one(
+        self, conn: AsyncConnection, record: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Store one priced record; the priced record, or None for a replay already stored."""
         priced = {
             **record,
             "cost_micros": cost_micros(
@@ -321,42 +336,47 @@ class Ledger:
             .on_conflict_do_nothing(index_elements=["tenant", "request_id"])
             .returning(UsageRow.id)
         )
-        if inserted.first() is None:
-            return 0
-        await self._add_to_totals(conn, priced)
-        if record["reservation_id"]:
+        return priced if inserted.first() is not None else None
+
+    async def _add_to_totals(
+        self, conn: AsyncConnection, tenant: str, records: Sequence[dict[str, Any]]
+    ) -> None:
+        """Add stored records to the running totals: one upsert per (principal, period,
+        period start) however many records of a delivered batch fall in it."""
+        sums: dict[tuple[str, str, int], list[int]] = {}
+        for record in records:
+            occurred = _EPOCH + timedelta(microseconds=record["occurred_at_ns"] // 1000)
+            amounts = (
+                record["tool_calls"],
+                record["tokens_in"] + record["tokens_out"],
+                record["cost_micros"],
+            )
+            for principal in {"", record["principal"]}:
+                for period in PERIODS:
+                    start, _ = period_bounds(period, occurred)
+                    total = sums.setdefault((principal, period, _ns(start)), [0, 0, 0])
+                    for i, amount in enumerate(amounts):
+                        total[i] += amount
+        t = UsageTotalRow
+        for (principal, period, start_ns), (tool_calls, tokens, cost) in sums.items():
+            statement = self._db.insert(t).values(
+                tenant=tenant,
+                principal=principal,
+                period=period,
+                period_start_ns=start_ns,
+                tool_calls=tool_calls,
+                tokens=tokens,
+                cost_micros=cost,
+            )
             await conn.execute(
-                delete(ReservationRow).where(
-                    ReservationRow.tenant == record["tenant"],
-                    ReservationRow.id == record["reservation_id"],
+                statement.on_conflict_do_update(
+                    index_elements=["tenant", "principal", "period", "period_start_ns"],
+                    set_={
+                        name: getattr(t, name) + getattr(statement.excluded, name)
+                        for name in METRICS
+                    },
                 )
             )
-        return 1
-
-    async def _add_to_totals(self, conn: AsyncConnection, record: dict[str, Any]) -> None:
-        occurred = _EPOCH + timedelta(microseconds=record["occurred_at_ns"] // 1000)
-        t = UsageTotalRow
-        for principal in {"", record["principal"]}:
-            for period in PERIODS:
-                start, _ = period_bounds(period, occurred)
-                statement = self._db.insert(t).values(
-                    tenant=record["tenant"],
-                    principal=principal,
-                    period=period,
-                    period_start_ns=_ns(start),
-                    tool_calls=record["tool_calls"],
-                    tokens=record["tokens_in"] + record["tokens_out"],
-                    cost_micros=record["cost_micros"],
-                )
-                await conn.execute(
-                    statement.on_conflict_do_update(
-                        index_elements=["tenant", "principal", "period", "period_start_ns"],
-                        set_={
-                            name: getattr(t, name) + getattr(statement.excluded, name)
-                            for name in METRICS
-                        },
-                    )
-                )
 
     async def cost(
         self, tenant: str, keys: Sequence[str], start_ns: int, end_ns: int

@@ -14,10 +14,13 @@ from collections.abc import Callable
 import jwt
 import pytest
 
+from gateway import authn
 from gateway.accounting import verified_identity
 from gateway.authn import (
     AuthSnapshot,
+    AuthState,
     Policy,
+    Principal,
     TokenError,
     UnknownKeyError,
     parse_jwks,
@@ -26,7 +29,7 @@ from gateway.authn import (
     verify_token,
 )
 from gateway.settings import GatewaySettings
-from services.kit.tokens import Revocations
+from services.kit.tokens import Revocations, TokenRules
 from tests.unit.gateway.fakes import SigningKey, claims, mint
 from toolmesh.auth.v1 import auth_pb2
 
@@ -196,3 +199,39 @@ def test_leeway_over_thirty_seconds_is_refused_by_settings() -> None:
 def test_staleness_bound_must_outlast_the_refresh_interval() -> None:
     with pytest.raises(ValueError, match="auth_staleness_s"):
         GatewaySettings(auth_refresh_s=10, auth_staleness_s=5)
+
+
+def _loaded_state(revocations: Revocations | None = None) -> AuthState:
+    state = AuthState(None, SETTINGS, clock=lambda: 0.0)  # type: ignore[arg-type]
+    state._snapshot = snapshot(revocations)
+    return state
+
+
+async def test_a_verified_token_is_remembered_but_revocation_and_expiry_still_apply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    checks: list[str] = []
+
+    def counting(token: str, snap: AuthSnapshot, rules: TokenRules) -> Principal:
+        checks.append(token)
+        return verify_token(token, snap, rules)
+
+    monkeypatch.setattr(authn, "verify_token", counting)
+    state = _loaded_state()
+    token = mint(KEY, jti="cached-1")
+    for _ in range(3):
+        principal, _policy = await state.verify(token)
+    assert principal.token_id == "cached-1" and len(checks) == 1
+    # Revoked on the next refresh: refused at once, although the signature was checked.
+    listing = auth_pb2.GetRevocationsResponse(
+        revoked_tokens=[auth_pb2.RevokedToken(token_id="cached-1", tenant="acme")]
+    )
+    state._snapshot = snapshot(parse_revocations(listing))
+    with pytest.raises(TokenError, match="token revoked"):
+        await state.verify(token)
+    # Past its expiry the token is verified in full again, never served from memory.
+    state = _loaded_state()
+    await state.verify(token)
+    state._wall = lambda: principal.expires_at + 1.0
+    await state.verify(token)
+    assert len(checks) == 3
