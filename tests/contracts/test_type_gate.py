@@ -10,13 +10,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 MYPY = Path(sys.executable).parent / "mypy"
 
-PLANTED = '''\
+PLANTED = """\
 from toolmesh.memory.v1 import memory_pb2
 
 
 def turns(request: memory_pb2.AppendTurnsRequest) -> int:
     return len(request.turnz)
-'''
+"""
 
 
 def _mypy(path: Path) -> subprocess.CompletedProcess[str]:
