@@ -29,6 +29,11 @@ from toolmesh.telemetry.v1 import telemetry_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_AUTH_TARGET = "127.0.0.1:50052"
+# The session of `run` and `history` without --session (or TOOLMESH_SESSION), so that
+# `toolmesh run "..."` then `toolmesh history` meet. Sessions are tenant-wide: name one to keep
+# a conversation apart.
+DEFAULT_SESSION = "cli-default"
+SESSION_HELP = "the session to remember the turns in (env TOOLMESH_SESSION; default %(default)s)"
 GROUP_BY = {
     "service": telemetry_pb2.STATS_GROUP_BY_SERVICE,
     "route": telemetry_pb2.STATS_GROUP_BY_ROUTE,
@@ -282,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", parents=[common], help="answer a prompt with a tool")
     run.add_argument("prompt")
-    run.add_argument("--session", required=True)
+    run.add_argument(
+        "--session", default=_env("TOOLMESH_SESSION") or DEFAULT_SESSION, help=SESSION_HELP
+    )
     run.add_argument("--idempotency-key", default="")
     run.add_argument(
         "--stream",
@@ -292,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     history = sub.add_parser("history", parents=[common], help="a session's turns")
-    history.add_argument("--session", required=True)
+    history.add_argument(
+        "--session", default=_env("TOOLMESH_SESSION") or DEFAULT_SESSION, help=SESSION_HELP
+    )
     history.add_argument("--limit", type=int, default=0, help="most recent N turns (0: 100)")
     history.set_defaults(handler=cmd_history)
 

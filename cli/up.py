@@ -107,7 +107,13 @@ def add_parser(sub: Any) -> None:
 
 
 def child_environment(base: dict[str, str], base_port: int) -> dict[str, str]:
-    """The caller's environment; with a base port, every port and target derived from it."""
+    """The caller's environment; with a base port, every port and target derived from it.
+
+    Without one, each service listens where its ``TOOLMESH_<SERVICE>_PORT`` (or the default)
+    says, and the services that call it are pointed there too (the shared
+    ``TOOLMESH_<SERVICE>_TARGET``, which a service's own ``TOOLMESH_<CALLER>_<SERVICE>_TARGET``
+    still overrides): a moved gateway port must not leave the MCP face calling 50051.
+    """
     env = dict(base)
     env.setdefault("PYTHONUNBUFFERED", "1")
     if base_port:
@@ -117,6 +123,10 @@ def child_environment(base: dict[str, str], base_port: int) -> dict[str, str]:
             env[f"TOOLMESH_{name.upper()}_TARGET"] = f"127.0.0.1:{port}"
             env[f"TOOLMESH_GATEWAY_{name.upper()}_TARGET"] = f"127.0.0.1:{port}"
         env["TOOLMESH_OTLP_ENDPOINT"] = env["TOOLMESH_TELEMETRY_TARGET"]
+    else:
+        for name in DEFAULT_PORTS:
+            env.setdefault(f"TOOLMESH_{name.upper()}_TARGET", address(name, env))
+        env.setdefault("TOOLMESH_OTLP_ENDPOINT", env["TOOLMESH_TELEMETRY_TARGET"])
     return env
 
 

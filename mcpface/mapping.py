@@ -4,6 +4,8 @@ What MCP has no field for travels in ``_meta`` under the ``toolmesh/`` prefix:
 
     tools/call params._meta    toolmesh/idempotencyKey   required for a write-capable tool
                                toolmesh/sessionId        remember the call in this session
+                                                         (default: the caller's, see
+                                                         default_session)
                                toolmesh/version          run exactly this version
     tools/list  tool._meta     toolmesh/version, toolmesh/sideEffect, toolmesh/backend,
                                toolmesh/fingerprint, toolmesh/costUnits
@@ -19,7 +21,9 @@ JSON-RPC internal error. UNAUTHENTICATED never reaches here: the HTTP layer answ
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +39,9 @@ from toolmesh.gateway.v1 import gateway_pb2
 META_IDEMPOTENCY_KEY = "toolmesh/idempotencyKey"
 META_SESSION_ID = "toolmesh/sessionId"
 META_VERSION = "toolmesh/version"
+DEFAULT_SESSION_PREFIX = "mcp:"
+# The gateway's session id rule: 1-128 characters of [A-Za-z0-9._:-].
+_SESSION_SAFE = re.compile(r"[A-Za-z0-9._:-]{1,124}")
 # The CallToolRequest field each _meta key fills, for the gateway's field violations.
 _META_OF_FIELD = {
     "idempotency_key": META_IDEMPOTENCY_KEY,
@@ -125,8 +132,24 @@ def _meta_text(meta: Mapping[str, Any], key: str) -> str:
     return value
 
 
-def call_request(params: types.CallToolRequestParams) -> gateway_pb2.CallToolRequest:
-    """The CallTool request for an MCP tools/call; MetaError for a malformed _meta entry.
+def default_session(subject: str) -> str:
+    """The session of a call whose ``_meta`` names none: ``mcp:<subject>``, or ``mcp:`` and
+    32 hex digits of the subject's SHA-256 when the subject is no valid session id.
+
+    The face is stateless and MCP clients rarely name a session, yet the notes tools keep
+    their notes per session: a stable session per caller lets save_note and a later
+    list_notes meet, from any replica, across MCP connections. It is the caller's, not a
+    secret: sessions are tenant-wide, as for every gateway caller.
+    """
+    if _SESSION_SAFE.fullmatch(subject):
+        return DEFAULT_SESSION_PREFIX + subject
+    digest = hashlib.sha256(subject.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return DEFAULT_SESSION_PREFIX + digest
+
+
+def call_request(params: types.CallToolRequestParams, subject: str) -> gateway_pb2.CallToolRequest:
+    """The CallTool request for an MCP tools/call by ``subject``; MetaError for a malformed
+    _meta entry.
 
     Everything else (the name, the arguments, the key and session formats) is the gateway's
     to judge, so there is one rule for gRPC and MCP callers alike.
@@ -136,7 +159,7 @@ def call_request(params: types.CallToolRequestParams) -> gateway_pb2.CallToolReq
         tool=params.name,
         version=_meta_text(meta, META_VERSION),
         arguments_json=json.dumps(params.arguments or {}, ensure_ascii=False),
-        session_id=_meta_text(meta, META_SESSION_ID),
+        session_id=_meta_text(meta, META_SESSION_ID) or default_session(subject),
         idempotency_key=_meta_text(meta, META_IDEMPOTENCY_KEY),
     )
 

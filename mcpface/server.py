@@ -3,8 +3,9 @@
 Built on the ``mcp`` SDK's low-level server (the tool list depends on who asks, so tools are
 not registered up front). It runs stateless: the face keeps nothing between requests, so any
 replica can answer any request behind a plain load balancer, and a replica that goes away
-loses no session (a toolmesh session is named by the caller in ``_meta``, see
-mcpface.mapping). Responses are plain JSON, not SSE streams: a tool call has one answer.
+loses no session (a toolmesh session is named by the caller in ``_meta``, or is the caller's
+default one, see mcpface.mapping). Responses are plain JSON, not SSE streams: a tool call
+has one answer.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ CALL_SECONDS = meter().create_histogram(
 INSTRUCTIONS = (
     "toolmesh runs each tool under its tenant's allowlist, scopes, budgets and audit. "
     'Write-capable tools (readOnlyHint false) need a unique _meta "toolmesh/idempotencyKey" '
-    'per call; pass _meta "toolmesh/sessionId" to remember calls in a toolmesh session.'
+    'per call. Calls are remembered in a toolmesh session: pass _meta "toolmesh/sessionId" '
+    "to name one; otherwise each caller has its own default session."
 )
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -133,7 +135,7 @@ class Face:
         caller = _caller(ctx)
         started = time.perf_counter()
         try:
-            request = mapping.call_request(params)
+            request = mapping.call_request(params, caller.subject)
         except mapping.MetaError as bad:
             return mapping.tool_error(
                 f"Invalid call of {params.name}: {bad}", code="INVALID_ARGUMENT"

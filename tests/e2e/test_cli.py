@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from testing.mesh import REPO, SERVICES, Mesh
+from testing.mesh import REPO, SERVICES, Mesh, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -38,12 +38,14 @@ def _gateway_serving(target: str) -> bool:
 
 
 def _up(mesh: Mesh, log: Path) -> subprocess.Popen[bytes]:
+    start = log.stat().st_size if log.exists() else 0
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [TOOLMESH, "up"], cwd=REPO, env=mesh.env(), stdout=out, stderr=subprocess.STDOUT
         )
     deadline = time.monotonic() + 60
-    while not _gateway_serving(mesh.gateway):
+    # Supervised (restarts on) once `up` says so, after the MCP face is ready too.
+    while not _gateway_serving(mesh.gateway) or b"toolmesh is up" not in log.read_bytes()[start:]:
         assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.2)
@@ -101,7 +103,9 @@ def _cli(mesh: Mesh, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_up_run_restart_history(tmp_path: Path) -> None:
-    mesh = Mesh(data_dir=tmp_path / "var")
+    # The face on a free port too: `up` waits for it before it supervises anything.
+    face = {"TOOLMESH_MCPFACE_PORT": str(free_port()), "TOOLMESH_MCPFACE_METRICS_PORT": "0"}
+    mesh = Mesh(data_dir=tmp_path / "var", extra_env=face)
     log = tmp_path / "up.log"
     proc = _up(mesh, log)
     try:
@@ -113,6 +117,12 @@ def test_up_run_restart_history(tmp_path: Path) -> None:
         assert as_json.returncode == 0, as_json.stderr
         reply = json.loads(as_json.stdout)
         assert reply["tool_name"] == "calculator" and len(reply["trace_id"]) == 32
+        # Without --session: the documented default session, which `history` reads too.
+        unnamed = _cli(mesh, "run", "what is 4 * 5")
+        assert unnamed.returncode == 0 and "20" in unnamed.stdout, unnamed.stderr
+        default = _cli(mesh, "history", "--json")
+        assert default.returncode == 0, default.stderr
+        assert json.loads(default.stdout)["turns"][0]["content"] == "what is 4 * 5"
         bad = _cli(mesh, "run", "", "--session", "demo")
         assert bad.returncode != 0
         assert "INVALID_ARGUMENT" in bad.stderr and "Traceback" not in bad.stderr

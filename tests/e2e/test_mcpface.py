@@ -75,6 +75,11 @@ async def test_calls_run_through_the_mesh_with_audit(
         )
     assert not read.is_error and "391" in _text(read)
     assert not write.is_error, _text(write)
+    # Neither call named a session: the caller's default one keeps the note for a later
+    # connection (the face is stateless).
+    async with mcp_session(face.url, token, face.ca_file) as session:
+        notes = await session.call_tool("list_notes", {})
+    assert not notes.is_error and "from MCP" in _text(notes), _text(notes)
     request_id = (write.meta or {})["toolmesh/requestId"]
     deadline = asyncio.get_running_loop().time() + 10
     while True:

@@ -19,11 +19,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import grpc
 import pytest
 from grpc import aio
 
+from gateway.settings import GatewaySettings
 from testing.mesh import Mesh
 from tests.faults.chaos_tools import rules_with_chaos
 from tests.faults.load import LoadResult, run_load
@@ -121,6 +123,21 @@ def fault_mesh(scenario: Scenario, tmp_path: Path) -> Iterator[FaultMesh]:
         mesh.stop_all()
         if proxy:
             proxy.stop()
+
+
+# What a refusal may take beyond the admission queue's wait: the gateway's own work and the
+# loaded machine's scheduling (what "immediate" allowed before the bulkhead queued).
+REFUSAL_MARGIN_S = 0.2
+
+
+def _refusal_bound_s(mesh: Mesh, scenario: Scenario) -> float:
+    """How long a shed request may take, from the gateway's own settings: a request over a
+    bulkhead's limit waits up to admission_wait_ms, never more than half its deadline (issue
+    14: a bulkhead may queue briefly within the caller's deadline), then is refused."""
+    with mock.patch.dict(os.environ, mesh.env("gateway"), clear=True):
+        settings = GatewaySettings()
+    wait_s = min(settings.admission_wait_ms / 1000, scenario.deadline_s / 2)
+    return wait_s + REFUSAL_MARGIN_S
 
 
 async def _drive(fm: FaultMesh, scenario: Scenario, token: str) -> LoadResult:
@@ -276,6 +293,8 @@ def test_fault(scenario: Scenario, fault_mesh: FaultMesh) -> None:
     if scenario.refusals_expected:
         assert row["refused"] > 0, row
         refused = [o for o in result.outcomes if o.kind == "refused"]
-        assert max(o.latency_s for o in refused) < 0.2, "refusals must be immediate"
+        slowest = max(o.latency_s for o in refused)
+        bound = _refusal_bound_s(mesh, scenario)
+        assert slowest < bound, f"refusals must come within the queue wait: {slowest} >= {bound}"
     else:
         assert row["failed"] == 0 and row["refused"] == 0, row

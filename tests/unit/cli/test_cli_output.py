@@ -238,3 +238,15 @@ def test_base_port_derives_every_port_and_target() -> None:
     assert address("memory", env) == "127.0.0.1:6003"
     assert address("auth", {}) == "127.0.0.1:50052"
     assert address("auth", {"TOOLMESH_HOST": "0.0.0.0", "TOOLMESH_AUTH_PORT": "7"}) == "127.0.0.1:7"
+
+
+def test_without_a_base_port_callers_follow_the_ports_the_services_listen_on() -> None:
+    """The MCP face called 50051 while `up` started the gateway elsewhere (never ready)."""
+    env = child_environment({"TOOLMESH_GATEWAY_PORT": "6100", "TOOLMESH_MEMORY_PORT": "6103"}, 0)
+    assert env["TOOLMESH_GATEWAY_TARGET"] == "127.0.0.1:6100"  # the face's gateway_target
+    assert env["TOOLMESH_MEMORY_TARGET"] == "127.0.0.1:6103"
+    assert env["TOOLMESH_TELEMETRY_TARGET"] == "127.0.0.1:50055"
+    assert env["TOOLMESH_OTLP_ENDPOINT"] == "127.0.0.1:50055"
+    # What the caller set stays as it is.
+    told = {"TOOLMESH_GATEWAY_PORT": "6100", "TOOLMESH_GATEWAY_TARGET": "10.0.0.1:1"}
+    assert child_environment(told, 0)["TOOLMESH_GATEWAY_TARGET"] == "10.0.0.1:1"

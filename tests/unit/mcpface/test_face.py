@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.error
 import urllib.request
 
@@ -14,6 +15,7 @@ import mcp_types as types
 import pytest
 from mcp.shared.exceptions import MCPError
 
+from mcpface.mapping import default_session
 from tests.faceproc import mcp_session
 from tests.unit.mcpface.conftest import Faced
 
@@ -149,6 +151,40 @@ async def test_a_session_named_in_meta_remembers_the_call(faced: Faced) -> None:
         _text(result).split(" {")[0],
     ]
     assert bad.is_error and '_meta "toolmesh/sessionId"' in _text(bad)
+
+
+async def test_a_call_naming_no_session_is_remembered_in_the_callers_default_one(
+    faced: Faced,
+) -> None:
+    """MCP clients rarely name a session; the notes tools need one (the face's choice)."""
+    router = faced.gw.fakes.router
+    async with mcp_session(faced.face.url, faced.token(sub="ide-user")) as session:
+        first = await session.call_tool("calculator", {"expression": "2+2"})
+        assert router.invocations[-1].session_id == "mcp:ide-user"
+    # Another MCP connection of the same caller: the same session.
+    async with mcp_session(faced.face.url, faced.token(sub="ide-user")) as session:
+        await session.call_tool("calculator", {"expression": "3+3"})
+        assert router.invocations[-1].session_id == "mcp:ide-user"
+    async with mcp_session(faced.face.url, faced.token(sub="someone else")) as session:
+        await session.call_tool("calculator", {"expression": "4+4"})
+        assert router.invocations[-1].session_id == default_session("someone else")
+    assert not first.is_error
+    turns = faced.gw.fakes.memory.turns[("acme", "mcp:ide-user")]
+    assert [t.content for t in turns][:2] == [
+        '[call calculator@1.0.0] {"expression": "2+2"}',
+        _text(first).split(" {")[0],
+    ]
+    assert len(turns) == 4
+
+
+def test_the_default_session_is_a_valid_session_id_for_any_subject() -> None:
+    valid = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+    assert default_session("alice") == "mcp:alice"
+    for subject in ("someone else", "é" * 10, "x" * 200, "a/b@c", "\ud800"):
+        session = default_session(subject)
+        assert valid.fullmatch(session) and session.startswith("mcp:"), subject
+        assert session == default_session(subject), "stable"
+    assert default_session("a/b") != default_session("a/c")
 
 
 async def test_tool_errors_refusals_and_fallbacks_are_is_error_results(faced: Faced) -> None:
