@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+
+from services.kit.durability import Synchronous, checked
 
 
 def sqlite_url(data_dir: Path, name: str) -> str:
@@ -31,7 +34,17 @@ def async_url(url: str) -> str:
     raise ValueError(f"unsupported database driver {parsed.drivername!r}; use sqlite or postgresql")
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas_with(synchronous: Synchronous) -> Callable[[Any, Any], None]:
+    """The connect hook with ``synchronous`` (services.kit.durability)."""
+    synchronous = checked(synchronous)
+
+    def pragmas(dbapi_connection: Any, record: Any) -> None:
+        _sqlite_pragmas(dbapi_connection, record, synchronous)
+
+    return pragmas
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any, synchronous: Synchronous = "FULL") -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout=5000")
     # Switching to WAL needs an exclusive lock and ignores busy_timeout, so two processes
@@ -48,17 +61,20 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
                 raise
             time.sleep(0.05)
     # FULL: an acknowledged write survives power loss, not only a process crash.
-    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+def create_engine(
+    url: str, *, pool_size: int = 10, synchronous: Synchronous = "FULL"
+) -> AsyncEngine:
+    """``synchronous`` applies to SQLite only (PostgreSQL's durability is its own setting)."""
     full = async_url(url)
     if full.startswith("sqlite"):
         Path(make_url(full).database or "").parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(full)
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas_with(synchronous))
         return engine
     return create_async_engine(
         full, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
@@ -75,7 +91,9 @@ def sync_url(url: str) -> str:
     raise ValueError(f"unsupported database driver {parsed.drivername!r}; use sqlite or postgresql")
 
 
-def create_sync_engine(url: str, *, pool_size: int = 10) -> Engine:
+def create_sync_engine(
+    url: str, *, pool_size: int = 10, synchronous: Synchronous = "FULL"
+) -> Engine:
     """A blocking engine, for hot paths that run a whole transaction on a worker thread.
 
     With aiosqlite every statement is a hop to its thread and back; one hop per transaction
@@ -85,7 +103,7 @@ def create_sync_engine(url: str, *, pool_size: int = 10) -> Engine:
     if full.startswith("sqlite"):
         Path(make_url(full).database or "").parent.mkdir(parents=True, exist_ok=True)
         engine = sa_create_engine(full, connect_args={"check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas_with(synchronous))
         return engine
     return sa_create_engine(full, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
 

@@ -82,6 +82,8 @@ def build(
             url,
             idempotency_window_ns=int(settings.idempotency_window_hours * 3600 * 1e9),
             clock=clock,
+            synchronous=settings.sqlite_synchronous,
+            group_commit_window_s=settings.group_commit_window_ms / 1000,
         )
         cleanups.append(store.close)
         # Appended after the store's close: cleanups run in reverse, so it stops first.

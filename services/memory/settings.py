@@ -7,6 +7,7 @@ from typing import ClassVar
 from pydantic import Field, model_validator
 
 from services.kit.db import sqlite_url
+from services.kit.durability import Synchronous
 from services.kit.settings import DEFAULT_PORTS, ServiceSettings
 
 
@@ -16,6 +17,14 @@ class MemorySettings(ServiceSettings):
     port: int = Field(default=DEFAULT_PORTS["memory"], ge=0, le=65535)
     # Empty means the SQLite file <data_dir>/memory.db; PostgreSQL for several replicas.
     database_url: str = ""
+    # SQLite only: PRAGMA synchronous of its database. FULL: a committed write survives
+    # power loss (today's guarantee). NORMAL (WAL): it survives kill -9 of the process but
+    # not a power loss or OS crash, and saves an fsync per commit (docs/reliability.md).
+    sqlite_synchronous: Synchronous = "FULL"
+    # Group commit under concurrent load: an append or claim that finds the writer idle waits
+    # up to this long for others to share its transaction and fsync (a lone caller never
+    # waits); every caller is answered after the shared commit. 0 writes at once.
+    group_commit_window_ms: float = Field(default=2.0, ge=0, le=100)
     # GetHistory with limit 0 returns this many turns; larger limits are capped at the maximum.
     default_history_limit: int = Field(default=100, ge=1)
     max_history_limit: int = Field(default=1000, ge=1)

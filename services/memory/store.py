@@ -3,7 +3,11 @@
 The write path runs each transaction whole on one writer thread with a blocking engine: one
 thread hop per transaction instead of one per statement (aiosqlite), several times faster for
 these short transactions. Appends and claims that arrive while a transaction is in flight are
-written together in the next one (group commit).
+written together in the next one (group commit); under concurrent load (the last transaction
+carried more than one operation) the first operation to find the writer idle also waits up to
+``group_commit_window_s`` for others to join it, so a steady stream of callers shares fewer
+transactions and fsyncs. Every caller is answered only after the transaction holding its
+operation committed; a lone caller (serial load) never waits.
 
 Order. A session's turns are kept in acknowledgment order: by the time the sender acknowledged
 the request (``acknowledged_at_ns``), then request id, then position in the request. ``seq``
@@ -63,6 +67,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.kit.db import create_sync_engine
+from services.kit.durability import Synchronous
 
 log = logging.getLogger("toolmesh.memory")
 
@@ -306,14 +311,16 @@ class TurnStore:
         *,
         idempotency_window_ns: int,
         clock: Callable[[], int] = time.time_ns,
+        synchronous: Synchronous = "FULL",
+        group_commit_window_s: float = 0.0,
     ) -> None:
-        self._engine = create_sync_engine(url)
+        self._engine = create_sync_engine(url, synchronous=synchronous)
         self._is_sqlite = self._engine.dialect.name == "sqlite"
         self._insert = sqlite.insert if self._is_sqlite else postgresql.insert
         if self._is_sqlite:
             # Readers keep the plain engine (WAL readers never wait for the writer); the writer
             # gets its own engine that begins with the write lock held.
-            self._write_engine = create_sync_engine(url)
+            self._write_engine = create_sync_engine(url, synchronous=synchronous)
             _begin_immediate(self._write_engine)
         else:
             self._write_engine = self._engine
@@ -324,6 +331,8 @@ class TurnStore:
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="memory-read")
         self._queue: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._window_s = group_commit_window_s
+        self._last_batch = 0
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -387,8 +396,12 @@ class TurnStore:
         return await asyncio.shield(result)
 
     async def _flush(self) -> None:
+        if self._window_s > 0 and self._last_batch > 1:
+            # Concurrent callers: let them join this transaction.
+            await asyncio.sleep(self._window_s)
         while self._queue:
             batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+            self._last_batch = len(batch)
             try:
                 await self._write_batch(batch)
             except Exception:

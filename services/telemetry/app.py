@@ -150,7 +150,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         url = settings.resolved_database_url()
         # At head, or migrated to it under the schema lock, or refused with what to run.
         await check_schema(url, MIGRATIONS, migrate_on_start=settings.migrate_on_start)
-        database = Database(url)
+        database = Database(url, synchronous=settings.sqlite_synchronous)
         cleanups.append(database.close)
         store = SpanStore(database)
         _record_own_spans(store, keep_every_trace, cleanups)

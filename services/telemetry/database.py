@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import DeclarativeBase
 
 from services.kit.db import create_engine, session_factory
+from services.kit.durability import Synchronous
 
 
 class Base(DeclarativeBase):
@@ -25,8 +26,8 @@ class Base(DeclarativeBase):
 
 
 class Database:
-    def __init__(self, url: str) -> None:
-        self.engine = create_engine(url)
+    def __init__(self, url: str, *, synchronous: Synchronous = "FULL") -> None:
+        self.engine = create_engine(url, synchronous=synchronous)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self.sessions = session_factory(self.engine)
         # SQLite has one writer: queue this process's writers here, not in SQLite's busy loop.

@@ -9,6 +9,7 @@ from typing import ClassVar
 from pydantic import Field, model_validator
 
 from services.kit.db import sqlite_url
+from services.kit.durability import Synchronous
 from services.kit.settings import DEFAULT_PORTS, ServiceSettings
 
 _LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "0.0.0.0", "::1", "[::1]"}
@@ -22,6 +23,10 @@ class TelemetrySettings(ServiceSettings):
     otlp_endpoint: str = ""
     # Empty means the SQLite file <data_dir>/telemetry.db.
     database_url: str = ""
+    # SQLite only: PRAGMA synchronous of its database. FULL: a committed write survives
+    # power loss (today's guarantee). NORMAL (WAL): it survives kill -9 of the process but
+    # not a power loss or OS crash, and saves an fsync per commit (docs/reliability.md).
+    sqlite_synchronous: Synchronous = "FULL"
     # Spans that ended longer ago than this are deleted by housekeeping.
     retention_hours: float = Field(default=168, gt=0)
     # Usage records (cost, statistics, SLOs, tool health) older than this many days are

@@ -273,3 +273,40 @@ async def test_a_late_append_after_the_last_turns_were_deleted(
         "late",
         "late",
     ]
+
+
+async def test_under_concurrent_load_appends_wait_for_one_shared_commit(
+    settings: MemorySettings, clock: FakeClock
+) -> None:
+    """Once a transaction carried several appends, the next one to find the writer idle waits
+    the group-commit window, so an append arriving just after it shares its transaction; a
+    lone append (the first here) is written at once."""
+    url = settings.resolved_database_url()
+    await check_schema(url, MIGRATIONS, migrate_on_start=True)
+    # Wide, so a loaded machine cannot make the test miss the window.
+    turn_store = TurnStore(
+        url, idempotency_window_ns=3600 * SECOND, clock=clock, group_commit_window_s=0.5
+    )
+    batches: list[list[str]] = []
+    write_all = turn_store._write_all
+
+    def counting(batch: list[Any]) -> None:
+        batches.append([item.request_id for item in batch])
+        write_all(batch)
+
+    turn_store._write_all = counting  # type: ignore[method-assign]
+    try:
+        await turn_store.append("acme", "s", "alone", two_turns("alone"))
+        await asyncio.gather(
+            turn_store.append("acme", "s", "p", two_turns("p")),
+            turn_store.append("acme", "t", "q", two_turns("q")),
+        )
+        first = asyncio.create_task(turn_store.append("acme", "s", "r", two_turns("r")))
+        await asyncio.sleep(0.05)  # within the window
+        second = asyncio.create_task(turn_store.append("acme", "t", "u", two_turns("u")))
+        (r_turns, _), (u_turns, _) = await asyncio.gather(first, second)
+    finally:
+        await turn_store.close()
+    assert batches == [["alone"], ["p", "q"], ["r", "u"]]
+    # Both acknowledged after the one commit, with the seqs it gave them.
+    assert [t.seq for t in r_turns] == [5, 6] and [t.seq for t in u_turns] == [3, 4]
