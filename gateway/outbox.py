@@ -66,7 +66,12 @@ async def outbox_store(settings: GatewaySettings) -> OutboxStore | None:
     if not settings.outbox_url:
         return None
     await check_schema(settings.outbox_url, MIGRATIONS, migrate_on_start=settings.migrate_on_start)
-    store = TableOutbox(settings.outbox_url, PREFIX, lease_s=settings.outbox_lease_s)
+    store = TableOutbox(
+        settings.outbox_url,
+        PREFIX,
+        lease_s=settings.outbox_lease_s,
+        synchronous=settings.outbox_sqlite_synchronous,
+    )
     await store.open()
     try:
         moved = await store.adopt_file(settings.ensure_data_dir() / FILE_NAME)
@@ -88,7 +93,9 @@ def open_outbox(
     (opened) when given, else on the local file."""
     outbox = MessageOutbox(
         store or settings.ensure_data_dir() / FILE_NAME,
+        synchronous=settings.outbox_sqlite_synchronous,
         idle_s=settings.outbox_idle_s,
+        batch_window_s=settings.outbox_batch_window_s,
         base_backoff_s=settings.outbox_backoff_base_s,
         max_backoff_s=settings.outbox_backoff_max_s,
     )

@@ -6,6 +6,7 @@ from typing import ClassVar, Self
 
 from pydantic import Field, model_validator
 
+from services.kit.durability import Synchronous
 from services.kit.settings import DEFAULT_PORTS, ServiceSettings
 
 
@@ -74,10 +75,19 @@ class GatewaySettings(ServiceSettings):
     # pod's emptyDir); a database URL means the gateway_outbox table there (production: its own
     # PostgreSQL database, so a pod scaled down mid-outage leaves its items to the next replica).
     outbox_url: str = ""
+    # SQLite only: PRAGMA synchronous of the outbox (its file, or outbox_url's SQLite).
+    # FULL: a committed write survives power loss (today's guarantee). NORMAL (WAL): it
+    # survives kill -9 of the process but not a power loss or OS crash, and saves an fsync
+    # per commit (docs/reliability.md).
+    outbox_sqlite_synchronous: Synchronous = "FULL"
     # A claimed item is left to this replica for this long before another may claim it.
     outbox_lease_s: float = Field(default=60.0, gt=0)
     # Relay: idle poll and retry backoff.
     outbox_idle_s: float = Field(default=0.5, gt=0)
+    # Relay under load: wait this long between deliveries that filled no batch, so each claim,
+    # send and delete carries the items of a window (usage and audit reach telemetry up to
+    # this much later); 0 delivers again at once.
+    outbox_batch_window_s: float = Field(default=0.1, ge=0)
     outbox_backoff_base_s: float = Field(default=0.2, gt=0)
     # Capped low so replay starts within a second or two of a dependency's recovery.
     outbox_backoff_max_s: float = Field(default=1.0, gt=0)

@@ -35,6 +35,7 @@ from typing import Protocol, TypeVar
 from google.protobuf.message import Message
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from services.kit.durability import Synchronous, checked
 from services.kit.metrics import meter
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,9 @@ class OutboxStore(Protocol):
 class Outbox:
     """The local file store (one process owns the file)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, synchronous: Synchronous = "FULL") -> None:
         self._path = path
+        self._synchronous = checked(synchronous)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
         self._conn: sqlite3.Connection | None = None
         self.depths: dict[str, int] = {}
@@ -129,8 +131,9 @@ class Outbox:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: an item the caller was told about survives power loss.
-            conn.execute("PRAGMA synchronous=FULL")
+            # FULL (default): an item the caller was told about survives power loss; NORMAL
+            # only a crash of the process (services.kit.db.Synchronous).
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.executescript(_SCHEMA)
             return conn
 
@@ -174,23 +177,40 @@ class Outbox:
         return await self._run(select)
 
     async def done(self, ids: Sequence[int]) -> None:
-        def delete(conn: sqlite3.Connection) -> None:
-            with conn:
-                conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+        """Delete delivered items: one transaction, without an fsync of its own.
 
-        await self._run(delete)
-        await self.refresh_depths()
+        A delete lost to a power loss only delivers its items again, which receivers
+        de-duplicate; WAL with synchronous=NORMAL never corrupts the file, and the next put's
+        FULL commit syncs the WAL, this delete included."""
+        if not ids:
+            return
+
+        def delete(conn: sqlite3.Connection) -> list[str]:
+            conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with conn:
+                    conn.execute("BEGIN IMMEDIATE")
+                    # Only placeholders are formatted in; the ids are bound.
+                    query = f"DELETE FROM outbox WHERE id IN ({_marks(len(ids))}) RETURNING kind"  # noqa: S608
+                    return [kind for (kind,) in conn.execute(query, list(ids))]
+            finally:
+                conn.execute(f"PRAGMA synchronous={self._synchronous}")
+
+        self._forget(await self._run(delete))
+
+    def _forget(self, kinds: list[str]) -> None:
+        for kind in kinds:
+            self.depths[kind] = max(0, self.depths.get(kind, 0) - 1)
 
     async def retry_later(self, ids: Sequence[int], error: str, delay_s: float) -> None:
         at = time.time() + delay_s
 
         def update(conn: sqlite3.Connection) -> None:
             with conn:
-                conn.executemany(
-                    "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?,"
-                    " last_error = ? WHERE id = ?",
-                    [(at, error[:500], i) for i in ids],
-                )
+                conn.execute("BEGIN IMMEDIATE")
+                marks = _marks(len(ids))
+                query = f"UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE id IN ({marks})"  # noqa: S608, E501
+                conn.execute(query, [at, error[:500], *ids])
 
         await self._run(update)
 
@@ -238,6 +258,11 @@ class Outbox:
         return self.depths
 
 
+def _marks(count: int) -> str:
+    """``?, ?, ...``: the placeholders of an IN list (batches stay far below SQLite's limit)."""
+    return ", ".join("?" * count)
+
+
 # Delivers a batch; returns the items the receiver refused for good, with the reason (they go
 # to the dead-letter table); raises when the batch should be retried later.
 Deliver = Callable[[list[Pending]], Awaitable[list[tuple[Pending, str]]]]
@@ -254,19 +279,27 @@ class _Route:
 
 
 class Relay:
-    """Delivers queued items per kind in batches; backs off per kind while a receiver is down."""
+    """Delivers queued items per kind in batches; backs off per kind while a receiver is down.
+
+    ``batch_window_s``: after a delivery that filled no batch, wait this long before the next
+    one, so that under steady load each delivery (a claim, a send, a delete) takes the items
+    of a window rather than the one or two that arrived since the last; a full batch goes
+    again at once. Items then reach their receiver up to this much later."""
 
     def __init__(
         self,
         outbox: OutboxStore,
         *,
         idle_s: float = 0.5,
+        batch_window_s: float = 0.0,
         base_backoff_s: float = 0.2,
         max_backoff_s: float = 10.0,
     ) -> None:
         self._outbox = outbox
         self._routes: dict[str, _Route] = {}
         self._idle_s = idle_s
+        self._batch_window_s = batch_window_s
+        self._filled = False
         self._base = base_backoff_s
         self._max = max_backoff_s
         self._wake = asyncio.Event()
@@ -291,10 +324,12 @@ class Relay:
     async def drain_once(self) -> int:
         """Try every kind once; returns how many items were delivered."""
         delivered = 0
+        self._filled = False
         for kind, route in self._routes.items():
             pending = await self._outbox.due(kind, route.batch)
             if not pending:
                 continue
+            self._filled = self._filled or len(pending) >= route.batch
             try:
                 refused = await route.deliver(pending)
             except Exception as exc:
@@ -339,16 +374,28 @@ class Relay:
                     )
 
     async def run(self) -> None:
+        busy = False
         while True:
             delivered = await self.drain_once()
             if delivered:
+                busy = True
+                if self._batch_window_s > 0 and not self._filled:
+                    await self._pause(self._batch_window_s)
                 continue
-            self._wake.clear()
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation,
-            # and a relay that ignores its cancel hangs the server's shutdown.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._idle_s):
-                    await self._wake.wait()
+            if busy:
+                # Deletes count this process's items out; recount every replica's at rest.
+                busy = False
+                await self._outbox.refresh_depths()
+            await self._pause(self._idle_s)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less when woken."""
+        self._wake.clear()
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation, and a
+        # relay that ignores its cancel hangs the server's shutdown.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
 
 
 def _describe(exc: BaseException) -> str:
@@ -401,16 +448,25 @@ class MessageOutbox:
         self,
         path: Path | OutboxStore,
         *,
+        synchronous: Synchronous = "FULL",
         idle_s: float = 0.5,
+        batch_window_s: float = 0.0,
         base_backoff_s: float = 0.2,
         max_backoff_s: float = 2.0,
     ) -> None:
-        """``path``: a local SQLite file, or a store (a table in the service's database)."""
+        """``path``: a local SQLite file, or a store (a table in the service's database);
+        ``synchronous`` is the local file's."""
         self.path = path if isinstance(path, Path) else None
-        self.store: OutboxStore = Outbox(path) if isinstance(path, Path) else path
+        self.store: OutboxStore = (
+            Outbox(path, synchronous=synchronous) if isinstance(path, Path) else path
+        )
         self._name = path.name if isinstance(path, Path) else type(path).__name__
         self.relay = Relay(
-            self.store, idle_s=idle_s, base_backoff_s=base_backoff_s, max_backoff_s=max_backoff_s
+            self.store,
+            idle_s=idle_s,
+            batch_window_s=batch_window_s,
+            base_backoff_s=base_backoff_s,
+            max_backoff_s=max_backoff_s,
         )
         self._task: asyncio.Task[None] | None = None
         self._waiting: list[tuple[Item, asyncio.Future[None]]] = []

@@ -53,6 +53,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from services.kit.db import create_sync_engine
+from services.kit.durability import Synchronous
 from services.kit.outbox import DeadLetter, Item, Pending
 
 T = TypeVar("T")
@@ -123,8 +124,16 @@ def insert_items(dialect: str, table: Table, items: Sequence[Item]) -> Insert:
 class TableOutbox:
     """An OutboxStore on ``<prefix>_outbox`` of the database at ``url``."""
 
-    def __init__(self, url: str, prefix: str, *, lease_s: float = DEFAULT_LEASE_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        *,
+        lease_s: float = DEFAULT_LEASE_S,
+        synchronous: Synchronous = "FULL",
+    ) -> None:
         self.url = url
+        self._synchronous: Synchronous = synchronous
         self.tables = outbox_tables(MetaData(), prefix)
         self._lease_s = lease_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"outbox-{prefix}")
@@ -145,7 +154,7 @@ class TableOutbox:
         """Connect (once; opening again only recounts); the tables must exist (the service's
         migrations make them)."""
         if self._engine is None:
-            self._engine = create_sync_engine(self.url, pool_size=2)
+            self._engine = create_sync_engine(self.url, pool_size=2, synchronous=self._synchronous)
         await self.refresh_depths()
 
     async def close(self) -> None:
@@ -187,10 +196,15 @@ class TableOutbox:
         return await self._run(claim)
 
     async def done(self, ids: Sequence[int]) -> None:
+        """Delete delivered items; the depths count them out (refresh_depths recounts every
+        replica's items, which the relay does while idle)."""
         t = self.tables.items
-        if ids:
-            await self._run(lambda conn: conn.execute(delete(t).where(t.c.id.in_(list(ids)))))
-        await self.refresh_depths()
+        if not ids:
+            return
+        query = delete(t).where(t.c.id.in_(list(ids))).returning(t.c.kind)
+        kinds: list[str] = await self._run(lambda conn: list(conn.execute(query).scalars()))
+        for kind in kinds:
+            self.depths[kind] = max(0, self.depths.get(kind, 0) - 1)
 
     async def retry_later(self, ids: Sequence[int], error: str, delay_s: float) -> None:
         t = self.tables.items

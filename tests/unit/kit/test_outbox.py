@@ -158,3 +158,45 @@ async def test_a_closed_outbox_is_not_kept_alive_by_the_depth_gauge(tmp_path: Pa
     del box
     gc.collect()
     assert gone() is None
+
+
+async def test_done_deletes_in_one_go_and_counts_the_items_out(outbox: Outbox) -> None:
+    await outbox.put([Item("usage", f"u{i}", b"") for i in range(3)])
+    await outbox.put([Item("audit", f"a{i}", b"") for i in range(2)])
+    due = await outbox.due("usage", 2)
+    await outbox.done([p.id for p in due])
+    assert outbox.depths == {"usage": 1, "audit": 2}
+    assert await outbox.refresh_depths() == {"usage": 1, "audit": 2}
+    await outbox.retry_later([p.id for p in await outbox.due("audit", 5)], "down", 60)
+    assert await outbox.due("audit", 5) == []  # both moved past now, in one update
+
+
+async def test_under_load_the_relay_waits_a_window_between_deliveries(outbox: Outbox) -> None:
+    """After a delivery that filled no batch the relay waits ``batch_window_s``, so items put
+    meanwhile go together; a full batch goes again at once."""
+    got: list[list[str]] = []
+
+    async def deliver(batch: list[Pending]) -> list[tuple[Pending, str]]:
+        got.append([p.key for p in batch])
+        return []
+
+    relay = Relay(outbox, idle_s=0.01, batch_window_s=0.6)
+    relay.route("usage", deliver, batch=3)
+    task = asyncio.create_task(relay.run())
+    try:
+        await outbox.put([Item("usage", "k0", b"")])
+        while not got:
+            await asyncio.sleep(0.01)
+        for key in ("k1", "k2"):  # within the window: one delivery
+            await outbox.put([Item("usage", key, b"")])
+            await asyncio.sleep(0.05)
+        while len(got) < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the window after the next delivery
+        await outbox.put([Item("usage", f"f{i}", b"") for i in range(4)])
+        while sum(map(len, got)) < 7:
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert got == [["k0"], ["k1", "k2"], ["f0", "f1", "f2"], ["f3"]]
