@@ -92,7 +92,9 @@ def _row(name: str, result: Result, base: Result) -> str:
 
 
 def write_report(
-    results: list[tuple[Result, Result]], untraced: list[tuple[Result, Result]], path: Path
+    results: list[tuple[Result, Result]],
+    variants: list[tuple[str, list[tuple[Result, Result]]]],
+    path: Path,
 ) -> None:
     lines = [
         "# Benchmarks",
@@ -118,9 +120,10 @@ def write_report(
     for echo, run in results:
         lines.append(_row("echo", echo, echo))
         lines.append(_row("Run", run, echo))
-    for echo, run in untraced:
-        lines.append(_row("echo", echo, echo))
-        lines.append(_row("Run, tracing off", run, echo))
+    for label, variant in variants:
+        for echo, run in variant:
+            lines.append(_row("echo", echo, echo))
+            lines.append(_row(label, run, echo))
     lines += [
         "",
         "Every server is a single-threaded asyncio process; on 2 cores the five services, "
@@ -128,7 +131,10 @@ def write_report(
         "generator share the CPU, so Run's throughput here is bounded by CPU, not by waiting. "
         '"tracing off" (`TOOLMESH_TRACE_SAMPLE_RATIO=0`) shows the share of that CPU spent '
         "recording, exporting and ingesting a span for every hop (DESIGN.md: sample in "
-        "production).",
+        'production). "synchronous=NORMAL" runs memory, telemetry and the gateway\'s outbox '
+        "with `sqlite_synchronous=NORMAL`: no fsync per commit, an acknowledged write survives "
+        'kill -9 of a process but not a power loss (docs/reliability.md, "SQLite '
+        'durability"); every other row keeps the default, FULL.',
         "",
         "## CPU per request per process (this run)",
         "",
@@ -167,21 +173,37 @@ async def measure(
     return results
 
 
+# Beside the default rows, at the highest concurrency: what recording every span costs, and
+# what an fsync per commit costs (memory, telemetry and the gateway's outbox file).
+UNTRACED = ("Run, tracing off", {"TOOLMESH_TRACE_SAMPLE_RATIO": "0"})
+SYNCHRONOUS_NORMAL = (
+    "Run, synchronous=NORMAL",
+    {
+        "TOOLMESH_SQLITE_SYNCHRONOUS": "NORMAL",
+        "TOOLMESH_GATEWAY_OUTBOX_SQLITE_SYNCHRONOUS": "NORMAL",
+    },
+)
+
+
 def _mesh_results(
-    echo_target: str, sample_ratio: str, concurrency: tuple[int, ...]
+    echo_target: str,
+    concurrency: tuple[int, ...],
+    label: str = "Run",
+    env: dict[str, str] | None = None,
 ) -> list[tuple[Result, Result]]:
+    """Rows of ``label`` on a fresh mesh with ``env``; the default rows (no ``env``) also
+    measure idle RSS and CallTool."""
     with tempfile.TemporaryDirectory(prefix="toolmesh-bench-") as tmp:
-        env = {"TOOLMESH_LOG_LEVEL": "WARNING", "TOOLMESH_TRACE_SAMPLE_RATIO": sample_ratio}
-        mesh = Mesh(data_dir=Path(tmp), extra_env=env)
+        traced = env is None
+        extra = {"TOOLMESH_LOG_LEVEL": "WARNING", "TOOLMESH_TRACE_SAMPLE_RATIO": "1.0"}
+        mesh = Mesh(data_dir=Path(tmp), extra_env=extra | (env or {}))
         try:
             mesh.start_all()
             token = mesh.token()
             set_bench_budget(mesh, token)
             time.sleep(0.5)
-            traced = sample_ratio == "1.0"
             if traced:
                 IDLE_RSS.update({n: cpu.rss_mb(pid) for n, pid in cpu.mesh_pids(mesh).items()})
-            label = "Run" if traced else "Run, tracing off"
             results = asyncio.run(measure(echo_target, mesh, token, concurrency, label))
             if traced:
                 pids = cpu.mesh_pids(mesh) | {"load generator": os.getpid()}
@@ -208,15 +230,17 @@ def main() -> None:
     echo = subprocess.Popen([sys.executable, "-m", "bench.echo_server", str(echo_port)], cwd=REPO)
     target = f"127.0.0.1:{echo_port}"
     try:
-        traced = _mesh_results(target, "1.0", CONCURRENCY)
-        # The same at the highest concurrency with tracing off: what recording every span costs.
-        untraced = _mesh_results(target, "0", (max(CONCURRENCY),))
+        traced = _mesh_results(target, CONCURRENCY)
+        variants = [
+            (label, _mesh_results(target, (max(CONCURRENCY),), label, env))
+            for label, env in (UNTRACED, SYNCHRONOUS_NORMAL)
+        ]
         # Run through the model path beside the rules path and this same echo.
         SECTIONS.append(model.section(target))
     finally:
         echo.terminate()
         echo.wait()
-    write_report(traced, untraced, REPO / "BENCHMARKS.md")
+    write_report(traced, variants, REPO / "BENCHMARKS.md")
     with (REPO / "BENCHMARKS.md").open("a", encoding="utf-8") as report:
         report.write("\n" + corpus.section())
         report.writelines("\n" + section for section in SECTIONS)
