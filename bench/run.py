@@ -33,6 +33,9 @@ SECTIONS: list[str] = []
 # CPU per request per process (label, requests, window), and idle RSS per service (MB).
 CPU_ROWS: list[tuple[str, int, cpu.CpuWindow]] = []
 IDLE_RSS: dict[str, float] = {}
+# The echo's own CPU per call (concurrency, server ms, client ms): the price of one bare hop.
+ECHO_CPU: list[tuple[int, float, float]] = []
+ECHO_PID: list[int] = []
 CONCURRENCY = tuple(int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,32").split(","))
 PROMPT = "what is 17 * 23"
 
@@ -42,11 +45,19 @@ async def _wait_ready(channel: aio.Channel) -> None:
 
 
 async def bench_echo(target: str, concurrency: int) -> Result:
+    pids = {"server": ECHO_PID[0], "client": os.getpid()} if ECHO_PID else {}
+    window = cpu.CpuWindow(pids)
     async with aio.insecure_channel(target) as channel:
         await _wait_ready(channel)
         echo = channel.unary_unary(METHOD)
         payload = PROMPT.encode()
-        return await closed_loop(lambda _w: echo(payload, timeout=5), concurrency, SECONDS)
+        result = await closed_loop(
+            lambda _w: echo(payload, timeout=5), concurrency, SECONDS, window=window
+        )
+    if pids and concurrency not in {c for c, _, _ in ECHO_CPU}:
+        per = window.per_request_ms(result.requests)
+        ECHO_CPU.append((concurrency, per["server"], per["client"]))
+    return result
 
 
 async def bench_run(
@@ -145,6 +156,16 @@ def write_report(
         "",
         *cpu.cpu_table(CPU_ROWS),
         "",
+        *(
+            f"A raw echo call at {c} callers costs {server + client:.2f} ms of CPU "
+            f"(server {server:.2f}, client {client:.2f}): the price of one bare gRPC hop in "
+            "Python, before any control. A rules-routed Run makes four such hops "
+            "(caller -> gateway, gateway -> router twice, gateway -> memory) besides the "
+            "batched span, usage and outbox traffic."
+            for c, server, client in ECHO_CPU
+            if c == max(CONCURRENCY)
+        ),
+        "",
         "Idle RSS per service (after start-up, before load): "
         + ", ".join(f"{name} {mb:.0f} MB" for name, mb in IDLE_RSS.items())
         + ".",
@@ -228,6 +249,7 @@ def _mesh_results(
 def main() -> None:
     echo_port = free_port()
     echo = subprocess.Popen([sys.executable, "-m", "bench.echo_server", str(echo_port)], cwd=REPO)
+    ECHO_PID.append(echo.pid)
     target = f"127.0.0.1:{echo_port}"
     try:
         traced = _mesh_results(target, CONCURRENCY)
