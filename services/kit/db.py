@@ -60,7 +60,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any, synchronous: Synchronou
             if attempt == 49:
                 raise
             time.sleep(0.05)
-    # FULL: an acknowledged write survives power loss, not only a process crash.
+    # FULL (the default): an acknowledged write survives power loss, not only a process
+    # crash; NORMAL only the latter (services.kit.durability).
     cursor.execute(f"PRAGMA synchronous={synchronous}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
