@@ -174,7 +174,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         settings.ensure_data_dir()
         # Holds the dev client's secret and, by default, the private keys.
         settings.dev_client_file().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        engine = create_engine(settings.db_url())
+        engine = create_engine(settings.resolved_database_url())
         store = Store(engine)
         key_files = KeyFiles(settings.resolved_keys_dir())
         hasher = SecretHasher()
@@ -195,7 +195,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         # Audit events wait in auth's outbox table until telemetry has them; a relay started
         # here delivers them (and whatever an earlier run or another replica left) with backoff.
         trail = AuditTrail(
-            settings.db_url(),
+            settings.resolved_database_url(),
             settings.telemetry_target,
             lambda: policy.current().version,
             legacy_file=settings.resolved_audit_outbox_file(),

@@ -62,11 +62,11 @@ def parser() -> argparse.ArgumentParser:
 async def run(settings: AuthSettings, args: argparse.Namespace) -> dict[str, Any]:
     """Run one command; returns what to print. Raises ValueError for bad input."""
     settings.ensure_data_dir()
-    engine = create_engine(settings.db_url())
+    engine = create_engine(settings.resolved_database_url())
     # Events go to the server's outbox table, in the transaction of the change they record:
     # a running server's relay (or the next start's) delivers them to telemetry.
     trail = AuditTrail(
-        settings.db_url(),
+        settings.resolved_database_url(),
         settings.telemetry_target,
         lambda: load_policy(settings.policy_file).version,
     )

@@ -7,14 +7,13 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from services.kit.db import sqlite_url
-from services.kit.settings import DEFAULT_PORTS, ServiceSettings
+from services.kit.settings import DEFAULT_PORTS, DatabaseSettings
 from services.kit.tokens import MAX_LEEWAY_S, MAX_TOKEN_LIFETIME_S
 
 PACKAGED_POLICY = Path(__file__).with_name("policy.toml")
 
 
-class AuthSettings(ServiceSettings):
+class AuthSettings(DatabaseSettings):
     service_name: ClassVar[str] = "auth"
 
     port: int = Field(default=DEFAULT_PORTS["auth"], ge=0, le=65535)
@@ -61,9 +60,6 @@ class AuthSettings(ServiceSettings):
     audit_backoff_base_s: float = Field(default=0.2, ge=0)
     # The longest delay between two delivery attempts, in seconds.
     audit_backoff_max_s: float = Field(default=10.0, ge=0)
-
-    def db_url(self) -> str:
-        return self.database_url or sqlite_url(self.data_dir, "auth")
 
     def resolved_keys_dir(self) -> Path:
         return self.keys_dir or self.data_dir / "auth" / "keys"

@@ -17,7 +17,7 @@ from opentelemetry import trace
 
 from services.kit.breaker import BreakerRegistry
 from services.kit.channels import open_channel
-from services.kit.db import create_engine, session_factory, sqlite_url
+from services.kit.db import create_engine, session_factory
 from services.kit.migrations import check_schema
 from services.kit.peers import ANY_PEER, GATEWAY, PeerRules
 from services.kit.periodic import every
@@ -181,7 +181,7 @@ def build(
     ]
 
     async def register(server: aio.Server) -> Registered:
-        url = settings.database_url or sqlite_url(settings.ensure_data_dir(), "router")
+        url = settings.resolved_database_url()
         # At head, or migrated to it under the schema lock, or refused with what to run.
         await check_schema(url, MIGRATIONS, migrate_on_start=settings.migrate_on_start)
         engine = create_engine(url)

@@ -8,12 +8,12 @@ from typing import ClassVar, Literal
 from pydantic import Field, SecretStr, model_validator
 
 from services.kit.breaker import BreakerConfig
-from services.kit.settings import DEFAULT_PORTS, ServiceSettings
+from services.kit.settings import DEFAULT_PORTS, DatabaseSettings
 
 DEFAULT_RULES_FILE = Path(__file__).with_name("routing.toml")
 
 
-class RouterSettings(ServiceSettings):
+class RouterSettings(DatabaseSettings):
     service_name: ClassVar[str] = "router"
 
     port: int = Field(default=DEFAULT_PORTS["router"], ge=0, le=65535)

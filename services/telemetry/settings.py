@@ -8,13 +8,12 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from services.kit.db import sqlite_url
-from services.kit.settings import DEFAULT_PORTS, ServiceSettings
+from services.kit.settings import DEFAULT_PORTS, DatabaseSettings
 
 _LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "0.0.0.0", "::1", "[::1]"}
 
 
-class TelemetrySettings(ServiceSettings):
+class TelemetrySettings(DatabaseSettings):
     service_name: ClassVar[str] = "telemetry"
 
     port: int = Field(default=DEFAULT_PORTS["telemetry"], ge=0, le=65535)
@@ -75,9 +74,6 @@ class TelemetrySettings(ServiceSettings):
         if self.otlp_endpoint and own_host and port == str(self.port):
             self.otlp_endpoint = ""
         return self
-
-    def resolved_database_url(self) -> str:
-        return self.database_url or sqlite_url(self.ensure_data_dir(), "telemetry")
 
     def resolved_audit_key_file(self) -> Path:
         return self.audit_key_file or self.data_dir / "audit-signing-key.pem"
