@@ -50,6 +50,10 @@ class TelemetrySettings(DatabaseSettings):
     prices_file: Path = Path(__file__).with_name("prices.toml")
     # Service level objectives GetSlo evaluates.
     slo_file: Path = Path(__file__).with_name("slo.toml")
+    # Seconds between checks of prices_file and slo_file for changes (also on SIGHUP); a file
+    # that changed and validates is used from then on, a bad one is refused with one ERROR
+    # line and the version in use stays. 0: only on SIGHUP.
+    config_reload_s: float = Field(default=10.0, ge=0)
     # How often expired budget reservations are deleted; they stop counting when they expire.
     reservation_sweep_interval_s: float = Field(default=60, gt=0)
     # Ed25519 private key (PEM, mode 0600) that signs audit checkpoints; required in production.
