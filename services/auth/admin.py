@@ -76,7 +76,7 @@ class AdminRpcs(AuthBase):
         self, request: auth_pb2.CreateClientRequest, context: aio.ServicerContext
     ) -> auth_pb2.CreateClientResponse:
         actor = await self._admin(context, CLIENT_CREATE)
-        policy = self._policy.current()
+        policy = await self._policy.fresh()
         violations = [
             *validation.client_id(request.client_id, required=False),
             *validation.tenant(request.tenant),

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from services.auth.admin import CLIENT_CREATE, CLIENT_DELETE, KEY_RETIRE, KEY_ROTATE
-from services.auth.audit import AuditTrail
+from services.auth.audit import OPERATOR_TENANT, AuditTrail
 from services.auth.credentials import SecretHasher, new_secret
 from services.auth.keys import KeyFiles
 from services.auth.models import (
@@ -23,7 +23,8 @@ from services.auth.models import (
     CLIENT_REVOKED,
     ClientRow,
 )
-from services.auth.policy import NAME_PATTERN, SCOPE_PATTERN, load_policy
+from services.auth.policy import NAME_PATTERN, SCOPE_PATTERN, PolicyInForce
+from services.auth.policy_store import PolicyStore, seed_policy
 from services.auth.settings import AuthSettings
 from services.auth.store import Store
 from services.auth.validation import CLIENT_ID_PATTERN
@@ -31,8 +32,6 @@ from services.kit.audit import SUCCESS
 from services.kit.db import create_engine
 
 ACTOR = "local-operator"
-# The local operator has no tenant of its own; names starting with "_" are never real tenants.
-OPERATOR_TENANT = "_operator"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,15 +61,21 @@ async def run(settings: AuthSettings, args: argparse.Namespace) -> dict[str, Any
     engine = create_engine(settings.db_url())
     # Events go to the same outbox file as the server's: its relay (or the next start's)
     # delivers them to telemetry.
+    policy = PolicyInForce(0)
     trail = AuditTrail(
         settings.resolved_audit_outbox_file(),
         settings.telemetry_target,
-        lambda: load_policy(settings.policy_file).version,
+        lambda: policy.version,
     )
     try:
         await trail.open()
         store = Store(engine)
         await store.create_schema(migrate=settings.migrate_on_start)
+        # The first production admin client may come before the first server start: the
+        # policy file seeds the database here too, so its roles exist.
+        policies = PolicyStore(engine)
+        await seed_policy(settings, policies)
+        policy = await policies.read()
         keys = KeyFiles(settings.resolved_keys_dir())
         if args.command == "rotate-key":
             kid, x = keys.create()
@@ -89,7 +94,7 @@ async def run(settings: AuthSettings, args: argparse.Namespace) -> dict[str, Any
             )
             await record(trail, CLIENT_DELETE, deleted.client_id, {"client_tenant": deleted.tenant})
             return {"deleted": deleted.client_id}
-        return await _create_client(settings, store, trail, args)
+        return await _create_client(policy, store, trail, args)
     finally:
         await trail.close()
         await engine.dispose()
@@ -104,7 +109,7 @@ async def record(
 
 
 async def _create_client(
-    settings: AuthSettings, store: Store, trail: AuditTrail, args: argparse.Namespace
+    policy: PolicyInForce, store: Store, trail: AuditTrail, args: argparse.Namespace
 ) -> dict[str, Any]:
     client_id = args.client_id or f"c-{secrets.token_hex(8)}"
     if not re.fullmatch(CLIENT_ID_PATTERN, client_id):
@@ -114,7 +119,7 @@ async def _create_client(
     names = [*args.scope, *args.role]
     if not names or not all(re.fullmatch(SCOPE_PATTERN, name) for name in names):
         raise ValueError("give at least one --scope or --role, each a valid name")
-    unknown = set(args.role) - set(load_policy(settings.policy_file).roles)
+    unknown = set(args.role) - set(policy.roles)
     if unknown:
         raise ValueError(f"roles not in the policy: {', '.join(sorted(unknown))}")
     secret = new_secret()
