@@ -4,7 +4,7 @@
 backends and direct calls ``backends``, ``tools`` and ``call`` (cli.backends) and the operator
 views ``trace``, ``cost``, ``budget``, ``audit`` and ``slo`` (cli.ops); ``capacity``
 sizes replicas from measured latency (cli.capacity); ``clients``,
-``keys`` and ``revoke`` are admin RPCs sent to the auth service directly (it verifies the bearer
+``keys``, ``revoke`` and ``tenants`` are admin RPCs sent to the auth service directly (it verifies the bearer
 token and needs scope ``admin``); ``up`` starts a local mesh. With ``--ca-file`` (or env
 TOOLMESH_CLI_TLS_CA_FILE / TOOLMESH_TLS_CA_FILE) every channel is TLS, and with a client
 certificate and key (``--cert-file``/``--key-file``, env TOOLMESH_CLI_TLS_CERT_FILE /
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--window", type=int, default=3600, help="seconds (default 3600)")
     stats.set_defaults(handler=cmd_stats)
 
-    from cli import admin, backends, capacity, migrate, ops, prompts, releases, up
+    from cli import admin, backends, capacity, migrate, ops, prompts, releases, tenants, up
 
     backends.add_parsers(sub, common)
     prompts.add_parsers(sub, common)
@@ -322,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_parsers(sub, common)
     capacity.add_parser(sub, common)
     admin.add_parsers(sub, common)
+    tenants.add_parsers(sub, common)
     up.add_parser(sub)
     migrate.add_parser(sub)
     return parser

@@ -222,7 +222,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         trail.start()
         if seeded:
             await trail.record(
-                AuditAction.AUDIT_ACTION_POLICY_SEED,
+                AuditAction.AUDIT_ACTION_ADMIN_POLICY_SEED,
                 SUCCESS,
                 tenant=OPERATOR_TENANT,
                 actor="",

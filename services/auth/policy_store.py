@@ -91,7 +91,7 @@ class PolicyStore:
                         version=1,
                         created_at=now,
                         actor="",
-                        action="policy.seed",
+                        action="admin.policy.seed",
                         details=json.dumps({"source": source, "file_version": policy.version}),
                     )
                 )

@@ -253,7 +253,7 @@ async def test_events_left_in_the_outbox_are_sent_by_the_next_start(
         ]
         assert (await telemetry.verify("dev")).ok
         (seed,) = await telemetry.wait_for("_operator", 1)
-        assert (seed.action, seed.policy_version) == ("policy.seed", "1")
+        assert (seed.action, seed.policy_version) == ("admin.policy.seed", "1")
     finally:
         await second.stop()
 
