@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -88,7 +89,7 @@ def test_a_tenant_created_by_api_runs_on_every_replica_at_once(mesh: Mesh) -> No
     token = issue(mesh, client_id, secret)
     # Not in the policy yet: refused everywhere.
     for instance in GATEWAYS:
-        assert _code(lambda i=instance: _run(mesh, i, token)) == grpc.StatusCode.PERMISSION_DENIED
+        assert _code(partial(_run, mesh, instance, token)) == grpc.StatusCode.PERMISSION_DENIED
 
     created = json.loads(
         ok(cli(mesh, "tenants", "create", tenant, "--allow", "calculator", "--json"))
@@ -97,7 +98,7 @@ def test_a_tenant_created_by_api_runs_on_every_replica_at_once(mesh: Mesh) -> No
     assert created["tenant"]["allowed_tools"] == ["calculator"]
     waits = {}
     for instance in GATEWAYS:
-        waits[instance] = _until(grpc.StatusCode.OK, lambda i=instance: _run(mesh, i, token))
+        waits[instance] = _until(grpc.StatusCode.OK, partial(_run, mesh, instance, token))
         assert _run(mesh, instance, token).tool_name == "calculator"
     print(f"pickup after create (s): {waits}")
 
@@ -114,7 +115,7 @@ def test_a_tenant_created_by_api_runs_on_every_replica_at_once(mesh: Mesh) -> No
     denied = json.loads(ok(cli(mesh, "tenants", "deny", tenant, "calculator", "--json")))
     assert int(denied["policy_version"]) == version + 1 and denied["changed"]
     for instance in GATEWAYS:
-        _until(grpc.StatusCode.PERMISSION_DENIED, lambda i=instance: _run(mesh, i, token))
+        _until(grpc.StatusCode.PERMISSION_DENIED, partial(_run, mesh, instance, token))
 
     shown = json.loads(ok(cli(mesh, "tenants", "show", tenant, "--json")))
     assert shown["tenant"]["allowed_tools"] == [] and int(shown["policy_version"]) == version + 1
