@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import time
-from functools import partial
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import grpc
