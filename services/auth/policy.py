@@ -9,6 +9,7 @@ database holds no policy yet, and imported as version 1; later edits of the file
 from __future__ import annotations
 
 import logging
+import re
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from services.kit.allowlist import entry_problem
 
 log = logging.getLogger("toolmesh.auth.policy")
 
@@ -29,6 +32,15 @@ class TenantRules(BaseModel):
 
     allowed_tools: list[str] = Field(default_factory=list)
 
+    @field_validator("allowed_tools")
+    @classmethod
+    def _entries(cls, tools: list[str]) -> list[str]:
+        for tool in tools:
+            problem = entry_problem(tool)
+            if problem:
+                raise ValueError(f"allowed_tools entry {tool!r}: {problem}")
+        return tools
+
 
 class Policy(BaseModel):
     """What the seed file holds; unknown keys are refused so a typo cannot silently drop a
@@ -40,11 +52,14 @@ class Policy(BaseModel):
     roles: dict[str, list[str]] = Field(default_factory=dict)
     tenants: dict[str, TenantRules] = Field(default_factory=dict)
 
-    def role_scopes(self, roles: list[str]) -> set[str]:
-        granted: set[str] = set()
-        for role in roles:
-            granted.update(self.roles.get(role, ()))
-        return granted
+    @field_validator("roles", "tenants")
+    @classmethod
+    def _names(cls, table: dict[str, object]) -> dict[str, object]:
+        """The names the admin RPCs accept, so a seeded name can be managed later."""
+        for name in table:
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"{name!r}: lower-case letters, digits, '_', '.', '-'")
+        return table
 
 
 def load_policy(path: Path) -> Policy:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+import pytest
 
 from services.auth.policy import load_policy
 from services.auth.settings import PACKAGED_POLICY
+from services.kit.server import StartupRefused
 from tests.unit.auth.conftest import AuthServer, code_of, make_settings
 from toolmesh.auth.v1 import auth_pb2
 
@@ -58,3 +60,14 @@ async def test_roles_grant_their_policy_scopes(auth: AuthServer) -> None:
     request.scopes.append("tools:write")
     code, details = await code_of(auth.stub.IssueToken(request))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "tools:write" in details
+
+
+async def test_a_seed_file_with_an_entry_the_api_would_refuse_stops_the_first_start(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path / "data")
+    settings.policy_file.write_text(
+        PACKAGED_POLICY.read_text() + '\n[tenants.acme]\nallowed_tools = ["ti*me"]\n'
+    )
+    with pytest.raises(StartupRefused, match=r"TOOLMESH_AUTH_POLICY_FILE: "):
+        await AuthServer(settings).start()
