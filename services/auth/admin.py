@@ -35,7 +35,14 @@ from services.auth.models import (
     CLIENT_REVOKED,
     ClientRow,
 )
-from services.auth.store import Conflict, NotFound, OtherTenant, StoreError, WrongState
+from services.auth.store import (
+    Conflict,
+    Contended,
+    NotFound,
+    OtherTenant,
+    StoreError,
+    WrongState,
+)
 from services.kit.audit import FAILURE, SUCCESS, AuditAction, action_name
 from services.kit.bearer import bearer_token
 from services.kit.errors import abort, abort_invalid
@@ -66,6 +73,7 @@ _STORE_CODES = {
     OtherTenant: grpc.StatusCode.NOT_FOUND,
     Conflict: grpc.StatusCode.ALREADY_EXISTS,
     WrongState: grpc.StatusCode.FAILED_PRECONDITION,
+    Contended: grpc.StatusCode.ABORTED,
 }
 
 

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from services.auth.models import PolicyVersionRow, RoleRow, TenantRow
 from services.auth.policy import Policy, PolicyInForce, load_policy
 from services.auth.settings import AuthSettings
-from services.auth.store import Conflict
+from services.auth.store import Contended
 from services.kit.db import session_factory
 from services.kit.startup import setting_guard
 
@@ -148,7 +148,7 @@ class PolicyStore:
                     raise
                 log.info("policy change raced another one; retrying", extra={"try": attempt + 1})
                 await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))
-        raise Conflict("the policy kept changing concurrently; retry")
+        raise Contended("the policy kept changing concurrently; retry")
 
 
 async def _read(session: AsyncSession) -> PolicyInForce:
