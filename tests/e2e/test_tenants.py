@@ -143,6 +143,17 @@ def test_a_tenant_created_by_api_runs_on_every_replica_at_once(mesh: Mesh) -> No
     assert ("admin.tenant.create", str(version)) in found
     assert ("admin.tenant.deny", str(version + 1)) in found
 
+    # Allowed again, another tool only: each replica lists exactly that one within the bound.
+    allowed = json.loads(ok(cli(mesh, "tenants", "allow", tenant, "unit_convert", "--json")))
+    assert int(allowed["policy_version"]) == version + 2
+    for instance in GATEWAYS:
+        _until(grpc.StatusCode.OK, partial(_run, mesh, instance, token))
+        with mesh.channel(instance) as channel:
+            tools = gateway_pb2_grpc.GatewayStub(channel).ListTools(
+                gateway_pb2.ListToolsRequest(), metadata=bearer(token), timeout=10
+            )
+        assert [t.name for t in tools.tools] == ["unit_convert"]
+
 
 def test_a_tenant_admin_cannot_create_tenants_nor_touch_another(mesh: Mesh) -> None:
     tenant = f"beta-{uuid.uuid4().hex[:6]}"
