@@ -1,4 +1,5 @@
-"""Tenant commands: tenants and their tool allowlists, sent to the auth service directly.
+"""Tenant commands: tenants, their tool allowlists and the roles, sent to the auth service
+directly.
 
 Every change is a new policy version, audited by auth and picked up by every gateway at its
 next policy refresh (auth_refresh_s), without a restart. Scope admin manages its own tenant;
@@ -81,6 +82,29 @@ def cmd_deny(conn: Connection, args: argparse.Namespace) -> str:
     return _changed(reply.tenant, reply.policy_version, reply.changed)
 
 
+def cmd_roles_list(conn: Connection, args: argparse.Namespace) -> str:
+    reply = conn.auth.GetPolicy(auth_pb2.GetPolicyRequest(), timeout=args.timeout)
+    if args.json:
+        return output.as_json(auth_pb2.GetPolicyResponse(roles=reply.roles, version=reply.version))
+    lines = [f"{r.role}  scopes={' '.join(r.scopes) or '(none)'}" for r in reply.roles]
+    return "\n".join([*lines, f"(policy version {reply.version})"])
+
+
+def cmd_roles_set(conn: Connection, args: argparse.Namespace) -> str:
+    reply = conn.auth.SetRole(
+        auth_pb2.SetRoleRequest(role=args.role, scopes=args.scopes),
+        metadata=admin_metadata(conn, args),
+        timeout=args.timeout,
+    )
+    if args.json:
+        return output.as_json(reply)
+    state = "" if reply.changed else "unchanged, "
+    return (
+        f"{reply.role.role}  scopes={' '.join(reply.role.scopes) or '(none)'}\n"
+        f"({state}policy version {reply.policy_version})"
+    )
+
+
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     tenants = sub.add_parser(
         "tenants",
@@ -114,3 +138,15 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
         action.add_argument("tenant", help="the tenant (yours, unless scope platform:admin)")
         action.add_argument("tools", nargs="+", metavar="TOOL", help=TOOLS_HELP)
         action.set_defaults(handler=handler)
+
+    roles = sub.add_parser("roles", help="roles and the scopes they grant, shared by every tenant")
+    rsub = roles.add_subparsers(dest="roles_command", required=True, metavar="ACTION")
+    rsub.add_parser("list", parents=[common], help="every role and its scopes").set_defaults(
+        handler=cmd_roles_list
+    )
+    set_role = rsub.add_parser(
+        "set", parents=[common], help="set the scopes a role grants (scope platform:admin)"
+    )
+    set_role.add_argument("role")
+    set_role.add_argument("scopes", nargs="*", metavar="SCOPE", help="e.g. tools:read ops:read")
+    set_role.set_defaults(handler=cmd_roles_set)
