@@ -3,7 +3,7 @@
 run, history, token and stats map to one gateway RPC each, and so do the tool backends and
 direct calls backends, tools and call (cli.backends) and the operator views trace, cost,
 budget, audit and slo (cli.ops); capacity sizes replicas from measured latency (cli.capacity);
-clients, keys, revoke and tenants are admin RPCs sent to the auth service directly (it
+clients, keys, revoke, tenants and roles are admin RPCs sent to the auth service directly (it
 verifies the bearer token and needs scope admin); up starts a local mesh. The global flags
 (--target, --json, --token and the TLS files) go before or after the subcommand. With
 --ca-file (or env TOOLMESH_CLI_TLS_CA_FILE / TOOLMESH_TLS_CA_FILE) every channel is TLS, and
