@@ -39,7 +39,14 @@ from services.auth.models import (
     RevokedTokenRow,
     SigningKeyRow,
 )
-from services.auth.store import Conflict, NotFound, OtherTenant, StoreError, WrongState
+from services.auth.store import (
+    Conflict,
+    Contended,
+    NotFound,
+    OtherTenant,
+    StoreError,
+    WrongState,
+)
 from services.kit.audit import FAILURE, SUCCESS, AuditAction, action_name
 from services.kit.bearer import bearer_token
 from services.kit.errors import abort, abort_invalid
@@ -72,6 +79,7 @@ _STORE_CODES = {
     OtherTenant: grpc.StatusCode.NOT_FOUND,
     Conflict: grpc.StatusCode.ALREADY_EXISTS,
     WrongState: grpc.StatusCode.FAILED_PRECONDITION,
+    Contended: grpc.StatusCode.ABORTED,
 }
 
 
@@ -82,7 +90,7 @@ class AdminRpcs(AuthBase):
         self, request: auth_pb2.CreateClientRequest, context: aio.ServicerContext
     ) -> auth_pb2.CreateClientResponse:
         actor = await self._admin(context, CLIENT_CREATE)
-        policy = self._policy.current()
+        policy = await self._policy.fresh()
         violations = [
             *validation.client_id(request.client_id, required=False),
             *validation.tenant(request.tenant),

@@ -55,6 +55,9 @@ audit_log = logging.getLogger("toolmesh.auth.audit")
 log = logging.getLogger("toolmesh.auth")
 
 KIND = "audit"
+# Events of the local operator and of start-up: no tenant of their own; names starting with
+# "_" are never real tenants.
+OPERATOR_TENANT = "_operator"
 CONTRACT_VERSIONS = ("toolmesh.auth.v1",)
 # At most 1000 events per AppendAudit.
 BATCH = 100
@@ -229,4 +232,4 @@ class Staged(Generic[R]):
         self._trail.committed(self.events)
 
 
-__all__ = ["KIND", "AuditTrail", "Staged"]
+__all__ = ["KIND", "OPERATOR_TENANT", "AuditTrail", "Staged"]

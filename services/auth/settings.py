@@ -24,8 +24,11 @@ class AuthSettings(DatabaseSettings):
     token_ttl_s: int = Field(default=900, ge=10, le=MAX_TOKEN_LIFETIME_S)
     # Clock skew tolerated when checking exp, nbf and iat.
     leeway_s: int = Field(default=10, ge=0, le=MAX_LEEWAY_S)
+    # Seeds a fresh install: imported as policy version 1 while the database holds no policy,
+    # ignored after that (tenants and roles are then changed with the admin RPCs).
     policy_file: Path = PACKAGED_POLICY
-    # How often, at most, the policy file's mtime is checked for a reload.
+    # How often, at most, a replica checks the database's policy version for IssueToken and
+    # CreateClient; GetPolicy and this replica's own changes always check.
     policy_check_interval_s: float = Field(default=3.0, ge=0)
     # Seconds a rotated key sits in the JWKS before it signs, so verifiers caching the JWKS (and
     # throttling refetches on an unknown kid) learn it before they meet tokens signed with it.

@@ -242,7 +242,8 @@ async def test_events_left_in_the_outbox_are_sent_by_the_next_start(
         await first.stub.RevokeToken(
             auth_pb2.RevokeTokenRequest(token_id="a" * 32), metadata=bearer(token)
         )
-        assert len(outbox_rows(first)) == 2
+        # The first start's import of the policy file, the token, the revocation.
+        assert len(outbox_rows(first)) == 3
     finally:
         await first.stop()
 
@@ -255,6 +256,8 @@ async def test_events_left_in_the_outbox_are_sent_by_the_next_start(
             ("admin.token.revoke", "a" * 32),
         ]
         assert (await telemetry.verify("dev")).ok
+        (seed,) = await telemetry.wait_for("_operator", 1)
+        assert (seed.action, seed.policy_version) == ("admin.policy.seed", "1")
     finally:
         await second.stop()
 
