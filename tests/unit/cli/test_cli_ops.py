@@ -221,9 +221,7 @@ def test_verify_output_names_checkpoint_problems_and_dead_letters() -> None:
     for kind in ("REWRITTEN", "TRUNCATED", "WIPED", "CHECKPOINT_INVALID"):
         reply = gateway_pb2.VerifyAuditResponse(
             ok=False,
-            problem=telemetry_pb2.AuditProblem(
-                kind=telemetry_pb2.AuditProblemKind.Value(f"AUDIT_PROBLEM_KIND_{kind}"), seq=5
-            ),
+            problem=telemetry_pb2.AuditProblem(kind=f"AUDIT_PROBLEM_KIND_{kind}", seq=5),
             last_checkpoint=telemetry_pb2.AuditCheckpoint(seq=5),
         )
         text = ops.format_verify(reply)
