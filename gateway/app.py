@@ -57,6 +57,8 @@ def build(
     async def register(server: aio.Server) -> Registered:
         clients = Clients.open(settings)
         guard = Guard(breaker_config(settings), clock)
+        for dependency in ("memory", "telemetry"):  # the outbox's receivers
+            guard.add_probe(dependency, clients.health_probe(dependency))
         outbox = open_outbox(settings, clients, guard)
         await outbox.open()
         auth_state = AuthState(clients.auth, settings, clock)

@@ -24,6 +24,7 @@ set aside instead of the chain silently missing it.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 
@@ -65,11 +66,23 @@ def open_outbox(settings: GatewaySettings, clients: Clients, guard: Guard) -> Me
     )
     timeout = settings.outbox_call_timeout_s
 
+    async def call(dependency: str, method: Any, request: Any) -> object:
+        """One delivery call under the dependency's breaker. Refused by an open breaker, the
+        relay asks the dependency whether it is back (Guard.recovered) and, if so, makes the
+        call as a trial at once: replay starts within moments of recovery, not after the
+        breaker's whole open time."""
+        try:
+            return await guard.call(dependency, method, request, timeout)
+        except DependencyError as err:
+            if err.tried or not await guard.recovered(dependency):
+                raise
+        return await guard.call(dependency, method, request, timeout)
+
     async def append_turns(requests: list[memory_pb2.AppendTurnsRequest]) -> list[tuple[int, str]]:
         refused: list[tuple[int, str]] = []
         for index, request in enumerate(requests):
             try:
-                await guard.call("memory", clients.memory.AppendTurns, request, timeout)
+                await call("memory", clients.memory.AppendTurns, request)
             except DependencyError as err:
                 reason = _refusal(err)
                 if reason is None:
@@ -80,14 +93,14 @@ def open_outbox(settings: GatewaySettings, clients: Clients, guard: Guard) -> Me
     async def record_usage(records: list[telemetry_pb2.UsageRecord]) -> list[tuple[int, str]]:
         async def send(batch: list[telemetry_pb2.UsageRecord]) -> object:
             request = telemetry_pb2.RecordUsageRequest(records=batch)
-            return await guard.call(TELEMETRY, clients.telemetry.RecordUsage, request, timeout)
+            return await call(TELEMETRY, clients.telemetry.RecordUsage, request)
 
         return await send_splitting_refusals(records, send, _refusal)
 
     async def append_audit(events: list[telemetry_pb2.AuditEvent]) -> list[tuple[int, str]]:
         async def send(batch: list[telemetry_pb2.AuditEvent]) -> object:
             request = telemetry_pb2.AppendAuditRequest(events=batch)
-            return await guard.call(TELEMETRY, clients.telemetry.AppendAudit, request, timeout)
+            return await call(TELEMETRY, clients.telemetry.AppendAudit, request)
 
         return await send_splitting_refusals(events, send, _refusal)
 

@@ -24,12 +24,17 @@ from grpc import aio
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from gateway.clients import started_calls
-from services.kit.breaker import BreakerConfig, BreakerOpen, BreakerRegistry
+from services.kit.breaker import BreakerConfig, BreakerOpen, BreakerRegistry, State
 from services.kit.metrics import meter
 
 log = logging.getLogger("toolmesh.gateway.reliability")
 
 T = TypeVar("T")
+
+# Asks a dependency itself whether it is back (its health check), outside its breaker.
+Probe = Callable[[], Awaitable[bool]]
+# At most one recovery probe per dependency this often, whoever asks.
+PROBE_INTERVAL_S = 0.25
 
 # Outcomes that speak of the request, not of the dependency's health: never counted by a breaker.
 NEUTRAL_CODES = frozenset(
@@ -80,6 +85,30 @@ class Guard:
     def __init__(self, config: BreakerConfig, clock: Callable[[], float] = time.monotonic):
         self.breakers = BreakerRegistry(config, clock)
         self._clock = clock
+        self._probes: dict[str, Probe] = {}
+        self._probed_at: dict[str, float] = {}
+
+    def add_probe(self, dependency: str, probe: Probe) -> None:
+        self._probes[dependency] = probe
+
+    async def recovered(self, dependency: str) -> bool:
+        """While ``dependency``'s breaker is open, ask the dependency itself whether it is back;
+        if it is, the breaker lets trial calls through at once (True).
+
+        The outbox relay asks when its delivery is refused by an open breaker: without it the
+        turns waiting there would wait out the whole open time (``breaker_open_s``) after the
+        dependency recovered. A probe that fails or hangs is never counted by the breaker."""
+        probe = self._probes.get(dependency)
+        breaker = self.breakers.get(dependency)
+        if probe is None or breaker.state is not State.OPEN:
+            return False
+        now = self._clock()
+        if now - self._probed_at.get(dependency, -PROBE_INTERVAL_S) < PROBE_INTERVAL_S:
+            return False
+        self._probed_at[dependency] = now
+        if not await probe():
+            return False
+        return breaker.half_open_early()
 
     async def call(
         self,

@@ -337,7 +337,8 @@ def _describe(exc: BaseException) -> str:
             return f"{code().name}: {exc.details()}"  # type: ignore[attr-defined]
         except Exception:  # noqa: S110 - best-effort description only
             pass
-    return type(exc).__name__
+    detail = str(exc)
+    return f"{type(exc).__name__}: {detail[:300]}" if detail else type(exc).__name__
 
 
 # Weak: an outbox belongs to a server; a process that builds several (tests do) must not keep
