@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from services.auth.app import PEER_RULES as AUTH_RULES
+from services.kit import scopes
 from services.kit.peers import ANY_PEER, PeerRules
 from services.memory.app import PEER_RULES as MEMORY_RULES
 from services.router.app import PEER_RULES as ROUTER_RULES
@@ -235,7 +236,7 @@ def _logs(mesh: Mesh) -> dict[str, str]:
 
 def test_every_rpc_answers_bad_input_precisely(fuzz_mesh: Mesh) -> None:
     mesh = fuzz_mesh
-    token = mesh.token(("tools:read", "tools:write", "ops:read"))
+    token = mesh.token(tuple(sorted(scopes.ALL)))
     rpcs = every_rpc()
     started = time.monotonic()
     answers = asyncio.run(_fuzz(mesh, token, rpcs)) + _raw(mesh, token, rpcs)
