@@ -22,8 +22,9 @@ from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 
 log = logging.getLogger("toolmesh.gateway.clients")
 
-# A recovery probe (the standard health check) gets this long; a frozen dependency never answers.
-PROBE_TIMEOUT_S = 0.25
+# A recovery probe (the standard health check) gets this long: only the outbox relay waits for
+# it, never a Run, and a dependency just resumed may first work through a backlog.
+PROBE_TIMEOUT_S = 1.0
 
 # Retried on UNAVAILABLE by the channel (exponential backoff with jitter, at most 3 attempts,
 # under the channel's retryThrottling budget, and never past the call's own timeout): reads,

@@ -23,6 +23,7 @@ set aside instead of the chain silently missing it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -43,6 +44,10 @@ KIND_USAGE = "usage"
 KIND_AUDIT = "audit"
 FILE_NAME = "gateway-outbox.db"
 TELEMETRY = "telemetry"
+# AppendTurns calls in flight at once while replaying: memory places each turn by its
+# acknowledgment time whatever order they arrive in, and group-commits concurrent appends, so a
+# backlog drains several times faster than one call at a time.
+REPLAY_CONCURRENCY = 8
 
 
 def _refusal(exc: Exception) -> str | None:
@@ -67,28 +72,33 @@ def open_outbox(settings: GatewaySettings, clients: Clients, guard: Guard) -> Me
     timeout = settings.outbox_call_timeout_s
 
     async def call(dependency: str, method: Any, request: Any) -> object:
-        """One delivery call under the dependency's breaker. Refused by an open breaker, the
-        relay asks the dependency whether it is back (Guard.recovered) and, if so, makes the
-        call as a trial at once: replay starts within moments of recovery, not after the
-        breaker's whole open time."""
-        try:
-            return await guard.call(dependency, method, request, timeout)
-        except DependencyError as err:
-            if err.tried or not await guard.recovered(dependency):
-                raise
-        return await guard.call(dependency, method, request, timeout)
+        """One delivery call; an open breaker does not hold replay back once the dependency
+        is back (Guard.call_recovering)."""
+        return await guard.call_recovering(dependency, method, request, timeout)
 
     async def append_turns(requests: list[memory_pb2.AppendTurnsRequest]) -> list[tuple[int, str]]:
-        refused: list[tuple[int, str]] = []
-        for index, request in enumerate(requests):
-            try:
-                await call("memory", clients.memory.AppendTurns, request)
-            except DependencyError as err:
-                reason = _refusal(err)
-                if reason is None:
-                    raise
-                refused.append((index, reason))
-        return refused
+        limit = asyncio.Semaphore(REPLAY_CONCURRENCY)
+
+        async def one(index: int, request: memory_pb2.AppendTurnsRequest) -> tuple[int, str] | None:
+            async with limit:
+                try:
+                    await call("memory", clients.memory.AppendTurns, request)
+                except DependencyError as err:
+                    reason = _refusal(err)
+                    if reason is None:
+                        raise
+                    return index, reason
+            return None
+
+        # Every call runs to its end (each is bounded); then the first failure retries the
+        # batch (what was delivered is de-duplicated), else the refusals are set aside.
+        outcomes = await asyncio.gather(
+            *(one(i, r) for i, r in enumerate(requests)), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return [o for o in outcomes if isinstance(o, tuple)]
 
     async def record_usage(records: list[telemetry_pb2.UsageRecord]) -> list[tuple[int, str]]:
         async def send(batch: list[telemetry_pb2.UsageRecord]) -> object:
@@ -110,7 +120,6 @@ def open_outbox(settings: GatewaySettings, clients: Clients, guard: Guard) -> Me
         notice = dead_letter_notice(refused, reason)
         await outbox.put_many([(KIND_AUDIT, notice.event_id, notice)])
 
-    # Turns go one request at a time, in queue order (acknowledgment order per gateway).
     outbox.route(KIND_MEMORY, memory_pb2.AppendTurnsRequest, append_turns, batch=50)
     outbox.route(KIND_USAGE, telemetry_pb2.UsageRecord, record_usage, batch=200)
     outbox.route(

@@ -479,3 +479,10 @@ async def test_an_open_breaker_asks_the_dependency_whether_it_is_back() -> None:
     assert await guard.recovered("memory")
     assert breaker.state is State.HALF_OPEN
     assert not await guard.recovered("unprobed")
+    # Senders asking at once (the relay's concurrent deliveries) share one probe's verdict.
+    breaker.record(False, 0.01, breaker.acquire())
+    assert breaker.state is State.OPEN
+    now[0] += PROBE_INTERVAL_S
+    asked = probes[0]
+    assert await asyncio.gather(*(guard.recovered("memory") for _ in range(5))) == [True] * 5
+    assert probes[0] == asked + 1
