@@ -64,8 +64,8 @@ def main(results: Path, doc: Path) -> None:
             "",
             "Hung dependency and order after replay (issue 10): the worst Run's latency over its "
             "deadline, Runs answered with a healthy hop's fallback, each session's stored order, "
-            "and when the outbox's turns reached memory after it recovered (from the gateway's "
-            "first delivery log line and memory's stored times).",
+            "and when the outbox's turns reached memory after it recovered (memory's stored "
+            "times of the turns only the replay could bring, and of the last one).",
             "",
             table([row for row in rows if "replay_start_s" in row], REPLAY_COLUMNS),
             END,
