@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 
 from gateway.clients import Clients
-from gateway.reliability import DependencyError, Guard
+from gateway.reliability import PROBE_INTERVAL_S, DependencyError, Guard
 from gateway.settings import GatewaySettings
 from services.kit.audit import dead_letter_notice
 from services.kit.outbox import MessageOutbox, send_splitting_refusals
@@ -130,3 +130,20 @@ def open_outbox(settings: GatewaySettings, clients: Clients, guard: Guard) -> Me
         on_dead_letter=leave_notice,
     )
     return outbox
+
+
+async def watch_recovery(guard: Guard, outbox: MessageOutbox) -> None:
+    """While the breaker of an outbox receiver (memory, telemetry) is open, ask the receiver
+    every PROBE_INTERVAL_S whether it is back; once it is (the breaker half-open), replay what
+    waits for it at once. Replay then starts within moments of the recovery, whatever the
+    relay's backoff and the breaker's open time."""
+    receivers = {"memory": (KIND_MEMORY,), TELEMETRY: (KIND_USAGE, KIND_AUDIT)}
+    while True:
+        await asyncio.sleep(PROBE_INTERVAL_S)
+        for dependency, kinds in receivers.items():
+            try:
+                if await guard.recovered(dependency):
+                    log.info("receiver back; replaying now", extra={"dependency": dependency})
+                    await outbox.replay_now(*kinds)
+            except Exception as exc:  # the relay's own retries still deliver; keep watching
+                log.warning("recovery watch failed", extra={"error": type(exc).__name__})
