@@ -103,6 +103,7 @@ class OutboxStore(Protocol):
     async def due(self, kind: str, limit: int) -> list[Pending]: ...
     async def done(self, ids: Sequence[int]) -> None: ...
     async def retry_later(self, ids: Sequence[int], error: str, delay_s: float) -> None: ...
+    async def make_due(self, kind: str) -> None: ...
     async def dead_letter(self, refused: Sequence[tuple[int, str]]) -> None: ...
     async def dead_letters(self, kind: str = "") -> list[DeadLetter]: ...
     async def refresh_depths(self) -> dict[str, int]: ...
@@ -194,6 +195,19 @@ class Outbox:
 
         await self._run(update)
 
+    async def make_due(self, kind: str) -> None:
+        """Every item of ``kind`` waiting out a retry backoff is due now (its receiver is back)."""
+        now = time.time()
+
+        def update(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute(
+                    "UPDATE outbox SET next_attempt_at = ? WHERE kind = ? AND next_attempt_at > ?",
+                    (now, kind, now),
+                )
+
+        await self._run(update)
+
     async def dead_letter(self, refused: Sequence[tuple[int, str]]) -> None:
         """Move items their receiver refused for good to the dead-letter table, with why."""
         now = time.time()
@@ -269,7 +283,7 @@ class Relay:
         self._idle_s = idle_s
         self._base = base_backoff_s
         self._max = max_backoff_s
-        self._wake = asyncio.Event()
+        self._wakes: dict[str, asyncio.Event] = {}
         _OUTBOXES.add(outbox)
 
     def route(
@@ -282,7 +296,8 @@ class Relay:
         self._routes[kind] = _Route(deliver, batch, on_dead_letter)
 
     def wake(self) -> None:
-        self._wake.set()
+        for event in self._wakes.values():
+            event.set()
 
     def backoff_s(self, failures: int) -> float:
         """Full jitter: uniform in [0, min(max, base * 2**failures)]."""
@@ -292,32 +307,35 @@ class Relay:
         """Try every kind once; returns how many items were delivered."""
         delivered = 0
         for kind, route in self._routes.items():
-            pending = await self._outbox.due(kind, route.batch)
-            if not pending:
-                continue
-            try:
-                refused = await route.deliver(pending)
-            except Exception as exc:
-                route.failures += 1
-                delay = self.backoff_s(route.failures)
-                await self._outbox.retry_later([p.id for p in pending], _describe(exc), delay)
-                log.warning(
-                    "outbox delivery failed; will retry",
-                    extra={
-                        "kind": kind,
-                        "items": len(pending),
-                        "retry_in_s": round(delay, 3),
-                        "error": _describe(exc),
-                    },
-                )
-                continue
-            route.failures = 0
-            if refused:
-                await self._set_aside(kind, route, refused)
-            gone = {item.id for item, _ in refused}
-            await self._outbox.done([p.id for p in pending if p.id not in gone])
-            delivered += len(pending) - len(gone)
+            delivered += await self._drain_kind(kind, route)
         return delivered
+
+    async def _drain_kind(self, kind: str, route: _Route) -> int:
+        pending = await self._outbox.due(kind, route.batch)
+        if not pending:
+            return 0
+        try:
+            refused = await route.deliver(pending)
+        except Exception as exc:
+            route.failures += 1
+            delay = self.backoff_s(route.failures)
+            await self._outbox.retry_later([p.id for p in pending], _describe(exc), delay)
+            log.warning(
+                "outbox delivery failed; will retry",
+                extra={
+                    "kind": kind,
+                    "items": len(pending),
+                    "retry_in_s": round(delay, 3),
+                    "error": _describe(exc),
+                },
+            )
+            return 0
+        route.failures = 0
+        if refused:
+            await self._set_aside(kind, route, refused)
+        gone = {item.id for item, _ in refused}
+        await self._outbox.done([p.id for p in pending if p.id not in gone])
+        return len(pending) - len(gone)
 
     async def _set_aside(
         self, kind: str, route: _Route, refused: list[tuple[Pending, str]]
@@ -339,16 +357,23 @@ class Relay:
                     )
 
     async def run(self) -> None:
+        """One delivery loop per kind, so a slow receiver (telemetry taking its time over a
+        batch) never holds back another's replay (turns waiting for memory)."""
+        async with asyncio.TaskGroup() as group:
+            for kind, route in self._routes.items():
+                group.create_task(self._run_kind(kind, route), name=f"relay:{kind}")
+
+    async def _run_kind(self, kind: str, route: _Route) -> None:
+        wake = self._wakes.setdefault(kind, asyncio.Event())
         while True:
-            delivered = await self.drain_once()
-            if delivered:
+            if await self._drain_kind(kind, route):
                 continue
-            self._wake.clear()
+            wake.clear()
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation,
             # and a relay that ignores its cancel hangs the server's shutdown.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._idle_s):
-                    await self._wake.wait()
+                    await wake.wait()
 
 
 def _describe(exc: BaseException) -> str:
@@ -358,7 +383,8 @@ def _describe(exc: BaseException) -> str:
             return f"{code().name}: {exc.details()}"  # type: ignore[attr-defined]
         except Exception:  # noqa: S110 - best-effort description only
             pass
-    return type(exc).__name__
+    detail = str(exc)
+    return f"{type(exc).__name__}: {detail[:300]}" if detail else type(exc).__name__
 
 
 # Weak: an outbox belongs to a server; a process that builds several (tests do) must not keep
@@ -459,6 +485,13 @@ class MessageOutbox:
                 for _, done in batch:
                     if not done.done():
                         done.set_result(None)
+
+    async def replay_now(self, *kinds: str) -> None:
+        """The receiver of ``kinds`` is back: deliver what waits for it at once, not after the
+        rest of its retry backoff."""
+        for kind in kinds:
+            await self.store.make_due(kind)
+        self.relay.wake()
 
     def route(
         self,
