@@ -478,11 +478,13 @@ class AdminRpcs(AuthBase):
         where: Callable[[R], tuple[str, str]],
         *,
         details: Mapping[str, object] | Callable[[R], Mapping[str, object]] | None = None,
+        policy_version: Callable[[R], str] | None = None,
     ) -> Staged[R]:
         """The audit events of a change by ``actor``, for the store to commit in the change's
         transaction: ``where`` names the target and the tenant changed, from the changed row.
         A platform operator's change to another tenant is recorded in the operator's tenant
-        too."""
+        too. ``policy_version`` names the version the change makes (a policy change), where
+        the events would otherwise name the one in force before it."""
 
         def build(row: R) -> list[AuditEvent]:
             target, tenant = where(row)
@@ -490,11 +492,15 @@ class AdminRpcs(AuthBase):
             tenants: Sequence[str] = [tenant] if tenant == actor.tenant else [tenant, actor.tenant]
             if tenant != actor.tenant:
                 facts["actor_tenant"] = actor.tenant
-            return [
+            events = [
                 self._audit.event(
                     action, SUCCESS, tenant=t, actor=actor.subject, target=target, details=facts
                 )
                 for t in tenants
             ]
+            if policy_version is not None:
+                for event in events:
+                    event.policy_version = policy_version(row)
+            return events
 
         return self._audit.staged(build)

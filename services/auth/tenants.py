@@ -228,6 +228,7 @@ class TenantRpcs(AdminRpcs):
             actor,
             lambda _version: (request.role, actor.tenant),
             details=lambda version: {"scopes": scopes, "policy_version": version},
+            policy_version=str,
         )
         version, changed = await self._run_store(
             context,
@@ -264,6 +265,7 @@ class TenantRpcs(AdminRpcs):
             actor,
             lambda _version: (tenant, tenant),
             details=lambda version: {"tools": tools, "policy_version": version},
+            policy_version=str,
         )
         version, changed = await self._run_store(
             context,
