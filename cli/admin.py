@@ -30,13 +30,13 @@ def _words(values: list[str]) -> list[str]:
 
 
 def admin_metadata(conn: Connection, args: argparse.Namespace) -> tuple[tuple[str, str]]:
-    def issue() -> str:
+    def issue() -> auth_pb2.IssueTokenResponse:
         client_id, secret = read_credentials(args)
-        reply = conn.auth.IssueToken(
+        reply: auth_pb2.IssueTokenResponse = conn.auth.IssueToken(
             auth_pb2.IssueTokenRequest(client_id=client_id, client_secret=secret),
             timeout=args.timeout,
         )
-        return str(reply.access_token)
+        return reply
 
     return (("authorization", f"Bearer {caller_token(args, issue)}"),)
 

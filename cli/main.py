@@ -1,14 +1,15 @@
-"""``toolmesh``: argparse front end.
+"""toolmesh: argparse front end.
 
-``run``, ``history``, ``token`` and ``stats`` map to one gateway RPC each, and so do the tool
-backends and direct calls ``backends``, ``tools`` and ``call`` (cli.backends) and the operator
-views ``trace``, ``cost``, ``budget``, ``audit`` and ``slo`` (cli.ops); ``capacity``
-sizes replicas from measured latency (cli.capacity); ``clients``,
-``keys`` and ``revoke`` are admin RPCs sent to the auth service directly (it verifies the bearer
-token and needs scope ``admin``); ``up`` starts a local mesh. With ``--ca-file`` (or env
-TOOLMESH_CLI_TLS_CA_FILE / TOOLMESH_TLS_CA_FILE) every channel is TLS, and with a client
-certificate and key (``--cert-file``/``--key-file``, env TOOLMESH_CLI_TLS_CERT_FILE /
-TOOLMESH_CLI_TLS_KEY_FILE) mutual TLS as that identity (``operator`` for an mTLS mesh).
+run, history, token and stats map to one gateway RPC each, and so do the tool backends and
+direct calls backends, tools and call (cli.backends) and the operator views trace, cost,
+budget, audit and slo (cli.ops); capacity sizes replicas from measured latency (cli.capacity);
+clients, keys, revoke, tenants and roles are admin RPCs sent to the auth service directly (it
+verifies the bearer token and needs scope admin); up starts a local mesh. The global flags
+(--target, --json, --token and the TLS files) go before or after the subcommand. With
+--ca-file (or env TOOLMESH_CLI_TLS_CA_FILE / TOOLMESH_TLS_CA_FILE) every channel is TLS, and
+with a client certificate and key (--cert-file/--key-file, env TOOLMESH_CLI_TLS_CERT_FILE /
+TOOLMESH_CLI_TLS_KEY_FILE) mutual TLS as that identity (operator for an mTLS mesh). Tokens
+are minted once and reused from the user's cache directory until they near expiry.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from cli import output
+from cli import globalflags, output, tokencache
 from toolmesh.auth.v1 import auth_pb2_grpc
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from toolmesh.telemetry.v1 import telemetry_pb2
@@ -158,12 +159,19 @@ def issue_token(conn: Connection, args: argparse.Namespace) -> gateway_pb2.Issue
     return reply
 
 
-def caller_token(args: argparse.Namespace, issue: Callable[[], str]) -> str:
-    return args.token or os.environ.get("TOOLMESH_TOKEN", "").strip() or issue()
+def caller_token(args: argparse.Namespace, issue: Callable[[], tokencache.TokenReply]) -> str:
+    """--token, env TOOLMESH_TOKEN, else the client's cached token (cli.tokencache)."""
+    explicit = args.token or os.environ.get("TOOLMESH_TOKEN", "").strip()
+    if explicit:
+        return str(explicit)
+    client_id, secret = read_credentials(args)
+    args.token_cache_key = tokencache.cache_key(args.target, client_id, secret)
+    token, args.token_reused = tokencache.cached_token(args.token_cache_key, issue)
+    return token
 
 
 def bearer(conn: Connection, args: argparse.Namespace) -> tuple[tuple[str, str]]:
-    token = caller_token(args, lambda: issue_token(conn, args).access_token)
+    token = caller_token(args, lambda: issue_token(conn, args))
     return (("authorization", f"Bearer {token}"),)
 
 
@@ -177,6 +185,7 @@ def cmd_run(conn: Connection, args: argparse.Namespace) -> str:
         metadata=bearer(conn, args),
         timeout=args.timeout,
     )
+    args.run_reply = reply
     return output.as_json(reply) if args.json else output.format_run(reply)
 
 
@@ -204,6 +213,7 @@ def run_streamed(conn: Connection, args: argparse.Namespace) -> str:
             final = event.final
     if final is None:
         raise CliError("the stream ended without a final answer", "UNAVAILABLE")
+    args.run_reply = final
     return "" if args.json else "\n\n" + output.format_run_facts(final)
 
 
@@ -323,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--window", type=int, default=3600, help="seconds (default 3600)")
     stats.set_defaults(handler=cmd_stats)
 
-    from cli import admin, backends, capacity, migrate, ops, prompts, releases, up
+    from cli import admin, backends, capacity, migrate, ops, prompts, releases, tenants, up
 
     backends.add_parsers(sub, common)
     prompts.add_parsers(sub, common)
@@ -331,13 +341,32 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_parsers(sub, common)
     capacity.add_parser(sub, common)
     admin.add_parsers(sub, common)
+    tenants.add_parsers(sub, common)
     up.add_parser(sub)
     migrate.add_parser(sub)
+    globalflags.polish(parser)
     return parser
 
 
+def _with_cached_token(handler: Command, conn: Connection, args: argparse.Namespace) -> str:
+    """Run ``handler``; a cached token refused as UNAUTHENTICATED (revoked, or signed by a key
+    since retired) is dropped and the command runs once more with a new token. The refusal
+    came before the RPC did anything, so running it again is safe."""
+    try:
+        return handler(conn, args)
+    except grpc.RpcError as err:
+        unauthenticated = isinstance(err, grpc.Call) and err.code() == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        if not (unauthenticated and getattr(args, "token_reused", False)):
+            raise
+    tokencache.forget(args.token_cache_key)
+    args.token_reused = False
+    return handler(conn, args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(globalflags.hoist(sys.argv[1:] if argv is None else argv))
     if args.command == "up":
         from cli import up
 
@@ -349,13 +378,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Command = args.handler
     conn: Connection | None = None
     try:
+        globalflags.read_prompt(args)
         conn = Connection(args)
-        text = handler(conn, args)
+        text = _with_cached_token(handler, conn, args)
     except grpc.RpcError as err:
-        print(output.format_rpc_error(err), file=sys.stderr)
+        if args.json:
+            print(globalflags.rpc_error_json(err), file=sys.stderr)
+        else:
+            print(output.format_rpc_error(err), file=sys.stderr)
         return 1
     except CliError as err:
-        print(f"error: {err.code}: {err}", file=sys.stderr)
+        if args.json:
+            print(globalflags.error_json(err.code, str(err)), file=sys.stderr)
+        else:
+            print(f"error: {err.code}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -364,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             conn.close()
     if text:
         print(text)
-    return 0
+    return globalflags.FALLBACK_EXIT if globalflags.fell_back(args) else 0
 
 
 if __name__ == "__main__":

@@ -28,11 +28,11 @@ COST_GROUP_BY = {
     "model": telemetry_pb2.COST_GROUP_BY_MODEL,
 }
 PERIODS = {"day": telemetry_pb2.BUDGET_PERIOD_DAY, "month": telemetry_pb2.BUDGET_PERIOD_MONTH}
+# Every kind verify can report, from the enum itself, so a new kind is never "UNKNOWN".
 PROBLEM_KINDS = {
-    telemetry_pb2.AUDIT_PROBLEM_KIND_EDITED: "EDITED",
-    telemetry_pb2.AUDIT_PROBLEM_KIND_DELETED: "DELETED",
-    telemetry_pb2.AUDIT_PROBLEM_KIND_INSERTED: "INSERTED",
-    telemetry_pb2.AUDIT_PROBLEM_KIND_REORDERED: "REORDERED",
+    number: name.removeprefix("AUDIT_PROBLEM_KIND_")
+    for name, number in telemetry_pb2.AuditProblemKind.items()
+    if number != telemetry_pb2.AUDIT_PROBLEM_KIND_UNSPECIFIED
 }
 SLI_KINDS = {
     telemetry_pb2.SLI_KIND_AVAILABILITY: "availability",
@@ -248,14 +248,21 @@ def describe_problem(problem: telemetry_pb2.AuditProblem) -> str:
 
 def format_verify(reply: gateway_pb2.VerifyAuditResponse) -> str:
     if reply.ok:
-        return (
+        text = (
             f"audit chain ok: {reply.events_checked} events checked; "
             f"head seq {reply.head_seq} hash {reply.head_hash[:16] or '-'}"
         )
-    return (
-        f"audit chain BROKEN: {describe_problem(reply.problem)}\n"
-        f"{reply.events_checked} events checked; recorded head seq {reply.head_seq}"
-    )
+    else:
+        text = (
+            f"audit chain BROKEN: {describe_problem(reply.problem)}\n"
+            f"{reply.events_checked} events checked; recorded head seq {reply.head_seq}"
+        )
+    # Items a sender could not deliver are never silent: their notices are in the chain.
+    if reply.dead_letter_notices:
+        text += f"\ndead letters: {reply.dead_letter_notices} audit event(s) set aside by a sender"
+    if reply.HasField("last_checkpoint"):
+        text += f"\nlast signed checkpoint: seq {reply.last_checkpoint.seq}"
+    return text
 
 
 def _percent(value: float) -> str:

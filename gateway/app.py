@@ -16,7 +16,7 @@ from gateway.authn import AuthState
 from gateway.backends import BackendAdmin
 from gateway.clients import Clients
 from gateway.operations import Operations
-from gateway.outbox import open_outbox, outbox_store
+from gateway.outbox import open_outbox, outbox_store, watch_recovery
 from gateway.pipeline import Pipeline
 from gateway.reliability import Guard, stop_tasks
 from gateway.servicer import GatewayServicer
@@ -57,6 +57,8 @@ def build(
     async def register(server: aio.Server) -> Registered:
         clients = Clients.open(settings)
         guard = Guard(breaker_config(settings), clock)
+        for dependency in ("memory", "telemetry"):  # the outbox's receivers
+            guard.add_probe(dependency, clients.health_probe(dependency))
         try:
             store = await outbox_store(settings)
         except BaseException:
@@ -81,6 +83,7 @@ def build(
             asyncio.create_task(auth_state.run(guard), name="auth-refresh"),
             asyncio.create_task(clients.check_contracts(), name="contract-check"),
             asyncio.create_task(accounting.prices.run(guard), name="price-refresh"),
+            asyncio.create_task(watch_recovery(guard, outbox), name="outbox-recovery"),
         ]
         outbox.start()
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.settings import GatewaySettings
 from services.kit.channels import open_channel as kit_open_channel
@@ -20,6 +21,10 @@ from toolmesh.router.v1 import router_pb2, router_pb2_grpc
 from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
 
 log = logging.getLogger("toolmesh.gateway.clients")
+
+# A recovery probe (the standard health check) gets this long: only the outbox relay waits for
+# it, never a Run, and a dependency just resumed may first work through a backlog.
+PROBE_TIMEOUT_S = 1.0
 
 # Retried on UNAVAILABLE by the channel (exponential backoff with jitter, at most 3 attempts,
 # under the channel's retryThrottling budget, and never past the call's own timeout): reads,
@@ -98,6 +103,21 @@ class Clients:
 
     async def close(self) -> None:
         await asyncio.gather(*(channel.close() for channel in self.channels))
+
+    def health_probe(self, dependency: str) -> Callable[[], Awaitable[bool]]:
+        """True when ``dependency`` ("memory", "telemetry" ...) answers its standard health
+        check SERVING within PROBE_TIMEOUT_S (on the channel its calls use)."""
+        names = ("auth", "router", "memory", "telemetry")
+        stub = health_pb2_grpc.HealthStub(self.channels[names.index(dependency)])
+
+        async def probe() -> bool:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
+            except aio.AioRpcError:
+                return False
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+        return probe
 
     async def check_contracts(self, attempts: int = 30, interval_s: float = 2.0) -> None:
         """Log an error for each dependency that does not serve its expected major version.

@@ -31,6 +31,7 @@ from services.kit.context import request_id_var
 from services.kit.deadlines import Deadline
 from services.kit.errors import abort, abort_invalid
 from services.kit.limits import MAX_AMOUNT, MAX_KEY_CHARS
+from services.kit.timestamps import timestamp_problem
 from services.kit.tracing import current_trace_id
 from toolmesh.common.v1 import audit_pb2, common_pb2
 from toolmesh.gateway.v1 import gateway_pb2
@@ -89,6 +90,10 @@ def cost_violations(request: gateway_pb2.GetCostRequest) -> Violations:
     if has_start != has_end or (has_start and request.days):
         found.append(("start", "give start and end together, or days"))
     elif has_start:
+        problems = [(n, timestamp_problem(getattr(request, n))) for n in ("start", "end")]
+        found += [(name, problem) for name, problem in problems if problem]
+        if found:
+            return found
         span = request.end.ToNanoseconds() - request.start.ToNanoseconds()
         if not 0 < span <= MAX_COST_WINDOW_NS:
             found.append(("end", f"after start, at most {MAX_COST_DAYS} days later"))
@@ -112,8 +117,12 @@ def audit_violations(request: gateway_pb2.ListAuditRequest) -> Violations:
     token = request.page_token
     if token and not (token.isdigit() and len(token) <= 18):
         found.append(("page_token", "a next_page_token from ListAudit"))
-    if request.HasField("since") and request.since.ToNanoseconds() < 0:
-        found.append(("since", "after 1970"))
+    if request.HasField("since"):
+        problem = timestamp_problem(request.since)
+        if problem is not None:
+            found.append(("since", problem))
+        elif request.since.ToNanoseconds() < 0:
+            found.append(("since", "after 1970"))
     return found
 
 

@@ -25,13 +25,15 @@ set aside instead of the chain silently missing it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
 import grpc
 
 from gateway.clients import Clients
 from gateway.migrations import MIGRATIONS, PREFIX
-from gateway.reliability import DependencyError, Guard
+from gateway.reliability import PROBE_INTERVAL_S, DependencyError, Guard
 from gateway.settings import GatewaySettings
 from services.kit.audit import dead_letter_notice
 from services.kit.migrations import check_schema
@@ -47,6 +49,10 @@ KIND_USAGE = "usage"
 KIND_AUDIT = "audit"
 FILE_NAME = "gateway-outbox.db"
 TELEMETRY = "telemetry"
+# AppendTurns calls in flight at once while replaying: memory places each turn by its
+# acknowledgment time whatever order they arrive in, and group-commits concurrent appends, so a
+# backlog drains several times faster than one call at a time.
+REPLAY_CONCURRENCY = 8
 
 
 def _refusal(exc: Exception) -> str | None:
@@ -101,29 +107,46 @@ def open_outbox(
     )
     timeout = settings.outbox_call_timeout_s
 
+    async def call(dependency: str, method: Any, request: Any) -> object:
+        """One delivery call; an open breaker does not hold replay back once the dependency
+        is back (Guard.call_recovering)."""
+        return await guard.call_recovering(dependency, method, request, timeout)
+
     async def append_turns(requests: list[memory_pb2.AppendTurnsRequest]) -> list[tuple[int, str]]:
-        refused: list[tuple[int, str]] = []
-        for index, request in enumerate(requests):
-            try:
-                await guard.call("memory", clients.memory.AppendTurns, request, timeout)
-            except DependencyError as err:
-                reason = _refusal(err)
-                if reason is None:
-                    raise
-                refused.append((index, reason))
-        return refused
+        limit = asyncio.Semaphore(REPLAY_CONCURRENCY)
+
+        async def one(index: int, request: memory_pb2.AppendTurnsRequest) -> tuple[int, str] | None:
+            async with limit:
+                try:
+                    await call("memory", clients.memory.AppendTurns, request)
+                except DependencyError as err:
+                    reason = _refusal(err)
+                    if reason is None:
+                        raise
+                    return index, reason
+            return None
+
+        # Every call runs to its end (each is bounded); then the first failure retries the
+        # batch (what was delivered is de-duplicated), else the refusals are set aside.
+        outcomes = await asyncio.gather(
+            *(one(i, r) for i, r in enumerate(requests)), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return [o for o in outcomes if isinstance(o, tuple)]
 
     async def record_usage(records: list[telemetry_pb2.UsageRecord]) -> list[tuple[int, str]]:
         async def send(batch: list[telemetry_pb2.UsageRecord]) -> object:
             request = telemetry_pb2.RecordUsageRequest(records=batch)
-            return await guard.call(TELEMETRY, clients.telemetry.RecordUsage, request, timeout)
+            return await call(TELEMETRY, clients.telemetry.RecordUsage, request)
 
         return await send_splitting_refusals(records, send, _refusal)
 
     async def append_audit(events: list[telemetry_pb2.AuditEvent]) -> list[tuple[int, str]]:
         async def send(batch: list[telemetry_pb2.AuditEvent]) -> object:
             request = telemetry_pb2.AppendAuditRequest(events=batch)
-            return await guard.call(TELEMETRY, clients.telemetry.AppendAudit, request, timeout)
+            return await call(TELEMETRY, clients.telemetry.AppendAudit, request)
 
         return await send_splitting_refusals(events, send, _refusal)
 
@@ -133,7 +156,6 @@ def open_outbox(
         notice = dead_letter_notice(refused, reason)
         await outbox.put_many([(KIND_AUDIT, notice.event_id, notice)])
 
-    # Turns go one request at a time, in queue order (acknowledgment order per gateway).
     outbox.route(KIND_MEMORY, memory_pb2.AppendTurnsRequest, append_turns, batch=50)
     outbox.route(KIND_USAGE, telemetry_pb2.UsageRecord, record_usage, batch=200)
     outbox.route(
@@ -144,3 +166,20 @@ def open_outbox(
         on_dead_letter=leave_notice,
     )
     return outbox
+
+
+async def watch_recovery(guard: Guard, outbox: MessageOutbox) -> None:
+    """While the breaker of an outbox receiver (memory, telemetry) is open, ask the receiver
+    every PROBE_INTERVAL_S whether it is back; once it is (the breaker half-open), replay what
+    waits for it at once. Replay then starts within moments of the recovery, whatever the
+    relay's backoff and the breaker's open time."""
+    receivers = {"memory": (KIND_MEMORY,), TELEMETRY: (KIND_USAGE, KIND_AUDIT)}
+    while True:
+        await asyncio.sleep(PROBE_INTERVAL_S)
+        for dependency, kinds in receivers.items():
+            try:
+                if await guard.recovered(dependency):
+                    log.info("receiver back; replaying now", extra={"dependency": dependency})
+                    await outbox.replay_now(*kinds)
+            except Exception as exc:  # the relay's own retries still deliver; keep watching
+                log.warning("recovery watch failed", extra={"error": type(exc).__name__})

@@ -24,12 +24,19 @@ from grpc import aio
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from gateway.clients import started_calls
-from services.kit.breaker import BreakerConfig, BreakerOpen, BreakerRegistry
+from services.kit.breaker import BreakerConfig, BreakerOpen, BreakerRegistry, State
 from services.kit.metrics import meter
 
 log = logging.getLogger("toolmesh.gateway.reliability")
 
 T = TypeVar("T")
+
+# Asks a dependency itself whether it is back (its health check), outside its breaker.
+Probe = Callable[[], Awaitable[bool]]
+# At most one recovery probe per dependency this often, whoever asks.
+PROBE_INTERVAL_S = 0.25
+# How often a sender waiting for a half-open breaker's verdict tries again.
+SETTLE_STEP_S = 0.05
 
 # Outcomes that speak of the request, not of the dependency's health: never counted by a breaker.
 NEUTRAL_CODES = frozenset(
@@ -80,6 +87,38 @@ class Guard:
     def __init__(self, config: BreakerConfig, clock: Callable[[], float] = time.monotonic):
         self.breakers = BreakerRegistry(config, clock)
         self._clock = clock
+        self._probes: dict[str, Probe] = {}
+        self._probed_at: dict[str, float] = {}
+        self._probing: dict[str, asyncio.Future[bool]] = {}
+
+    def add_probe(self, dependency: str, probe: Probe) -> None:
+        self._probes[dependency] = probe
+
+    async def recovered(self, dependency: str) -> bool:
+        """While ``dependency``'s breaker is open, ask the dependency itself whether it is back;
+        if it is, the breaker lets trial calls through at once (True).
+
+        The outbox relay asks when its delivery is refused by an open breaker: without it the
+        turns waiting there would wait out the whole open time (``breaker_open_s``) after the
+        dependency recovered. A probe that fails or hangs is never counted by the breaker."""
+        probe = self._probes.get(dependency)
+        breaker = self.breakers.get(dependency)
+        if probe is None:
+            return False
+        running = self._probing.get(dependency)
+        if running is not None and not running.done():
+            # Concurrent senders share the probe in flight and its verdict.
+            return await asyncio.shield(running) and breaker.half_open_early()
+        if breaker.state is not State.OPEN:
+            return False
+        now = self._clock()
+        if now - self._probed_at.get(dependency, -PROBE_INTERVAL_S) < PROBE_INTERVAL_S:
+            return False
+        self._probed_at[dependency] = now
+        task = self._probing[dependency] = asyncio.ensure_future(probe())
+        if not await asyncio.shield(task):
+            return False
+        return breaker.half_open_early()
 
     async def call(
         self,
@@ -103,6 +142,33 @@ class Guard:
             raise
         finally:
             started_calls.reset(token)
+
+    async def call_recovering(
+        self,
+        dependency: str,
+        method: Callable[..., Any],
+        request: Any,
+        timeout_s: float,
+        settle_s: float = 0.5,
+    ) -> Any:
+        """``call`` for a sender that may wait a moment (the outbox relay). Refused by an open
+        breaker, it asks the dependency whether it is back (``recovered``) and if so makes the
+        call at once as a trial; refused because other callers' trial calls are in flight
+        (half-open: the dependency is likely back), it waits up to ``settle_s`` for their
+        verdict rather than a whole retry backoff."""
+        waited = 0.0
+        while True:
+            try:
+                return await self.call(dependency, method, request, timeout_s)
+            except DependencyError as err:
+                if err.tried:
+                    raise
+                if await self.recovered(dependency):
+                    continue
+                if self.breakers.get(dependency).state is not State.HALF_OPEN or waited >= settle_s:
+                    raise
+            await asyncio.sleep(SETTLE_STEP_S)
+            waited += SETTLE_STEP_S
 
     async def run(self, dependency: str, start: Callable[[], Awaitable[T]], timeout_s: float) -> T:
         breaker = self.breakers.get(dependency)

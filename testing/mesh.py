@@ -101,6 +101,8 @@ class Mesh:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOOLMESH_")}
         env["PYTHONPATH"] = str(REPO)
         env["TOOLMESH_DATA_DIR"] = str(self.data_dir)
+        # The CLI's token cache stays with the mesh, not in the user's home.
+        env["TOOLMESH_CACHE_DIR"] = str(self.data_dir / "cli-cache")
         if instance.startswith("gateway-"):
             # Each gateway replica keeps its own outbox file.
             env["TOOLMESH_DATA_DIR"] = str(self.data_dir / instance)

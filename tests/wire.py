@@ -20,15 +20,19 @@ def raw_call(
     headers: tuple[tuple[bytes, bytes], ...] = (),
     ca_file: Path | None = None,
     timeout: float = 10.0,
+    client_cert: tuple[Path, Path] | None = None,
 ) -> dict[str, str]:
     """Send one unary call and return the response headers and trailers (grpc-status ...).
 
-    With ``ca_file`` the call goes over TLS (ALPN h2) verified against that CA.
+    With ``ca_file`` the call goes over TLS (ALPN h2) verified against that CA, presenting
+    ``client_cert`` (certificate, key) when given (inner services require one).
     """
     sock: socket.socket = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     if ca_file is not None:
         context = ssl.create_default_context(cafile=str(ca_file))
         context.set_alpn_protocols(["h2"])
+        if client_cert is not None:
+            context.load_cert_chain(*client_cert)
         sock = context.wrap_socket(sock, server_hostname="localhost")
     config = h2.config.H2Configuration(
         client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False

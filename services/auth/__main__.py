@@ -33,6 +33,9 @@ def main() -> None:
     except (StoreError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except StartupRefused as refused:
+        print(f"error: {refused}; {refused.fix}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps(result, indent=2))
 
 

@@ -39,7 +39,14 @@ from services.auth.models import (
     RevokedTokenRow,
     SigningKeyRow,
 )
-from services.auth.store import Conflict, NotFound, OtherTenant, StoreError, WrongState
+from services.auth.store import (
+    Conflict,
+    Contended,
+    NotFound,
+    OtherTenant,
+    StoreError,
+    WrongState,
+)
 from services.kit.audit import FAILURE, SUCCESS, AuditAction, action_name
 from services.kit.bearer import bearer_token
 from services.kit.errors import abort, abort_invalid
@@ -72,6 +79,7 @@ _STORE_CODES = {
     OtherTenant: grpc.StatusCode.NOT_FOUND,
     Conflict: grpc.StatusCode.ALREADY_EXISTS,
     WrongState: grpc.StatusCode.FAILED_PRECONDITION,
+    Contended: grpc.StatusCode.ABORTED,
 }
 
 
@@ -82,7 +90,7 @@ class AdminRpcs(AuthBase):
         self, request: auth_pb2.CreateClientRequest, context: aio.ServicerContext
     ) -> auth_pb2.CreateClientResponse:
         actor = await self._admin(context, CLIENT_CREATE)
-        policy = self._policy.current()
+        policy = await self._policy.fresh()
         violations = [
             *validation.client_id(request.client_id, required=False),
             *validation.tenant(request.tenant),
@@ -470,11 +478,13 @@ class AdminRpcs(AuthBase):
         where: Callable[[R], tuple[str, str]],
         *,
         details: Mapping[str, object] | Callable[[R], Mapping[str, object]] | None = None,
+        policy_version: Callable[[R], str] | None = None,
     ) -> Staged[R]:
         """The audit events of a change by ``actor``, for the store to commit in the change's
         transaction: ``where`` names the target and the tenant changed, from the changed row.
         A platform operator's change to another tenant is recorded in the operator's tenant
-        too."""
+        too. ``policy_version`` names the version the change makes (a policy change), where
+        the events would otherwise name the one in force before it."""
 
         def build(row: R) -> list[AuditEvent]:
             target, tenant = where(row)
@@ -482,11 +492,15 @@ class AdminRpcs(AuthBase):
             tenants: Sequence[str] = [tenant] if tenant == actor.tenant else [tenant, actor.tenant]
             if tenant != actor.tenant:
                 facts["actor_tenant"] = actor.tenant
-            return [
+            events = [
                 self._audit.event(
                     action, SUCCESS, tenant=t, actor=actor.subject, target=target, details=facts
                 )
                 for t in tenants
             ]
+            if policy_version is not None:
+                for event in events:
+                    event.policy_version = policy_version(row)
+            return events
 
         return self._audit.staged(build)

@@ -11,20 +11,22 @@ from pathlib import Path
 from grpc import aio
 from pydantic import SecretStr
 
-from services.auth.audit import AuditTrail
+from services.auth.audit import OPERATOR_TENANT, AuditTrail
 from services.auth.credentials import SecretHasher, new_secret
 from services.auth.keys import KeyFiles
 from services.auth.models import CLIENT_DELETED, CLIENT_ENABLED, KEY_RETIRED, ClientRow
 from services.auth.policy import PolicySource
+from services.auth.policy_store import PolicyStore, seed_policy
 from services.auth.servicer import AuthServicer
 from services.auth.settings import AuthSettings
 from services.auth.store import Conflict, Store
+from services.kit.audit import SUCCESS, AuditAction
 from services.kit.db import create_engine
 from services.kit.peers import ANY_PEER, GATEWAY, OPERATOR, PeerRules
 from services.kit.scopes import ADMIN, OPS_READ, PLATFORM_ADMIN, TOOLS_READ, TOOLS_WRITE
 from services.kit.server import Cleanup, Register, Registered, StartupRefused
 from services.kit.settings import Environment, ServiceSettings
-from services.kit.startup import check_private, env_name, setting_guard
+from services.kit.startup import check_private, env_name
 from toolmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 log = logging.getLogger("toolmesh.auth")
@@ -57,6 +59,12 @@ PEER_RULES = PeerRules.for_service(
         "RetireKey": _GATEWAY_OR_OPERATOR,
         "RevokeToken": _GATEWAY_OR_OPERATOR,
         "RevokeClient": _GATEWAY_OR_OPERATOR,
+        "CreateTenant": _GATEWAY_OR_OPERATOR,
+        "ListTenants": _GATEWAY_OR_OPERATOR,
+        "GetTenant": _GATEWAY_OR_OPERATOR,
+        "AllowTools": _GATEWAY_OR_OPERATOR,
+        "DenyTools": _GATEWAY_OR_OPERATOR,
+        "SetRole": _GATEWAY_OR_OPERATOR,
     },
 )
 
@@ -174,7 +182,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         settings.ensure_data_dir()
         # Holds the dev client's secret and, by default, the private keys.
         settings.dev_client_file().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        engine = create_engine(settings.db_url())
+        engine = create_engine(settings.resolved_database_url())
         store = Store(engine)
         key_files = KeyFiles(settings.resolved_keys_dir())
         hasher = SecretHasher()
@@ -186,8 +194,10 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
                 await ensure_dev_key(store, key_files)
                 await ensure_dev_client(settings, store, hasher)
             await check_signing_key(store, key_files, settings)
-            with setting_guard(settings, "policy_file", "point {setting} at a valid policy file"):
-                policy = PolicySource(settings.policy_file, settings.policy_check_interval_s)
+            policies = PolicyStore(engine)
+            seeded = await seed_policy(settings, policies)
+            policy = PolicySource(policies, settings.policy_check_interval_s)
+            await policy.fresh(force=True)
         except BaseException:
             await engine.dispose()  # the server never started, so no clean-up would run
             raise
@@ -195,7 +205,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         # Audit events wait in auth's outbox table until telemetry has them; a relay started
         # here delivers them (and whatever an earlier run or another replica left) with backoff.
         trail = AuditTrail(
-            settings.db_url(),
+            settings.resolved_database_url(),
             settings.telemetry_target,
             lambda: policy.current().version,
             legacy_file=settings.resolved_audit_outbox_file(),
@@ -211,7 +221,18 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         # Cleanups run in reverse: the trail closes before the engine is disposed.
         cleanups.append(trail.close)
         trail.start()
-        servicer = AuthServicer(settings, store, key_files, policy, hasher, audit=trail)
+        if seeded:
+            await trail.record(
+                AuditAction.AUDIT_ACTION_ADMIN_POLICY_SEED,
+                SUCCESS,
+                tenant=OPERATOR_TENANT,
+                actor="",
+                target=str(settings.policy_file)[-200:],
+                details={"policy_version": policy.current().number},
+            )
+        servicer = AuthServicer(
+            settings, store, key_files, policy, hasher, audit=trail, policies=policies
+        )
         auth_pb2_grpc.add_AuthServicer_to_server(servicer, server)
         return Registered([SERVICE_NAME], peers=PEER_RULES)
 

@@ -21,6 +21,12 @@ crash between delivery and deletion) is harmless. While telemetry is down the re
 (full jitter) and the events wait in the table; any replica delivers them. An outbox file left
 by an earlier release is moved into the table at start.
 
+An event telemetry refuses for its content (INVALID_ARGUMENT, PERMISSION_DENIED) is found by
+splitting the batch, set aside as a dead letter (``auth_outbox_dead_letters``, metric, error
+log) and replaced in its tenant's chain by an ``audit.dead_letter`` notice, as the gateway's
+and the router's relays do: one bad event never blocks the events queued behind it, and
+`toolmesh audit verify` reports it instead of the chain silently missing it.
+
 Every event is also written as a structured log line on ``toolmesh.auth.audit`` once committed;
 the outbox (and then telemetry) is the record. Callers never pass secrets, tokens or key
 material: targets are client ids, key ids (public thumbprints) and token ids (jti).
@@ -34,10 +40,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from services.kit.audit import audit_event
+import grpc
+from grpc import aio
+
+from services.kit.audit import audit_event, dead_letter_notice
 from services.kit.channels import open_channel
 from services.kit.context import request_id_var
-from services.kit.outbox import Item, MessageOutbox
+from services.kit.outbox import Item, MessageOutbox, send_splitting_refusals
 from services.kit.outbox_table import TableOutbox
 from services.kit.tracing import current_trace_id
 from toolmesh.telemetry.v1 import telemetry_pb2, telemetry_pb2_grpc
@@ -46,12 +55,25 @@ audit_log = logging.getLogger("toolmesh.auth.audit")
 log = logging.getLogger("toolmesh.auth")
 
 KIND = "audit"
+# Events of the local operator and of start-up: no tenant of their own; names starting with
+# "_" are never real tenants.
+OPERATOR_TENANT = "_operator"
 CONTRACT_VERSIONS = ("toolmesh.auth.v1",)
 # At most 1000 events per AppendAudit.
 BATCH = 100
 
 
 R = TypeVar("R")
+
+
+def _refusal(error: Exception) -> str | None:
+    """Why telemetry refused the content itself (retrying cannot help), or None."""
+    if isinstance(error, aio.AioRpcError) and error.code() in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+    ):
+        return f"{error.code().name}: {error.details()}"
+    return None
 
 
 class AuditTrail:
@@ -79,7 +101,13 @@ class AuditTrail:
         )
         self._channel = open_channel(telemetry_target)
         self._stub = telemetry_pb2_grpc.TelemetryStub(self._channel)
-        self.outbox.route(KIND, telemetry_pb2.AuditEvent, self._deliver, batch=BATCH)
+        self.outbox.route(
+            KIND,
+            telemetry_pb2.AuditEvent,
+            self._deliver,
+            batch=BATCH,
+            on_dead_letter=self._dead_letter,
+        )
 
     async def open(self) -> None:
         """Connect to the outbox table (the schema must be at head) and move what an earlier
@@ -165,13 +193,24 @@ class AuditTrail:
         self.outbox.relay.wake()
 
     async def _deliver(self, events: list[telemetry_pb2.AuditEvent]) -> list[tuple[int, str]]:
+        return await send_splitting_refusals(events, self._append, _refusal)
+
+    async def _append(self, events: list[telemetry_pb2.AuditEvent]) -> object:
         request = telemetry_pb2.AppendAuditRequest(events=events)
         reply = await self._stub.AppendAudit(request, timeout=self._timeout)
         log.info(
             "audit events delivered",
             extra={"items": len(events), "stored": reply.stored, "duplicates": reply.duplicates},
         )
-        return []
+        return reply
+
+    async def _dead_letter(self, refused: telemetry_pb2.AuditEvent, reason: str) -> None:
+        """Leave a notice in the refused event's place (a refused notice is only set aside)."""
+        if refused.action == "audit.dead_letter":
+            return
+        notice = dead_letter_notice(refused, reason)
+        await self.outbox.put_many([(KIND, notice.event_id, notice)])
+        self.committed([notice])
 
 
 class Staged(Generic[R]):
@@ -193,4 +232,4 @@ class Staged(Generic[R]):
         self._trail.committed(self.events)
 
 
-__all__ = ["KIND", "AuditTrail", "Staged"]
+__all__ = ["KIND", "OPERATOR_TENANT", "AuditTrail", "Staged"]

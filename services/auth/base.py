@@ -15,6 +15,7 @@ from services.auth.audit import AuditTrail
 from services.auth.credentials import SecretHasher
 from services.auth.keys import KeyFiles
 from services.auth.policy import PolicySource
+from services.auth.policy_store import PolicyStore
 from services.auth.settings import AuthSettings
 from services.auth.store import Store
 from services.auth.throttle import FailureThrottle
@@ -39,12 +40,14 @@ class AuthBase:
         hasher: SecretHasher,
         *,
         audit: AuditTrail,
+        policies: PolicyStore,
     ) -> None:
         self._settings = settings
         self._audit = audit
         self._store = store
         self._keys = key_files
         self._policy = policy
+        self._policies = policies
         self._hasher = hasher
         self._tokens = Tokens(settings, store, key_files)
         self._throttle = FailureThrottle(

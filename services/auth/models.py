@@ -5,7 +5,7 @@ Times are stored as UNIX seconds (float) so SQLite and PostgreSQL compare them a
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Float, Index, String, Text, text
+from sqlalchemy import Boolean, Float, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.kit.outbox_table import outbox_tables
@@ -79,6 +79,46 @@ class RevokedTokenRow(Base):
     jti: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[float] = mapped_column(Float, index=True)
     revoked_at: Mapped[float] = mapped_column(Float)
+
+
+class PolicyVersionRow(Base):
+    """One row per policy change: the version number is the primary key, so two replicas
+    changing the policy at once cannot make the same version (the second retries)."""
+
+    __tablename__ = "auth_policy_versions"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    created_at: Mapped[float] = mapped_column(Float)
+    # Who made it ("" for the seed import) and what it did, e.g. "admin.tenant.allow".
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    # JSON: the change's target and details, as in its audit event.
+    details: Mapped[str] = mapped_column(Text)
+
+
+class TenantRow(Base):
+    """A tenant and its tool allowlist (services.kit.allowlist entries)."""
+
+    __tablename__ = "auth_tenants"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # JSON list, in the order the entries were allowed.
+    allowed_tools: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    changed_in_version: Mapped[int] = mapped_column(Integer)
+
+
+class RoleRow(Base):
+    """A role and the scopes it grants; roles are shared by every tenant."""
+
+    __tablename__ = "auth_roles"
+
+    role: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Space-separated, as in the token's scope claim.
+    scopes: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[float] = mapped_column(Float)
+    changed_in_version: Mapped[int] = mapped_column(Integer)
 
 
 # Audit events waiting for telemetry, written in the transaction of the change they record.

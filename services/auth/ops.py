@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from services.auth.admin import CLIENT_CREATE, CLIENT_DELETE, KEY_RETIRE, KEY_ROTATE
-from services.auth.audit import AuditTrail, Staged
+from services.auth.audit import OPERATOR_TENANT, AuditTrail, Staged
 from services.auth.credentials import SecretHasher, new_secret
 from services.auth.keys import KeyFiles
 from services.auth.models import (
@@ -25,7 +25,8 @@ from services.auth.models import (
     ClientRow,
     SigningKeyRow,
 )
-from services.auth.policy import NAME_PATTERN, SCOPE_PATTERN, load_policy
+from services.auth.policy import NAME_PATTERN, SCOPE_PATTERN, PolicyInForce
+from services.auth.policy_store import PolicyStore, seed_policy
 from services.auth.settings import AuthSettings
 from services.auth.store import Store
 from services.auth.validation import CLIENT_ID_PATTERN
@@ -33,8 +34,6 @@ from services.kit.audit import SUCCESS
 from services.kit.db import create_engine
 
 ACTOR = "local-operator"
-# The local operator has no tenant of its own; names starting with "_" are never real tenants.
-OPERATOR_TENANT = "_operator"
 R = TypeVar("R")
 
 
@@ -62,18 +61,24 @@ def parser() -> argparse.ArgumentParser:
 async def run(settings: AuthSettings, args: argparse.Namespace) -> dict[str, Any]:
     """Run one command; returns what to print. Raises ValueError for bad input."""
     settings.ensure_data_dir()
-    engine = create_engine(settings.db_url())
+    engine = create_engine(settings.resolved_database_url())
     # Events go to the server's outbox table, in the transaction of the change they record:
     # a running server's relay (or the next start's) delivers them to telemetry.
+    policy = PolicyInForce(0)
     trail = AuditTrail(
-        settings.db_url(),
+        settings.resolved_database_url(),
         settings.telemetry_target,
-        lambda: load_policy(settings.policy_file).version,
+        lambda: policy.version,
     )
     try:
         store = Store(engine)
         await store.create_schema(migrate=settings.migrate_on_start)
         await trail.open()
+        # The first production admin client may come before the first server start: the
+        # policy file seeds the database here too, so its roles exist.
+        policies = PolicyStore(engine)
+        await seed_policy(settings, policies)
+        policy = await policies.read()
         keys = KeyFiles(settings.resolved_keys_dir())
         if args.command == "rotate-key":
             kid, x = keys.create()
@@ -106,7 +111,7 @@ async def run(settings: AuthSettings, args: argparse.Namespace) -> dict[str, Any
             )
             deleting.committed()
             return {"deleted": deleted.client_id}
-        return await _create_client(settings, store, trail, args)
+        return await _create_client(policy, store, trail, args)
     finally:
         await trail.close()
         await engine.dispose()
@@ -134,7 +139,7 @@ def staged(
 
 
 async def _create_client(
-    settings: AuthSettings, store: Store, trail: AuditTrail, args: argparse.Namespace
+    policy: PolicyInForce, store: Store, trail: AuditTrail, args: argparse.Namespace
 ) -> dict[str, Any]:
     client_id = args.client_id or f"c-{secrets.token_hex(8)}"
     if not re.fullmatch(CLIENT_ID_PATTERN, client_id):
@@ -144,7 +149,7 @@ async def _create_client(
     names = [*args.scope, *args.role]
     if not names or not all(re.fullmatch(SCOPE_PATTERN, name) for name in names):
         raise ValueError("give at least one --scope or --role, each a valid name")
-    unknown = set(args.role) - set(load_policy(settings.policy_file).roles)
+    unknown = set(args.role) - set(policy.roles)
     if unknown:
         raise ValueError(f"roles not in the policy: {', '.join(sorted(unknown))}")
     secret = new_secret()

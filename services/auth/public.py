@@ -110,7 +110,7 @@ class PublicRpcs(AuthBase):
             # tokens: no hint which it was (the audit has the real reason).
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, "invalid client credentials")
         self._throttle.succeeded(client_id, source)
-        granted = set(client.scopes.split()) | self._policy.current().role_scopes(
+        granted = set(client.scopes.split()) | (await self._policy.fresh()).role_scopes(
             client.roles.split()
         )
         wanted = list(dict.fromkeys(request.scopes)) or sorted(granted)
@@ -193,12 +193,14 @@ class PublicRpcs(AuthBase):
     async def GetPolicy(
         self, request: auth_pb2.GetPolicyRequest, context: aio.ServicerContext
     ) -> auth_pb2.GetPolicyResponse:
-        policy = self._policy.current()
+        # Checked on every call: a gateway's next refresh carries a change made on any replica.
+        policy = await self._policy.fresh(force=True)
         return auth_pb2.GetPolicyResponse(
             version=policy.version,
+            policy_version=policy.number,
             tenants=[
-                auth_pb2.TenantPolicy(tenant=name, allowed_tools=rules.allowed_tools)
-                for name, rules in sorted(policy.tenants.items())
+                auth_pb2.TenantPolicy(tenant=name, allowed_tools=tools)
+                for name, tools in sorted(policy.tenants.items())
             ],
             roles=[
                 auth_pb2.RoleScopes(role=role, scopes=scopes)

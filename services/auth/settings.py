@@ -7,14 +7,13 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from services.kit.db import sqlite_url
-from services.kit.settings import DEFAULT_PORTS, ServiceSettings
+from services.kit.settings import DEFAULT_PORTS, DatabaseSettings
 from services.kit.tokens import MAX_LEEWAY_S, MAX_TOKEN_LIFETIME_S
 
 PACKAGED_POLICY = Path(__file__).with_name("policy.toml")
 
 
-class AuthSettings(ServiceSettings):
+class AuthSettings(DatabaseSettings):
     service_name: ClassVar[str] = "auth"
 
     port: int = Field(default=DEFAULT_PORTS["auth"], ge=0, le=65535)
@@ -25,8 +24,11 @@ class AuthSettings(ServiceSettings):
     token_ttl_s: int = Field(default=900, ge=10, le=MAX_TOKEN_LIFETIME_S)
     # Clock skew tolerated when checking exp, nbf and iat.
     leeway_s: int = Field(default=10, ge=0, le=MAX_LEEWAY_S)
+    # Seeds a fresh install: imported as policy version 1 while the database holds no policy,
+    # ignored after that (tenants and roles are then changed with the admin RPCs).
     policy_file: Path = PACKAGED_POLICY
-    # How often, at most, the policy file's mtime is checked for a reload.
+    # How often, at most, a replica checks the database's policy version for IssueToken and
+    # CreateClient; GetPolicy and this replica's own changes always check.
     policy_check_interval_s: float = Field(default=3.0, ge=0)
     # Seconds a rotated key sits in the JWKS before it signs, so verifiers caching the JWKS (and
     # throttling refetches on an unknown kid) learn it before they meet tokens signed with it.
@@ -61,9 +63,6 @@ class AuthSettings(ServiceSettings):
     audit_backoff_base_s: float = Field(default=0.2, ge=0)
     # The longest delay between two delivery attempts, in seconds.
     audit_backoff_max_s: float = Field(default=10.0, ge=0)
-
-    def db_url(self) -> str:
-        return self.database_url or sqlite_url(self.data_dir, "auth")
 
     def resolved_keys_dir(self) -> Path:
         return self.keys_dir or self.data_dir / "auth" / "keys"

@@ -67,6 +67,10 @@ class WrongState(StoreError):
     pass
 
 
+class Contended(StoreError):
+    """Concurrent changes kept winning the race; retrying later will do (ABORTED)."""
+
+
 @dataclass(frozen=True)
 class Standing:
     """Whether a verified token still stands: its revocation and its client's state."""

@@ -97,6 +97,14 @@ class CircuitBreaker:
             self._trials_started += 1
         return self._generation
 
+    def half_open_early(self) -> bool:
+        """The dependency was seen healthy (say, its health check answered SERVING) before the
+        open wait ended: let the trial calls through now instead of failing fast until then.
+        True when the breaker is half-open afterwards."""
+        if self.state is State.OPEN:
+            self._move(State.HALF_OPEN)
+        return self._state is State.HALF_OPEN
+
     def release(self, permit: int) -> None:
         """The call ended in an outcome that says nothing of the dependency's health
         (the caller's own error): count nothing, but free a half-open trial slot."""

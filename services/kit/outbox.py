@@ -104,6 +104,7 @@ class OutboxStore(Protocol):
     async def due(self, kind: str, limit: int) -> list[Pending]: ...
     async def done(self, ids: Sequence[int]) -> None: ...
     async def retry_later(self, ids: Sequence[int], error: str, delay_s: float) -> None: ...
+    async def make_due(self, kind: str) -> None: ...
     async def dead_letter(self, refused: Sequence[tuple[int, str]]) -> None: ...
     async def dead_letters(self, kind: str = "") -> list[DeadLetter]: ...
     async def refresh_depths(self) -> dict[str, int]: ...
@@ -214,6 +215,19 @@ class Outbox:
 
         await self._run(update)
 
+    async def make_due(self, kind: str) -> None:
+        """Every item of ``kind`` waiting out a retry backoff is due now (its receiver is back)."""
+        now = time.time()
+
+        def update(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute(
+                    "UPDATE outbox SET next_attempt_at = ? WHERE kind = ? AND next_attempt_at > ?",
+                    (now, kind, now),
+                )
+
+        await self._run(update)
+
     async def dead_letter(self, refused: Sequence[tuple[int, str]]) -> None:
         """Move items their receiver refused for good to the dead-letter table, with why."""
         now = time.time()
@@ -299,10 +313,9 @@ class Relay:
         self._routes: dict[str, _Route] = {}
         self._idle_s = idle_s
         self._batch_window_s = batch_window_s
-        self._filled = False
         self._base = base_backoff_s
         self._max = max_backoff_s
-        self._wake = asyncio.Event()
+        self._wakes: dict[str, asyncio.Event] = {}
         _OUTBOXES.add(outbox)
 
     def route(
@@ -315,7 +328,8 @@ class Relay:
         self._routes[kind] = _Route(deliver, batch, on_dead_letter)
 
     def wake(self) -> None:
-        self._wake.set()
+        for event in self._wakes.values():
+            event.set()
 
     def backoff_s(self, failures: int) -> float:
         """Full jitter: uniform in [0, min(max, base * 2**failures)]."""
@@ -324,35 +338,38 @@ class Relay:
     async def drain_once(self) -> int:
         """Try every kind once; returns how many items were delivered."""
         delivered = 0
-        self._filled = False
         for kind, route in self._routes.items():
-            pending = await self._outbox.due(kind, route.batch)
-            if not pending:
-                continue
-            self._filled = self._filled or len(pending) >= route.batch
-            try:
-                refused = await route.deliver(pending)
-            except Exception as exc:
-                route.failures += 1
-                delay = self.backoff_s(route.failures)
-                await self._outbox.retry_later([p.id for p in pending], _describe(exc), delay)
-                log.warning(
-                    "outbox delivery failed; will retry",
-                    extra={
-                        "kind": kind,
-                        "items": len(pending),
-                        "retry_in_s": round(delay, 3),
-                        "error": _describe(exc),
-                    },
-                )
-                continue
-            route.failures = 0
-            if refused:
-                await self._set_aside(kind, route, refused)
-            gone = {item.id for item, _ in refused}
-            await self._outbox.done([p.id for p in pending if p.id not in gone])
-            delivered += len(pending) - len(gone)
+            delivered += (await self._drain_kind(kind, route))[0]
         return delivered
+
+    async def _drain_kind(self, kind: str, route: _Route) -> tuple[int, bool]:
+        """Deliver one batch of ``kind``: how many went, and whether the batch was full."""
+        pending = await self._outbox.due(kind, route.batch)
+        if not pending:
+            return 0, False
+        filled = len(pending) >= route.batch
+        try:
+            refused = await route.deliver(pending)
+        except Exception as exc:
+            route.failures += 1
+            delay = self.backoff_s(route.failures)
+            await self._outbox.retry_later([p.id for p in pending], _describe(exc), delay)
+            log.warning(
+                "outbox delivery failed; will retry",
+                extra={
+                    "kind": kind,
+                    "items": len(pending),
+                    "retry_in_s": round(delay, 3),
+                    "error": _describe(exc),
+                },
+            )
+            return 0, filled
+        route.failures = 0
+        if refused:
+            await self._set_aside(kind, route, refused)
+        gone = {item.id for item, _ in refused}
+        await self._outbox.done([p.id for p in pending if p.id not in gone])
+        return len(pending) - len(gone), filled
 
     async def _set_aside(
         self, kind: str, route: _Route, refused: list[tuple[Pending, str]]
@@ -374,28 +391,39 @@ class Relay:
                     )
 
     async def run(self) -> None:
+        """One delivery loop per kind, so a slow receiver (telemetry taking its time over a
+        batch) never holds back another's replay (turns waiting for memory)."""
+        async with asyncio.TaskGroup() as group:
+            for kind, route in self._routes.items():
+                group.create_task(self._run_kind(kind, route), name=f"relay:{kind}")
+
+    async def _run_kind(self, kind: str, route: _Route) -> None:
+        wake = self._wakes.setdefault(kind, asyncio.Event())
         busy = False
         while True:
-            delivered = await self.drain_once()
+            delivered, filled = await self._drain_kind(kind, route)
             if delivered:
                 busy = True
-                if self._batch_window_s > 0 and not self._filled:
-                    await self._pause(self._batch_window_s)
+                # A batch that was not full waits a moment for company: fewer, larger
+                # deliveries (and deletes) under load.
+                if self._batch_window_s > 0 and not filled:
+                    await _pause(wake, self._batch_window_s)
                 continue
             if busy:
                 # Deletes count this process's items out; recount every replica's at rest.
                 busy = False
                 await self._outbox.refresh_depths()
-            await self._pause(self._idle_s)
+            await _pause(wake, self._idle_s)
 
-    async def _pause(self, seconds: float) -> None:
-        """Wait ``seconds``, or less when woken."""
-        self._wake.clear()
-        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation, and a
-        # relay that ignores its cancel hangs the server's shutdown.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._wake.wait()
+
+async def _pause(wake: asyncio.Event, seconds: float) -> None:
+    """Wait ``seconds``, or less when woken."""
+    wake.clear()
+    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation, and a relay
+    # that ignores its cancel hangs the server's shutdown.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await wake.wait()
 
 
 def _describe(exc: BaseException) -> str:
@@ -405,7 +433,8 @@ def _describe(exc: BaseException) -> str:
             return f"{code().name}: {exc.details()}"  # type: ignore[attr-defined]
         except Exception:  # noqa: S110 - best-effort description only
             pass
-    return type(exc).__name__
+    detail = str(exc)
+    return f"{type(exc).__name__}: {detail[:300]}" if detail else type(exc).__name__
 
 
 # Weak: an outbox belongs to a server; a process that builds several (tests do) must not keep
@@ -515,6 +544,13 @@ class MessageOutbox:
                 for _, done in batch:
                     if not done.done():
                         done.set_result(None)
+
+    async def replay_now(self, *kinds: str) -> None:
+        """The receiver of ``kinds`` is back: deliver what waits for it at once, not after the
+        rest of its retry backoff."""
+        for kind in kinds:
+            await self.store.make_due(kind)
+        self.relay.wake()
 
     def route(
         self,

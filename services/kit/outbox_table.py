@@ -217,6 +217,18 @@ class TableOutbox:
             lambda conn: conn.execute(update(t).where(t.c.id.in_(list(ids))).values(**values))
         )
 
+    async def make_due(self, kind: str) -> None:
+        """Items of ``kind`` waiting out a retry backoff are due now (their receiver is back).
+        Items only claimed (never failed) keep their lease, so no other replica takes them."""
+        t = self.tables.items
+        now = time.time()
+        query = (
+            update(t)
+            .where(t.c.kind == kind, t.c.next_attempt_at > now, t.c.attempts > 0)
+            .values(next_attempt_at=now)
+        )
+        await self._run(lambda conn: conn.execute(query))
+
     async def dead_letter(self, refused: Sequence[tuple[int, str]]) -> None:
         t, dead = self.tables.items, self.tables.dead_letters
         now = time.time()

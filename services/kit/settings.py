@@ -18,6 +18,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from services.kit.db import sqlite_url
+
 
 class Environment(StrEnum):
     DEV = "dev"
@@ -144,3 +146,14 @@ class ServiceSettings(BaseSettings):
     def ensure_data_dir(self) -> Path:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         return self.data_dir
+
+
+class DatabaseSettings(ServiceSettings):
+    """A service that keeps its state in a database of its own (auth, router, memory,
+    telemetry): the one place its URL is resolved, so the services cannot drift apart."""
+
+    # Empty means the SQLite file <data_dir>/<service>.db; a PostgreSQL URL for several replicas.
+    database_url: str = ""
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or sqlite_url(self.ensure_data_dir(), self.service_name)

@@ -6,12 +6,11 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from services.kit.db import sqlite_url
 from services.kit.durability import Synchronous
-from services.kit.settings import DEFAULT_PORTS, ServiceSettings
+from services.kit.settings import DEFAULT_PORTS, DatabaseSettings
 
 
-class MemorySettings(ServiceSettings):
+class MemorySettings(DatabaseSettings):
     service_name: ClassVar[str] = "memory"
 
     port: int = Field(default=DEFAULT_PORTS["memory"], ge=0, le=65535)
@@ -41,6 +40,3 @@ class MemorySettings(ServiceSettings):
         if self.default_history_limit > self.max_history_limit:
             raise ValueError("default_history_limit must not exceed max_history_limit")
         return self
-
-    def resolved_database_url(self) -> str:
-        return self.database_url or sqlite_url(self.ensure_data_dir(), "memory")

@@ -17,10 +17,11 @@ from opentelemetry import trace
 
 from services.kit.breaker import BreakerRegistry
 from services.kit.channels import open_channel
-from services.kit.db import create_engine, session_factory, sqlite_url
+from services.kit.db import create_engine, session_factory
 from services.kit.migrations import check_schema
 from services.kit.peers import ANY_PEER, GATEWAY, PeerRules
 from services.kit.periodic import every
+from services.kit.reloadable import Reloadable, watch
 from services.kit.server import Cleanup, Register, Registered
 from services.kit.settings import Environment, ServiceSettings
 from services.kit.startup import setting_guard
@@ -46,7 +47,7 @@ from services.router.releases.shadow import ShadowRunner
 from services.router.releases.store import ReleaseStore
 from services.router.releases.view import ReleaseView
 from services.router.routing import RoutePool, ToolRouter
-from services.router.rules import RuleBook, Rules, load_rule_book
+from services.router.rules import RuleBook, Rules, RulesError, load_rule_book, rules_sources
 from services.router.served import Served
 from services.router.servicer import RouterServicer, contract_message, routing_mode
 from services.router.settings import RouterSettings
@@ -158,13 +159,8 @@ def build(
         settings, "plugin_modules", "list importable modules that define TOOLS in {setting}"
     ):
         tools = registry if registry is not None else default_registry(plugins)
-    with setting_guard(
-        settings,
-        "rules_dir" if settings.rules_dir else "rules_file",
-        "point {setting} at valid routing rules (one version per file)",
-    ):
-        book = load_rule_book(settings.rules_file, settings.rules_dir)
-    rules = book.versions[book.seed]
+    rule_files = _rule_files(settings)
+    book = rule_files.current
     seeds = load_seeds()
     # A key file that cannot be read fails start-up here, before anything is served.
     with setting_guard(settings, "model_api_key_file", "point {setting} at a readable key file"):
@@ -181,7 +177,7 @@ def build(
     ]
 
     async def register(server: aio.Server) -> Registered:
-        url = settings.database_url or sqlite_url(settings.ensure_data_dir(), "router")
+        url = settings.resolved_database_url()
         # At head, or migrated to it under the schema lock, or refused with what to run.
         await check_schema(url, MIGRATIONS, migrate_on_start=settings.migrate_on_start)
         engine = create_engine(url)
@@ -233,7 +229,7 @@ def build(
             settings,
             configured=providers_configured,
             prompts=prompts,
-            rules=rules,
+            rules=book.versions[book.seed],
             health=health,
             tracer=tracer,
             cleanups=cleanups,
@@ -249,6 +245,7 @@ def build(
         )
         notes = NotesStore(session_factory(engine))
         served = Served(tools, manager, view, routers, book)
+        cleanups.append(_watch_rules(settings, rule_files, served, health))
         shadow = ShadowRunner(
             executor, view, pool, tracer, max_inflight=settings.release_shadow_inflight
         )
@@ -282,6 +279,7 @@ def build(
             shadow=shadow,
             model=model,
             clock=clock,
+            rule_files=rule_files,
         )
         router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
         return Registered([SERVICE_NAME], peers=PEER_RULES)
@@ -300,6 +298,66 @@ def _routers(
     for name in routers[book.seed].waiting:
         manager.note_rule(name, "no backend serves it yet; the rule applies once one does")
     return routers
+
+
+def _rule_files(settings: RouterSettings) -> Reloadable[RuleBook]:
+    """The seed file and rules_dir, loaded and checked now (a bad file fails start-up)."""
+    with setting_guard(
+        settings,
+        "rules_dir" if settings.rules_dir else "rules_file",
+        "point {setting} at valid routing rules (one version per file)",
+    ):
+        return Reloadable(
+            "routing_rules",
+            lambda: rules_sources(settings.rules_file, settings.rules_dir),
+            lambda: load_rule_book(settings.rules_file, settings.rules_dir),
+            lambda loaded: loaded.seed,
+        )
+
+
+def _watch_rules(
+    settings: RouterSettings, rule_files: Reloadable[RuleBook], served: Served, health: ToolHealth
+) -> Cleanup:
+    """Reload the rules files every config_reload_s (and on SIGHUP): new versions join the
+    loaded ones (docs/releases.md, "Rules files mounted from a ConfigMap")."""
+    rule_files.check = lambda _old, new: _check_new_versions(served, new)
+    rule_files.applied = lambda new: _add_versions(served, new, health)
+    return watch(settings.config_reload_s, rule_files)
+
+
+def _check_new_versions(served: Served, book: RuleBook) -> None:
+    """A reloaded rules book may add versions, never change one already loaded (a version
+    names one content: releases, figures and every RouteResponse refer to it); each new
+    version must route to registered tools (RulesError, a ValueError, otherwise)."""
+    for version, rules in book.versions.items():
+        loaded = served.routers.get(version)
+        if loaded is None:
+            rules.check_against(served.registry)
+        elif loaded.rules.model_dump() != rules.model_dump():
+            raise RulesError(
+                f"routing rules version {version} changed but kept its version; a version "
+                "never changes: give the new rules their own"
+            )
+
+
+def _add_versions(served: Served, book: RuleBook, health: ToolHealth) -> None:
+    """Serve the new versions side by side with the loaded ones, ready for a release. A
+    version no longer in the files stays loaded until the next restart: it may be stable, or
+    in a release."""
+    manager = served.backends
+    added = []
+    for version, rules in book.versions.items():
+        if version not in served.routers:
+            served.routers[version] = ToolRouter(
+                rules, served.registry, health, backends=manager.served, notice=manager.note_rule
+            )
+            added.append(version)
+    served.rules = RuleBook({v: r.rules for v, r in served.routers.items()}, book.seed)
+    if added:
+        log.info(
+            "routing rules versions loaded; start a release to serve them",
+            extra={"versions": added, "command": "toolmesh release start routing <version>"},
+        )
 
 
 async def _release_view(

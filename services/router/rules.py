@@ -319,13 +319,18 @@ class RuleBook:
         return self.versions.get(version)
 
 
+def rules_sources(seed_file: Path, directory: Path | None) -> list[Path]:
+    """The files a rule book is read from, in load order (their content is its digest)."""
+    return [seed_file, *(sorted(directory.glob("*.toml")) if directory is not None else [])]
+
+
 def load_rule_book(seed_file: Path, directory: Path | None) -> RuleBook:
     """The seed file and every version in ``directory``; the same version twice with
     different content is refused (a version is immutable)."""
     seed = load_rules(seed_file)
     versions: dict[str, Rules] = {seed.version: seed}
     sources = {seed.version: seed_file}
-    for path in sorted(directory.glob("*.toml")) if directory is not None else []:
+    for path in rules_sources(seed_file, directory)[1:]:
         rules = load_rules(path)
         known = versions.get(rules.version)
         if known is not None and known.model_dump() != rules.model_dump():

@@ -23,6 +23,7 @@ from opentelemetry import trace
 
 from services.kit.buildinfo import service_info
 from services.kit.errors import abort, abort_invalid, retry_info
+from services.kit.reloadable import Reloadable
 from services.router.backends.admin import BackendAdmin
 from services.router.backends.config import KIND_TO_PROTO, Kind
 from services.router.backends.manager import MISSING, SUSPENDED
@@ -44,6 +45,7 @@ from services.router.releases.shadow import (
 )
 from services.router.releases.view import CANDIDATE, STABLE
 from services.router.routing import Candidate, Decision, RoutePool, RoutingBusyError
+from services.router.rules import RuleBook
 from services.router.served import Served
 from toolmesh.router.v1 import router_pb2, router_pb2_grpc
 
@@ -156,8 +158,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         model: ModelRouter | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         monotonic: Callable[[], float] = time.monotonic,
+        rule_files: Reloadable[RuleBook] | None = None,
     ) -> None:
         self._registry = registry
+        # The mounted rules files (their version and digest in GetServiceInfo).
+        self._rule_files = rule_files
         self._router = router
         self._executor = executor
         self._notes = notes
@@ -723,7 +728,23 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         info.attributes.update(routing_mode(self._model))
         # Which replica answered: release leases and histories name replicas by this.
         info.attributes["replica"] = self._served.view.replica
+        if self._rule_files is not None:
+            info.attributes.update(self._rule_files.attributes())
+        info.attributes.update(rules_in_use(self._served))
         return router_pb2.GetServiceInfoResponse(info=info)
+
+
+def rules_in_use(served: Served) -> dict[str, str]:
+    """The routing rules versions this replica holds, the stable one, and a release's
+    candidate (what `toolmesh release start routing` may name, and what serves)."""
+    facts = {
+        "routing_rules.loaded": ",".join(sorted(served.routers)),
+        "routing_rules.stable": served.view.stable(ROUTING_UNIT) or served.rules.seed,
+    }
+    release = served.view.release(ROUTING_UNIT)
+    if release is not None:
+        facts["routing_rules.candidate"] = release.candidate_version
+    return facts
 
 
 def routing_mode(model: ModelRouter | None) -> dict[str, str]:

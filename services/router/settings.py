@@ -8,12 +8,12 @@ from typing import ClassVar, Literal
 from pydantic import Field, SecretStr, model_validator
 
 from services.kit.breaker import BreakerConfig
-from services.kit.settings import DEFAULT_PORTS, ServiceSettings
+from services.kit.settings import DEFAULT_PORTS, DatabaseSettings
 
 DEFAULT_RULES_FILE = Path(__file__).with_name("routing.toml")
 
 
-class RouterSettings(ServiceSettings):
+class RouterSettings(DatabaseSettings):
     service_name: ClassVar[str] = "router"
 
     port: int = Field(default=DEFAULT_PORTS["router"], ge=0, le=65535)
@@ -26,6 +26,11 @@ class RouterSettings(ServiceSettings):
     # by side with the seed: a new version reaches callers only through a release
     # (docs/releases.md). Every replica needs the same files. Empty: the seed alone.
     rules_dir: Path | None = None
+    # Seconds between checks of rules_file and rules_dir for changes (also on SIGHUP): a new
+    # version found there is loaded, checked and offered to `toolmesh release start routing`
+    # without a restart; what serves callers changes only through a release. A bad file is
+    # refused with one ERROR line and the versions loaded stay. 0: only on SIGHUP.
+    config_reload_s: float = Field(default=10.0, ge=0)
     # Where GetToolHealth is asked for each tool's recent success rate (the H of the confidence).
     telemetry_target: str = "127.0.0.1:50055"
     # Seconds between background refreshes of tool health; never refreshed per request.

@@ -5,6 +5,8 @@ rules."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from grpc import aio
 from opentelemetry import trace
@@ -15,6 +17,7 @@ from services.kit.migrations import check_schema
 from services.kit.peers import ANY_PEER, AUTH, GATEWAY, ROUTER, PeerRules, parse_aliases
 from services.kit.periodic import background
 from services.kit.pricing import PriceTable
+from services.kit.reloadable import Reloadable, watch
 from services.kit.server import Cleanup, Register, Registered, StartupRefused
 from services.kit.settings import Environment, ServiceSettings
 from services.kit.startup import setting_guard
@@ -125,17 +128,44 @@ def _record_own_spans(store: SpanStore, keep_every_trace: bool, cleanups: list[C
         cleanups.append(stop_recording)
 
 
+def _same_version_same_content(what: str) -> Callable[[Any, Any], None]:
+    """A version names one content: usage records and GetSlo answers keep the version, so a
+    changed file under the version in use would make it mean two things."""
+
+    def check(old: Any, new: Any) -> None:
+        if new.version == old.version and new != old:
+            raise ValueError(
+                f"the {what} changed but still says version {new.version}; give the change a "
+                "new version"
+            )
+
+    return check
+
+
 def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
     """Check the configuration, then open the stores and start the background jobs inside the
     server's event loop."""
     if not isinstance(settings, TelemetrySettings):
         raise TypeError("telemetry needs TelemetrySettings")
 
-    # Bad configuration fails start-up, before anything is served.
+    # Bad configuration fails start-up, before anything is served; once serving, a changed
+    # file is reloaded (a bad one keeps the version in use).
     with setting_guard(settings, "prices_file", "point {setting} at a valid price table"):
-        prices = PriceTable.load(settings.prices_file)
+        prices = Reloadable(
+            "prices",
+            lambda: [settings.prices_file],
+            lambda: PriceTable.load(settings.prices_file),
+            lambda table: table.version,
+            check=_same_version_same_content("price table"),
+        )
     with setting_guard(settings, "slo_file", "point {setting} at a valid SLO file"):
-        slos = slo.SloConfig.load(settings.slo_file)
+        slos = Reloadable(
+            "slo",
+            lambda: [settings.slo_file],
+            lambda: slo.SloConfig.load(settings.slo_file),
+            lambda config: config.version,
+            check=_same_version_same_content("SLO file"),
+        )
     keyring = audit_keyring(settings)
     keep_every_trace = settings.trace_keep_ratio >= 1.0
 
@@ -154,7 +184,11 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
         cleanups.append(database.close)
         store = SpanStore(database)
         _record_own_spans(store, keep_every_trace, cleanups)
-        ledger = Ledger(database, prices)
+        # Usage is priced with the table in use when it arrives and keeps that version: a
+        # reload prices new usage only.
+        ledger = Ledger(database, prices.current)
+        prices.applied = lambda table: setattr(ledger, "prices", table)
+        cleanups.append(watch(settings.config_reload_s, prices, slos))
         audit = AuditLog(database)
         checkpoints = AuditCheckpoints(audit, checkpoint_log, settings.audit_retention_days * 86400)
         forwarder = None
@@ -171,6 +205,7 @@ def build(settings: ServiceSettings, cleanups: list[Cleanup]) -> Register:
                 audit=audit,
                 checkpoints=checkpoints,
                 slos=slos,
+                configs=(prices, slos),
             ),
             server,
         )

@@ -10,7 +10,9 @@ converted or stored.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
@@ -20,6 +22,7 @@ from services.kit.buildinfo import service_info
 from services.kit.errors import abort, abort_invalid, retry_info
 from services.kit.metrics import meter
 from services.kit.peers import parse_aliases, peer_common_name
+from services.kit.reloadable import Reloadable
 from services.telemetry import access, convert, slo, validation
 from services.telemetry.audit import AuditLog
 from services.telemetry.auditing import AuditCheckpoints, ChainBroken
@@ -84,7 +87,8 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServicer):
         records: RequestRecords,
         audit: AuditLog,
         checkpoints: AuditCheckpoints,
-        slos: slo.SloConfig,
+        slos: Reloadable[slo.SloConfig],
+        configs: Sequence[Reloadable[Any]] = (),
     ) -> None:
         self._settings = settings
         self._store = store
@@ -92,9 +96,15 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServicer):
         self._records = records
         self._audit = audit
         self._checkpoints = checkpoints
-        self._slos = slos
+        self._slo_config = slos
+        # Reloaded files (prices, SLOs) whose versions GetServiceInfo names.
+        self._configs = configs
         self._aliases = parse_aliases(settings.peer_aliases)
         self._peers_authenticated = settings.tls_enabled and settings.tls_require_client_auth
+
+    @property
+    def _slos(self) -> slo.SloConfig:
+        return self._slo_config.current
 
     def _peer_role(self, context: aio.ServicerContext) -> str | None:
         """The calling peer's mesh role, or None without peer authentication (development)."""
@@ -157,12 +167,13 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServicer):
     ) -> telemetry_pb2.GetSloResponse:
         if violations := validation.texts("", request, (), ("name",)):
             await abort_invalid(context, violations)
-        objectives = [o for o in self._slos.objectives if request.name in ("", o.name)]
+        slos = self._slos  # one version for the whole answer, whatever a reload does meanwhile
+        objectives = [o for o in slos.objectives if request.name in ("", o.name)]
         if not objectives:
             await abort(context, grpc.StatusCode.NOT_FOUND, "no such objective")
         now_ns = time.time_ns()
         return telemetry_pb2.GetSloResponse(
-            version=self._slos.version,
+            version=slos.version,
             objectives=[await self._objective(o, now_ns) for o in objectives],
             evaluated_at=convert.timestamp(now_ns),
         )
@@ -231,9 +242,10 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServicer):
         unit's SLO objective (services.telemetry.slo.unit_objective)."""
         kind = _UNIT_KINDS.get(request.kind)
         violations = validation.release_figures(request, kind, MAX_RELEASE_VERSIONS)
-        objective = slo.unit_objective(self._slos, kind or "", request.name)
+        slos = self._slos
+        objective = slo.unit_objective(slos, kind or "", request.name)
         if request.objective:
-            named = next((o for o in self._slos.objectives if o.name == request.objective), None)
+            named = next((o for o in slos.objectives if o.name == request.objective), None)
             if named is None:
                 violations.append(("objective", "no such objective"))
             else:
@@ -512,6 +524,7 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServicer):
     async def GetServiceInfo(
         self, request: telemetry_pb2.GetServiceInfoRequest, context: aio.ServicerContext
     ) -> telemetry_pb2.GetServiceInfoResponse:
-        return telemetry_pb2.GetServiceInfoResponse(
-            info=service_info(self._settings.service_name, CONTRACT_VERSIONS)
-        )
+        info = service_info(self._settings.service_name, CONTRACT_VERSIONS)
+        for config in self._configs:
+            info.attributes.update(config.attributes())
+        return telemetry_pb2.GetServiceInfoResponse(info=info)

@@ -8,14 +8,13 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from services.kit.db import sqlite_url
 from services.kit.durability import Synchronous
-from services.kit.settings import DEFAULT_PORTS, ServiceSettings
+from services.kit.settings import DEFAULT_PORTS, DatabaseSettings
 
 _LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "0.0.0.0", "::1", "[::1]"}
 
 
-class TelemetrySettings(ServiceSettings):
+class TelemetrySettings(DatabaseSettings):
     service_name: ClassVar[str] = "telemetry"
 
     port: int = Field(default=DEFAULT_PORTS["telemetry"], ge=0, le=65535)
@@ -56,6 +55,10 @@ class TelemetrySettings(ServiceSettings):
     prices_file: Path = Path(__file__).with_name("prices.toml")
     # Service level objectives GetSlo evaluates.
     slo_file: Path = Path(__file__).with_name("slo.toml")
+    # Seconds between checks of prices_file and slo_file for changes (also on SIGHUP); a file
+    # that changed and validates is used from then on, a bad one is refused with one ERROR
+    # line and the version in use stays. 0: only on SIGHUP.
+    config_reload_s: float = Field(default=10.0, ge=0)
     # How often expired budget reservations are deleted; they stop counting when they expire.
     reservation_sweep_interval_s: float = Field(default=60, gt=0)
     # Ed25519 private key (PEM, mode 0600) that signs audit checkpoints; required in production.
@@ -80,9 +83,6 @@ class TelemetrySettings(ServiceSettings):
         if self.otlp_endpoint and own_host and port == str(self.port):
             self.otlp_endpoint = ""
         return self
-
-    def resolved_database_url(self) -> str:
-        return self.database_url or sqlite_url(self.ensure_data_dir(), "telemetry")
 
     def resolved_audit_key_file(self) -> Path:
         return self.audit_key_file or self.data_dir / "audit-signing-key.pem"

@@ -11,6 +11,7 @@ from services.kit.settings import DEFAULT_PORTS
 from tests.deploy import kube
 
 OVERLAY_PATHS = kube.OVERLAYS
+REPO_FILES = kube.REPO
 
 
 def service_of(workload: kube.Doc) -> str:
@@ -489,4 +490,41 @@ def test_every_referenced_service_account_is_rendered_alongside(
             assert kube.pod_spec(workload)["serviceAccountName"] in accounts, (
                 path,
                 workload["metadata"]["name"],
+            )
+
+
+# Configuration files each service reloads without a restart: setting -> packaged file.
+RELOADED_FILES = {
+    "router": {"TOOLMESH_ROUTER_RULES_FILE": REPO_FILES / "services/router/routing.toml"},
+    "telemetry": {
+        "TOOLMESH_TELEMETRY_PRICES_FILE": REPO_FILES / "services/telemetry/prices.toml",
+        "TOOLMESH_TELEMETRY_SLO_FILE": REPO_FILES / "services/telemetry/slo.toml",
+    },
+}
+
+
+@pytest.mark.parametrize("overlay", kube.SERVICE_OVERLAYS)
+def test_reloaded_files_come_from_a_configmap_updated_in_place(
+    rendered: dict[str, list[kube.Doc]], overlay: str
+) -> None:
+    """Routing rules, prices and SLOs are mounted from a ConfigMap without a hash suffix (an
+    edit must reach the running pods, not roll them) as a whole directory (a subPath mount
+    never sees an update), and start as the image's own files."""
+    docs = rendered[overlay]
+    for service, settings in RELOADED_FILES.items():
+        deployment = kube.by_name(docs, "Deployment", service)
+        pod = kube.pod_spec(deployment)
+        (container,) = pod["containers"]
+        env = kube.config_env(docs, container)
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for setting, packaged in settings.items():
+            path = Path(env[setting])
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+            assert "subPath" not in mount and mount.get("readOnly") is True
+            configmap = kube.by_name(docs, "ConfigMap", volumes[mount["name"]]["configMap"]["name"])
+            assert configmap["metadata"]["name"] == f"{service}-files"
+            assert configmap["data"][path.name] == packaged.read_text(), setting
+        if service == "router":
+            assert env["TOOLMESH_ROUTER_RULES_DIR"] == str(
+                Path(env["TOOLMESH_ROUTER_RULES_FILE"]).parent
             )

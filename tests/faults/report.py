@@ -28,13 +28,26 @@ COLUMNS = (
     ("audit_chain", "audit chain"),
 )
 
+# The figures of the scenarios that check a hung dependency and the order after replay.
+REPLAY_COLUMNS = (
+    ("scenario", "scenario"),
+    ("worst_share", "worst Run's share of its deadline"),
+    ("starved", "healthy hops starved (router/tool fallbacks)"),
+    ("via_outbox", "Runs acknowledged via the outbox"),
+    ("out_of_order", "stored turns out of acknowledgment order"),
+    ("replay_start_s", "replay start after recovery, s"),
+    ("replay_done_s", "last replayed turn stored after recovery, s"),
+)
 
-def table(rows: list[dict[str, object]]) -> str:
+
+def table(rows: list[dict[str, object]], columns: tuple[tuple[str, str], ...] = COLUMNS) -> str:
     lines = [
-        "| " + " | ".join(title for _, title in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        "| " + " | ".join(title for _, title in columns) + " |",
+        "|" + "---|" * len(columns),
     ]
-    lines += ["| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |" for row in rows]
+    lines += [
+        "| " + " | ".join(str(row.get(key, "-")) for key, _ in columns) + " |" for row in rows
+    ]
     return "\n".join(lines)
 
 
@@ -48,6 +61,13 @@ def main(results: Path, doc: Path) -> None:
             "(16 in the burst) for 10 s per scenario; the fault at 1 s, recovery 2.5 s later.",
             "",
             table(rows),
+            "",
+            "Hung dependency and order after replay (issue 10): the worst Run's latency over its "
+            "deadline, Runs answered with a healthy hop's fallback, each session's stored order, "
+            "and when the outbox's turns reached memory after it recovered (memory's stored "
+            "times of the turns only the replay could bring, and of the last one).",
+            "",
+            table([row for row in rows if "replay_start_s" in row], REPLAY_COLUMNS),
             END,
         ]
     )

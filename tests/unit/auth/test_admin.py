@@ -29,6 +29,12 @@ ADMIN_CALLS: list[tuple[str, Any, str]] = [
     ("RetireKey", auth_pb2.RetireKeyRequest(kid="x"), "platform:admin"),
     ("RevokeToken", auth_pb2.RevokeTokenRequest(token_id="x"), "admin"),
     ("RevokeClient", auth_pb2.RevokeClientRequest(client_id="dev"), "admin"),
+    ("CreateTenant", auth_pb2.CreateTenantRequest(tenant="acme"), "platform:admin"),
+    ("ListTenants", auth_pb2.ListTenantsRequest(), "admin"),
+    ("GetTenant", auth_pb2.GetTenantRequest(), "admin"),
+    ("AllowTools", auth_pb2.AllowToolsRequest(tools=["calculator"]), "admin"),
+    ("DenyTools", auth_pb2.DenyToolsRequest(tools=["calculator"]), "admin"),
+    ("SetRole", auth_pb2.SetRoleRequest(role="reader"), "platform:admin"),
 ]
 
 

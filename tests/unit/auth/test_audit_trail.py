@@ -17,6 +17,8 @@ import pytest
 from opentelemetry import trace
 
 from services.kit.channels import open_channel
+from services.kit.outbox import Item
+from services.kit.outbox_table import TableOutbox
 from services.kit.server import Cleanup, Running, start
 from services.telemetry.app import build as build_telemetry
 from services.telemetry.settings import TelemetrySettings
@@ -240,7 +242,8 @@ async def test_events_left_in_the_outbox_are_sent_by_the_next_start(
         await first.stub.RevokeToken(
             auth_pb2.RevokeTokenRequest(token_id="a" * 32), metadata=bearer(token)
         )
-        assert len(outbox_rows(first)) == 2
+        # The first start's import of the policy file, the token, the revocation.
+        assert len(outbox_rows(first)) == 3
     finally:
         await first.stop()
 
@@ -253,6 +256,8 @@ async def test_events_left_in_the_outbox_are_sent_by_the_next_start(
             ("admin.token.revoke", "a" * 32),
         ]
         assert (await telemetry.verify("dev")).ok
+        (seed,) = await telemetry.wait_for("_operator", 1)
+        assert (seed.action, seed.policy_version) == ("admin.policy.seed", "1")
     finally:
         await second.stop()
 
@@ -280,3 +285,55 @@ async def test_verify_token_refusals_are_audited_without_the_token(
         "reason": "missing bearer token",
     }
     assert garbage not in as_text(events)
+
+
+async def test_an_event_telemetry_refuses_is_set_aside_and_the_queue_moves_on(
+    tmp_path: Path, telemetry: Telemetry
+) -> None:
+    """A refused event does not block those queued with it: it becomes a dead letter and a
+    notice takes its place in the tenant's chain, which VerifyAudit reports."""
+    settings = make_settings(
+        tmp_path / "auth",
+        telemetry_target=telemetry.address,
+        audit_backoff_base_s=0.05,
+        audit_backoff_max_s=0.3,
+    )
+    await telemetry.stop()
+    server = await AuthServer(settings).start()
+    try:
+        await server.token()  # its token.issue event waits in the outbox (with the seed's)
+        waiting = len(outbox_rows(server))
+        # An event telemetry refuses for good (an action outside the vocabulary), queued
+        # behind it as another replica (or an older release) could have left it.
+        bad = telemetry_pb2.AuditEvent(
+            event_id=uuid.uuid4().hex, tenant="dev", actor="dev", action="audit.bogus"
+        )
+        bad.occurred_at.GetCurrentTime()
+        other = TableOutbox(settings.resolved_database_url(), "auth")
+        await other.open()
+        try:
+            await other.put([Item("audit", f"audit:{bad.event_id}", bad.SerializeToString())])
+        finally:
+            await other.close()
+        assert len(outbox_rows(server)) == waiting + 1
+
+        await telemetry.start()
+        events = await telemetry.wait_for("dev", 2)
+        assert [(e.action, e.target, e.outcome) for e in events] == [
+            ("token.issue", "dev", "success"),
+            ("audit.dead_letter", "audit.bogus", "failure"),
+        ]
+        notice = json.loads(events[1].details_json)
+        assert notice["refused_event_id"] == bad.event_id
+        assert notice["reason"].startswith("INVALID_ARGUMENT")
+        deadline = time.monotonic() + 5
+        while outbox_rows(server) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert outbox_rows(server) == []
+        with sqlite3.connect(settings.data_dir / "auth.db") as conn:
+            dead = conn.execute("SELECT key FROM auth_outbox_dead_letters").fetchall()
+        assert dead == [(f"audit:{bad.event_id}",)]
+        verdict = await telemetry.verify("dev")
+        assert verdict.ok and verdict.dead_letter_notices == 1
+    finally:
+        await server.stop()

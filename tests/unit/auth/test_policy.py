@@ -1,16 +1,16 @@
-"""GetPolicy serves the versioned policy file and follows its changes; a broken edit is kept out."""
+"""The policy file seeds a fresh install's database once; roles grant their scopes."""
 
 from __future__ import annotations
 
-import logging
-import os
+from pathlib import Path
 
 import grpc
 import pytest
 
 from services.auth.policy import load_policy
 from services.auth.settings import PACKAGED_POLICY
-from tests.unit.auth.conftest import AuthServer, code_of
+from services.kit.server import StartupRefused
+from tests.unit.auth.conftest import AuthServer, code_of, make_settings
 from toolmesh.auth.v1 import auth_pb2
 
 
@@ -23,34 +23,27 @@ def test_packaged_policy_has_the_standard_roles() -> None:
     assert policy.tenants["dev"].allowed_tools == ["*"]
 
 
-def _bump_mtime(path: os.PathLike[str]) -> None:
-    stat = os.stat(path)
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-
-
-async def test_policy_reloads_on_change_and_keeps_the_last_good_one(
-    auth: AuthServer, caplog: pytest.LogCaptureFixture
-) -> None:
-    first = await auth.stub.GetPolicy(auth_pb2.GetPolicyRequest())
-    assert first.version == load_policy(PACKAGED_POLICY).version
+async def test_the_file_seeds_an_empty_database_once_then_is_ignored(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data")
+    server = await AuthServer(settings).start()
+    try:
+        first = await server.stub.GetPolicy(auth_pb2.GetPolicyRequest())
+    finally:
+        await server.stop()
+    assert (first.version, first.policy_version) == ("1", 1)
     assert [(t.tenant, list(t.allowed_tools)) for t in first.tenants] == [("dev", ["*"])]
+    assert {r.role for r in first.roles} >= {"reader", "writer", "admin"}
 
-    path = auth.settings.policy_file
-    path.write_text(
-        PACKAGED_POLICY.read_text().replace(first.version, "v-next")
-        + '\n[tenants.acme]\nallowed_tools = ["weather"]\n'
+    # An edit of the file after the import changes nothing: the database holds the policy.
+    settings.policy_file.write_text(
+        PACKAGED_POLICY.read_text() + '\n[tenants.acme]\nallowed_tools = ["weather"]\n'
     )
-    _bump_mtime(path)
-    second = await auth.stub.GetPolicy(auth_pb2.GetPolicyRequest())
-    assert second.version == "v-next"
-    assert [t.tenant for t in second.tenants] == ["acme", "dev"]
-
-    caplog.set_level(logging.ERROR, logger="toolmesh.auth.policy")
-    path.write_text('version = "broken"\n[roles\n')
-    _bump_mtime(path)
-    third = await auth.stub.GetPolicy(auth_pb2.GetPolicyRequest())
-    assert third.version == "v-next"
-    assert any("policy file invalid" in r.getMessage() for r in caplog.records)
+    server = await AuthServer(settings).start()
+    try:
+        again = await server.stub.GetPolicy(auth_pb2.GetPolicyRequest())
+    finally:
+        await server.stop()
+    assert again == first
 
 
 async def test_roles_grant_their_policy_scopes(auth: AuthServer) -> None:
@@ -67,3 +60,14 @@ async def test_roles_grant_their_policy_scopes(auth: AuthServer) -> None:
     request.scopes.append("tools:write")
     code, details = await code_of(auth.stub.IssueToken(request))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "tools:write" in details
+
+
+async def test_a_seed_file_with_an_entry_the_api_would_refuse_stops_the_first_start(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path / "data")
+    settings.policy_file.write_text(
+        PACKAGED_POLICY.read_text() + '\n[tenants.acme]\nallowed_tools = ["ti*me"]\n'
+    )
+    with pytest.raises(StartupRefused, match=r"TOOLMESH_AUTH_POLICY_FILE: "):
+        await AuthServer(settings).start()

@@ -124,7 +124,7 @@ async def test_a_dev_client_of_an_earlier_release_gets_platform_admin(tmp_path: 
     settings = make_settings(tmp_path / "data")
     server = await AuthServer(settings).start()
     await server.stop()
-    engine = create_engine(settings.db_url())
+    engine = create_engine(settings.resolved_database_url())
     try:
         await Store(engine).set_scopes("dev", "tools:read tools:write ops:read admin")
     finally:

@@ -216,6 +216,20 @@ def test_verify_output_names_the_event_and_the_tampering() -> None:
     assert ok.startswith("audit chain ok: 3 events checked")
 
 
+def test_verify_output_names_checkpoint_problems_and_dead_letters() -> None:
+    """REWRITTEN, TRUNCATED and WIPED came out as UNKNOWN; dead letters were not mentioned."""
+    for kind in ("REWRITTEN", "TRUNCATED", "WIPED", "CHECKPOINT_INVALID"):
+        reply = gateway_pb2.VerifyAuditResponse(
+            ok=False,
+            problem=telemetry_pb2.AuditProblem(kind=f"AUDIT_PROBLEM_KIND_{kind}", seq=5),
+            last_checkpoint=telemetry_pb2.AuditCheckpoint(seq=5),
+        )
+        text = ops.format_verify(reply)
+        assert f"BROKEN: {kind} at seq 5" in text and "last signed checkpoint: seq 5" in text
+    ok = ops.format_verify(gateway_pb2.VerifyAuditResponse(ok=True, dead_letter_notices=2))
+    assert "dead letters: 2 audit event(s)" in ok
+
+
 def test_budget_and_cost_tables_show_money_in_currency_units() -> None:
     status = telemetry_pb2.BudgetStatus(
         tenant="acme",

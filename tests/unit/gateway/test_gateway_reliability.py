@@ -16,6 +16,8 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from gateway.reliability import PROBE_INTERVAL_S, Guard
+from services.kit.breaker import BreakerConfig, State
 from services.kit.server import Running, start
 from services.kit.settings import ServiceSettings
 from tests.unit.gateway.conftest import (
@@ -449,3 +451,38 @@ async def test_a_tool_unavailable_twice_is_not_retried_a_third_time(gw: GatewayU
     reply, _ = await _timed_run(gw, timeout=5)
     assert reply.outcome == gateway_pb2.OUTCOME_FALLBACK
     assert len(gw.fakes.router.invocations) == 2
+
+
+async def test_an_open_breaker_asks_the_dependency_whether_it_is_back() -> None:
+    """The outbox relay's shortcut out of an open breaker: a probe answering healthy lets the
+    trial calls through at once; probes are spaced, and a closed breaker is never probed."""
+    now = [100.0]
+    healthy = [False]
+    probes = [0]
+
+    async def probe() -> bool:
+        probes[0] += 1
+        return healthy[0]
+
+    guard = Guard(BreakerConfig(minimum_calls=1, open_wait_s=5.0), clock=lambda: now[0])
+    guard.add_probe("memory", probe)
+    assert not await guard.recovered("memory")
+    assert probes[0] == 0  # closed: nothing to ask
+    breaker = guard.breakers.get("memory")
+    breaker.record(False, 0.01, breaker.acquire())
+    assert breaker.state is State.OPEN
+    assert not await guard.recovered("memory")  # still down
+    healthy[0] = True
+    assert not await guard.recovered("memory")  # asked too soon after the last probe
+    assert probes[0] == 1
+    now[0] += PROBE_INTERVAL_S
+    assert await guard.recovered("memory")
+    assert breaker.state is State.HALF_OPEN
+    assert not await guard.recovered("unprobed")
+    # Senders asking at once (the relay's concurrent deliveries) share one probe's verdict.
+    breaker.record(False, 0.01, breaker.acquire())
+    assert breaker.state is State.OPEN
+    now[0] += PROBE_INTERVAL_S
+    asked = probes[0]
+    assert await asyncio.gather(*(guard.recovered("memory") for _ in range(5))) == [True] * 5
+    assert probes[0] == asked + 1

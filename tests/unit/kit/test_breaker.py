@@ -101,6 +101,22 @@ def test_a_failed_trial_opens_again() -> None:
     assert breaker.state is State.HALF_OPEN
 
 
+def test_a_dependency_seen_healthy_gets_its_trials_before_the_open_wait_ends() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("dep", CONFIG, clock)
+    assert not breaker.half_open_early()  # closed: nothing to do
+    assert breaker.state is State.CLOSED
+    for _ in range(4):
+        _call(breaker, ok=False)
+    clock.now += 1.0
+    assert breaker.half_open_early()
+    breaker.acquire()
+    breaker.record(True, 0.01)
+    breaker.acquire()
+    breaker.record(True, 0.01)
+    assert breaker.state is State.CLOSED
+
+
 def test_window_slides_so_old_failures_are_forgotten() -> None:
     breaker = CircuitBreaker("dep", CONFIG, Clock())
     for ok in [True] * 6 + [False] * 2 + [True] * 10:

@@ -78,6 +78,30 @@ async def test_failed_delivery_is_kept_and_retried_after_backoff(outbox: Outbox)
     assert await outbox.due("audit", 10) == []
 
 
+async def test_replay_now_makes_items_in_backoff_due_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway calls it when a receiver whose breaker was open answers again."""
+    box = MessageOutbox(tmp_path / "m.db")
+    await box.open()
+    monkeypatch.setattr(box.relay, "backoff_s", lambda failures: 60.0)
+    up = False
+
+    async def send(events: list[telemetry_pb2.AuditEvent]) -> list[tuple[int, str]]:
+        if not up:
+            raise ConnectionError("receiver down")
+        return []
+
+    box.route("audit", telemetry_pb2.AuditEvent, send)
+    await box.put_many([("audit", "e1", telemetry_pb2.AuditEvent(event_id="e1"))])
+    assert await box.relay.drain_once() == 0
+    up = True
+    assert await box.relay.drain_once() == 0  # waiting out its 60 s backoff
+    await box.replay_now("audit")
+    assert await box.relay.drain_once() == 1
+    await box.close()
+
+
 def test_backoff_is_bounded_full_jitter(tmp_path: Path) -> None:
     relay = Relay(Outbox(tmp_path / "x.db"), base_backoff_s=0.1, max_backoff_s=2.0)
     samples = [relay.backoff_s(n) for n in range(1, 30) for _ in range(20)]
