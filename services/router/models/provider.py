@@ -155,6 +155,8 @@ class Provider:
         self.name = config.name
         self.model = config.model
         self.base_url = config.base_url
+        # The SDK and its chat types load here, at start-up, not inside a first call's deadline.
+        import openai.types.chat  # noqa: F401
         from openai import AsyncOpenAI
 
         self._client = AsyncOpenAI(
