@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
-from bench import calltool, corpus, model, storage
+from bench import calltool, corpus, footprint, model, storage
 from bench.echo_server import METHOD
 from bench.load import Result, closed_loop
 from testing.mesh import REPO, Mesh, free_port
@@ -162,6 +162,8 @@ def main() -> None:
         untraced = _mesh_results(target, "0", (max(CONCURRENCY),))
         # Run through the model path beside the rules path and this same echo.
         SECTIONS.append(model.section(target))
+        # Start-up time and idle memory of every process (bench.footprint).
+        SECTIONS.append(footprint.section())
     finally:
         echo.terminate()
         echo.wait()
