@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
-from bench import calltool, corpus, cpu, model, storage
+from bench import calltool, corpus, cpu, footprint, model, storage
 from bench.echo_server import METHOD
 from bench.load import Result, Window, closed_loop
 from testing.mesh import REPO, Mesh, free_port
@@ -259,6 +259,8 @@ def main() -> None:
         ]
         # Run through the model path beside the rules path and this same echo.
         SECTIONS.append(model.section(target))
+        # Start-up time and idle memory of every process (bench.footprint).
+        SECTIONS.append(footprint.section())
     finally:
         echo.terminate()
         echo.wait()

@@ -36,6 +36,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.kit.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 
 ORDER = ("telemetry", "auth", "memory", "router", "gateway", "mcpface")
+# Started wave by wave, each wave's children together: a wave needs only the ones before it
+# (telemetry takes everyone's spans and audit events, the gateway waits for auth, the face
+# for the gateway), and the children's interpreters start on every core at once.
+WAVES = (("telemetry",), ("auth", "memory", "router"), ("gateway",), ("mcpface",))
 MODULES = {name: f"services.{name}" for name in ORDER} | {
     "gateway": "gateway",
     "mcpface": "mcpface",
@@ -482,23 +486,27 @@ async def up(args: argparse.Namespace) -> int:
     try:
         logs_dir = prepare_data_dir(env)
         check_ports_free(env)
-        for name in ORDER:
-            sink, handle = make_sink(name, args.logs, logs_dir)
-            if handle is not None:
-                handles.append(handle)
-            child = Child(name, env, sink)
-            children.append(child)
-            await child.spawn()
-            starting = asyncio.create_task(child.wait_serving(args.timeout))
-            stop_wait = asyncio.create_task(stopping.wait())
-            await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            stop_wait.cancel()
-            if stopping.is_set():
-                starting.cancel()
-                return 0
-            starting.result()
-            pid = child.proc.pid if child.proc else "?"
-            say(f"{name} SERVING on {child.address} (pid {pid})")
+        for wave in WAVES:
+            started: list[Child] = []
+            for name in wave:
+                sink, handle = make_sink(name, args.logs, logs_dir)
+                if handle is not None:
+                    handles.append(handle)
+                child = Child(name, env, sink)
+                children.append(child)
+                started.append(child)
+                await child.spawn()
+            for child in started:
+                starting = asyncio.create_task(child.wait_serving(args.timeout))
+                stop_wait = asyncio.create_task(stopping.wait())
+                await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                stop_wait.cancel()
+                if stopping.is_set():
+                    starting.cancel()
+                    return 0
+                starting.result()
+                pid = child.proc.pid if child.proc else "?"
+                say(f"{child.name} SERVING on {child.address} (pid {pid})")
         supervisors = [asyncio.create_task(supervise(c, stopping)) for c in children]
         where = f"logs in {logs_dir}" if args.logs == "files" else "logs below"
         gateway, face = children[-2], children[-1]

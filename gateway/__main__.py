@@ -1,8 +1,7 @@
 """``python -m gateway``."""
 
-from gateway.app import build
 from gateway.settings import GatewaySettings
-from services.kit.server import run_service
+from services.kit.server import build_from, run_service
 
 if __name__ == "__main__":
-    run_service(GatewaySettings, build)
+    run_service(GatewaySettings, build_from("gateway.app"))

@@ -21,6 +21,10 @@ from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICES = ("telemetry", "auth", "memory", "router", "gateway")
+# start_all's order: each wave needs only the waves before it to be serving (telemetry takes
+# everyone's spans and audit events, the gateway waits for auth's keys), so the processes of a
+# wave start together and their interpreters' start-up shares the cores instead of queueing.
+WAVES = (("telemetry",), ("auth", "memory", "router"), ("gateway",))
 MODULES = {name: f"services.{name}" for name in SERVICES} | {"gateway": "gateway"}
 # Who may call whom when mTLS is on: only the gateway reaches the inner services (auth also
 # takes the operator's admin tools); everyone may send spans to telemetry.
@@ -135,7 +139,8 @@ class Mesh:
     def log_path(self, name: str) -> Path:
         return self.data_dir / "logs" / f"{name}.log"
 
-    def start(self, name: str, timeout: float = 30.0) -> None:
+    def spawn(self, name: str) -> None:
+        """Start the process without waiting for it (``wait_serving`` waits)."""
         self.log_path(name).parent.mkdir(parents=True, exist_ok=True)
         with self.log_path(name).open("ab") as log:
             self.procs[name] = subprocess.Popen(
@@ -145,11 +150,21 @@ class Mesh:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+
+    def start(self, name: str, timeout: float = 30.0) -> None:
+        self.spawn(name)
         self.wait_serving(name, timeout)
 
+    def start_together(self, names: list[str], timeout: float = 30.0) -> None:
+        """Spawn every process, then wait until each serves (``timeout`` each)."""
+        for name in names:
+            self.spawn(name)
+        for name in names:
+            self.wait_serving(name, timeout)
+
     def start_all(self) -> None:
-        for name in self.all_instances():
-            self.start(name)
+        for wave in WAVES:
+            self.start_together([i for service in wave for i in self.instances(service)])
 
     def wait_serving(self, name: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -165,7 +180,7 @@ class Mesh:
                         return
                 except grpc.RpcError:
                     pass
-                time.sleep(0.1)
+                time.sleep(0.05)
         raise TimeoutError(f"{name} not SERVING after {timeout}s:\n{self.tail(name)}")
 
     def tail(self, name: str, lines: int = 40) -> str:
@@ -177,8 +192,12 @@ class Mesh:
         )
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        self.procs[name].send_signal(sig)
+        return self._reap(name, timeout)
+
+    def _reap(self, name: str, timeout: float = 15.0) -> int:
+        """Wait for an instance already signalled; killed after ``timeout``."""
         proc = self.procs.pop(name)
-        proc.send_signal(sig)
         try:
             return proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -186,9 +205,19 @@ class Mesh:
             return proc.wait()
 
     def stop_all(self) -> dict[str, int]:
-        return {
-            name: self.stop(name) for name in reversed(self.all_instances()) if name in self.procs
-        }
+        """The waves in reverse (the gateway drains into the services still up), each wave's
+        processes signalled together."""
+        codes: dict[str, int] = {}
+        for wave in reversed(WAVES):
+            names = [i for service in wave for i in self.instances(service) if i in self.procs]
+            for name in names:
+                self.procs[name].send_signal(signal.SIGTERM)
+            for name in names:
+                codes[name] = self._reap(name)
+        # Instances started by hand beyond the configured replicas.
+        for name in reversed(list(self.procs)):
+            codes[name] = self.stop(name)
+        return codes
 
     def log_records(self, name: str) -> list[dict[str, object]]:
         records = []

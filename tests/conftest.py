@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 
+import argon2
 import pytest
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -13,6 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from services.auth import credentials
 from services.kit import logs as kit_logs
 from services.kit.logs import NOISY_LOGGERS
 from tests.pgutil import fresh_databases
@@ -30,6 +33,23 @@ _SPANS = InMemorySpanExporter()
 _TRACER_PROVIDER = TracerProvider()
 _TRACER_PROVIDER.add_span_processor(SimpleSpanProcessor(_SPANS))
 trace.set_tracer_provider(_TRACER_PROVIDER)
+
+
+# argon2id as auth runs it in-process in the tests, at a cost of milliseconds instead of about
+# a tenth of a second of CPU per hash (every auth start hashes a decoy and the dev client, every
+# token issued verifies one). The algorithm, the encoding and every code path are the real ones;
+# only the work factor is lower. Auth as a process (tests/e2e, tests/faults, tests/scale) keeps
+# the production cost, and tests/unit/auth/test_hash_cost.py checks that cost.
+CHEAP_ARGON2 = functools.partial(
+    argon2.PasswordHasher, time_cost=1, memory_cost=8 * 1024, parallelism=1
+)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cheap_secret_hashing() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(credentials, "PasswordHasher", CHEAP_ARGON2)
+        yield
 
 
 @pytest.fixture(scope="session")

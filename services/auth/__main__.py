@@ -6,20 +6,25 @@ import asyncio
 import json
 import sys
 
-from services.auth.app import build
-from services.auth.ops import parser, run
 from services.auth.settings import AuthSettings
-from services.auth.store import StoreError
 from services.kit.logs import configure_logging
-from services.kit.server import run_service
+from services.kit.server import build_from, run_service
 from services.kit.startup import StartupRefused, load_settings, private_process
 
 
 def main() -> None:
+    if sys.argv[1:] in ([], ["serve"]):
+        # The server needs neither the operator commands nor their imports (the store, the
+        # audit trail): a refused start exits before loading them.
+        run_service(AuthSettings, build_from("services.auth.app"))
+        return
+    from services.auth.ops import parser, run
+    from services.auth.store import StoreError
+
     args = parser().parse_args()
     if args.command in (None, "serve"):
         # Settings, the kit's checks and auth's own refusals: one CRITICAL line, exit 2.
-        run_service(AuthSettings, build)
+        run_service(AuthSettings, build_from("services.auth.app"))
         return
     private_process()  # keys and the dev client's file are the operator's alone
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -345,6 +346,17 @@ async def _serve(
     log.info("draining", extra={"grace_s": settings.grace_period_s})
     await running.stop(settings.grace_period_s)
     log.info("stopped")
+
+
+def build_from(module: str) -> Callable[[SettingsT, list[Cleanup]], Register]:
+    """The ``build`` of ``module``, imported when called: a process whose settings are refused
+    exits before importing the service's code (its databases, SDKs and handlers)."""
+
+    def build(settings: SettingsT, cleanups: list[Cleanup]) -> Register:
+        built: Register = importlib.import_module(module).build(settings, cleanups)
+        return built
+
+    return build
 
 
 def run_service(

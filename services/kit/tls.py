@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +42,12 @@ class TlsFiles:
 
     @classmethod
     def load(cls, cert: Path, key: Path, ca: Path) -> TlsFiles:
-        """Read and check the files: grpc would only fail later, with a vaguer message."""
+        """Read and check the files: grpc would only fail later, with a vaguer message.
+
+        cryptography (about 10 MB) is imported here, so a process without TLS never loads it."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
         cert_pem = _read("tls_cert_file", cert, "a PEM certificate")
         key_pem = _read("tls_key_file", key, "the PEM private key of the certificate")
         ca_pem = _read("tls_ca_file", ca, "the PEM certificate of the mesh CA")

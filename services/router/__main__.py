@@ -1,8 +1,7 @@
 """Entry point: ``python -m services.router``."""
 
-from services.kit.server import run_service
-from services.router.app import build
+from services.kit.server import build_from, run_service
 from services.router.settings import RouterSettings
 
 if __name__ == "__main__":
-    run_service(RouterSettings, build)
+    run_service(RouterSettings, build_from("services.router.app"))

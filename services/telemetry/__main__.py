@@ -6,9 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from services.kit.server import run_service
-from services.telemetry.app import build
-from services.telemetry.checkpoints import CheckpointSetupError, Keyring, verify_log_file
+from services.kit.server import build_from, run_service
 from services.telemetry.settings import TelemetrySettings
 
 
@@ -17,6 +15,8 @@ def verify_checkpoints(argv: list[str]) -> int:
     parser.add_argument("--keyring", type=Path, required=True, help="directory of PEM public keys")
     parser.add_argument("files", type=Path, nargs="+", help="checkpoint log files (*.jsonl)")
     args = parser.parse_args(argv)
+    from services.telemetry.checkpoints import CheckpointSetupError, Keyring, verify_log_file
+
     try:
         keyring = Keyring.load(None, args.keyring)
         problems = [problem for path in args.files for problem in verify_log_file(path, keyring)]
@@ -33,4 +33,4 @@ def verify_checkpoints(argv: list[str]) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["verify-checkpoints"]:
         sys.exit(verify_checkpoints(sys.argv[2:]))
-    run_service(TelemetrySettings, build)
+    run_service(TelemetrySettings, build_from("services.telemetry.app"))

@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -659,8 +660,13 @@ def test_production_refuses_dev_material_and_plaintext(own_mesh: Mesh) -> None:
         )
 
     plaintext = {k: v for k, v in base.items() if "TLS_" not in k}
-    for name in SERVICES:
-        result = start("gateway" if name == "gateway" else f"services.{name}", plaintext)
+    # The refusals do not depend on one another: the processes run at once.
+    with ThreadPoolExecutor(max_workers=len(SERVICES)) as pool:
+        results = pool.map(
+            lambda name: start("gateway" if name == "gateway" else f"services.{name}", plaintext),
+            SERVICES,
+        )
+    for name, result in zip(SERVICES, results, strict=True):
         assert result.returncode != 0, (name, result.stdout, result.stderr)
         text = result.stdout + result.stderr
         assert "requires mutual TLS" in text and "TOOLMESH_TLS_CERT_FILE" in text, (name, text)

@@ -32,7 +32,7 @@ from services.kit.migrations import check_schema
 from services.router.migrations import MIGRATIONS
 from services.router.releases.model import UnitKey, UnitKind
 from services.router.releases.store import ReleaseStore
-from testing.mesh import MODULES, REPO, Mesh, service_of
+from testing.mesh import Mesh
 from tests.releases.tools import LOG_ENV, rules_with_release_tools
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from toolmesh.router.v1 import router_pb2, router_pb2_grpc
@@ -115,19 +115,6 @@ def deploy_candidates(mesh: Mesh) -> None:
         mesh.start(name)
 
 
-def _spawn(mesh: Mesh, name: str) -> None:
-    """Start one instance without waiting for it (Mesh.start waits for each in turn)."""
-    mesh.log_path(name).parent.mkdir(parents=True, exist_ok=True)
-    with mesh.log_path(name).open("ab") as log:
-        mesh.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", MODULES[service_of(name)]],
-            cwd=REPO,
-            env=mesh.env(name),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
 @contextmanager
 def running(mesh: Mesh) -> Iterator[Mesh]:
     """Every instance started at once once telemetry serves (the others wait for their
@@ -137,7 +124,7 @@ def running(mesh: Mesh) -> Iterator[Mesh]:
     try:
         mesh.start(first)
         for name in others:
-            _spawn(mesh, name)
+            mesh.spawn(name)
         for name in others:
             mesh.wait_serving(name, 60)
         yield mesh

@@ -13,6 +13,9 @@ answers; a 4xx says nothing of the server's health (429 is the server protecting
 the primary provider cannot answer (breaker open, unreachable, failing), the fallback provider,
 if configured, gets the call with whatever time is left. API keys come from a file or the
 environment and are never logged (they live only inside the SDK client).
+
+The SDK (about 13 MB of a process's memory) is imported when the first provider is built: a
+router without a model configured never loads it.
 """
 
 from __future__ import annotations
@@ -27,17 +30,18 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Se
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx2
-import openai
-from openai import AsyncOpenAI
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from services.kit.breaker import BreakerConfig, BreakerOpen, BreakerRegistry
+
+if TYPE_CHECKING:
+    import openai
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 log = logging.getLogger("toolmesh.router.models")
 
@@ -128,6 +132,8 @@ def retry_after_s(headers: Mapping[str, str], now: Callable[[], datetime]) -> fl
 
 def _connect_failed(error: Exception) -> bool:
     """True only when no connection was made: nothing reached the server, retrying is safe."""
+    import openai
+
     if isinstance(error, openai.APITimeoutError):
         return False
     cause = error.__cause__
@@ -149,6 +155,10 @@ class Provider:
         self.name = config.name
         self.model = config.model
         self.base_url = config.base_url
+        # The SDK and its chat types load here, at start-up, not inside a first call's deadline.
+        import openai.types.chat  # noqa: F401
+        from openai import AsyncOpenAI
+
         self._client = AsyncOpenAI(
             base_url=config.base_url,
             # Servers without authentication still get a (meaningless) key: the SDK needs one.
@@ -168,6 +178,8 @@ class Provider:
 
     async def _attempts(self, deadline: float, start: Callable[[float], Any]) -> Any:
         """``start(timeout_s)`` under the breaker, retried where safe, until ``deadline``."""
+        import openai
+
         for attempt in range(1, self._max_attempts + 1):
             left = self._left(deadline)
             if left <= 0:
@@ -250,6 +262,8 @@ class Provider:
                 stream_options={"include_usage": True},
                 **body,
             )
+
+        import openai
 
         stream = await self._attempts(deadline, start)
         try:

@@ -27,9 +27,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
-
-from openai.types.chat import ChatCompletion
+from typing import TYPE_CHECKING, Any, Literal
 
 from services.router.models import tokens
 from services.router.models.prompts import (
@@ -44,6 +42,9 @@ from services.router.registry import Tool
 from services.router.routing import confidence, schema_fit
 from services.router.rules import Weights
 from toolmesh.common.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletion
 
 ToolChoice = Literal["tools", "json_schema", "json_object"]
 NONE = "none"
