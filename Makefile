@@ -96,8 +96,18 @@ run: install gen
 
 # In a random order (pytest-randomly): the last lines name the seed; replay a failing order with
 # `make test PYTEST_ARGS=--randomly-seed=N` (`-p no:randomly` for the file order).
+# Two passes. Most of the suite waits on the processes it starts rather than computing, so it
+# runs on TEST_WORKERS pytest-xdist workers, a file to a worker (a module's mesh starts once).
+# The suites that judge timing under load (faults, scale, releases, the model server) run
+# after it on their own, so a neighbour's load cannot fail them. Both passes always run.
+TEST_WORKERS ?= 2
+SERIAL_TESTS := tests/faults tests/scale tests/releases tests/model
 test: install gen model-server
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	status=0; \
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile $(addprefix --ignore=,$(SERIAL_TESTS)) \
+	  $(PYTEST_ARGS) || status=$$?; \
+	$(BIN)/pytest -q $(SERIAL_TESTS) $(PYTEST_ARGS) || status=$$?; \
+	exit $$status
 
 lint: install
 	$(BIN)/ruff check .
