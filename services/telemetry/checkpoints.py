@@ -191,22 +191,34 @@ def _load_public_key(path: Path) -> Ed25519PublicKey:
 
 def create_dev_key(key_file: Path, keyring_dir: Path) -> None:
     """Development only: a fresh signing key (0600) and its public key in the keyring, so
-    checkpoints stay verifiable if the key file is later replaced."""
+    checkpoints stay verifiable if the key file is later replaced.
+
+    Replicas sharing a data directory may start at once: the key appears whole or not at all
+    (written aside, then linked into place), its public key is in the keyring before it does,
+    and a replica that loses the race keeps the winner's key."""
     key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    keyring_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(pem)
-    keyring_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     public = key.public_key()
-    (keyring_dir / f"{key_id(public)}.pem").write_bytes(
+    public_file = keyring_dir / f"{key_id(public)}.pem"
+    public_file.write_bytes(
         public.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
+    aside = key_file.with_name(f".{key_file.name}.{os.getpid()}.tmp")
+    descriptor = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(pem)
+    try:
+        os.link(aside, key_file)
+    except FileExistsError:
+        public_file.unlink(missing_ok=True)  # another replica's key is the one in use
+    finally:
+        aside.unlink(missing_ok=True)
 
 
 @dataclass
