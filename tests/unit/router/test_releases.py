@@ -501,5 +501,11 @@ async def test_a_breach_after_promotion_rolls_back_to_the_previous_version(lite:
     assert "the SLO was breached after promotion" in current.reason
     assert "slo_availability" in current.reason
     assert (await rig.resolve("anyone")).version == "1.0.0"
+    # The audit event reaches telemetry through the router's outbox, a moment later.
+    await eventually(lambda: _has_audit(rig, "release.fail"))
     failed = await rig.audit("release.fail")
-    assert failed and json.loads(failed[0].details_json)["candidate"] == "1.1.0"
+    assert json.loads(failed[0].details_json)["candidate"] == "1.1.0"
+
+
+async def _has_audit(rig: Rig, action: str) -> bool:
+    return bool(await rig.audit(action))
