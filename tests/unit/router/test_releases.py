@@ -500,7 +500,12 @@ async def test_a_breach_after_promotion_rolls_back_to_the_previous_version(lite:
     assert current.state == R.RELEASE_STATE_FAILED, current.events[-1]
     assert "the SLO was breached after promotion" in current.reason
     assert "slo_availability" in current.reason
-    assert (await rig.resolve("anyone")).version == "1.0.0"
+
+    async def rolled_back() -> bool:
+        return (await rig.resolve("anyone")).version == "1.0.0"
+
+    # Every replica follows the failed release back to 1.0.0 at its next look at the state.
+    await eventually(rolled_back)
     # The audit event reaches telemetry through the router's outbox, a moment later.
     await eventually(lambda: _has_audit(rig, "release.fail"))
     failed = await rig.audit("release.fail")
