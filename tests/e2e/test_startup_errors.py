@@ -312,7 +312,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Files]:
     bad_toml = root / "bad.toml"
     bad_toml.write_text("this is = = not toml [")
     garbage = root / "garbage.pem"
-    garbage.write_text("-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
+    garbage.write_text("neither PEM nor DER: a key file someone overwrote\n")
     open_dir = root / "open-data"
     open_dir.mkdir(mode=0o755)
     open_dir.chmod(0o755)

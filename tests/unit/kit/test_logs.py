@@ -8,6 +8,12 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+)
 
 from services.kit import logs
 from services.kit.logs import (
@@ -25,11 +31,14 @@ TOKEN = (
 )
 # What grpc's own logger printed for an authorization header with a non-UTF-8 byte.
 GRPC_LINE = f"Invalid encoding on b'Bearer {TOKEN}\\xffTAIL'"
+# A key made for this run, never one committed to the repository.
 PEM = (
-    "-----BEGIN PRIVATE KEY-----\n"
-    "MC4CAQAwBQYDK2VwBCIEIJ+DYvh6SEqVTm50DFtMDoQikTmiCqirVv9mWG9qfSnF\n"
-    "-----END PRIVATE KEY-----"
+    Ed25519PrivateKey.generate()
+    .private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    .decode()
+    .strip()
 )
+PEM_BODY = PEM.splitlines()[1]
 
 
 @pytest.mark.parametrize(
@@ -45,8 +54,8 @@ PEM = (
         ("api_key = 'k-123456'", "k-123456"),
         ("PASSWORD=hunter2", "hunter2"),
         ("postgresql://toolmesh:hunter2@db:5432/auth", "hunter2"),
-        (f"key file:\n{PEM}\nend", "MC4CAQAwBQYDK2Vw"),
-        ("-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEI (cut off", "MHcCAQEEI"),
+        (f"key file:\n{PEM}\nend", PEM_BODY),
+        (f"{PEM.splitlines()[0]}\n{PEM_BODY[:12]} (cut off", PEM_BODY[:12]),
     ],
 )
 def test_secrets_are_redacted(text: str, secret: str) -> None:
