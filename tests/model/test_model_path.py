@@ -63,8 +63,9 @@ async def _cost_by_model(mesh: ModelMesh) -> dict[str, telemetry_pb2.CostRow]:
             ),
             timeout=5,
         )
-        if reply.rows:
-            return {row.model: row for row in reply.rows}
+        rows = {row.model: row for row in reply.rows}
+        if MODEL in rows:
+            return rows
         await asyncio.sleep(0.05)  # the outbox delivers the usage record in the background
     raise AssertionError("no usage recorded")
 
