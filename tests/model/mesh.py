@@ -73,10 +73,14 @@ class ModelMesh:
 
 @asynccontextmanager
 async def model_mesh(
-    data_dir: Path, tenants: dict[str, list[str]] | None = None, **router: Any
+    data_dir: Path,
+    tenants: dict[str, list[str]] | None = None,
+    gateway_settings: dict[str, object] | None = None,
+    **router: Any,
 ) -> AsyncIterator[ModelMesh]:
-    """The mesh with the router's settings ``router`` (model_base_url, model_name, ...) and
-    auth's policy giving ``tenants`` their allowed tools (besides the fakes' own)."""
+    """The mesh with the router's settings ``router`` (model_base_url, model_name, ...), the
+    gateway's ``gateway_settings`` and auth's policy giving ``tenants`` their allowed tools
+    (besides the fakes' own)."""
     running: list[Running] = []
     channels: list[aio.Channel] = []
 
@@ -122,6 +126,7 @@ async def model_mesh(
             telemetry_target=telemetry_target,
             prices_refresh_s=0.2,
             budget_state_ttl_s=0.2,
+            **(gateway_settings or {}),
         )
         running.append(gateway)
         channels.append(channel)

@@ -31,6 +31,12 @@ PROMPT = "could you show me what I wrote down"  # no rule matches it
 # One tool with no required argument: the model chooses it or "none", and the tool can answer.
 TOOLS = ["list_notes"]
 PRICES = PriceTable.load(TelemetrySettings().prices_file)
+# How long one model call may take here. llama-cpp-python builds each token's log-probabilities
+# by sorting the whole vocabulary (262k entries for Gemma 3) in Python: 0.3-0.8 s per token on
+# this machine kind, so a routing answer of 10-20 tokens takes 5-20 s, and the two concurrent
+# Runs of the budget test queue behind each other. The product's defaults (20 s for the router's
+# model call, 30 s for the gateway's Route with the model) are for real model servers.
+MODEL_CALL_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +52,8 @@ async def mesh(
         model_route_max_tokens=32,
         model_answer_max_tokens=400,
         model_answer_tenants="answers",
+        model_timeout_s=MODEL_CALL_S,
+        gateway_settings={"model_route_timeout_ms": MODEL_CALL_S * 1000},
         tenants={"llm": TOOLS, "llm2": TOOLS, "answers": ["*"]},
     ) as running:
         yield running
@@ -65,7 +73,7 @@ async def _plan(mesh: ModelMesh, tenant: str) -> router_pb2.ModelPlan:
 
 async def test_the_real_model_routes_with_its_own_token_counts(mesh: ModelMesh) -> None:
     plan = await _plan(mesh, "llm")
-    reply = await mesh.run(PROMPT, tenant="llm", timeout=60)
+    reply = await mesh.run(PROMPT, tenant="llm", timeout=MODEL_CALL_S + 30)
     assert reply.route_method == router_pb2.ROUTE_METHOD_MODEL
     assert "model" not in reply.degraded
     usage = reply.usage
@@ -112,7 +120,7 @@ async def test_a_token_budget_holds_for_concurrent_runs_on_the_real_server(
 
     async def one(session: str) -> gateway_pb2.RunResponse | grpc.StatusCode:
         try:
-            return await mesh.run(PROMPT, session=session, tenant="llm2", timeout=60)
+            return await mesh.run(PROMPT, session=session, tenant="llm2", timeout=MODEL_CALL_S + 30)
         except aio.AioRpcError as error:
             return error.code()
 
@@ -135,7 +143,7 @@ async def test_cancelling_a_streamed_answer_stops_the_real_models_generation(
     call = mesh.gateway.stub.RunStream(
         gateway_pb2.RunStreamRequest(session_id="stream", prompt="what is 17 * 23"),
         metadata=mesh.metadata(tenant="answers"),
-        timeout=60,
+        timeout=MODEL_CALL_S + 30,
     )
     chunks = 0
     async for event in call:
