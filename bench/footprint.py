@@ -7,6 +7,11 @@ loopback) and, once the whole mesh serves, left idle for a moment; then its resi
 (to its /readyz answering 200 for the MCP face), each process started alone, one after another,
 so the figures do not share the CPU with one another.
 
+Where the idle memory goes (``import_profile``): each process's libraries imported one after
+another into a fresh interpreter, in a fixed order, the resident set read after each; what
+remains is toolmesh's own code with the contracts, and, from the running process's figure,
+the state a serving process holds (threads, connections, caches).
+
 ``python -m bench.footprint`` prints the section; bench.run appends it to BENCHMARKS.md.
 """
 
@@ -28,6 +33,83 @@ from testing.mesh import REPO, SERVICES, Mesh
 # The goal of issue 14, per process.
 RSS_LIMIT_MB = 80.0
 IDLE_S = float(os.environ.get("BENCH_IDLE_S", "3"))
+
+
+# The libraries measured one by one, in this order (a library's share includes what it loads
+# that no library before it had loaded); anything else a process imports counts with its own code.
+LIBRARIES = (
+    "grpc",
+    "google.protobuf",
+    "sqlalchemy",
+    "sqlalchemy.ext.asyncio",
+    "sqlalchemy.dialects.postgresql",
+    "aiosqlite",
+    "pydantic",
+    "pydantic_settings",
+    "opentelemetry.sdk.trace",
+    "opentelemetry.instrumentation.grpc",
+    "opentelemetry.exporter.prometheus",
+    "cryptography.hazmat.primitives.asymmetric.ed25519",
+    "jwt",
+    "argon2",
+    "re2",
+    "jsonschema",
+    "httpx2",
+    "openai",
+    "mcp",
+)
+# The module each process is started from.
+ENTRY = {name: f"services.{name}.app" for name in SERVICES} | {
+    "gateway": "gateway.app",
+    "mcpface": "mcpface.app",
+}
+
+_PROFILE = """
+import importlib, json, sys
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS'):
+            return int(line.split()[1]) / 1024
+wanted = set(json.loads(sys.argv[1]))
+rows = [('the interpreter', rss())]
+for library in json.loads(sys.argv[2]):
+    if library.split('.')[0] not in wanted:
+        continue
+    before = rss()
+    importlib.import_module(library)
+    rows.append((library, rss() - before))
+before = rss()
+importlib.import_module(sys.argv[3])
+rows.append(('toolmesh code, contracts and the rest', rss() - before))
+print(json.dumps(rows))
+"""
+
+_LOADED = "import importlib, json, sys; importlib.import_module(sys.argv[1]); " + (
+    "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+)
+
+
+def import_profile(process: str) -> list[tuple[str, float]]:
+    """(what, MB) of the resident set a process's imports take, library by library."""
+    entry = ENTRY[process]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    loaded = subprocess.run(
+        [sys.executable, "-c", _LOADED, entry],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _PROFILE, loaded, json.dumps(LIBRARIES), entry],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [(str(what), float(mb)) for what, mb in json.loads(out)]
 
 
 @dataclass(frozen=True)
@@ -150,6 +232,40 @@ def section(rows: list[Footprint] | None = None) -> str:
             f"| {row.process} | {row.start_s:.2f} | {row.rss_mb:.1f} | {row.peak_mb:.1f} "
             f"| {row.restart_s:.2f} | {row.restart_rss_mb:.1f} | {ok} |"
         )
+    return "\n".join(lines) + "\n\n" + profile_section(rows)
+
+
+def profile_section(rows: list[Footprint]) -> str:
+    """Where each process's idle memory (restart, schema at head) goes, library by library."""
+    profiles = {row.process: dict(import_profile(row.process)) for row in rows}
+    names: list[str] = []
+    for profile in profiles.values():
+        names += [name for name in profile if name not in names]
+    own = "toolmesh code, contracts and the rest"
+    names = [n for n in names if n != own] + [own, "serving state (idle RSS - imports)"]
+    lines = [
+        "### Where the idle memory goes (MB of resident set)",
+        "",
+        "Produced by `bench.footprint.import_profile`: each process's libraries imported into "
+        "a fresh interpreter one after another in a fixed order (a library's share includes "
+        "what it loads that none before it had), the resident set read after each; its own "
+        "code last; serving state is the restarted process's idle RSS (table above) minus all "
+        "of that. Shared libraries count in every process's RSS although the kernel keeps one "
+        "copy of their code for all of them.",
+        "",
+        "| part | " + " | ".join(profiles) + " |",
+        "|---|" + "---|" * len(profiles),
+    ]
+    idle = {row.process: row.restart_rss_mb for row in rows}
+    for name in names:
+        cells = []
+        for process, profile in profiles.items():
+            if name.startswith("serving state"):
+                value: float | None = idle[process] - sum(profile.values())
+            else:
+                value = profile.get(name)
+            cells.append("-" if value is None else f"{value:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,8 +18,6 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from services.kit.db import sqlite_url
-
 
 class Environment(StrEnum):
     DEV = "dev"
@@ -156,4 +154,8 @@ class DatabaseSettings(ServiceSettings):
     database_url: str = ""
 
     def resolved_database_url(self) -> str:
+        # Imported here: settings are read by processes without a database too (the MCP face,
+        # the CLI), which should not load SQLAlchemy (about 20 MB and a third of a second).
+        from services.kit.db import sqlite_url
+
         return self.database_url or sqlite_url(self.ensure_data_dir(), self.service_name)
