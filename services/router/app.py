@@ -189,9 +189,11 @@ def build(
         )
         health.start()
         cleanups.append(health.stop)
-        audit = RouterAudit(settings.resolved_audit_outbox_file(), settings.telemetry_target)
-        await audit.open()
+        audit = RouterAudit(
+            url, settings.telemetry_target, legacy_file=settings.resolved_audit_outbox_file()
+        )
         cleanups.append(audit.close)
+        await audit.open()
         manager = BackendManager(
             BackendStore(session_factory(engine)),
             ManagerSettings(

@@ -93,7 +93,10 @@ class RouterSettings(DatabaseSettings):
     # Lines per second of a stdio server's stderr copied to the router's log (per backend);
     # the rest are counted and dropped.
     backend_stderr_lines_per_s: float = Field(default=20.0, gt=0)
-    # Durable outbox of the router's own audit events (tool.drift), relayed to telemetry.
+    # The router's audit events (tool.drift, release transitions) wait for telemetry in the
+    # router_outbox table of its own database. This is only the outbox file of releases before
+    # that (unset: <data_dir>/router/audit-outbox.db): what it still holds is moved into the
+    # table at start, and the file renamed *.adopted.
     audit_outbox_file: Path | None = None
 
     # -- models (docs/models.md). Without a base URL the router routes by its rules alone. -----

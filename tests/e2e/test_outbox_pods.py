@@ -2,11 +2,12 @@
 during a memory and telemetry outage loses nothing it acknowledged.
 
 Real processes: memory and telemetry stop; Runs are acknowledged (their turns, usage records
-and audit events wait in the gateway's outbox table) and an admin change is made (its audit
-event waits in auth's outbox table, committed with the change); the gateway and auth get
-SIGKILL and the gateway's data directory is deleted, as a pod's emptyDir is; new gateway and
-auth processes ("pods") start on other data directories against the same databases; memory and
-telemetry come back; every acknowledged item arrives exactly once.
+and audit events wait in the gateway's outbox table), an admin change is made (its audit event
+waits in auth's outbox table, committed with the change) and a release is started (the
+router's audit events wait in its outbox table); the gateway, auth and the router get SIGKILL
+and their data directories are deleted, as a pod's emptyDir is; new processes ("pods") start on
+other data directories against the same databases; memory and telemetry come back; every
+acknowledged item arrives exactly once.
 """
 
 from __future__ import annotations
@@ -24,14 +25,18 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from services.router.settings import DEFAULT_RULES_FILE
 from testing.mesh import Mesh
 from tests.pgutil import fresh_databases
 from toolmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from toolmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from toolmesh.router.v1 import router_pb2
 
 T = TypeVar("T")
 DB_SERVICES = ("auth", "router", "memory", "telemetry")
 RUNS = 6
+# A second routing rules version, mounted beside the packaged one, for a release to promote.
+NEXT_RULES = "2027.01.01-1"
 
 
 def query(url: str, sql: str, *params: object) -> list[tuple[Any, ...]]:
@@ -51,6 +56,11 @@ def eventually(read: Callable[[], T], done: Callable[[T], bool], timeout: float 
 
 @pytest.fixture
 def pods(tmp_path: Path) -> Iterator[tuple[Mesh, dict[str, str]]]:
+    rules = tmp_path / "rules.d"
+    rules.mkdir()
+    (rules / "next.toml").write_text(
+        DEFAULT_RULES_FILE.read_text().replace('"2026.11.29-1"', f'"{NEXT_RULES}"')
+    )
     with fresh_databases(*DB_SERVICES, "gateway") as urls:
         mesh = Mesh(
             data_dir=tmp_path,
@@ -61,6 +71,8 @@ def pods(tmp_path: Path) -> Iterator[tuple[Mesh, dict[str, str]]]:
                 # A claim of the killed pod must not hold its items for the default minute.
                 "TOOLMESH_GATEWAY_OUTBOX_LEASE_S": "2",
                 "TOOLMESH_AUTH_AUDIT_BACKOFF_MAX_S": "1",
+                "TOOLMESH_ROUTER_DATA_DIR": str(tmp_path / "router-pod-a"),
+                "TOOLMESH_ROUTER_RULES_DIR": str(rules),
                 # "No budget applies" learnt before the outage stays trusted through it (else
                 # no tool may run while the ledger is away).
                 "TOOLMESH_GATEWAY_BUDGET_STATE_TTL_S": "600",
@@ -73,7 +85,7 @@ def pods(tmp_path: Path) -> Iterator[tuple[Mesh, dict[str, str]]]:
             mesh.stop_all()
 
 
-def test_a_deleted_gateway_and_auth_pod_lose_nothing_acknowledged(
+def test_deleted_gateway_auth_and_router_pods_lose_nothing_acknowledged(
     pods: tuple[Mesh, dict[str, str]],
 ) -> None:
     mesh, urls = pods
@@ -113,6 +125,19 @@ def test_a_deleted_gateway_and_auth_pod_lose_nothing_acknowledged(
             timeout=10,
         )
     assert created.client.client_id == "pod-bot"
+    with mesh.channel("gateway") as channel:
+        release = gateway_pb2_grpc.GatewayStub(channel).StartRelease(
+            gateway_pb2.StartReleaseRequest(
+                unit=router_pb2.ReleaseUnit(kind=router_pb2.RELEASE_UNIT_KIND_ROUTING),
+                candidate_version=NEXT_RULES,
+                plan=router_pb2.ReleasePlan(kind=router_pb2.RELEASE_PLAN_KIND_IMMEDIATE),
+                reason="during the outage",
+            ),
+            metadata=bearer,
+            timeout=15,
+        )
+    # Promoted at once, then watched for the monitoring period.
+    assert release.release.state == router_pb2.RELEASE_STATE_MONITORING
 
     # What waits, and where: in the databases, not in a pod's files.
     waiting = query(urls["gateway"], "SELECT kind, key FROM gateway_outbox")
@@ -125,14 +150,23 @@ def test_a_deleted_gateway_and_auth_pod_lose_nothing_acknowledged(
     auth_waiting = query(urls["auth"], "SELECT key FROM auth_outbox WHERE kind = 'audit'")
     auth_events = {key.removeprefix("audit:") for (key,) in auth_waiting}
     assert auth_events, "auth's events (the admin change's among them) wait in its table"
+    router_waiting = query(urls["router"], "SELECT key FROM router_outbox WHERE kind = 'audit'")
+    router_events = {key.removeprefix("audit:") for (key,) in router_waiting}
+    assert router_events, "the router's events (the release's gate) wait in its table"
 
     # The pods go: SIGKILL, and the gateway's data directory with them.
     mesh.stop("gateway", sig=signal.SIGKILL)
     mesh.stop("auth", sig=signal.SIGKILL)
+    mesh.stop("router", sig=signal.SIGKILL)
     shutil.rmtree(mesh.data_dir / "gateway-pod-a")
-    # New pods, on another data directory, against the same databases.
+    router_pod = mesh.data_dir / "router-pod-a"
+    assert not list(router_pod.rglob("*outbox*")), "the router keeps no outbox on its pod"
+    shutil.rmtree(router_pod, ignore_errors=True)
+    # New pods, on other data directories, against the same databases.
     mesh.extra_env["TOOLMESH_GATEWAY_DATA_DIR"] = str(mesh.data_dir / "gateway-pod-b")
+    mesh.extra_env["TOOLMESH_ROUTER_DATA_DIR"] = str(mesh.data_dir / "router-pod-b")
     mesh.start("auth")
+    mesh.start("router")
     mesh.start("gateway")
 
     # The outage ends.
@@ -161,7 +195,7 @@ def test_a_deleted_gateway_and_auth_pod_lose_nothing_acknowledged(
     records = eventually(usage, lambda counts: set(counts) == runs)
     assert records == Counter(dict.fromkeys(runs, 1))
 
-    expected = audit_waiting | auth_events
+    expected = audit_waiting | auth_events | router_events
 
     def audit() -> Counter[str]:
         rows = query(
@@ -180,17 +214,25 @@ def test_a_deleted_gateway_and_auth_pod_lose_nothing_acknowledged(
         " AND target = 'pod-bot'",
     )
     assert created_events == [(1,)]
+    gate_events = query(
+        urls["telemetry"],
+        "SELECT COUNT(*) FROM telemetry_audit"
+        " WHERE action = 'release.gate' AND details_json LIKE %s",
+        f"%{release.release.id}%",
+    )
+    assert gate_events == [(1,)]
 
     # Nothing left waiting, and the new pod's data directory holds no outbox file.
     left = eventually(
         lambda: (
             query(urls["gateway"], "SELECT COUNT(*) FROM gateway_outbox")
             + query(urls["auth"], "SELECT COUNT(*) FROM auth_outbox")
+            + query(urls["router"], "SELECT COUNT(*) FROM router_outbox")
         ),
-        lambda counts: counts == [(0,), (0,)],
+        lambda counts: counts == [(0,), (0,), (0,)],
         timeout=15,
     )
-    assert left == [(0,), (0,)]
+    assert left == [(0,), (0,), (0,)]
     assert not (mesh.data_dir / "gateway-pod-b" / "gateway-outbox.db").exists()
 
 

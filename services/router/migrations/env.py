@@ -2,6 +2,7 @@
 
 from alembic import context
 
+from services.router import audit  # noqa: F401  (its outbox tables join Base.metadata)
 from services.router.backends.store import Base
 from services.router.migrations import VERSION_TABLE
 from services.router.models import prompts  # noqa: F401  (its tables join Base.metadata)

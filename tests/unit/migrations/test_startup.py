@@ -127,17 +127,17 @@ async def test_without_migrate_on_start_the_router_waits_for_toolmesh_migrate(
 
     shown = migrate_cli("router", env, "--show")
     assert shown.returncode == 0, shown.stderr
-    assert "current <none>, head 0004: behind" in shown.stdout
+    assert "current <none>, head 0005: behind" in shown.stdout
 
     migrated = migrate_cli("router", env)
     assert migrated.returncode == 0, migrated.stderr
-    assert "router: current <none>, target 0004 (head)" in migrated.stdout
-    assert "router: now at 0004" in migrated.stdout
+    assert "router: current <none>, target 0005 (head)" in migrated.stdout
+    assert "router: now at 0005" in migrated.stdout
     assert await kit.current(database_url, migrations) == migrations.heads
 
     serves("router", env)
     again = migrate_cli("router", env)
-    assert again.returncode == 0 and "router: already at 0004" in again.stdout
+    assert again.returncode == 0 and "router: already at 0005" in again.stdout
 
 
 async def test_toolmesh_migrate_fails_clearly(tmp_path: Path) -> None:
