@@ -157,11 +157,17 @@ async def test_a_changed_description_is_pinned_audited_and_served_after_approval
     assert served.fingerprint == published.fingerprint
     reply = await invoke(rig.router.stub, "dict.lookup", {"word": "apple"})
     assert reply.answer == "apple: a word"
-    backends = await rig.router.stub.ListBackends(
-        router_pb2.ListBackendsRequest(caller=ADMIN), timeout=5
-    )
-    state = next(b for b in backends.backends if b.name == "dict").state
-    assert state == router_pb2.BACKEND_STATE_DRIFTED
+
+    async def drifted() -> bool:
+        backends = await rig.router.stub.ListBackends(
+            router_pb2.ListBackendsRequest(caller=ADMIN), timeout=5
+        )
+        state = next(b for b in backends.backends if b.name == "dict").state
+        return state == router_pb2.BACKEND_STATE_DRIFTED
+
+    # The pending version is stored first; the backend's state follows once the discovery that
+    # found it has recorded its audit event and rebuilt what is served.
+    assert await eventually(drifted)
 
     drifts = [
         p for p in points(rig.reader, "toolmesh.router.tool.drifts") if p["backend"] == "dict"
