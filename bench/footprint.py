@@ -89,26 +89,23 @@ _LOADED = "import importlib, json, sys; importlib.import_module(sys.argv[1]); " 
 )
 
 
+def _fresh_python(code: str, *args: str) -> str:
+    """What ``code`` prints, run in a fresh interpreter (nothing imported before it)."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
 def import_profile(process: str) -> list[tuple[str, float]]:
     """(what, MB) of the resident set a process's imports take, library by library."""
     entry = ENTRY[process]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    loaded = subprocess.run(
-        [sys.executable, "-c", _LOADED, entry],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    out = subprocess.run(
-        [sys.executable, "-c", _PROFILE, loaded, json.dumps(LIBRARIES), entry],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    loaded = _fresh_python(_LOADED, entry)
+    out = _fresh_python(_PROFILE, loaded, json.dumps(LIBRARIES), entry)
     return [(str(what), float(mb)) for what, mb in json.loads(out)]
 
 
