@@ -53,7 +53,12 @@ async def mesh(
         model_answer_max_tokens=400,
         model_answer_tenants="answers",
         model_timeout_s=MODEL_CALL_S,
-        gateway_settings={"model_route_timeout_ms": MODEL_CALL_S * 1000},
+        # The model server takes both cores while it decodes: the budget ledger's calls, made
+        # meanwhile, get as long as a model call.
+        gateway_settings={
+            "model_route_timeout_ms": MODEL_CALL_S * 1000,
+            "budget_call_timeout_ms": MODEL_CALL_S * 1000,
+        },
         tenants={"llm": TOOLS, "llm2": TOOLS, "answers": ["*"]},
     ) as running:
         yield running
